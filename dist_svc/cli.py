@@ -1,0 +1,138 @@
+"""The `dist-svc` command line: a thin shell over the Python API (`dist_svc.merge`, ...)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import click
+
+from dist_svc.errors import DistSvcError
+from dist_svc.plan import DEFAULT_SHARD_BYTES
+from dist_svc.progress import human_bytes, human_seconds
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+class _Group(click.Group):
+    """Prints a DistSvcError as one clear paragraph, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DistSvcError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="dist-svc")
+def main() -> None:
+    """Merge fine-tunes of one base model, with Singular Value Calibration, resumably."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
+@click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
+              help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit).")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
+              help="A progress bar on a terminal, plain log lines otherwise.")
+def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str) -> None:
+    """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
+
+    OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
+    files of the base). Rerun the same command to resume an interrupted merge: finished tensors
+    are kept, and the result is byte-identical to an uninterrupted run.
+
+    \b
+    Example:
+      dist-svc merge configs/task_arithmetic_svc.yaml ./merged
+      dist-svc merge mergekit.yaml ./merged --no-calibrate --shard-size 2GB
+    """
+    from dist_svc.driver import merge as run_merge
+
+    report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress, log=_say)
+    _print_report(report)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def status(out_dir: Path) -> None:
+    """Show how far the merge in OUT_DIR has come (tensors and bytes done of total).
+
+    \b
+    Example:
+      dist-svc status ./merged
+    """
+    from dist_svc.driver import status as merge_status
+
+    info = merge_status(out_dir)
+    pct = 100.0 * info["bytes_done"] / info["bytes_total"] if info["bytes_total"] else 100.0
+    hint = {"complete": "", "running": "  (a run is in progress)",
+            "stopped": "  (rerun the same `dist-svc merge` command to resume)"}[info["state"]]
+    click.echo(f"{out_dir}: {info['state']}{hint}")
+    click.echo(f"  tensors {info['units_done']}/{info['units_total']}")
+    click.echo(f"  bytes   {info['bytes_done']}/{info['bytes_total']} "
+               f"({human_bytes(info['bytes_done'])} of {human_bytes(info['bytes_total'])}, {pct:.1f}%)")
+    click.echo(f"  shards  {info['shards_done']}/{info['shards_total']} written")
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"))
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes to generate.")
+@click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")
+def demo(workdir: Path, k: int, layers: int) -> None:
+    """Generate a small Llama-layout base and K fine-tunes in WORKDIR, then merge them with
+    task arithmetic + calibration, and show what calibration did.
+
+    Nothing is downloaded. Rerunning reuses the generated models and the finished merge.
+
+    \b
+    Example:
+      dist-svc demo ./demo-out
+    """
+    import torch
+
+    from dist_svc.demo import TinyLlama, make_family, write_config
+    from dist_svc.driver import merge as run_merge
+
+    workdir = workdir.resolve()
+    inputs = workdir / "inputs"
+    if not (inputs / "base").is_dir():
+        _say(f"generating a {layers}-layer Llama-layout base and {k} fine-tunes (bf16) in {inputs}")
+        make_family(inputs, k=k, arch=TinyLlama(num_hidden_layers=layers), dtype=torch.bfloat16)
+    ft_dirs = sorted((d for d in inputs.iterdir() if d.name.startswith("ft-")), key=lambda d: int(d.name[3:]))
+    config = write_config(workdir / "merge.yaml", inputs / "base", ft_dirs)
+    report = run_merge(config, workdir / "merged", shard_size="4MB", log=_say)
+    _print_report(report)
+    cal = report.calibration
+    if cal:
+        ratios = [c["sigma_before"][0] / c["sigma_after"][0] for c in cal.values() if c["sigma_after"][0] > 0]
+        click.echo(f"\nWhat calibration did ({len(cal)} matrices, K={len(ft_dirs)}):")
+        click.echo(f"  The {len(ft_dirs)} fine-tunes share a low-rank update in every matrix; task arithmetic counts "
+                   f"it {len(ft_dirs)} times.")
+        click.echo(f"  Top singular value of the merged update, before/after calibration: median ratio "
+                   f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}x..{max(ratios):.2f}x).")
+        worst = max(cal.items(), key=lambda kv: kv[1]["eta_max"])
+        click.echo(f"  Strongest over-accumulation: {worst[0]}, eta {worst[1]['eta_max']:.2f} "
+                   f"(sigma {worst[1]['sigma_before'][0]:.4f} -> {worst[1]['sigma_after'][0]:.4f}).")
+    click.echo(f"\nConfig: {config}\nMerged model: {report.out_dir}")
+
+
+def _print_report(report) -> None:
+    if report.already_complete:
+        click.echo(f"{report.out_dir}: this merge is already complete ({report.units_total} tensors); nothing to do.")
+        return
+    resumed = report.units_total - report.units_run
+    extra = f", {resumed} already done by an earlier run" if resumed else ""
+    click.echo(f"merged {report.units_run} tensors in {human_seconds(report.seconds)}{extra} -> {report.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""A small, real-layout model family to merge where no weights can be downloaded.
+
+`make_family` writes a Llama-layout base checkpoint (Hugging Face sharded safetensors with
+index, config.json, generation_config.json) and K fine-tunes of it. Every fine-tune's update of
+a weight matrix is a shared low-rank part (the same for all tasks: knowledge they share), a
+low-rank part of its own, and a little noise: the situation in which task arithmetic counts the
+shared part K times and calibration brings it back to one task's strength.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TinyLlama:
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        h, i = self.hidden_size, self.intermediate_size
+        kv = h // self.num_attention_heads * self.num_key_value_heads
+        out = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            out.update({
+                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            })
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (self.vocab_size, h)
+        return out
+
+    def hf_config(self, dtype: torch.dtype) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
+                        config: dict | None = None) -> None:
+    """Save `tensors` as a Hugging Face checkpoint: `shards` files with an index (or a single
+    model.safetensors when shards == 1), plus config.json when given."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards <= 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        total = 0
+        for k in range(shards):
+            part = names[k * per:(k + 1) * per]
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n].contiguous() for n in part}, str(path / fname), metadata={"format": "pt"})
+            for n in part:
+                weight_map[n] = fname
+                total += tensors[n].numel() * tensors[n].element_size()
+        (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        (path / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.get("bos_token_id", 1), "eos_token_id": config.get("eos_token_id", 2)}, indent=2))
+
+
+def make_family(root: Path, k: int = 3, arch: TinyLlama = TinyLlama(), dtype: torch.dtype = torch.bfloat16,
+                shards: int = 2, seed: int = 0, shared_rank: int = 2, own_rank: int = 2,
+                shared_scale: float = 0.005, own_scale: float = 0.004, noise: float = 1e-4
+                ) -> tuple[Path, list[Path]]:
+    """Write base + k fine-tunes under `root` (base/, ft-1/, ...). Deterministic for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = arch.shapes()
+    base = {}
+    for name, shape in shapes.items():
+        base[name] = (torch.ones(shape) + 0.01 * torch.randn(shape, generator=gen)) if len(shape) == 1 \
+            else 0.02 * torch.randn(shape, generator=gen)
+    shared = {name: _low_rank(shape, shared_rank, shared_scale, gen) for name, shape in shapes.items()}
+    base_dir = root / "base"
+    write_hf_checkpoint(base_dir, {n: t.to(dtype) for n, t in base.items()}, shards, arch.hf_config(dtype))
+    ft_dirs = []
+    for i in range(k):
+        ft = {}
+        for name, shape in shapes.items():
+            update = shared[name] + _low_rank(shape, own_rank, own_scale, gen) + noise * torch.randn(shape, generator=gen)
+            ft[name] = (base[name] + update).to(dtype)
+        ft_dir = root / f"ft-{i + 1}"
+        # Fine-tunes come as a single file: both input layouts are exercised.
+        write_hf_checkpoint(ft_dir, ft, 1, arch.hf_config(dtype))
+        ft_dirs.append(ft_dir)
+    return base_dir, ft_dirs
+
+
+def _low_rank(shape: tuple[int, ...], rank: int, scale: float, gen: torch.Generator) -> torch.Tensor:
+    if len(shape) != 2:
+        return scale * torch.randn(shape, generator=gen)
+    m, n = shape
+    a = torch.linalg.qr(torch.randn(m, rank, generator=gen))[0]
+    b = torch.linalg.qr(torch.randn(n, rank, generator=gen))[0]
+    # Singular values ~ scale * (sqrt(m) + sqrt(n)): next to the weights' own spectral norm
+    # (0.02 * (sqrt(m) + sqrt(n)) for the base), as a fine-tune's update is.
+    strengths = scale * (m ** 0.5 + n ** 0.5) * torch.linspace(1.0, 0.5, rank)
+    return (a * strengths) @ b.T
+
+
+def write_config(path: Path, base_dir: Path, ft_dirs: list[Path], lam: float = 1.0, calibrate: bool = True) -> Path:
+    lines = ["# A mergekit task_arithmetic config; `calibrate` is dist-svc's addition.",
+             "merge_method: task_arithmetic", f"base_model: {base_dir}", "models:"]
+    for d in ft_dirs:
+        lines += [f"  - model: {d}", "    parameters:", "      weight: 1.0"]
+    lines += ["parameters:", f"  lambda: {lam}", "dtype: float32", f"calibrate: {str(calibrate).lower()}", ""]
+    path.write_text("\n".join(lines))
+    return path

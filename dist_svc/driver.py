@@ -1,0 +1,204 @@
+"""The story of a merge run: config -> plan -> manifest -> executor -> sealed shards -> index.
+
+`merge()` is the Python API and what `dist-svc merge` calls. Rerunning it on the same output
+directory resumes: finished units are skipped, and the bytes equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from dist_svc.config import MergeConfig, load_config
+from dist_svc.errors import DistSvcError
+from dist_svc.executors import LocalExecutor
+from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
+from dist_svc.plan import DEFAULT_SHARD_BYTES, Plan, build_plan, open_inputs, parse_size
+from dist_svc.progress import Progress
+from dist_svc.storage.hf_output import (
+    copy_side_files, create_partial, partial_path, range_sha256, seal_shard, write_index,
+)
+from dist_svc.worker import Job, UnitResult
+
+MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giving up
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    plan_summary: str
+    units_total: int
+    units_run: int
+    already_complete: bool
+    seconds: float
+    calibration: dict[str, dict] = field(default_factory=dict)  # tensor -> calibration summary
+
+
+def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
+          shard_size: str | int = DEFAULT_SHARD_BYTES, executor=None, progress: str = "auto",
+          log: Callable[[str], None] = lambda line: None) -> MergeReport:
+    """Merge into `out_dir` (HF safetensors layout), resuming whatever an earlier run finished."""
+    start = time.perf_counter()
+    if isinstance(config, (str, Path)):
+        config = load_config(config, calibrate)
+    else:
+        config = config.with_calibration(calibrate)
+    out_dir = Path(out_dir).expanduser().resolve()
+    executor = executor or LocalExecutor()
+
+    base, models = open_inputs(config)
+    plan = build_plan(config, base, models, parse_size(shard_size))
+    base.close()
+    for m in models:
+        m.close()
+    log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
+        f"calibration {'on' if config.calibration.enabled else 'off'}")
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        manifest = Manifest.open_for(out_dir, plan)
+        if manifest.complete:
+            return _report(out_dir, plan, manifest, 0, True, start)
+        _recover_shards(out_dir, plan, manifest)
+        job = Job(config, tuple(partial_path(out_dir, s) for s in plan.shards))
+        p = manifest.progress()
+        bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
+        units_run = 0
+        try:
+            for attempt in range(MAX_ATTEMPTS + 1):
+                # Largest first: the long units start early, the short ones fill in at the end.
+                pending = sorted((u for u in plan.units if not manifest.units[u.name]["done"]),
+                                 key=lambda u: -u.nbytes)
+                if not pending:
+                    break
+                if attempt == MAX_ATTEMPTS:
+                    raise DistSvcError(f"{out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
+                                       f"the disk may be failing. Check it, then rerun the same command.")
+
+                def on_result(result: UnitResult) -> None:
+                    nonlocal units_run
+                    manifest.record(result.name, result.sha256,
+                                    {"seconds": round(result.seconds, 4), "calibration": result.calibration})
+                    units_run += 1
+                    bar.advance(manifest.units[result.name]["nbytes"])
+                    _seal_if_complete(out_dir, plan, manifest, manifest.units[result.name]["shard"])
+
+                executor.run(job, pending, on_result)
+                for k in range(len(plan.shards)):
+                    _seal_if_complete(out_dir, plan, manifest, k)
+        finally:
+            bar.close()
+
+        dtypes = {name: u["dtype"] for name, u in manifest.units.items()}
+        shapes = {name: tuple(u["shape"]) for name, u in manifest.units.items()}
+        write_index(out_dir, list(plan.shards), dtypes, shapes)
+        copy_side_files(config.base_model, out_dir, config.out_dtype)
+        manifest.mark_complete()
+        (out_dir / LOCK_NAME).unlink(missing_ok=True)
+        return _report(out_dir, plan, manifest, units_run, False, start)
+
+
+def status(out_dir: str | Path) -> dict:
+    """Progress of the merge in `out_dir`, from its manifest, and whether a run holds it now."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    manifest = Manifest.load(out_dir)
+    info = manifest.progress()
+    if manifest.complete:
+        info["state"] = "complete"
+    else:
+        info["state"] = "running" if _is_locked(out_dir) else "stopped"
+    return info
+
+
+def _recover_shards(out_dir: Path, plan: Plan, manifest: Manifest) -> None:
+    """Bring each shard's files in line with the manifest after whatever stopped the last run.
+
+    A shard sealed (final name) but not yet recorded goes back to `.partial` to be verified and
+    sealed again; a partial that is missing or not of the planned header and size is recreated,
+    and its units are run again.
+    """
+    for k, shard in enumerate(plan.shards):
+        final, partial = out_dir / shard.file, partial_path(out_dir, shard)
+        names = list(shard.tensors)
+        if manifest.shards[k]["done"]:
+            if final.is_file() and final.stat().st_size == shard.size:
+                continue
+            manifest.mark_shard(k, False)  # the sealed shard went missing: make it again
+        if final.exists() and not partial.exists():
+            os.replace(final, partial)
+        if not _partial_ok(partial, shard):
+            create_partial(partial, shard)
+            manifest.reset(n for n in names if manifest.units[n]["done"])
+
+
+def _partial_ok(path: Path, shard) -> bool:
+    try:
+        if path.stat().st_size != shard.size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(shard.header)) == shard.header
+    except FileNotFoundError:
+        return False
+
+
+def _seal_if_complete(out_dir: Path, plan: Plan, manifest: Manifest, k: int) -> None:
+    """Seal shard k once all its units are done and their bytes match their checksums; units
+    whose bytes do not match are reset, to be run again."""
+    if manifest.shards[k]["done"]:
+        return
+    shard = plan.shards[k]
+    units = [manifest.units[n] for n in shard.tensors]
+    if not all(u["done"] for u in units):
+        return
+    partial = partial_path(out_dir, shard)
+    bad = [n for n, u in zip(shard.tensors, units) if range_sha256(partial, u["offset"], u["nbytes"]) != u["sha256"]]
+    if bad:
+        manifest.reset(bad)
+        return
+    seal_shard(partial, out_dir / shard.file)
+    manifest.mark_shard(k, True)
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """One run per output directory; the lock dies with its process (kill -9 included)."""
+    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DistSvcError(f"another dist-svc run is merging into {out_dir}; wait for it to finish "
+                               f"(see `dist-svc status {out_dir}`).") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_locked(out_dir: Path) -> bool:
+    try:
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _report(out_dir: Path, plan: Plan, manifest: Manifest, units_run: int, already: bool, start: float) -> MergeReport:
+    calibration = {name: u["calibration"] for name, u in manifest.units.items() if u.get("calibration")}
+    return MergeReport(out_dir, plan.summary(), len(plan.units), units_run, already,
+                       time.perf_counter() - start, calibration)
+
+
+__all__ = ["merge", "status", "MergeReport", "MANIFEST_NAME"]

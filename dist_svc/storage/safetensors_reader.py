@@ -1,0 +1,188 @@
+"""Reading Hugging Face safetensors checkpoints: headers checked up front, tensors streamed.
+
+A checkpoint is a directory holding `model.safetensors.index.json` + shards, a single
+`model.safetensors`, or a set of `*.safetensors` files; a path to one `.safetensors` file works
+too. Planning needs only the headers (names, shapes, dtypes), which are validated completely
+before any merge starts: a truncated file, overlapping offsets or an unsupported dtype is reported
+with the file's name instead of surfacing as garbage halfway through a long run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dist_svc.errors import DistSvcError
+
+# Floating-point dtypes that can be merged, with their torch dtype and size in bytes.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+}
+TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code: F32, BF16, ...
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The parsed, validated JSON header of one safetensors file and the offset of its data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise DistSvcError(f"{path}: not a safetensors file (only {size} bytes). Re-download or re-save it.")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER or 8 + n > size:
+                raise DistSvcError(f"{path}: invalid safetensors header length {n} for a file of {size} bytes; "
+                                   f"the file is truncated or not safetensors. Re-download or re-save it.")
+            raw = f.read(n)
+    except OSError as e:
+        raise DistSvcError(f"cannot read {path}: {e.strerror}.") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DistSvcError(f"{path}: the safetensors header is not valid JSON; the file is corrupt. "
+                           f"Re-download or re-save it.") from None
+    if not isinstance(header, dict):
+        raise DistSvcError(f"{path}: the safetensors header is not a JSON object; the file is corrupt.")
+    data_start = 8 + n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise DistSvcError(f"{path}: tensor '{name}' has a malformed header entry; the file is corrupt.") from None
+        if dtype not in DTYPES:
+            raise DistSvcError(f"{path}: tensor '{name}' has dtype {dtype}, which dist-svc cannot merge "
+                               f"(supported: {', '.join(DTYPES)}). Remove it from the checkpoint or convert it.")
+        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * DTYPES[dtype][1] or begin < 0:
+            raise DistSvcError(f"{path}: tensor '{name}' has offsets {begin}..{end} that do not match its "
+                               f"shape {list(shape)} and dtype {dtype}; the file is corrupt.")
+        spans.append((begin, end, name))
+    spans.sort()
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
+            raise DistSvcError(f"{path}: tensor '{name}' {problem} (offset {begin}, expected {position}); "
+                               f"the file is corrupt.")
+        position = end
+    if data_start + position != size:
+        raise DistSvcError(f"{path}: the header describes {data_start + position} bytes but the file has {size}; "
+                           f"it is truncated or has trailing bytes. Re-download or re-save it.")
+    return header, data_start
+
+
+class SafetensorsCheckpoint:
+    """One checkpoint: its tensors (from headers alone) and row-slice reads of each."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = self._discover()
+        self.tensors: dict[str, TensorInfo] = {}
+        self._headers: dict[Path, bytes] = {}
+        for file in self.files:
+            header, _ = read_header(file)
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in self.tensors:
+                    raise DistSvcError(f"{self.path}: tensor '{name}' is stored twice "
+                                       f"({self.tensors[name].file.name} and {file.name}).")
+                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file)
+        self._check_index()
+        self._handles: dict[Path, object] = {}
+
+    def _discover(self) -> list[Path]:
+        p = self.path
+        if p.is_file() and p.suffix == ".safetensors":
+            return [p]
+        if not p.is_dir():
+            raise DistSvcError(f"{p}: no such checkpoint directory. dist-svc reads local checkpoints; "
+                               f"download hub models first (e.g. `huggingface-cli download ID --local-dir DIR`).")
+        index = p / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise DistSvcError(f"{index}: not a valid index (expected a JSON object with 'weight_map').") from None
+            self._weight_map = weight_map
+            files = sorted({p / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise DistSvcError(f"{index} names shard {f.name}, which is missing from {p}.")
+            return files
+        self._weight_map = None
+        single = p / "model.safetensors"
+        if single.is_file():
+            return [single]
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise DistSvcError(f"{p}: no safetensors files (expected {INDEX_NAME} with shards, or model.safetensors).")
+        return files
+
+    def _check_index(self) -> None:
+        weight_map = getattr(self, "_weight_map", None)
+        if weight_map is None:
+            return
+        for name, fname in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != fname:
+                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is mapped to {fname}, "
+                                   f"but that file does not hold it. The index and shards disagree.")
+        for name in self.tensors:
+            if name not in weight_map:
+                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is in "
+                                   f"{self.tensors[name].file.name} but not in the index.")
+
+    def identity(self) -> list[dict]:
+        """What identifies the inputs cheaply: each file's name, size and header hash."""
+        out = []
+        for file in self.files:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                digest = hashlib.sha256(f.read(n)).hexdigest()
+            out.append({"file": file.name, "size": file.stat().st_size, "header_sha256": digest})
+        return out
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor (or a row range of it) in its stored dtype; nothing else is read."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        try:
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            if rows is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows]
+        except (SafetensorError, OSError) as e:
+            raise DistSvcError(f"{info.file}: cannot read tensor '{name}': {e}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
