@@ -97,7 +97,8 @@ class _TaskDeltas:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for model in self.worker.models:
-            yield self.worker._read(model, self.name).sub_(self.base)
+            # Out of place: a tensor read from storage may alias its file's mapping.
+            yield torch.sub(self.worker._read(model, self.name), self.base)
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

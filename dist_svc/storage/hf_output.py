@@ -27,7 +27,6 @@ SIDE_FILES = (
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
-_TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def shard_name(index: int, count: int) -> str:
@@ -177,7 +176,8 @@ def write_index(out_dir: Path, shards: list[ShardLayout], dtypes: dict[str, str]
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, out_dtype: str | None) -> list[str]:
-    """Copy config/tokenizer files from the base; `config.json` gets the output's dtype."""
+    """Copy config/tokenizer files from the base; `config.json` gets the output dtype (a torch
+    dtype name such as "bfloat16") when one was chosen."""
     copied = []
     if not base_dir.is_dir():
         return copied
@@ -187,7 +187,7 @@ def copy_side_files(base_dir: Path, out_dir: Path, out_dtype: str | None) -> lis
             continue
         data = src.read_bytes()
         if name == "config.json" and out_dtype is not None:
-            data = _with_dtype(data, _TORCH_DTYPE_NAMES[out_dtype])
+            data = _with_dtype(data, out_dtype)
         atomic_write(out_dir / name, data)
         shutil.copymode(src, out_dir / name)
         copied.append(name)

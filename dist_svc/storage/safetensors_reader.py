@@ -172,7 +172,11 @@ class SafetensorsCheckpoint:
         return out
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor (or a row range of it) in its stored dtype; nothing else is read."""
+        """The tensor (or a row range of it) in its stored dtype; nothing else is read.
+
+        Treat the result as read-only: safetensors may hand out a view of a private mapping of
+        the file, so an in-place change would show up in this handle's later reads.
+        """
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         try:

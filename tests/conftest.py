@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dist_svc.demo import TinyLlama, make_family
+
+# Small enough for an exact float64 reference, with the real names, several shards, GQA shapes
+# (k/v projections wider than tall), tall MLP matrices and embeddings that calibration skips.
+TINY = TinyLlama(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture
+def family(tmp_path):
+    """make(k, dtype=..., ...) -> (base_dir, [ft_dirs]) of a tiny Llama-layout model family."""
+
+    def make(k: int = 3, dtype=torch.float32, arch: TinyLlama = TINY, shards: int = 3, seed: int = 0, **kw):
+        root = tmp_path / f"family-k{k}-{str(dtype).split('.')[-1]}-s{seed}"
+        if not (root / "base").exists():
+            make_family(root, k=k, arch=arch, dtype=dtype, shards=shards, seed=seed, **kw)
+        return root / "base", sorted(root.glob("ft-*"), key=lambda p: int(p.name[3:]))
+
+    return make
+
+
+def write_config(path: Path, base: Path, fts: list[Path], weights=None, **top) -> Path:
+    weights = weights or [1.0] * len(fts)
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base),
+           "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, weights)]}
+    cfg.update(top)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(*args, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    """`dist-svc ARGS` in a fresh process, as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "dist_svc.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dist-svc {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def file_bytes(out_dir: Path) -> dict[str, bytes]:
+    """Every file of a merged output, by name (the manifest aside: it records timings)."""
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())
+            if p.is_file() and p.name != "dist-svc-manifest.json"}

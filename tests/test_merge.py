@@ -1,0 +1,144 @@
+"""`dist-svc merge` end to end on real safetensors files, against a float64 reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dist_svc import merge
+from tests.conftest import file_bytes, run_cli, write_config
+from tests.reference import load_checkpoint, load_output, merge_reference
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def ulps_apart(out: torch.Tensor, ref: np.ndarray) -> np.ndarray:
+    """Distance of a float32 result from a float64 reference in units of the float32 spacing there."""
+    ref32 = ref.astype(np.float32)
+    return np.abs(out.numpy().astype(np.float64) - ref) / np.spacing(np.abs(ref32))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_float64_compute_equals_the_float64_reference_to_float32_rounding(tmp_path, family, k):
+    base, fts = family(k)
+    weights = [1.0 + 0.25 * i for i in range(k)]
+    cfg = write_config(tmp_path / "m.yaml", base, fts, weights, parameters={"lambda": 0.7}, dtype="float64")
+    report = merge(cfg, tmp_path / "out", shard_size="40KB", progress="off")
+    out = load_output(tmp_path / "out")
+    ref = merge_reference(base, fts, weights, lam=0.7)
+    assert set(out) == set(ref)
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.float32
+        # Computed in float64 and rounded once: within one float32 spacing of the exact value.
+        assert ulps_apart(tensor, ref[name]).max() <= 1.0, name
+    calibrated = {n for n in out if out[n].ndim == 2 and "embed" not in n and "lm_head" not in n}
+    assert set(report.calibration) == calibrated
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) >= 3
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_float32_compute_is_within_float32_error_of_the_reference(tmp_path, family, k):
+    base, fts = family(k)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    merge(cfg, tmp_path / "out", shard_size="40KB", progress="off")
+    out = load_output(tmp_path / "out")
+    ref = merge_reference(base, fts, [1.0] * k)
+    ref_ta = merge_reference(base, fts, [1.0] * k, calibrate=False)
+    for name, tensor in out.items():
+        delta = np.abs(ref[name] - load_checkpoint(base)[name]).max()
+        # The task vectors and their sum are formed in float32 (relative error ~K eps each) and
+        # calibration may scale them by up to 1/alpha = K; on top comes the final rounding.
+        tol = 4 * k * k * F32_EPS * delta + np.spacing(np.abs(ref[name]).astype(np.float32))
+        err = np.abs(tensor.numpy().astype(np.float64) - ref[name])
+        assert (err <= tol).all(), f"{name}: max error {err.max():.3g}"
+        if k > 1 and name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+            # Calibration really happened: plain TA is far outside the tolerance.
+            assert np.abs(ref_ta[name] - ref[name]).max() > 1000 * tol.max()
+
+
+def test_calibration_flag_overrides_the_config_and_bf16_output_keeps_base_dtype(tmp_path, family):
+    base, fts = family(3, dtype=torch.bfloat16)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, calibrate=True)
+    run_cli("merge", cfg, tmp_path / "out", "--no-calibrate")
+    out = load_output(tmp_path / "out")
+    ref = merge_reference(base, fts, [1.0] * 3, calibrate=False)
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.bfloat16
+        # TA in float32 of bf16 inputs (exact task vectors), then one rounding to bf16.
+        expected = torch.from_numpy(ref[name]).to(torch.float32).to(torch.bfloat16)
+        diff = (tensor.float() - expected.float()).abs()
+        assert (diff <= expected.float().abs() * 2**-7).all(), name
+
+
+def test_mergekit_task_arithmetic_yaml_runs_unchanged(tmp_path, family, monkeypatch):
+    base, fts = family(2)
+    monkeypatch.chdir(tmp_path)
+    # Written as mergekit users write it: relative paths, the base also listed among the models
+    # (mergekit leaves it out of the merge), normalize and lambda, compute and output dtypes.
+    rel = lambda p: str(p.relative_to(tmp_path))  # noqa: E731
+    (tmp_path / "mergekit.yaml").write_text(f"""
+merge_method: task_arithmetic
+base_model: {rel(base)}
+models:
+  - model: {rel(base)}
+  - model: {rel(fts[0])}
+    parameters:
+      weight: 0.6
+  - model: {rel(fts[1])}
+    parameters:
+      weight: 0.4
+parameters:
+  normalize: true
+  lambda: 0.9
+dtype: bfloat16
+out_dtype: float16
+""")
+    run_cli("merge", "mergekit.yaml", "merged", "--no-calibrate", cwd=tmp_path)
+    out = load_output(tmp_path / "merged")
+    ref = merge_reference(base, fts, [0.6, 0.4], lam=0.9, normalize=True, calibrate=False)
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.float16
+        assert np.allclose(tensor.float().numpy(), ref[name], rtol=2**-10, atol=1e-7), name
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "float16"
+
+    # The same file with calibration on (the default) runs too and differs where it should.
+    run_cli("merge", "mergekit.yaml", "merged-svc", cwd=tmp_path)
+    svc = load_output(tmp_path / "merged-svc")
+    assert torch.equal(svc["model.norm.weight"], out["model.norm.weight"])
+    assert not torch.equal(svc["model.layers.0.mlp.up_proj.weight"], out["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_output_is_a_hugging_face_checkpoint(tmp_path, family):
+    base, fts = family(3)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    merge(cfg, tmp_path / "out", shard_size="40KB", progress="off")
+    out_dir = tmp_path / "out"
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(out_dir.glob("model-*.safetensors"))
+    assert [p.name for p in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    total = 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():
+                assert index["weight_map"][name] == shard.name
+                t = f.get_tensor(name)
+                total += t.numel() * t.element_size()
+    assert index["metadata"]["total_size"] == total
+    assert set(index["weight_map"]) == set(load_checkpoint(base))
+    for side in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (out_dir / side).read_bytes() == (base / side).read_bytes()
+    assert not list(out_dir.glob("*.partial")) and not list(out_dir.glob(".*tmp"))
+
+
+def test_the_same_merge_twice_gives_the_same_bytes(tmp_path, family):
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    merge(cfg, tmp_path / "a", progress="off")
+    merge(cfg, tmp_path / "b", progress="off")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
