@@ -59,12 +59,13 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
         f"calibration {'on' if config.calibration.enabled else 'off'}")
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
+    existing = Manifest.check(out_dir, plan)  # refusals first, before anything is written
+    if existing is not None and existing.complete:
+        return _report(out_dir, plan, existing, 0, True, start)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
         manifest = Manifest.open_for(out_dir, plan)
-        if manifest.complete:
+        if manifest.complete:  # finished by a run that held the lock meanwhile
             return _report(out_dir, plan, manifest, 0, True, start)
         _recover_shards(out_dir, plan, manifest)
         job = Job(config, tuple(partial_path(out_dir, s) for s in plan.shards))

@@ -44,24 +44,32 @@ class Manifest:
         return cls(path, data)
 
     @classmethod
-    def open_for(cls, out_dir: Path, plan: Plan) -> "Manifest":
-        """The manifest of this plan in `out_dir`: resumed if it is the same merge, created if the
-        directory is new or empty, refused otherwise (nothing in `out_dir` is touched then)."""
-        path = out_dir / MANIFEST_NAME
-        if path.exists():
+    def check(cls, out_dir: Path, plan: Plan) -> "Manifest | None":
+        """Read-only: this plan's manifest in `out_dir` if it is the same merge, None if the
+        directory is new or empty; refused (nothing touched) if it holds anything else."""
+        if (out_dir / MANIFEST_NAME).exists():
             manifest = cls.load(out_dir)
             if manifest.data["fingerprint"] != plan.fingerprint:
                 raise DistSvcError(
                     f"{out_dir} holds a different merge ({manifest.explain_mismatch(plan)}). Nothing was changed. "
                     f"Use a new output directory, or delete {out_dir} to start this merge over.")
             return manifest
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
         others = [p.name for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.exists() else []
         if others:
             raise DistSvcError(
                 f"{out_dir} is not empty and holds no dist-svc merge (found {', '.join(sorted(others)[:3])}"
                 f"{', ...' if len(others) > 3 else ''}). Nothing was changed. Choose a new or empty output directory.")
-        manifest = cls(path, _initial(plan))
-        manifest.save()
+        return None
+
+    @classmethod
+    def open_for(cls, out_dir: Path, plan: Plan) -> "Manifest":
+        """This plan's manifest in `out_dir`, resumed if it exists, else created."""
+        manifest = cls.check(out_dir, plan)
+        if manifest is None:
+            manifest = cls(out_dir / MANIFEST_NAME, _initial(plan))
+            manifest.save()
         return manifest
 
     def explain_mismatch(self, plan: Plan) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,13 +163,16 @@ class SafetensorsCheckpoint:
                                    f"{self.tensors[name].file.name} but not in the index.")
 
     def identity(self) -> list[dict]:
-        """What identifies the inputs cheaply: each file's name, size and header hash."""
+        """What identifies the inputs cheaply: each file's name, size, modification time and
+        header hash. Hashing every byte of a 70B model's inputs at each start is not affordable;
+        a file rewritten in place gets a new modification time."""
         out = []
         for file in self.files:
             with open(file, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 digest = hashlib.sha256(f.read(n)).hexdigest()
-            out.append({"file": file.name, "size": file.stat().st_size, "header_sha256": digest})
+                st = os.fstat(f.fileno())
+            out.append({"file": file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest})
         return out
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
