@@ -10,8 +10,13 @@ and the singular values are divided by `eta_r = mean_i max(s_ri, alpha)`. Direct
 all K tasks (s ~ K * lambda) shrink back to one task's strength; task-specific ones grow by at
 most 1/alpha.
 
-This module is the exact reference path: a full float64 SVD. Task vectors are consumed one at a
-time from any iterable, so a worker can stream them from storage.
+Two implementations of the same definition:
+- `calibrate_singular_values`: a full SVD (float64 by default; float32 is the paper's own approach,
+  kept for the benchmark). The reference path, and the fallback.
+- `GramCalibration`: the streamable formulation. Everything the calibration needs is a set of
+  float64 Gram matrices on the smaller side, which are sums over row blocks; an `eigh` of the
+  n x n Gram replaces the SVD; the result is `Wm P` with an n x n projector P, applied block by
+  block again. Memory O(n^2 (K+1)) instead of O(m n K), and several times faster.
 """
 
 from __future__ import annotations
@@ -30,22 +35,29 @@ class Calibrated:
     delta: torch.Tensor  # the calibrated delta Wm', float64
     singular_values: torch.Tensor  # S of Wm, descending, float64
     eta: torch.Tensor  # the divisor per singular direction, float64
+    path: str = "svd"  # which implementation computed it: "svd", "gram" or "svd-fallback"
 
-    def summary(self, top: int = 8) -> dict:
-        """Small, JSON-able facts for the manifest and the CLI."""
-        s = self.singular_values
-        after = s / self.eta
-        live = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-        eta_live = self.eta[live]
-        return {
-            "path": "svd",
-            "rank": int(live.sum()),
-            "sigma_before": [float(x) for x in s[:top]],
-            "sigma_after": [float(x) for x in after[:top]],
-            "eta_max": float(eta_live.max()) if eta_live.numel() else 1.0,
-            "eta_min": float(eta_live.min()) if eta_live.numel() else 1.0,
-            "eta_mean": float(eta_live.mean()) if eta_live.numel() else 1.0,
-        }
+    def summary(self) -> dict:
+        return calibration_summary(self.singular_values, self.eta, self.path)
+
+
+def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: str, top: int = 8) -> dict:
+    """Small, JSON-able facts for the manifest and the CLI: the top singular values of the base
+    method's delta before and after calibration, and the range of eta over live directions."""
+    s = singular_values.double().cpu()
+    eta = eta.double().cpu()
+    after = s / eta
+    live = s > s[0] * NULL_REL if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    eta_live = eta[live]
+    return {
+        "path": path,
+        "rank": int(live.sum()),
+        "sigma_before": [float(x) for x in s[:top]],
+        "sigma_after": [float(x) for x in after[:top]],
+        "eta_max": float(eta_live.max()) if eta_live.numel() else 1.0,
+        "eta_min": float(eta_live.min()) if eta_live.numel() else 1.0,
+        "eta_mean": float(eta_live.mean()) if eta_live.numel() else 1.0,
+    }
 
 
 def should_calibrate(name: str, shape: Sequence[int], skip: Sequence[str]) -> bool:
@@ -59,18 +71,20 @@ def calibrate_singular_values(
     alpha: float,
     side: str = "column",
     target: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Calibrated:
     """Rescale the singular values of `merged` (m x n) by the overlap with each task vector.
 
     `task_deltas` are the raw (unweighted) task vectors, iterated once. `side="row"` measures
     the projections `Wm v_r`, `tau_i v_r` instead; `target=t` calibrates against task t alone
-    (eta_r = max(s_rt, alpha) where s_rt > 0, else 1).
+    (eta_r = max(s_rt, alpha) where s_rt > 0, else 1). `dtype=torch.float32` is the paper's
+    approach (float32 SVD), for comparison only.
     """
     if merged.ndim != 2:
         raise ValueError(f"calibration needs a 2-D tensor, got shape {tuple(merged.shape)}")
     if side not in ("column", "row"):
         raise ValueError(f"side must be 'column' or 'row', got {side!r}")
-    wm = merged.to(torch.float64)
+    wm = merged.to(dtype)
     u, s, vh = torch.linalg.svd(wm, full_matrices=False)
 
     if side == "column":
@@ -83,7 +97,7 @@ def calibrate_singular_values(
     for i, tau in enumerate(task_deltas):
         if tuple(tau.shape) != tuple(merged.shape):
             raise ValueError(f"task vector {i} has shape {tuple(tau.shape)}, merged delta {tuple(merged.shape)}")
-        tau = tau.to(torch.float64)
+        tau = tau.to(dtype)
         a_task = u.T @ tau if side == "column" else (tau @ vh.T).T
         overlap = (a_merged * a_task).sum(dim=1) / (a_task * a_task).sum(dim=1).clamp_min(EPS_PROJ)
         if target is None:
@@ -97,4 +111,132 @@ def calibrate_singular_values(
         raise ValueError(f"target {target} is out of range for {k} task vectors")
     eta = eta_sum / k if target is None else eta_sum
     delta = (u * (s / eta)) @ vh
-    return Calibrated(delta=delta, singular_values=s, eta=eta)
+    return Calibrated(delta=delta, singular_values=s, eta=eta, path="svd")
+
+
+# Relative singular values at or below NULL_REL are null space: eta = 1 there (their Gram
+# eigenvalues are rounding noise, and their part of Wm is ~0). Between NULL_REL and TRUST_REL
+# the Gram's eigenvalues (absolute error ~eps * S_max^2) give eta too loosely for float64-level
+# results, so such a matrix is recomputed by full SVD. Above TRUST_REL, S_r has relative error
+# <= ~eps / TRUST_REL^2 = 1e-6, which moves that direction's part of Wm' by <= 1e-11 S_max.
+NULL_REL = 1e-6
+TRUST_REL = 1e-5
+
+
+class GramCalibration:
+    """SVC of an m x n merged delta from float64 Grams, fed in row blocks (m >= n is cheapest;
+    for a wide matrix feed the rows of its transpose with the opposite `side`, see `oriented`).
+
+        G   = sum_b Wm_b^T Wm_b            C_i = sum_b Wm_b^T tau_ib
+        T_i = sum_b tau_ib^T tau_ib         (row side only)
+
+    `solve()` takes the eigendecomposition G = V diag(S^2) V^T and the overlaps
+      column side: <a_m, a_i> = <v_r, x_ri>,  ||a_i||^2 = ||x_ri||^2 / S_r^2,  x_ri = C_i^T v_r
+      row side:    <a_m, a_i> = v_r^T C_i v_r, ||a_i||^2 = v_r^T T_i v_r
+    and returns the projector P = V diag(1/eta) V^T, so that Wm' = Wm P, block by block.
+    """
+
+    def __init__(self, n: int, k: int, alpha: float, side: str = "column", target: int | None = None,
+                 device: torch.device | str = "cpu"):
+        if side not in ("column", "row"):
+            raise ValueError(f"side must be 'column' or 'row', got {side!r}")
+        self.n, self.k, self.alpha, self.side, self.target = n, k, alpha, side, target
+        opts = {"dtype": torch.float64, "device": device}
+        self.gram = torch.zeros(n, n, **opts)
+        self.cross = [torch.zeros(n, n, **opts) for _ in range(k)]
+        self.task_grams = [torch.zeros(n, n, **opts) for _ in range(k)] if side == "row" else None
+        self.rows = 0
+
+    def add(self, merged_rows: torch.Tensor, task_rows: Iterable[torch.Tensor]) -> None:
+        wm = merged_rows.to(torch.float64)
+        self.gram.addmm_(wm.T, wm)
+        count = 0
+        for i, tau in enumerate(task_rows):
+            tau = tau.to(torch.float64)
+            self.cross[i].addmm_(wm.T, tau)
+            if self.task_grams is not None:
+                self.task_grams[i].addmm_(tau.T, tau)
+            count += 1
+        if count != self.k:
+            raise ValueError(f"expected {self.k} task blocks, got {count}")
+        self.rows += wm.shape[0]
+
+    def solve(self) -> "GramSolution":
+        """eta per direction and the projector; `trusted` is False when the spectrum needs the
+        full-SVD path for float64-level accuracy (see TRUST_REL)."""
+        evals, v = torch.linalg.eigh(self.gram)
+        evals, v = evals.flip(0), v.flip(1)  # descending
+        s = evals.clamp_min(0).sqrt()
+        s_max = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
+        live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
+        trusted = bool(torch.isfinite(evals).all()) and not bool(
+            (live & (s < TRUST_REL * s_max)).any())
+
+        eta_sum = torch.zeros_like(s)
+        for i in range(self.k):
+            if self.side == "column":
+                x = self.cross[i].T @ v  # column r: x_ri = tau_i^T Wm v_r
+                num = (v * x).sum(dim=0)
+                den = (x * x).sum(dim=0) / torch.where(live, s * s, torch.ones_like(s))
+            else:
+                num = (v * (self.cross[i] @ v)).sum(dim=0)
+                den = (v * (self.task_grams[i] @ v)).sum(dim=0)
+            overlap = num / den.clamp_min(EPS_PROJ)
+            if self.target is None:
+                eta_sum += overlap.clamp_min(self.alpha)
+            elif i == self.target:
+                eta_sum = torch.where(overlap > 0, overlap.clamp_min(self.alpha), torch.ones_like(overlap))
+        eta = eta_sum / self.k if self.target is None else eta_sum
+        # Null-space directions are left as they are: their s_ri are 0/0.
+        eta = torch.where(live, eta, torch.ones_like(eta))
+        projector = (v / eta) @ v.T
+        return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted)
+
+
+@dataclass(frozen=True)
+class GramSolution:
+    projector: torch.Tensor  # n x n, float64: Wm' = Wm @ projector
+    singular_values: torch.Tensor
+    eta: torch.Tensor
+    trusted: bool
+
+    def apply(self, merged_rows: torch.Tensor) -> torch.Tensor:
+        return merged_rows.to(torch.float64) @ self.projector
+
+
+def oriented(shape: Sequence[int], side: str) -> tuple[bool, str]:
+    """(transpose?, side) for the Gram path: work on the tall orientation, so the Grams are on
+    the smaller side. For a wide matrix the transpose is calibrated with the other side: the
+    column side of Wm is the row side of Wm^T (the same u_r^T Wm projections)."""
+    m, n = shape
+    if m >= n:
+        return False, side
+    return True, "row" if side == "column" else "column"
+
+
+def calibrate_gram(
+    merged: torch.Tensor,
+    task_deltas: Sequence[torch.Tensor],
+    alpha: float,
+    side: str = "column",
+    target: int | None = None,
+    block_rows: int | None = None,
+) -> Calibrated:
+    """The Gram path on whole in-memory matrices (fed in blocks of `block_rows`), with the full
+    SVD as fallback where the Gram cannot be trusted. The worker streams the same steps from
+    storage instead."""
+    if merged.ndim != 2:
+        raise ValueError(f"calibration needs a 2-D tensor, got shape {tuple(merged.shape)}")
+    transpose, gram_side = oriented(merged.shape, side)
+    wm = merged.T if transpose else merged
+    taus = [t.T if transpose else t for t in task_deltas]
+    cal = GramCalibration(wm.shape[1], len(taus), alpha, gram_side, target, device=merged.device)
+    step = block_rows or wm.shape[0] or 1
+    for r0 in range(0, wm.shape[0], step):
+        cal.add(wm[r0:r0 + step], [t[r0:r0 + step] for t in taus])
+    solution = cal.solve()
+    if not solution.trusted:
+        fallback = calibrate_singular_values(merged, task_deltas, alpha, side, target)
+        return Calibrated(fallback.delta, fallback.singular_values, fallback.eta, path="svd-fallback")
+    delta = solution.apply(wm)
+    return Calibrated(delta.T if transpose else delta, solution.singular_values, solution.eta, path="gram")

@@ -1,15 +1,24 @@
 """The worker: one unit in, its bytes on storage and a little metadata out.
 
 Every executor runs this same code (in-process for the local executor, inside an actor for the
-Ray executor), so every executor produces the same bytes. A worker reads exactly the tensors it
-needs from the inputs, computes the task vectors, the base method and the calibration, writes
-the result at its planned offset in the output shard, fsyncs, and returns the checksum. Tensors
-never travel back to the driver.
+Ray executor), so every executor produces the same bytes. A worker reads exactly the slices it
+needs from the inputs, computes the task vectors, the base method and the calibration, writes the
+result at its planned offset in the output shard, fsyncs, and returns the checksum. Tensors never
+travel back to the driver.
+
+A tensor is processed in blocks of rows (of columns, for a wide calibrated matrix, so that the
+Grams are on the smaller side), never loaded whole:
+- not calibrated: one pass, block by block: task vectors -> base method -> base + delta -> write;
+- calibrated: pass 1 accumulates the float64 Grams of every block (`GramCalibration`); then one
+  eigh; pass 2 applies the projector to each block's merged delta and writes it. Pass 2 takes the
+  blocks from pass 1 when they fit in `cache_bytes`, else reads them again. A spectrum the Gram
+  cannot resolve to float64 accuracy is recomputed by full SVD (recorded as "svd-fallback").
+Methods that are not element-wise (they need the whole tensor of every task) read whole tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +26,18 @@ from typing import Iterator
 
 import torch
 
-from dist_svc.calibration import calibrate_singular_values
+from dist_svc.calibration import (
+    GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
+)
 from dist_svc.config import MergeConfig
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS
 from dist_svc.plan import Unit, open_inputs
-from dist_svc.storage.hf_output import write_at
+from dist_svc.storage.hf_output import TensorWriter
 from dist_svc.storage.safetensors_reader import DTYPES, SafetensorsCheckpoint
+
+BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
+CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-read
 
 
 @dataclass(frozen=True)
@@ -42,63 +56,154 @@ class UnitResult:
     calibration: dict | None
 
 
+@dataclass(frozen=True)
+class _Block:
+    """A range of rows of the tensor (or of columns, when `transposed`)."""
+
+    start: int
+    stop: int
+    transposed: bool
+
+
 class Worker:
-    def __init__(self, job: Job, device: str | torch.device = "cpu"):
+    def __init__(self, job: Job, device: str | torch.device = "cpu", block_elements: int = BLOCK_ELEMENTS,
+                 cache_bytes: int = CACHE_BYTES):
         self.job = job
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # never round the Grams' inputs
         config = job.config
         self.base, self.models = open_inputs(config)
         self.method = METHODS[config.merge_method]
         self.weights = [m.weight for m in config.models]
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         self.compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        self.block_elements = block_elements
+        self.cache_bytes = cache_bytes
 
     def run(self, unit: Unit) -> UnitResult:
         start = time.perf_counter()
-        config = self.job.config
-        base = self._read(self.base, unit.name)
-        merged = self.method.merge(_TaskDeltas(self, unit.name, base), self.weights, config.parameters)
-        stats = None
-        if unit.calibrate:
-            cal = config.calibration
-            calibrated = calibrate_singular_values(
-                merged, _TaskDeltas(self, unit.name, base), alpha=cal.resolved_alpha(config.k),
-                side=cal.side, target=cal.target)
-            merged = calibrated.delta
-            stats = calibrated.summary()
-        out = (base.to(merged.dtype) + merged).to(DTYPES[unit.out_dtype][0])
-        data = _as_bytes(out)
-        digest = hashlib.sha256(data).hexdigest()
-        write_at(self.job.shard_paths[unit.place.shard], unit.place.offset, data)
+        writer = TensorWriter(self.job.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes)
+        try:
+            if not self.method.elementwise:
+                stats = self._whole(unit, writer)
+            elif unit.calibrate:
+                stats = self._calibrated(unit, writer)
+            else:
+                stats = self._plain(unit, writer)
+        except BaseException:
+            writer.abort()
+            raise
+        digest = writer.close()
         return UnitResult(unit.name, digest, time.perf_counter() - start, stats)
 
-    def _read(self, checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
-        tensor = checkpoint.read(name).to(self.device, self.compute_dtype)
+    # -- the three ways through a unit ---------------------------------------------------------
+
+    def _plain(self, unit: Unit, writer: TensorWriter) -> None:
+        for block in self._blocks(unit, transposed=False):
+            base, taus = self._inputs(unit.name, block)
+            merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+            writer.write(_as_bytes(self._finish(base, merged, unit)))
+
+    def _calibrated(self, unit: Unit, writer: TensorWriter) -> dict:
+        cal = self.job.config.calibration
+        k = self.job.config.k
+        transposed, side = oriented(unit.shape, cal.side)
+        n = unit.shape[0] if transposed else unit.shape[1]
+        gram = GramCalibration(n, k, cal.resolved_alpha(k), side, cal.target, device=self.device)
+        blocks = self._blocks(unit, transposed)
+        keep = 2 * math.prod(unit.shape) * torch.finfo(self.compute_dtype).bits // 8 <= self.cache_bytes
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for block in blocks:  # pass 1: Grams
+            base, taus = self._inputs(unit.name, block)
+            merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+            gram.add(merged, taus)
+            if keep:
+                cache.append((base, merged))
+            del taus
+        solution = gram.solve()
+        if not solution.trusted:
+            return self._svd_fallback(unit, writer)
+
+        out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed else None
+        for j, block in enumerate(blocks):  # pass 2: Wm' = Wm P, block by block
+            if keep:
+                base, merged = cache[j]
+                cache[j] = None  # free as we go
+            else:
+                base, taus = self._inputs(unit.name, block)
+                merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+            result = self._finish(base, solution.apply(merged), unit)
+            if transposed:
+                out[:, block.start:block.stop] = result.T.cpu()
+            else:
+                writer.write(_as_bytes(result))
+        if transposed:
+            writer.write(_as_bytes(out))
+        return calibration_summary(solution.singular_values, solution.eta, "gram")
+
+    def _svd_fallback(self, unit: Unit, writer: TensorWriter) -> dict:
+        cal = self.job.config.calibration
+        whole = _Block(0, unit.shape[0], False)
+        base, taus = self._inputs(unit.name, whole)
+        merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+        result = calibrate_singular_values(merged.to(self.device), taus, cal.resolved_alpha(self.job.config.k),
+                                           cal.side, cal.target)
+        writer.write(_as_bytes(self._finish(base, result.delta, unit)))
+        return calibration_summary(result.singular_values, result.eta, "svd-fallback")
+
+    def _whole(self, unit: Unit, writer: TensorWriter) -> dict | None:
+        """Methods that need whole tensors (every task at once)."""
+        whole = _Block(0, unit.shape[0] if unit.shape else 1, False)
+        base, taus = self._inputs(unit.name, whole)
+        merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+        stats = None
+        if unit.calibrate:
+            cal = self.job.config.calibration
+            result = calibrate_gram(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
+            merged, stats = result.delta, result.summary()
+        writer.write(_as_bytes(self._finish(base, merged, unit)))
+        return stats
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _blocks(self, unit: Unit, transposed: bool) -> list[_Block]:
+        if not unit.shape:
+            return [_Block(0, 1, False)]
+        length = unit.shape[1] if transposed else unit.shape[0]
+        per_index = math.prod(unit.shape) // max(length, 1)
+        step = max(1, self.block_elements // max(per_index, 1))
+        return [_Block(i, min(i + step, length), transposed) for i in range(0, length, step)] or [_Block(0, 0, transposed)]
+
+    def _inputs(self, name: str, block: _Block) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base block and the task vectors `ft_i - base` of one block, in compute dtype,
+        oriented (transposed for a column block)."""
+        base = self._read(self.base, name, block)
+        # Out of place: a tensor read from storage may alias its file's mapping.
+        return base, [torch.sub(self._read(model, name, block), base) for model in self.models]
+
+    def _read(self, checkpoint: SafetensorsCheckpoint, name: str, block: _Block) -> torch.Tensor:
+        info = checkpoint.tensors[name]
+        if not info.shape:
+            raw = checkpoint.read(name)
+        elif block.transposed:
+            raw = checkpoint.read(name, cols=slice(block.start, block.stop)).T
+        else:
+            raw = checkpoint.read(name, rows=slice(block.start, block.stop))
+        tensor = raw.to(self.device, self.compute_dtype)
         if not torch.isfinite(tensor).all():
-            raise DistSvcError(f"tensor '{name}' in {checkpoint.tensors[name].file} contains NaN or Inf values; "
+            raise DistSvcError(f"tensor '{name}' in {info.file} contains NaN or Inf values; "
                                f"merging it would spread them. Repair or replace that checkpoint.")
         return tensor
+
+    def _finish(self, base: torch.Tensor, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
+        """base + delta in the wider of the two dtypes, rounded once to the output dtype."""
+        return (base.to(delta.dtype) + delta).to(DTYPES[unit.out_dtype][0])
 
     def close(self) -> None:
         self.base.close()
         for m in self.models:
             m.close()
-
-
-class _TaskDeltas:
-    """The task vectors `ft_i - base` of one tensor, read from storage one at a time when iterated,
-    so memory holds one of them however many tasks there are."""
-
-    def __init__(self, worker: Worker, name: str, base: torch.Tensor):
-        self.worker, self.name, self.base = worker, name, base
-
-    def __len__(self) -> int:
-        return len(self.worker.models)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for model in self.worker.models:
-            # Out of place: a tensor read from storage may alias its file's mapping.
-            yield torch.sub(self.worker._read(model, self.name), self.base)
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

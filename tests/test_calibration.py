@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_svc.calibration import calibrate_singular_values, should_calibrate
+from dist_svc.calibration import calibrate_gram, calibrate_singular_values, should_calibrate
 from tests.reference import svc_reference
 
 
@@ -129,3 +129,47 @@ def test_only_2d_tensors_not_matching_skip_patterns_are_calibrated():
     assert not should_calibrate("lm_head.weight", (8, 4), skip)
     assert not should_calibrate("model.norm.weight", (8,), skip)
     assert not should_calibrate("conv.weight", (8, 4, 3, 3), skip)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 24), n=st.integers(1, 24), k=st.integers(1, 6),
+    alpha=st.sampled_from([None, 0.1, 0.5, 1.0]), side=st.sampled_from(["column", "row"]),
+    seed=st.integers(0, 2**31 - 1), rank=st.sampled_from([None, 1, 2]), block=st.integers(1, 8),
+)
+def test_gram_path_matches_the_reference_to_1e_10(m, n, k, alpha, side, seed, rank, block):
+    """Streamed in row blocks, tall or wide, full rank or LoRA-like rank-deficient."""
+    rng = np.random.default_rng(seed)
+    if rank is None:
+        taus = [rng.standard_normal((m, n)) for _ in range(k)]
+    else:
+        taus = [rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) for _ in range(k)]
+    wm = 0.3 * sum(taus)
+    alpha = 1.0 / k if alpha is None else alpha
+    got = calibrate_gram(torch.from_numpy(wm), [torch.from_numpy(t) for t in taus], alpha, side, block_rows=block)
+    assert _rel(got.delta, svc_reference(wm, taus, alpha, side)) <= 1e-10
+    assert got.path in ("gram", "svd-fallback")
+
+
+def test_gram_path_handles_a_zero_merge_and_zero_task_vectors():
+    zeros = torch.zeros(6, 4, dtype=torch.float64)
+    assert torch.equal(calibrate_gram(zeros, [zeros, zeros], 0.5).delta, zeros)
+    rng = np.random.default_rng(8)
+    taus = [rng.standard_normal((7, 5)), np.zeros((7, 5))]
+    got = calibrate_gram(torch.from_numpy(sum(taus)), [torch.from_numpy(t) for t in taus], 0.5)
+    assert _rel(got.delta, svc_reference(sum(taus), taus, 0.5)) <= 1e-10
+
+
+def test_a_spectrum_the_gram_cannot_resolve_falls_back_to_the_svd_and_says_so():
+    """A singular value 4e-6 of the largest: its Gram eigenvalue (1.6e-11 relative) carries too
+    few digits for float64-level eta, so the full SVD computes this matrix."""
+    rng = np.random.default_rng(9)
+    q_u = np.linalg.qr(rng.standard_normal((20, 2)))[0]
+    q_v = np.linalg.qr(rng.standard_normal((12, 2)))[0]
+    taus = [q_u @ np.diag([1.0, 2e-6 * (i + 1)]) @ q_v.T for i in range(3)]
+    wm = sum(taus)
+    got = calibrate_gram(torch.from_numpy(wm), [torch.from_numpy(t) for t in taus], 1 / 3)
+    assert got.path == "svd-fallback"
+    assert _rel(got.delta, svc_reference(wm, taus, 1 / 3)) <= 1e-10
+    well = [rng.standard_normal((20, 12)) for _ in range(3)]
+    assert calibrate_gram(torch.from_numpy(sum(well)), [torch.from_numpy(t) for t in well], 1 / 3).path == "gram"

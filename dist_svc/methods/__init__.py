@@ -26,6 +26,8 @@ class Method:
     name: str
     fn: Callable[..., torch.Tensor]
     parameters: dict[str, ParamSpec] = field(default_factory=dict)
+    # Element-wise methods can run on any block of a tensor on its own, so workers stream them.
+    elementwise: bool = True
 
     def merge(self, task_deltas: Sequence[torch.Tensor], weights: Sequence[float], params: dict[str, Any]) -> torch.Tensor:
         return self.fn(task_deltas, weights, **params)

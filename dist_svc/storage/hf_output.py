@@ -115,17 +115,37 @@ def create_partial(path: Path, shard: ShardLayout) -> None:
     fsync_dir(path.parent)
 
 
-def write_at(path: Path, offset: int, data: memoryview) -> None:
-    """Write `data` at `offset` of an existing file and make it durable before returning."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
+class TensorWriter:
+    """Writes one tensor's bytes at its place in a shard, in pieces that arrive in order, and
+    hashes them on the way; `close()` fsyncs, so the bytes are durable before anyone records them."""
+
+    def __init__(self, path: Path, offset: int, nbytes: int):
+        self.fd = os.open(path, os.O_WRONLY)
+        self.offset, self.end = offset, offset + nbytes
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> None:
         view = memoryview(data).cast("B")
+        if self.offset + len(view) > self.end:
+            raise ValueError("more bytes than the tensor's planned size")
+        self.hash.update(view)
         done = 0
         while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            done += os.pwrite(self.fd, view[done:], self.offset + done)
+        self.offset += len(view)
+
+    def close(self) -> str:
+        """fsync and return the sha256 of everything written; the tensor must be complete."""
+        try:
+            if self.offset != self.end:
+                raise ValueError(f"tensor incomplete: {self.end - self.offset} bytes missing")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        os.close(self.fd)
 
 
 def range_sha256(path: Path, offset: int, nbytes: int) -> str:

@@ -175,8 +175,9 @@ class SafetensorsCheckpoint:
             out.append({"file": file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest})
         return out
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor (or a row range of it) in its stored dtype; nothing else is read.
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """The tensor, or a range of its rows and/or columns, in its stored dtype; nothing else
+        is read.
 
         Treat the result as read-only: safetensors may hand out a view of a private mapping of
         the file, so an in-place change would show up in this handle's later reads.
@@ -186,9 +187,11 @@ class SafetensorsCheckpoint:
         try:
             if handle is None:
                 handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            if rows is None:
+            if rows is None and cols is None:
                 return handle.get_tensor(name)
-            return handle.get_slice(name)[rows]
+            if cols is None:
+                return handle.get_slice(name)[rows]
+            return handle.get_slice(name)[rows or slice(None), cols]
         except (SafetensorError, OSError) as e:
             raise DistSvcError(f"{info.file}: cannot read tensor '{name}': {e}") from None
 
