@@ -114,13 +114,15 @@ def calibrate_singular_values(
     return Calibrated(delta=delta, singular_values=s, eta=eta, path="svd")
 
 
-# Relative singular values at or below NULL_REL are null space: eta = 1 there (their Gram
-# eigenvalues are rounding noise, and their part of Wm is ~0). Between NULL_REL and TRUST_REL
-# the Gram's eigenvalues (absolute error ~eps * S_max^2) give eta too loosely for float64-level
-# results, so such a matrix is recomputed by full SVD. Above TRUST_REL, S_r has relative error
-# <= ~eps / TRUST_REL^2 = 1e-6, which moves that direction's part of Wm' by <= 1e-11 S_max.
+# Singular values at or below NULL_REL * S_max are null space: eta = 1 there (their Gram
+# eigenvalues are rounding noise, and their part of Wm is ~0).
+# Above it, the Gram's eigenvalues have absolute error ~eps * S_max^2, so S_r has relative error
+# ~eps / rho_r^2 (rho_r = S_r / S_max) and that direction's part of Wm' moves by about
+# growth * eps * S_max / rho_r (growth = 1/alpha at most). When the sum of these over the live
+# directions exceeds GRAM_TOLERANCE of ||Wm||_F, the matrix is recomputed by full SVD.
 NULL_REL = 1e-6
-TRUST_REL = 1e-5
+GRAM_TOLERANCE = 1e-10
+EPS64 = float(torch.finfo(torch.float64).eps)
 
 
 class GramCalibration:
@@ -163,14 +165,13 @@ class GramCalibration:
 
     def solve(self) -> "GramSolution":
         """eta per direction and the projector; `trusted` is False when the spectrum needs the
-        full-SVD path for float64-level accuracy (see TRUST_REL)."""
+        full-SVD path for float64-level accuracy (see GRAM_TOLERANCE)."""
         evals, v = torch.linalg.eigh(self.gram)
         evals, v = evals.flip(0), v.flip(1)  # descending
         s = evals.clamp_min(0).sqrt()
         s_max = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
         live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
-        trusted = bool(torch.isfinite(evals).all()) and not bool(
-            (live & (s < TRUST_REL * s_max)).any())
+        trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, live) <= GRAM_TOLERANCE
 
         eta_sum = torch.zeros_like(s)
         for i in range(self.k):
@@ -191,6 +192,15 @@ class GramCalibration:
         eta = torch.where(live, eta, torch.ones_like(eta))
         projector = (v / eta) @ v.T
         return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted)
+
+
+    def _error_bound(self, s: torch.Tensor, live: torch.Tensor) -> float:
+        """Estimated relative Frobenius error of the Gram path's Wm' (see GRAM_TOLERANCE)."""
+        if not bool(live.any()):
+            return 0.0
+        rho = s[live] / s[0]
+        growth = 1.0 / min(self.alpha, 1.0)
+        return float(growth * EPS64 * torch.linalg.norm(1.0 / rho) / torch.linalg.norm(rho))
 
 
 @dataclass(frozen=True)

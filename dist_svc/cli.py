@@ -125,6 +125,42 @@ def demo(workdir: Path, k: int, layers: int) -> None:
     click.echo(f"\nConfig: {config}\nMerged model: {report.out_dir}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: timings are medians, against a baseline measured in the same run."""
+
+
+@bench.command("calibration")
+@click.option("--scale", default=1, show_default=True,
+              help="Divide each Llama-3-70B dimension by this (8 on a CPU: 1024x1024, 3584x1024, ...).")
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of task vectors.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per kernel (the median is shown).")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ... ('auto': cuda when available).")
+def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str) -> None:
+    """Time the calibration kernel on Llama-3-70B shapes: the paper's approach (float32 full SVD)
+    against the float64 Gram path, with each one's error against a float64 full SVD.
+
+    \b
+    Example:
+      dist-svc bench calibration --scale 8          # CPU, 1/8 scale
+      dist-svc bench calibration --device cuda      # one GPU, full size
+    """
+    import torch
+
+    from dist_svc.bench import bench_calibration, machine_description
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    click.echo(f"calibration kernel, K={k}, scale 1/{scale}, median of {repeats}, on {machine_description(device)}")
+    click.echo(f"{'matrix':<22}{'shape':>13}{'paper f32 (s)':>15}{'svd f64 (s)':>13}{'gram (s)':>10}"
+               f"{'vs paper':>10}{'vs f64':>8}{'paper err':>11}{'gram err':>10}")
+    for row in bench_calibration(scale=scale, k=k, repeats=repeats, device=device):
+        click.echo(f"{row['matrix']:<22}{row['shape']:>13}{row['paper_s']:>15.3f}{row['svd64_s']:>13.3f}"
+                   f"{row['gram_s']:>10.3f}{row['speedup']:>9.1f}x{row['speedup_vs_svd64']:>7.1f}x"
+                   f"{row['paper_err']:>11.1e}{row['gram_err']:>10.1e}")
+
+
 def _print_report(report) -> None:
     if report.already_complete:
         click.echo(f"{report.out_dir}: this merge is already complete ({report.units_total} tensors); nothing to do.")

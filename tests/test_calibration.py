@@ -161,8 +161,8 @@ def test_gram_path_handles_a_zero_merge_and_zero_task_vectors():
 
 
 def test_a_spectrum_the_gram_cannot_resolve_falls_back_to_the_svd_and_says_so():
-    """A singular value 4e-6 of the largest: its Gram eigenvalue (1.6e-11 relative) carries too
-    few digits for float64-level eta, so the full SVD computes this matrix."""
+    """A singular value 4e-6 of the largest, next to one of 1: its Gram eigenvalue (1.6e-11
+    relative) carries too few digits for float64-level eta, so the full SVD computes it."""
     rng = np.random.default_rng(9)
     q_u = np.linalg.qr(rng.standard_normal((20, 2)))[0]
     q_v = np.linalg.qr(rng.standard_normal((12, 2)))[0]
