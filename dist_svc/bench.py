@@ -53,18 +53,15 @@ def bench_calibration(scale: int = 1, k: int = 3, repeats: int = 3, device: str 
         taus = [(shared + torch.randn(m, n, generator=gen, device=dev) * 0.1) * 1e-3 for _ in range(k)]
         wm = 0.3 * torch.stack(taus).sum(0)
         alpha = 1.0 / k
-        t_exact, reference = _timed(
-            lambda: calibrate_singular_values(wm, taus, alpha, dtype=torch.float64).delta, dev, repeats)
+        kernels = {
+            "svd64": lambda wm=wm, taus=taus: calibrate_singular_values(wm, taus, alpha, dtype=torch.float64).delta,
+            "paper": lambda wm=wm, taus=taus: calibrate_singular_values(wm, taus, alpha, dtype=torch.float32).delta,
+            "gram": lambda wm=wm, taus=taus: calibrate_gram(wm, taus, alpha).delta,
+        }
+        t_exact, reference = _timed(kernels["svd64"], dev, repeats)
         ref_norm = torch.linalg.norm(reference)
-
-        def paper():
-            return calibrate_singular_values(wm, taus, alpha, dtype=torch.float32).delta
-
-        def gram():
-            return calibrate_gram(wm, taus, alpha).delta
-
-        t_paper, d_paper = _timed(paper, dev, repeats)
-        t_gram, d_gram = _timed(gram, dev, repeats)
+        t_paper, d_paper = _timed(kernels["paper"], dev, repeats)
+        t_gram, d_gram = _timed(kernels["gram"], dev, repeats)
         rows.append({
             "matrix": name, "shape": f"{m}x{n}", "k": k,
             "paper_s": t_paper, "svd64_s": t_exact, "gram_s": t_gram, "speedup": t_paper / t_gram,
@@ -72,7 +69,7 @@ def bench_calibration(scale: int = 1, k: int = 3, repeats: int = 3, device: str 
             "paper_err": float(torch.linalg.norm(d_paper.double() - reference) / ref_norm),
             "gram_err": float(torch.linalg.norm(d_gram.double() - reference) / ref_norm),
         })
-        del taus, wm, reference, d_paper, d_gram
+        del kernels, taus, wm, reference, d_paper, d_gram
     return rows
 
 

@@ -45,6 +45,7 @@ _KNOWN_TOP = {
 class ModelSpec:
     path: Path
     weight: float = 1.0
+    density: float = 1.0  # TIES/DARE: the fraction of each task vector kept
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class CalibrationSpec:
 
     def resolved_alpha(self, k: int) -> float:
         return self.alpha if self.alpha is not None else 1.0 / k
+
+    def with_alpha(self, alpha: float) -> "CalibrationSpec":
+        return CalibrationSpec(self.enabled, alpha, self.side, self.target, self.skip)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class MergeConfig:
         return {
             "merge_method": self.merge_method,
             "base_model": str(self.base_model),
-            "models": [{"model": str(m.path), "weight": m.weight} for m in self.models],
+            "models": [{"model": str(m.path), "weight": m.weight, "density": m.density} for m in self.models],
             "parameters": dict(sorted(self.parameters.items())),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
@@ -153,6 +157,22 @@ def parse_config(raw: Any, source: str = "<config>") -> MergeConfig:
         raise fail("base_model", "missing or not a path. Set it to the directory of the base checkpoint.")
     base_path = _resolve_path(base)
 
+    params_raw = raw.get("parameters") or {}
+    if not isinstance(params_raw, dict):
+        raise fail("parameters", "expected a mapping such as {lambda: 1.0}.")
+    model_param_names = method.model_parameters
+    parameters: dict[str, Any] = {}
+    for pname, spec in method.parameters.items():
+        parameters[pname] = _param(params_raw.get(pname, spec.default), spec, f"parameters.{pname}", fail)
+    # As in mergekit, a per-model parameter given under `parameters:` is every model's default.
+    model_defaults = {"weight": 1.0, "density": parameters.get("density", 1.0)}
+    if "weight" in params_raw:
+        model_defaults["weight"] = _number(params_raw["weight"], "parameters.weight", fail)
+    for pname in params_raw:
+        if pname not in method.parameters and pname != "weight":
+            known = ", ".join(list(method.parameters) + ["weight"])
+            raise fail(f"parameters.{pname}", f"not a parameter of {method_name} (its parameters: {known}).")
+
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise fail("models", "missing or empty. List the fine-tuned checkpoints as '- model: PATH'.")
@@ -170,38 +190,29 @@ def parse_config(raw: Any, source: str = "<config>") -> MergeConfig:
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise fail(f"{fname}.parameters", "expected a mapping such as {weight: 1.0}.")
-        weight = 1.0
+        values = dict(model_defaults)
         for pname, pval in params.items():
-            if pname == "weight":
-                weight = _number(pval, f"{fname}.parameters.weight", fail)
-            else:
-                raise fail(f"{fname}.parameters.{pname}",
-                           f"not a per-model parameter of {method_name}; per-model parameters: weight.")
+            if pname not in model_param_names:
+                raise fail(f"{fname}.parameters.{pname}", f"not a per-model parameter of {method_name}; "
+                                                          f"per-model parameters: {', '.join(model_param_names)}.")
+            spec = method.parameters.get(pname)
+            values[pname] = _param(pval, spec, f"{fname}.parameters.{pname}", fail) if spec \
+                else _number(pval, f"{fname}.parameters.{pname}", fail)
         if mpath == base_path:
             # mergekit lists the base among the models at times; its task vector is zero, and
             # mergekit leaves it out of the merge. So do we.
             continue
-        models.append(ModelSpec(path=mpath, weight=weight))
+        models.append(ModelSpec(path=mpath, weight=values["weight"], density=values["density"]))
     if not models:
         raise fail("models", "lists only the base model; add at least one fine-tuned checkpoint.")
-
-    params_raw = raw.get("parameters") or {}
-    if not isinstance(params_raw, dict):
-        raise fail("parameters", "expected a mapping such as {lambda: 1.0}.")
-    parameters: dict[str, Any] = {}
-    for pname, spec in method.parameters.items():
-        value = params_raw.get(pname, spec.default)
-        parameters[pname] = _param(value, spec.kind, f"parameters.{pname}", fail)
-    for pname in params_raw:
-        if pname not in method.parameters:
-            known = ", ".join(method.parameters) or "none"
-            raise fail(f"parameters.{pname}", f"not a parameter of {method_name} (its parameters: {known}).")
 
     dtype = _dtype(raw.get("dtype", "float32"), "dtype", fail)
     out_dtype = raw.get("out_dtype")
     out_dtype = None if out_dtype is None else _dtype(out_dtype, "out_dtype", fail)
 
     calibration = _calibration(raw.get("calibrate", True), len(models), fail)
+    if calibration.alpha is None and method.alpha_is_one:
+        calibration = calibration.with_alpha(1.0)
     return MergeConfig(
         merge_method=method_name, base_model=base_path, models=tuple(models), parameters=parameters,
         dtype=dtype, out_dtype=out_dtype, calibration=calibration, source=source,
@@ -257,12 +268,20 @@ def _number(value: Any, name: str, fail) -> float:
     return float(value)
 
 
-def _param(value: Any, kind: type, name: str, fail) -> Any:
-    if kind is bool:
+def _param(value: Any, spec, name: str, fail) -> Any:
+    if spec.kind is bool:
         if not isinstance(value, bool):
             raise fail(name, f"expected true or false (got {value!r}).")
         return value
-    return _number(value, name, fail)
+    if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise fail(name, f"expected an integer (got {value!r}).")
+    number = _number(value, name, fail)
+    if spec.low is not None:
+        above = number >= spec.low if spec.low_inclusive else number > spec.low
+        if not above or not number <= spec.high:
+            interval = f"{'[' if spec.low_inclusive else '('}{spec.low:g}, {spec.high:g}]"
+            raise fail(name, f"must be in {interval} (got {number:g}).")
+    return int(value) if spec.kind is int else number
 
 
 def _dtype(value: Any, name: str, fail) -> str:

@@ -119,12 +119,8 @@ def parse_size(text: str | int) -> int:
     s = str(text).strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
              "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
+    suffix = next((u for u in units if s.endswith(u)), "")
+    number, factor = s[: len(s) - len(suffix)], units.get(suffix, 1)
     try:
         value = float(number)
     except ValueError:

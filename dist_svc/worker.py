@@ -22,8 +22,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from dist_svc.calibration import (
@@ -31,7 +29,7 @@ from dist_svc.calibration import (
 )
 from dist_svc.config import MergeConfig
 from dist_svc.errors import DistSvcError
-from dist_svc.methods import METHODS
+from dist_svc.methods import METHODS, ModelParams, Where
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.storage.hf_output import TensorWriter
 from dist_svc.storage.safetensors_reader import DTYPES, SafetensorsCheckpoint
@@ -75,7 +73,7 @@ class Worker:
         config = job.config
         self.base, self.models = open_inputs(config)
         self.method = METHODS[config.merge_method]
-        self.weights = [m.weight for m in config.models]
+        self.model_params = [ModelParams(m.weight, m.density) for m in config.models]
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         self.compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.block_elements = block_elements
@@ -102,7 +100,7 @@ class Worker:
     def _plain(self, unit: Unit, writer: TensorWriter) -> None:
         for block in self._blocks(unit, transposed=False):
             base, taus = self._inputs(unit.name, block)
-            merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+            merged = self._merge(unit, block, taus)
             writer.write(_as_bytes(self._finish(base, merged, unit)))
 
     def _calibrated(self, unit: Unit, writer: TensorWriter) -> dict:
@@ -116,7 +114,7 @@ class Worker:
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in blocks:  # pass 1: Grams
             base, taus = self._inputs(unit.name, block)
-            merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+            merged = self._merge(unit, block, taus)
             gram.add(merged, taus)
             if keep:
                 cache.append((base, merged))
@@ -132,7 +130,7 @@ class Worker:
                 cache[j] = None  # free as we go
             else:
                 base, taus = self._inputs(unit.name, block)
-                merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+                merged = self._merge(unit, block, taus)
             result = self._finish(base, solution.apply(merged), unit)
             if transposed:
                 out[:, block.start:block.stop] = result.T.cpu()
@@ -146,7 +144,7 @@ class Worker:
         cal = self.job.config.calibration
         whole = _Block(0, unit.shape[0], False)
         base, taus = self._inputs(unit.name, whole)
-        merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+        merged = self._merge(unit, whole, taus)
         result = calibrate_singular_values(merged.to(self.device), taus, cal.resolved_alpha(self.job.config.k),
                                            cal.side, cal.target)
         writer.write(_as_bytes(self._finish(base, result.delta, unit)))
@@ -156,7 +154,7 @@ class Worker:
         """Methods that need whole tensors (every task at once)."""
         whole = _Block(0, unit.shape[0] if unit.shape else 1, False)
         base, taus = self._inputs(unit.name, whole)
-        merged = self.method.merge(taus, self.weights, self.job.config.parameters)
+        merged = self._merge(unit, whole, taus)
         stats = None
         if unit.calibrate:
             cal = self.job.config.calibration
@@ -164,6 +162,10 @@ class Worker:
             merged, stats = result.delta, result.summary()
         writer.write(_as_bytes(self._finish(base, merged, unit)))
         return stats
+
+    def _merge(self, unit: Unit, block: _Block, taus: list[torch.Tensor]) -> torch.Tensor:
+        where = Where(unit.name, lambda: _flat_indices(unit.shape, block, self.device))
+        return self.method.merge(taus, self.model_params, self.job.config.parameters, where)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -204,6 +206,20 @@ class Worker:
         self.base.close()
         for m in self.models:
             m.close()
+
+
+def _flat_indices(shape: tuple[int, ...], block: _Block, device: torch.device) -> torch.Tensor:
+    """The index of each element of a block in the flattened whole tensor, in the block's own
+    (oriented) layout."""
+    if not shape:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    if block.transposed:  # columns start..stop of an m x n matrix, as (stop - start) x m
+        m, n = shape
+        cols = torch.arange(block.start, block.stop, dtype=torch.int64, device=device)
+        return cols[:, None] + torch.arange(m, dtype=torch.int64, device=device)[None, :] * n
+    per_row = math.prod(shape[1:])
+    flat = torch.arange(block.start * per_row, block.stop * per_row, dtype=torch.int64, device=device)
+    return flat.view(block.stop - block.start, *shape[1:])
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

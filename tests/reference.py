@@ -46,8 +46,10 @@ def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
 
 def merge_reference(base_dir: Path, ft_dirs: list[Path], weights: list[float], lam: float = 1.0,
                     normalize: bool = False, calibrate: bool = True, alpha: float | None = None,
-                    skip: tuple[str, ...] = ("*embed*", "*wte*", "*wpe*", "*lm_head*")) -> dict[str, np.ndarray]:
-    """base + TA (+ SVC on 2-D, non-skipped tensors), all in float64."""
+                    skip: tuple[str, ...] = ("*embed*", "*wte*", "*wpe*", "*lm_head*"),
+                    method=None) -> dict[str, np.ndarray]:
+    """base + base method (TA unless `method(name, taus)` is given) + SVC on 2-D, non-skipped
+    tensors, all in float64."""
     base = load_checkpoint(base_dir)
     fts = [load_checkpoint(d) for d in ft_dirs]
     k = len(fts)
@@ -55,10 +57,13 @@ def merge_reference(base_dir: Path, ft_dirs: list[Path], weights: list[float], l
     out = {}
     for name, b in base.items():
         taus = [ft[name] - b for ft in fts]
-        wm = sum(w * t for w, t in zip(weights, taus))
-        if normalize:
-            wm = wm / sum(weights)
-        wm = lam * wm
+        if method is not None:
+            wm = method(name, taus)
+        else:
+            wm = sum(w * t for w, t in zip(weights, taus))
+            if normalize:
+                wm = wm / sum(weights)
+            wm = lam * wm
         if calibrate and b.ndim == 2 and not any(fnmatch.fnmatchcase(name, p) for p in skip):
             wm = svc_reference(wm, taus, alpha)
         out[name] = b + wm
@@ -73,3 +78,79 @@ def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
         out.update(load_file(str(Path(out_dir) / fname)))
     assert set(out) == set(index["weight_map"])
     return out
+
+
+# -- base methods, from their definitions (numpy, float64) -------------------------------------
+
+def ties_reference(taus, weights, densities, lam=1.0, normalize=True):
+    """mergekit's TIES: magnitude top-k per task, sign election by summed weighted mass, mean of
+    the agreeing weighted entries."""
+    pruned = []
+    for t, d in zip(taus, densities):
+        t = np.asarray(t, np.float64)
+        if d < 1:
+            k = int(d * t.size)
+            order = np.argsort(-np.abs(t).ravel(), kind="stable")
+            mask = np.zeros(t.size, bool)
+            mask[order[:k]] = True
+            t = t * mask.reshape(t.shape)
+        pruned.append(t)
+    weighted = np.stack([w * t for w, t in zip(weights, pruned)])
+    majority = np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(weighted) == majority
+    mixed = (weighted * agree).sum(0)
+    divisor = (np.array(weights).reshape(-1, *[1] * (weighted.ndim - 1)) * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return lam * (mixed / divisor if normalize else mixed)
+
+
+def _polar_np(x):
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+def tsv_reference(taus, lam=1.0):
+    taus = [np.asarray(t, np.float64) for t in taus]
+    if taus[0].ndim != 2:
+        return lam * np.mean(taus, axis=0)
+    keep = max(1, min(taus[0].shape) // len(taus))
+    parts = [np.linalg.svd(t, full_matrices=False) for t in taus]
+    u = np.concatenate([p[0][:, :keep] for p in parts], axis=1)
+    s = np.concatenate([p[1][:keep] for p in parts])
+    v = np.concatenate([p[2][:keep].T for p in parts], axis=1)
+    return lam * (_polar_np(u) @ np.diag(s) @ _polar_np(v).T)
+
+
+def iso_c_reference(taus, lam=1.0):
+    total = np.sum([np.asarray(t, np.float64) for t in taus], axis=0)
+    if total.ndim != 2:
+        return lam * total
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    return lam * s.mean() * (u @ vt)
+
+
+def iso_cts_reference(taus, lam=1.0, common_fraction=0.8):
+    taus = [np.asarray(t, np.float64) for t in taus]
+    total = np.sum(taus, axis=0)
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    common = int(common_fraction * len(s))
+    per = (len(s) - common) // len(taus)
+    us, vs = [u[:, :common]], [vt[:common].T]
+    proj = u[:, :common] @ u[:, :common].T
+    for t in taus:
+        ur, _, vrt = np.linalg.svd(t - proj @ t, full_matrices=False)
+        us.append(ur[:, :per])
+        vs.append(vrt[:per].T)
+    return lam * s.mean() * (_polar_np(np.concatenate(us, 1)) @ _polar_np(np.concatenate(vs, 1)).T)
+
+
+def star_reference(taus, lam=1.0, eta=0.4):
+    out = []
+    for t in taus:
+        t = np.asarray(t, np.float64)
+        u, s, vt = np.linalg.svd(t, full_matrices=False)
+        total = s.sum()
+        rank = next(r for r in range(1, len(s) + 1) if s[:r].sum() >= eta * total - 1e-12 * total)
+        kept = s[:rank] * total / s[:rank].sum()
+        out.append(u[:, :rank] @ np.diag(kept) @ vt[:rank])
+    return lam * np.mean(out, axis=0)
