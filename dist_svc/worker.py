@@ -181,8 +181,8 @@ class Worker:
         """The base block and the task vectors `ft_i - base` of one block, in compute dtype,
         oriented (transposed for a column block)."""
         base = self._read(self.base, name, block)
-        # Out of place: a tensor read from storage may alias its file's mapping.
-        return base, [torch.sub(self._read(model, name, block), base) for model in self.models]
+        # In place: every read is a buffer of its own (the reader never hands out file mappings).
+        return base, [self._read(model, name, block).sub_(base) for model in self.models]
 
     def _read(self, checkpoint: SafetensorsCheckpoint, name: str, block: _Block) -> torch.Tensor:
         info = checkpoint.tensors[name]

@@ -1,6 +1,7 @@
 """Reading Hugging Face safetensors checkpoints: headers checked up front, tensors streamed.
 
-A checkpoint is a directory holding `model.safetensors.index.json` + shards, a single
+Tensor data is read with plain positional reads, not through safetensors' long-lived mmap (see
+`SafetensorsCheckpoint.read`). A checkpoint is a directory holding `model.safetensors.index.json` + shards, a single
 `model.safetensors`, or a set of `*.safetensors` files; a path to one `.safetensors` file works
 too. Planning needs only the headers (names, shapes, dtypes), which are validated completely
 before any merge starts: a truncated file, overlapping offsets or an unsupported dtype is reported
@@ -17,8 +18,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from dist_svc.errors import DistSvcError
 
@@ -41,6 +42,7 @@ class TensorInfo:
     dtype: str  # safetensors code: F32, BF16, ...
     shape: tuple[int, ...]
     file: Path
+    offset: int  # of its first byte in the file
 
     @property
     def nbytes(self) -> int:
@@ -109,16 +111,17 @@ class SafetensorsCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._headers: dict[Path, bytes] = {}
         for file in self.files:
-            header, _ = read_header(file)
+            header, data_start = read_header(file)
             for name, entry in header.items():
                 if name == "__metadata__":
                     continue
                 if name in self.tensors:
                     raise DistSvcError(f"{self.path}: tensor '{name}' is stored twice "
                                        f"({self.tensors[name].file.name} and {file.name}).")
-                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file)
+                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file,
+                                                data_start + entry["data_offsets"][0])
         self._check_index()
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     def _discover(self) -> list[Path]:
         p = self.path
@@ -176,24 +179,58 @@ class SafetensorsCheckpoint:
         return out
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
-        """The tensor, or a range of its rows and/or columns, in its stored dtype; nothing else
-        is read.
+        """The tensor, or a range of its rows and/or columns, in its stored dtype, in memory this
+        call allocates; nothing else is read.
 
-        Treat the result as read-only: safetensors may hand out a view of a private mapping of
-        the file, so an in-place change would show up in this handle's later reads.
+        Rows are one contiguous byte range, read with preadv straight into the tensor's buffer.
+        Columns are strided: they are copied out of a mapping of the tensor that lives only for
+        this call. Either way no file pages stay mapped, so the process's memory does not grow
+        with the amount of data read (a long-lived mmap would count every page touched).
         """
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
+        torch_dtype, itemsize = DTYPES[info.dtype]
+        shape = info.shape
         try:
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            if rows is None and cols is None:
-                return handle.get_tensor(name)
-            if cols is None:
-                return handle.get_slice(name)[rows]
-            return handle.get_slice(name)[rows or slice(None), cols]
-        except (SafetensorError, OSError) as e:
-            raise DistSvcError(f"{info.file}: cannot read tensor '{name}': {e}") from None
+            if cols is not None:
+                return self._read_columns(info, rows or slice(None), cols)
+            if rows is None or not shape:
+                start, stop = 0, (shape[0] if shape else 1)
+            else:
+                start, stop, step = rows.indices(shape[0])
+                if step != 1:
+                    raise ValueError("row slices must have step 1")
+                stop = max(start, stop)
+            row_bytes = math.prod(shape[1:]) * itemsize
+            buf = bytearray((stop - start) * row_bytes)
+            self._pread(info.file, info.offset + start * row_bytes, buf)
+            out_shape = ((stop - start), *shape[1:]) if shape else ()
+            if not buf:
+                return torch.empty(out_shape, dtype=torch_dtype)
+            return torch.frombuffer(buf, dtype=torch_dtype).reshape(out_shape)
+        except OSError as e:
+            raise DistSvcError(f"{info.file}: cannot read tensor '{name}': {e.strerror or e}.") from None
+
+    def _pread(self, file: Path, offset: int, buf: bytearray) -> None:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        view = memoryview(buf)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(f"unexpected end of file at byte {offset + done}; the file was truncated")
+            done += n
+
+    def _read_columns(self, info: TensorInfo, rows: slice, cols: slice) -> torch.Tensor:
+        torch_dtype, itemsize = DTYPES[info.dtype]
+        np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+        mapped = np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.offset, shape=info.shape)
+        part = np.array(mapped[rows, cols])  # a copy, so the mapping is unmapped with `mapped`
+        del mapped
+        return torch.from_numpy(part).view(torch_dtype)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
