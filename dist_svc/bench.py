@@ -9,10 +9,11 @@ paper's approach at float64 accuracy) against dist-svc's float64 Gram path, each
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -71,6 +72,92 @@ def bench_calibration(scale: int = 1, k: int = 3, repeats: int = 3, device: str 
         })
         del kernels, taus, wm, reference, d_paper, d_gram
     return rows
+
+
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - start
+print(json.dumps({"rc": proc.returncode, "wall_s": wall, "stderr": proc.stderr[-2000:],
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def measure(command: list[str]) -> dict:
+    """Wall time and peak resident memory of one command, measured by a fresh process of its own
+    (RUSAGE_CHILDREN is the largest child it ever waited for: this command alone)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result['rc']}):\n{result['stderr']}")
+    return result
+
+
+def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: int = 3,
+                mergekit: str | None = "mergekit-yaml", hidden: int = 1024, log=print) -> list[dict]:
+    """dist-svc against mergekit on the same mergekit YAML and inputs (task arithmetic, calibration
+    off, float32 compute, bf16 output): medians of wall time and peak RSS, per model size. Models
+    are generated (and kept) under `workdir`; ~300M parameters at 20 layers with the defaults."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from dist_svc.demo import TinyLlama, make_family
+
+    workdir = Path(workdir).resolve()
+    rows = []
+    for n_layers in layers:
+        arch = TinyLlama(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=n_layers, num_attention_heads=16, num_key_value_heads=4)
+        root = workdir / f"llama-{n_layers}l-k{k}"
+        if not (root / "base").is_dir():
+            log(f"generating {root} ...")
+            make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=2)
+        params = sum(math.prod(s) for s in arch.shapes().values())
+        config = root / "mergekit.yaml"
+        models = "".join(f"  - model: {root / f'ft-{i + 1}'}\n    parameters:\n      weight: 1.0\n" for i in range(k))
+        config.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n{models}"
+                          f"parameters:\n  lambda: 0.3\ndtype: float32\nout_dtype: bfloat16\n")
+        tools = {"dist-svc": [sys.executable, "-m", "dist_svc.cli", "merge", str(config), None,
+                              "--no-calibrate", "--progress", "off"]}
+        if mergekit:
+            tools["mergekit"] = [mergekit, str(config), None, "--quiet"]
+        runs: dict[str, list[dict]] = {name: [] for name in tools}
+        for rep in range(repeats + 1):  # the first round warms the page cache and is not counted
+            for name, command in tools.items():
+                out = root / f"out-{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                result = measure([c if c is not None else str(out) for c in command])
+                if rep:
+                    runs[name].append(result)
+                    log(f"{n_layers} layers, {name}: {result['wall_s']:.1f} s, "
+                        f"{result['peak_rss_bytes'] / 2**20:.0f} MiB")
+        row = {"layers": n_layers, "params": params, "k": k}
+        for name, results in runs.items():
+            row[f"{name}_wall_s"] = statistics.median(r["wall_s"] for r in results)
+            row[f"{name}_peak_rss_mib"] = statistics.median(r["peak_rss_bytes"] for r in results) / 2**20
+        if mergekit:
+            row["same_output"] = _same_tensors(root / "out-dist-svc", root / "out-mergekit")
+        rows.append(row)
+    return rows
+
+
+def _same_tensors(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    def load(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    ta, tb = load(a), load(b)
+    return set(ta) == set(tb) and all(torch.equal(ta[n], tb[n]) for n in ta)
 
 
 def machine_description(device: str) -> str:

@@ -1,7 +1,7 @@
 """A small, real-layout model family to merge where no weights can be downloaded.
 
 `make_family` writes a Llama-layout base checkpoint (Hugging Face sharded safetensors with
-index, config.json, generation_config.json) and K fine-tunes of it. Every fine-tune's update of
+index, config.json, generation_config.json, a word-level tokenizer) and K fine-tunes of it. Every fine-tune's update of
 a weight matrix is a shared low-rank part (the same for all tasks: knowledge they share), a
 low-rank part of its own, and a little noise: the situation in which task arithmetic counts the
 shared part K times and calibration brings it back to one task's strength.
@@ -84,6 +84,27 @@ def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: in
             {"bos_token_id": config.get("bos_token_id", 1), "eos_token_id": config.get("eos_token_id", 2)}, indent=2))
 
 
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A real (word-level) Hugging Face fast tokenizer of `vocab_size` tokens: `<unk>`, `<s>`,
+    `</s>`, then `w3`, `w4`, ... so the generated checkpoints are complete models."""
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, tok in enumerate(specials)],
+        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+        "eos_token": "</s>", "model_max_length": 512}, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(
+        {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}, indent=2))
+
+
 def make_family(root: Path, k: int = 3, arch: TinyLlama = TinyLlama(), dtype: torch.dtype = torch.bfloat16,
                 shards: int = 2, seed: int = 0, shared_rank: int = 2, own_rank: int = 2,
                 shared_scale: float = 0.005, own_scale: float = 0.004, noise: float = 1e-4
@@ -98,6 +119,7 @@ def make_family(root: Path, k: int = 3, arch: TinyLlama = TinyLlama(), dtype: to
     shared = {name: _low_rank(shape, shared_rank, shared_scale, gen) for name, shape in shapes.items()}
     base_dir = root / "base"
     write_hf_checkpoint(base_dir, {n: t.to(dtype) for n, t in base.items()}, shards, arch.hf_config(dtype))
+    write_tokenizer(base_dir, arch.vocab_size)
     ft_dirs = []
     for i in range(k):
         ft = {}

@@ -4,13 +4,19 @@ Only the driver writes it, and every write replaces the whole file atomically (t
 rename), so a crash at any instant leaves either the previous or the next state. A unit is
 recorded as done only after its worker has written and fsynced its bytes; its sha256 is what
 sealing the shard, resuming and `verify` check those bytes against.
+
+Finished units are saved at most every `SAVE_EVERY` seconds (and whenever a shard is sealed,
+and at the end): rewriting the whole file after each of thousands of small tensors would cost
+more than the merge. A crash loses at most the last few seconds of records; those units are
+simply run again, with the same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dist_svc import __version__
 from dist_svc.errors import DistSvcError
@@ -20,12 +26,17 @@ from dist_svc.storage.hf_output import atomic_write
 MANIFEST_NAME = "dist-svc-manifest.json"
 LOCK_NAME = ".dist-svc.lock"
 FORMAT = 1
+SAVE_EVERY = 2.0  # seconds
 
 
 class Manifest:
     def __init__(self, path: Path, data: dict[str, Any]):
         self.path = path
         self.data = data
+        self._saved_at = time.monotonic()
+        self._dirty = False
+        # Called before every save: whatever must be durable before the manifest says so.
+        self.before_save: Callable[[], None] = lambda: None
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -106,9 +117,16 @@ class Manifest:
         return [name for name, u in self.units.items() if not u["done"]]
 
     def record(self, name: str, sha256: str, info: dict[str, Any]) -> None:
+        """Mark a unit done; saved within SAVE_EVERY seconds (see the module's docstring)."""
         unit = self.units[name]
         unit.update(done=True, sha256=sha256, **info)
-        self.save()
+        self._dirty = True
+        if time.monotonic() - self._saved_at >= SAVE_EVERY:
+            self.save()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.save()
 
     def reset(self, names: Iterable[str]) -> None:
         for name in names:
@@ -135,7 +153,10 @@ class Manifest:
         }
 
     def save(self) -> None:
-        atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+        self.before_save()
+        atomic_write(self.path, json.dumps(self.data, separators=(",", ":")).encode())
+        self._saved_at = time.monotonic()
+        self._dirty = False
 
 
 def _initial(plan: Plan) -> dict[str, Any]:

@@ -65,7 +65,9 @@ class _Block:
 
 class Worker:
     def __init__(self, job: Job, device: str | torch.device = "cpu", block_elements: int = BLOCK_ELEMENTS,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, sync: bool = True):
+        """`sync=False` leaves fdatasync to the caller, which must sync a shard file before it
+        records any unit written to it (the local executor's driver does, once per batch)."""
         self.job = job
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -78,10 +80,11 @@ class Worker:
         self.compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.block_elements = block_elements
         self.cache_bytes = cache_bytes
+        self.sync = sync
 
     def run(self, unit: Unit) -> UnitResult:
         start = time.perf_counter()
-        writer = TensorWriter(self.job.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes)
+        writer = TensorWriter(self.job.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes, self.sync)
         try:
             if not self.method.elementwise:
                 stats = self._whole(unit, writer)
@@ -193,7 +196,9 @@ class Worker:
         else:
             raw = checkpoint.read(name, rows=slice(block.start, block.stop))
         tensor = raw.to(self.device, self.compute_dtype)
-        if not torch.isfinite(tensor).all():
+        # A NaN or Inf anywhere makes the sum non-finite; only then is each element checked
+        # (a finite tensor whose sum overflows is not refused).
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise DistSvcError(f"tensor '{name}' in {info.file} contains NaN or Inf values; "
                                f"merging it would spread them. Repair or replace that checkpoint.")
         return tensor

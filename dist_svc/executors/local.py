@@ -1,25 +1,89 @@
-"""The embedded default: units run one after another in this process. No cluster, no server."""
+"""The embedded default: units run in this process. No cluster, no server.
+
+With `threads > 1` several units are in flight at once, each on its own `Worker`: torch's
+kernels, positional reads and writes and hashing all release the GIL, so one unit's I/O overlaps
+another's arithmetic. Results are handed to the driver in its own thread.
+"""
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 from typing import Callable, Sequence
 
 from dist_svc.plan import Unit
 from dist_svc.worker import Job, UnitResult, Worker
 
+DEFAULT_THREADS = 2
+
 
 class LocalExecutor:
     name = "local"
+    # Workers write from this process: their checksums need no re-reading, and the driver syncs
+    # the shard files before it records their units (one fdatasync per batch, not per tensor).
+    same_host = True
 
-    def __init__(self, device: str = "cpu", **worker_options):
+    def __init__(self, device: str = "cpu", threads: int | None = None, **worker_options):
         """`worker_options` go to `Worker` (block size, pass-2 cache budget)."""
         self.device = device
+        self.threads = max(1, threads if threads is not None else min(DEFAULT_THREADS, os.cpu_count() or 1))
         self.worker_options = worker_options
 
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
-        worker = Worker(job, self.device, **self.worker_options)
+        if self.threads == 1 or len(units) <= 1:
+            worker = Worker(job, self.device, sync=False, **self.worker_options)
+            try:
+                for unit in units:
+                    on_result(worker.run(unit))
+            finally:
+                worker.close()
+            return
+
+        todo = iter(units)
+        take = threading.Lock()
+        stop = threading.Event()
+        results: queue.Queue = queue.Queue()
+
+        def loop() -> None:
+            worker = None
+            try:
+                worker = Worker(job, self.device, sync=False, **self.worker_options)
+                while not stop.is_set():
+                    with take:
+                        unit = next(todo, None)
+                    if unit is None:
+                        break
+                    results.put(worker.run(unit))
+            except BaseException as e:  # handed to the driver's thread, raised there
+                results.put(e)
+            finally:
+                if worker is not None:
+                    worker.close()
+                results.put(None)
+
+        threads = [threading.Thread(target=loop, name=f"dist-svc-worker-{i}", daemon=True)
+                   for i in range(self.threads)]
+        for t in threads:
+            t.start()
+        running = len(threads)
+        error: BaseException | None = None
         try:
-            for unit in units:
-                on_result(worker.run(unit))
+            while running:
+                item = results.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    error = error or item
+                    stop.set()
+                elif error is None:
+                    on_result(item)
+        except BaseException:
+            stop.set()
+            raise
         finally:
-            worker.close()
+            stop.set()
+            for t in threads:
+                t.join()
+        if error is not None:
+            raise error

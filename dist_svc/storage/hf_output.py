@@ -117,9 +117,11 @@ def create_partial(path: Path, shard: ShardLayout) -> None:
 
 class TensorWriter:
     """Writes one tensor's bytes at its place in a shard, in pieces that arrive in order, and
-    hashes them on the way; `close()` fsyncs, so the bytes are durable before anyone records them."""
+    hashes them on the way. With `sync`, `close()` makes them durable (fdatasync) before anyone
+    can record them; without, whoever records them must sync the file first (`sync_file`)."""
 
-    def __init__(self, path: Path, offset: int, nbytes: int):
+    def __init__(self, path: Path, offset: int, nbytes: int, sync: bool = True):
+        self.sync = sync
         self.fd = os.open(path, os.O_WRONLY)
         self.offset, self.end = offset, offset + nbytes
         self.hash = hashlib.sha256()
@@ -139,7 +141,8 @@ class TensorWriter:
         try:
             if self.offset != self.end:
                 raise ValueError(f"tensor incomplete: {self.end - self.offset} bytes missing")
-            os.fsync(self.fd)
+            if self.sync:
+                os.fdatasync(self.fd)
         finally:
             os.close(self.fd)
         return self.hash.hexdigest()
@@ -163,13 +166,17 @@ def range_sha256(path: Path, offset: int, nbytes: int) -> str:
     return h.hexdigest()
 
 
-def seal_shard(partial: Path, final: Path) -> None:
-    """Make a fully written and verified shard visible under its final name."""
-    fd = os.open(partial, os.O_RDONLY)
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def seal_shard(partial: Path, final: Path) -> None:
+    """Make a fully written and verified shard visible under its final name."""
+    sync_file(partial)
     os.replace(partial, final)
     fsync_dir(final.parent)
 
