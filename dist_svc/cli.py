@@ -161,6 +161,39 @@ def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str) -> None
                    f"{row['paper_err']:>11.1e}{row['gram_err']:>10.1e}")
 
 
+@bench.command("merge")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--layers", default="10,20,40", show_default=True,
+              help="Model sizes to run, as decoder layer counts (20 layers: ~291M parameters).")
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes.")
+@click.option("--repeats", default=3, show_default=True, help="Measured runs per tool (the median is shown).")
+@click.option("--mergekit", default="mergekit-yaml", show_default=True,
+              help="mergekit's command to compare with; 'none' to run dist-svc alone.")
+def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: str) -> None:
+    """Wall time and peak memory of dist-svc against mergekit on the same mergekit YAML and
+    inputs (task arithmetic, calibration off), for several model sizes generated in WORKDIR.
+
+    \b
+    Example:
+      pip install mergekit==0.1.5   # in another environment; pass its mergekit-yaml
+      dist-svc bench merge ./bench-out --mergekit /path/to/venv/bin/mergekit-yaml
+    """
+    from dist_svc.bench import bench_merge
+
+    sizes = tuple(int(x) for x in layers.split(","))
+    rows = bench_merge(workdir, layers=sizes, k=k, repeats=repeats,
+                       mergekit=None if mergekit == "none" else mergekit, log=_say)
+    click.echo(f"{'layers':>6}{'params':>8}{'dist-svc s':>12}{'MiB':>7}" +
+               (f"{'mergekit s':>12}{'MiB':>7}{'time':>8}{'memory':>8}{'same bytes':>12}" if mergekit != "none" else ""))
+    for r in rows:
+        line = f"{r['layers']:>6}{r['params'] / 1e6:>7.0f}M{r['dist-svc_wall_s']:>12.1f}{r['dist-svc_peak_rss_mib']:>7.0f}"
+        if mergekit != "none":
+            line += (f"{r['mergekit_wall_s']:>12.1f}{r['mergekit_peak_rss_mib']:>7.0f}"
+                     f"{r['dist-svc_wall_s'] / r['mergekit_wall_s']:>7.2f}x"
+                     f"{r['dist-svc_peak_rss_mib'] / r['mergekit_peak_rss_mib']:>7.2f}x{str(r['same_output']):>12}")
+        click.echo(line)
+
+
 def _print_report(report) -> None:
     if report.already_complete:
         click.echo(f"{report.out_dir}: this merge is already complete ({report.units_total} tensors); nothing to do.")

@@ -63,6 +63,9 @@ def _weighted(deltas, models):
 
 
 _LAMBDA = ParamSpec(1.0)
+# mergekit's `int8_mask` stores TIES's sign mask as int8 to save memory; the result is the same,
+# and dist-svc's masks are bool already: accepted, with no effect on the bytes.
+_INT8_MASK = ParamSpec(False, bool)
 _DENSITY = ParamSpec(1.0, float, 0.0, 1.0)  # mergekit's default: keep everything
 
 METHODS: dict[str, Method] = {
@@ -70,13 +73,13 @@ METHODS: dict[str, Method] = {
         Method(
             "task_arithmetic",
             lambda d, ms, p, w: task_arithmetic(d, [m.weight for m in ms], lam=p["lambda"], normalize=p["normalize"]),
-            {"lambda": _LAMBDA, "normalize": ParamSpec(False, bool)},
+            {"lambda": _LAMBDA, "normalize": ParamSpec(False, bool), "int8_mask": _INT8_MASK},
         ),
         Method(
             "ties",
             lambda d, ms, p, w: ties(d, [m.weight for m in ms], [m.density for m in ms], lam=p["lambda"],
                                      normalize=p["normalize"]),
-            {"lambda": _LAMBDA, "normalize": ParamSpec(True, bool), "density": _DENSITY},
+            {"lambda": _LAMBDA, "normalize": ParamSpec(True, bool), "density": _DENSITY, "int8_mask": _INT8_MASK},
             model_parameters=("weight", "density"), elementwise=False,
         ),
         Method(
@@ -84,7 +87,7 @@ METHODS: dict[str, Method] = {
             lambda d, ms, p, w: dare(d, [m.weight for m in ms], [m.density for m in ms], w.name, w.indices(),
                                      p["seed"], lam=p["lambda"], normalize=p["normalize"], rescale=p["rescale"]),
             {"lambda": _LAMBDA, "normalize": ParamSpec(False, bool), "rescale": ParamSpec(True, bool),
-             "density": _DENSITY, "seed": ParamSpec(0, int)},
+             "density": _DENSITY, "seed": ParamSpec(0, int), "int8_mask": _INT8_MASK},
             model_parameters=("weight", "density"),
         ),
         Method(
@@ -93,7 +96,7 @@ METHODS: dict[str, Method] = {
                                      p["seed"], lam=p["lambda"], normalize=p["normalize"], rescale=p["rescale"],
                                      consensus=True),
             {"lambda": _LAMBDA, "normalize": ParamSpec(False, bool), "rescale": ParamSpec(True, bool),
-             "density": _DENSITY, "seed": ParamSpec(0, int)},
+             "density": _DENSITY, "seed": ParamSpec(0, int), "int8_mask": _INT8_MASK},
             model_parameters=("weight", "density"),
         ),
         Method("tsv", lambda d, ms, p, w: tsv(_weighted(d, ms), lam=p["lambda"]), {"lambda": _LAMBDA},
