@@ -43,7 +43,13 @@ def main() -> None:
               help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
               help="A progress bar on a terminal, plain log lines otherwise.")
-def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str) -> None:
+@click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
+              help="Run on a Ray cluster: its address, or 'auto' (RAY_ADDRESS, else the local one). "
+                   "Inputs and OUT_DIR must be on storage every node sees.")
+@click.option("--threads", default=None, type=int,
+              help="Local executor: units in flight at once (default 2).")
+def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str,
+          cluster: str | None, threads: int | None) -> None:
     """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
@@ -52,12 +58,21 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, 
 
     \b
     Example:
-      dist-svc merge configs/task_arithmetic_svc.yaml ./merged
+      dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged
       dist-svc merge mergekit.yaml ./merged --no-calibrate --shard-size 2GB
+      dist-svc merge configs/llama3-70b-ta-svc.yaml /shared/merged --cluster auto
     """
     from dist_svc.driver import merge as run_merge
+    from dist_svc.executors import LocalExecutor
 
-    report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress, log=_say)
+    if cluster is not None:
+        from dist_svc.executors.ray_cluster import RayExecutor
+
+        executor = RayExecutor(address=None if cluster == "auto" else cluster, log=_say)
+    else:
+        executor = LocalExecutor(threads=threads)
+    report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
+                       executor=executor, log=_say)
     _print_report(report)
 
 

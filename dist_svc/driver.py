@@ -72,11 +72,11 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         p = manifest.progress()
         bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
         units_run = 0
-        # Bytes written in this run by a worker on this host were hashed as they were written
-        # and fsynced; re-reading them at sealing checks nothing more. Everything else (units
-        # recorded by an earlier run, or written by other nodes) is verified before sealing.
+        # Units reported in this run by an executor that verified them need no re-reading at
+        # sealing; units recorded by an earlier run are verified before their shard is sealed.
         fresh: set[str] = set()
-        trust_fresh = getattr(executor, "same_host", False)
+        trust_fresh = getattr(executor, "results_verified", False)
+        driver_syncs = getattr(executor, "driver_syncs", False)
         unsynced: set[int] = set()  # shards written to since the manifest was last saved
 
         def sync_shards() -> None:
@@ -86,7 +86,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                     sync_file(partial)
             unsynced.clear()
 
-        if trust_fresh:
+        if driver_syncs:
             manifest.before_save = sync_shards
         try:
             for attempt in range(MAX_ATTEMPTS + 1):
@@ -102,8 +102,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                 def on_result(result: UnitResult) -> None:
                     nonlocal units_run
                     unit = manifest.units[result.name]
-                    if trust_fresh:  # before `record`, which may save and so sync
+                    if trust_fresh:
                         fresh.add(result.name)
+                    if driver_syncs:  # before `record`, which may save and so sync
                         unsynced.add(unit["shard"])
                     manifest.record(result.name, result.sha256,
                                     {"seconds": round(result.seconds, 4), "calibration": result.calibration})

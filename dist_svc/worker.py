@@ -35,6 +35,11 @@ from dist_svc.storage.hf_output import TensorWriter
 from dist_svc.storage.safetensors_reader import DTYPES, SafetensorsCheckpoint
 
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
+# On a CPU, a matrix product's rounding depends on how many threads share it. Every worker
+# computes with one intra-op thread, so the local executor (threads in one process) and the
+# cluster executor (one process per actor) produce the same bytes; parallelism comes from
+# running several units at once instead.
+CPU_INTRA_OP_THREADS = 1
 CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-read
 
 
@@ -72,6 +77,8 @@ class Worker:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # never round the Grams' inputs
+        elif torch.get_num_threads() != CPU_INTRA_OP_THREADS:
+            torch.set_num_threads(CPU_INTRA_OP_THREADS)  # process-wide: see CPU_INTRA_OP_THREADS
         config = job.config
         self.base, self.models = open_inputs(config)
         self.method = METHODS[config.merge_method]

@@ -173,3 +173,15 @@ def test_a_spectrum_the_gram_cannot_resolve_falls_back_to_the_svd_and_says_so():
     assert _rel(got.delta, svc_reference(wm, taus, 1 / 3)) <= 1e-10
     well = [rng.standard_normal((20, 12)) for _ in range(3)]
     assert calibrate_gram(torch.from_numpy(sum(well)), [torch.from_numpy(t) for t in well], 1 / 3).path == "gram"
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_exactly_shared_task_vectors_are_calibrated_back_to_one_of_them(k):
+    """K identical task vectors: TA holds K lambda copies of every direction, s = K lambda, and
+    calibration returns exactly one task vector (both paths)."""
+    tau = np.random.default_rng(10).standard_normal((14, 9))
+    wm = 0.5 * k * tau
+    taus = [torch.from_numpy(tau)] * k
+    for got in (calibrate_singular_values(torch.from_numpy(wm), taus, 1 / k),
+                calibrate_gram(torch.from_numpy(wm), taus, 1 / k)):
+        assert _rel(got.delta, tau) <= 1e-12

@@ -20,12 +20,19 @@ DEFAULT_THREADS = 2
 
 class LocalExecutor:
     name = "local"
-    # Workers write from this process: their checksums need no re-reading, and the driver syncs
-    # the shard files before it records their units (one fdatasync per batch, not per tensor).
-    same_host = True
+    # Workers write from this process: their checksums need no re-reading (results_verified),
+    # and the driver syncs the shard files before it records their units (one fdatasync per
+    # batch, not per tensor).
+    results_verified = True
+    driver_syncs = True
 
-    def __init__(self, device: str = "cpu", threads: int | None = None, **worker_options):
-        """`worker_options` go to `Worker` (block size, pass-2 cache budget)."""
+    def __init__(self, device: str | None = None, threads: int | None = None, **worker_options):
+        """`device`: "cuda" when a GPU is present, else "cpu", unless given. `worker_options` go
+        to `Worker` (block size, pass-2 cache budget)."""
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.threads = max(1, threads if threads is not None else min(DEFAULT_THREADS, os.cpu_count() or 1))
         self.worker_options = worker_options

@@ -1,0 +1,186 @@
+"""The cluster executor: units run in Ray actors on every node, one per GPU (or per node on a
+cluster without GPUs), reading inputs from and writing outputs to storage all nodes see.
+
+Tensors never travel through Ray: an actor runs the same `Worker` as the local executor, writes
+its unit's bytes at their planned offset, fsyncs, and returns only the checksum. The driver
+keeps the queue (largest units first, two calls in flight per actor so the next unit's reads
+overlap the current one's arithmetic), and accepts a result only after reading the bytes back
+and checking them. An actor that dies, or whose node goes away, costs only its units in flight:
+they are queued again and the actor is replaced (a replacement that cannot be placed is simply
+not used). A driver that dies is recovered by rerunning the same command (the manifest).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Callable, Sequence
+
+from dist_svc.errors import DistSvcError
+from dist_svc.plan import Unit
+from dist_svc.storage.hf_output import range_sha256
+from dist_svc.worker import Job, UnitResult, Worker
+
+NAMESPACE = "dist-svc"
+IN_FLIGHT_PER_ACTOR = 2
+MAX_FAILURES_PER_UNIT = 4  # a unit that kills this many actors is a bug, not bad luck
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise DistSvcError("--cluster needs Ray: pip install 'dist-svc[cluster]' (or pip install ray).") from None
+    return ray
+
+
+class MergeActor:
+    """One worker process on a node, on that node's GPU (or CPU). It runs IN_FLIGHT_PER_ACTOR
+    calls at once, each thread with a `Worker` of its own."""
+
+    def __init__(self, job: Job, block_elements: int | None = None):
+        import threading
+
+        import torch
+
+        self.job = job
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.options = {} if block_elements is None else {"block_elements": block_elements}
+        self.local = threading.local()
+        self.where = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
+
+    def ready(self) -> str:
+        return self.where
+
+    def run(self, unit: Unit) -> UnitResult:
+        worker = getattr(self.local, "worker", None)
+        if worker is None:
+            worker = self.local.worker = Worker(self.job, self.device, sync=True, **self.options)
+        return worker.run(unit)
+
+
+class RayExecutor:
+    name = "ray"
+    # Workers on other hosts fsync their own writes; their results are verified by the driver
+    # (below) before they are reported, so sealing need not read them again.
+    results_verified = True
+    driver_syncs = False
+
+    def __init__(self, address: str | None = "auto", actors: int | None = None, block_elements: int | None = None,
+                 log: Callable[[str], None] = lambda line: None):
+        self.address = address
+        self.actors = actors
+        self.block_elements = block_elements
+        self.log = log
+
+    def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
+        ray = _ray()
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
+                         log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise DistSvcError(f"cannot connect to the Ray cluster at '{self.address}': {e}. Start one "
+                                   f"(see cluster/README.md) or pass its address to --cluster.") from None
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        count = self.actors or (gpus if gpus else len(nodes))
+        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, max_task_retries=0)(MergeActor)
+
+        started = iter(range(1 << 30))
+
+        def start_actor():
+            # Named, so that operators (and the tests) can find the workers of a run.
+            name = f"merge-{os.getpid()}-{next(started)}"
+            handle = remote_cls.options(name=name, namespace=NAMESPACE, scheduling_strategy="SPREAD",
+                                        **resources).remote(job, self.block_elements)
+            return handle, handle.ready.remote()
+
+        starting = dict(start_actor() for _ in range(count))  # handle -> ready ref
+        ready_actors: list = []
+        queue = collections.deque(units)
+        inflight: dict = {}  # ref -> (unit, actor)
+        load: dict = {}  # actor -> units in flight
+        failures: collections.Counter = collections.Counter()
+        done = 0
+        self.log(f"cluster: {count} actor(s) ({'1 GPU' if gpus else '1 CPU'} each) on {len(nodes)} node(s)")
+        try:
+            while done < len(units):
+                # Actors that finished starting join the pool; work goes to the least loaded.
+                if starting:
+                    ready_refs, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
+                    for actor, ref in list(starting.items()):
+                        if ref in ready_refs:
+                            del starting[actor]
+                            try:
+                                where = ray.get(ref)
+                            except RayActorError:
+                                continue  # died while starting; its node may be gone
+                            ready_actors.append(actor)
+                            load[actor] = 0
+                            self.log(f"cluster: actor ready on {where}")
+                for actor in ready_actors:
+                    while queue and load[actor] < IN_FLIGHT_PER_ACTOR:
+                        unit = queue.popleft()
+                        inflight[actor.run.remote(unit)] = (unit, actor)
+                        load[actor] += 1
+                if not inflight:
+                    if not starting:
+                        raise DistSvcError("the Ray cluster has no live actors left to merge with; "
+                                           "add nodes, then rerun the same command to resume.")
+                    ray.wait(list(starting.values()), num_returns=1, timeout=1.0)
+                    continue
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    unit, actor = inflight.pop(ref)
+                    load[actor] = load.get(actor, 1) - 1
+                    try:
+                        result = ray.get(ref)
+                    except RayTaskError as e:
+                        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+                        if isinstance(cause, DistSvcError):
+                            raise DistSvcError(str(cause)) from None
+                        raise
+                    except (RayActorError, GetTimeoutError) as e:
+                        failures[unit.name] += 1
+                        if failures[unit.name] >= MAX_FAILURES_PER_UNIT:
+                            raise DistSvcError(f"tensor '{unit.name}' failed on {failures[unit.name]} actors "
+                                               f"(last: {type(e).__name__}); see the Ray logs.") from None
+                        queue.appendleft(unit)  # partial bytes never count: it is written again
+                        if actor in ready_actors:
+                            self._retire(ray, actor, ready_actors, load, inflight, queue)
+                            handle, ref_ready = start_actor()
+                            starting[handle] = ref_ready
+                            self.log(f"cluster: an actor died ({type(e).__name__}); its units are queued "
+                                     f"again and a replacement is starting")
+                        continue
+                    if not self._verify(job, unit, result):
+                        failures[unit.name] += 1
+                        queue.appendleft(unit)
+                        continue
+                    on_result(result)
+                    done += 1
+        finally:
+            for actor in ready_actors + list(starting):
+                ray.kill(actor, no_restart=True)
+
+    @staticmethod
+    def _retire(ray, actor, ready_actors, load, inflight, queue) -> None:
+        """Drop a dead actor: its other units in flight go back to the queue."""
+        ready_actors.remove(actor)
+        load.pop(actor, None)
+        for ref, (unit, owner) in list(inflight.items()):
+            if owner is actor:
+                del inflight[ref]
+                queue.appendleft(unit)
+        ray.kill(actor, no_restart=True)
+
+    @staticmethod
+    def _verify(job: Job, unit: Unit, result: UnitResult) -> bool:
+        """The bytes on shared storage are the ones the actor hashed."""
+        path = job.shard_paths[unit.place.shard]
+        return range_sha256(path, unit.place.offset, unit.nbytes) == result.sha256

@@ -1,0 +1,179 @@
+"""`dist-svc merge --cluster` on a real local multi-node Ray cluster (head + 2 nodes with one fake
+GPU each, all on 127.0.0.1), against the local executor's bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dist_svc.demo import TinyLlama
+from tests.conftest import file_bytes, run_cli, write_config
+
+# Set before Ray is imported (it reads them at import), the same for every node and driver (the
+# merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
+# on the loopback interface, so the test cluster talks only to this machine.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[test]'")
+
+# Large enough that kills land mid-merge (~0.1-0.3 s per matrix with calibration).
+MODEL = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2)
+NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1",
+        "include_dashboard": False})
+    nodes = [c.add_node(**NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="dist-svc", log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from dist_svc.demo import make_family
+
+    root = tmp_path_factory.mktemp("cluster-family")
+    base, fts = make_family(root, k=3, arch=MODEL, dtype=torch.float32, shards=2)
+    cfg = write_config(root / "m.yaml", base, fts)
+    local = root / "local"
+    run_cli("merge", cfg, local, "--shard-size", "1MB", "--progress", "off")
+    return cfg, file_bytes(local)
+
+
+def _merge(cfg, out, address, **popen):
+    return subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--shard-size", "1MB",
+                             "--progress", "log", "--cluster", address], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _units_done(out) -> tuple[int, int]:
+    try:
+        units = json.loads((out / "dist-svc-manifest.json").read_text())["units"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0, -1
+    return sum(u["done"] for u in units.values()), len(units)
+
+
+def _wait_for(proc, out, at_least: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _units_done(out)[0] >= at_least:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the merge did not get to {at_least} units mid-run: {proc.poll()}, "
+                         f"{proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+def _idle(timeout: float = 60) -> None:
+    """Wait until the previous test's actors are gone and both fake GPUs are free again."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("GPU", 0) < 2:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.1)
+
+
+def _run_actor_pids() -> list[int]:
+    """The processes of the running merge's actors (named merge-*, in the dist-svc namespace)."""
+    pids = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "dist-svc":
+            try:
+                pids.append(int(ray.get(ray.get_actor(a["name"], namespace="dist-svc").ready.remote(),
+                                        timeout=10).split(":")[1]))
+            except (ray.exceptions.RayError, ValueError):
+                pass
+    return pids
+
+
+def _node_of(pid: int, nodes) -> object:
+    """The cluster node whose raylet started process `pid` (its ancestor in /proc)."""
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in nodes}
+    while pid > 1:
+        if pid in raylets:
+            return raylets[pid]
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    raise AssertionError("actor not under any worker node's raylet")
+
+
+def _finish(proc) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return stdout + stderr
+
+
+def test_a_cluster_merge_equals_the_local_merge_byte_for_byte(tmp_path, cluster, model):
+    c, _ = cluster
+    cfg, local = model
+    _idle()
+    log = _finish(_merge(cfg, tmp_path / "out", c.address))
+    assert "2 actor(s) (1 GPU each)" in log
+    assert file_bytes(tmp_path / "out") == local
+
+
+def test_an_actor_killed_mid_merge_costs_only_its_units(tmp_path, cluster, model):
+    c, _ = cluster
+    cfg, local = model
+    _idle()
+    out = tmp_path / "out"
+    proc = _merge(cfg, out, c.address)
+    _wait_for(proc, out, at_least=3)
+    pids = _run_actor_pids()
+    assert pids
+    os.kill(pids[0], signal.SIGKILL)  # a crash, not a polite stop
+    log = _finish(proc)
+    assert "an actor died" in log
+    assert file_bytes(out) == local
+
+
+def test_a_node_removed_mid_merge_still_finishes_identically(tmp_path, cluster, model):
+    c, nodes = cluster
+    cfg, local = model
+    _idle()
+    out = tmp_path / "out"
+    proc = _merge(cfg, out, c.address)
+    _wait_for(proc, out, at_least=3)
+    pids = _run_actor_pids()
+    assert pids
+    victim = _node_of(pids[0], nodes)  # a node that is running part of this merge
+    c.remove_node(victim)
+    try:
+        log = _finish(proc)
+    finally:
+        nodes[nodes.index(victim)] = c.add_node(**NODE)  # the node back, for the tests after this one
+        c.wait_for_nodes()
+    assert "an actor died" in log
+    assert file_bytes(out) == local
+
+
+def test_a_driver_killed_mid_merge_is_finished_by_rerunning_the_same_command(tmp_path, cluster, model):
+    c, _ = cluster
+    cfg, local = model
+    _idle()
+    out = tmp_path / "out"
+    proc = _merge(cfg, out, c.address)
+    _wait_for(proc, out, at_least=4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done, total = _units_done(out)
+    assert 0 < done < total
+    log = _finish(_merge(cfg, out, c.address))
+    assert f"merged {total - done} tensors" in log and f"{done} already done by an earlier run" in log
+    assert file_bytes(out) == local
