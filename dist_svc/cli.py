@@ -99,6 +99,31 @@ def status(out_dir: Path) -> None:
 
 
 @main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def verify(out_dir: Path) -> None:
+    """Re-read the merged output in OUT_DIR and check every tensor against the checksum its
+    manifest recorded. Exits 1 if anything differs.
+
+    \b
+    Example:
+      dist-svc verify ./merged
+    """
+    from dist_svc.driver import status as merge_status
+    from dist_svc.driver import verify as verify_output
+
+    problems = verify_output(out_dir)
+    info = merge_status(out_dir)
+    for p in problems:
+        click.echo(f"  {p}", err=True)
+    if problems:
+        click.echo(f"{out_dir}: {len(problems)} problem(s). Delete the damaged shard(s) and rerun the same "
+                   f"`dist-svc merge` command: only their tensors are merged again.", err=True)
+        sys.exit(1)
+    click.echo(f"{out_dir}: {info['shards_done']}/{info['shards_total']} shard(s) verified, "
+               f"{info['units_done']} tensors match their checksums ({info['state']}).")
+
+
+@main.command()
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"))
 @click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes to generate.")
 @click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")

@@ -7,6 +7,7 @@ directory resumes: finished units are skipped, and the bytes equal an uninterrup
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from dist_svc.executors import LocalExecutor
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
 from dist_svc.plan import DEFAULT_SHARD_BYTES, Plan, build_plan, open_inputs, parse_size
 from dist_svc.progress import Progress
+from dist_svc.storage.safetensors_reader import INDEX_NAME
 from dist_svc.storage.hf_output import (
     copy_side_files, create_partial, partial_path, range_sha256, seal_shard, sync_file, write_index,
 )
@@ -60,13 +62,15 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         f"calibration {'on' if config.calibration.enabled else 'off'}")
 
     existing = Manifest.check(out_dir, plan)  # refusals first, before anything is written
-    if existing is not None and existing.complete:
+    if existing is not None and existing.complete and _shards_present(out_dir, existing):
         return _report(out_dir, plan, existing, 0, True, start)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
         manifest = Manifest.open_for(out_dir, plan)
-        if manifest.complete:  # finished by a run that held the lock meanwhile
-            return _report(out_dir, plan, manifest, 0, True, start)
+        if manifest.complete:
+            if _shards_present(out_dir, manifest):  # finished by a run that held the lock meanwhile
+                return _report(out_dir, plan, manifest, 0, True, start)
+            manifest.data["complete"] = False  # a shard was deleted: merge its tensors again
         _recover_shards(out_dir, plan, manifest)
         job = Job(config, tuple(partial_path(out_dir, s) for s in plan.shards))
         p = manifest.progress()
@@ -140,6 +144,44 @@ def status(out_dir: str | Path) -> dict:
     else:
         info["state"] = "running" if _is_locked(out_dir) else "stopped"
     return info
+
+
+def verify(out_dir: str | Path) -> list[str]:
+    """Re-read a merge's output and check it against its manifest: every sealed shard's header is
+    the planned one and every tensor's bytes match their sha256; the index maps every tensor to
+    its shard. Returns the problems found (empty: the output is as written)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    manifest = Manifest.load(out_dir)
+    problems = []
+    for k, shard in enumerate(manifest.shards):
+        path = out_dir / shard["file"]
+        if not shard["done"]:
+            continue
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != shard["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, planned {shard['size']} (truncated or extended)")
+            continue
+        for name in shard["tensors"]:
+            unit = manifest.units[name]
+            if range_sha256(path, unit["offset"], unit["nbytes"]) != unit["sha256"]:
+                problems.append(f"{path}: tensor '{name}' does not match its checksum (corrupted)")
+    if manifest.complete:
+        try:
+            index = json.loads((out_dir / INDEX_NAME).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError):
+            problems.append(f"{out_dir / INDEX_NAME}: missing or unreadable")
+        else:
+            for name, unit in manifest.units.items():
+                if index.get(name) != manifest.shards[unit["shard"]]["file"]:
+                    problems.append(f"{out_dir / INDEX_NAME}: tensor '{name}' is not mapped to its shard")
+    return problems
+
+
+def _shards_present(out_dir: Path, manifest: Manifest) -> bool:
+    return all((out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["size"]
+               for s in manifest.shards)
 
 
 def _recover_shards(out_dir: Path, plan: Plan, manifest: Manifest) -> None:
@@ -227,4 +269,4 @@ def _report(out_dir: Path, plan: Plan, manifest: Manifest, units_run: int, alrea
                        time.perf_counter() - start, calibration)
 
 
-__all__ = ["merge", "status", "MergeReport", "MANIFEST_NAME"]
+__all__ = ["merge", "status", "verify", "MergeReport", "MANIFEST_NAME"]

@@ -149,3 +149,28 @@ def test_corrupted_bytes_of_a_finished_unit_are_found_and_recomputed_on_resume(t
         pytest.skip("the corrupted unit's shard was already sealed; covered by `verify` (storage issue)")
     run_cli("merge", slow_merge, out, "--shard-size", "1MB")
     assert file_bytes(out) == file_bytes(reference)
+
+
+def test_verify_finds_a_flipped_byte_and_a_deleted_shard_is_merged_again_alone(tmp_path, family):
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = tmp_path / "out"
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    good = file_bytes(out)
+    assert "tensors match their checksums" in run_cli("verify", out).stdout
+
+    manifest = json.loads((out / "dist-svc-manifest.json").read_text())
+    name, unit = next((n, u) for n, u in manifest["units"].items() if u["nbytes"] > 64)
+    shard = out / manifest["shards"][unit["shard"]]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[unit["offset"] + 5] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    result = run_cli("verify", out, check=False)
+    assert result.returncode == 1 and name in result.stderr and "corrupted" in result.stderr
+
+    shard.unlink()  # as the message says: delete the damaged shard, rerun the same command
+    assert "missing" in run_cli("verify", out, check=False).stderr
+    rerun = run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert f"merged {len(manifest['shards'][unit['shard']]['tensors'])} tensors" in rerun.stdout
+    assert file_bytes(out) == good
+    assert run_cli("verify", out).returncode == 0

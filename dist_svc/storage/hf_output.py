@@ -167,11 +167,8 @@ def range_sha256(path: Path, offset: int, nbytes: int) -> str:
 
 
 def sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    """Make a file's data durable."""
+    _sync(path, os.fdatasync)
 
 
 def seal_shard(partial: Path, final: Path) -> None:
@@ -235,8 +232,13 @@ def _with_dtype(config_bytes: bytes, dtype: str) -> bytes:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    _sync(path, os.fsync)
+
+
+def _sync(path: Path, how) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        how(fd)
     finally:
         os.close(fd)
