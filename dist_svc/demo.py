@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-INDEX = "model.safetensors.index.json"
+from dist_svc.storage.safetensors_reader import INDEX_NAME
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: in
             for n in part:
                 weight_map[n] = fname
                 total += tensors[n].numel() * tensors[n].element_size()
-        (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if config is not None:
         (path / "config.json").write_text(json.dumps(config, indent=2))
         (path / "generation_config.json").write_text(json.dumps(

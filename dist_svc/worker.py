@@ -131,6 +131,7 @@ class Worker:
             del taus
         solution = gram.solve()
         if not solution.trusted:
+            cache.clear()
             return self._svd_fallback(unit, writer)
 
         out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed else None
@@ -155,8 +156,7 @@ class Worker:
         whole = _Block(0, unit.shape[0], False)
         base, taus = self._inputs(unit.name, whole)
         merged = self._merge(unit, whole, taus)
-        result = calibrate_singular_values(merged.to(self.device), taus, cal.resolved_alpha(self.job.config.k),
-                                           cal.side, cal.target)
+        result = calibrate_singular_values(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
         writer.write(_as_bytes(self._finish(base, result.delta, unit)))
         return calibration_summary(result.singular_values, result.eta, "svd-fallback")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
