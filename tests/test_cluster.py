@@ -128,28 +128,30 @@ def test_a_cluster_merge_equals_the_local_merge_byte_for_byte(tmp_path, cluster,
     assert file_bytes(tmp_path / "out") == local
 
 
-def test_an_actor_killed_mid_merge_costs_only_its_units(tmp_path, cluster, model):
+def _mid_merge(tmp_path, cluster, model, at_least: int):
+    """A cluster merge started on an idle cluster and running, with `at_least` units recorded."""
     c, _ = cluster
-    cfg, local = model
+    cfg, _ = model
     _idle()
     out = tmp_path / "out"
     proc = _merge(cfg, out, c.address)
-    _wait_for(proc, out, at_least=3)
+    _wait_for(proc, out, at_least)
+    return proc, out
+
+
+def test_an_actor_killed_mid_merge_costs_only_its_units(tmp_path, cluster, model):
+    proc, out = _mid_merge(tmp_path, cluster, model, at_least=3)
     pids = _run_actor_pids()
     assert pids
     os.kill(pids[0], signal.SIGKILL)  # a crash, not a polite stop
     log = _finish(proc)
     assert "an actor died" in log
-    assert file_bytes(out) == local
+    assert file_bytes(out) == model[1]
 
 
 def test_a_node_removed_mid_merge_still_finishes_identically(tmp_path, cluster, model):
     c, nodes = cluster
-    cfg, local = model
-    _idle()
-    out = tmp_path / "out"
-    proc = _merge(cfg, out, c.address)
-    _wait_for(proc, out, at_least=3)
+    proc, out = _mid_merge(tmp_path, cluster, model, at_least=3)
     pids = _run_actor_pids()
     assert pids
     victim = _node_of(pids[0], nodes)  # a node that is running part of this merge
@@ -160,20 +162,15 @@ def test_a_node_removed_mid_merge_still_finishes_identically(tmp_path, cluster, 
         nodes[nodes.index(victim)] = c.add_node(**NODE)  # the node back, for the tests after this one
         c.wait_for_nodes()
     assert "an actor died" in log
-    assert file_bytes(out) == local
+    assert file_bytes(out) == model[1]
 
 
 def test_a_driver_killed_mid_merge_is_finished_by_rerunning_the_same_command(tmp_path, cluster, model):
-    c, _ = cluster
-    cfg, local = model
-    _idle()
-    out = tmp_path / "out"
-    proc = _merge(cfg, out, c.address)
-    _wait_for(proc, out, at_least=4)
+    proc, out = _mid_merge(tmp_path, cluster, model, at_least=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done, total = _units_done(out)
     assert 0 < done < total
-    log = _finish(_merge(cfg, out, c.address))
+    log = _finish(_merge(model[0], out, cluster[0].address))
     assert f"merged {total - done} tensors" in log and f"{done} already done by an earlier run" in log
-    assert file_bytes(out) == local
+    assert file_bytes(out) == model[1]
