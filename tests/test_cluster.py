@@ -174,3 +174,19 @@ def test_a_driver_killed_mid_merge_is_finished_by_rerunning_the_same_command(tmp
     log = _finish(_merge(model[0], out, cluster[0].address))
     assert f"merged {total - done} tensors" in log and f"{done} already done by an earlier run" in log
     assert file_bytes(out) == model[1]
+
+
+def test_a_bad_input_found_on_an_actor_is_the_same_clear_error_as_locally(tmp_path, cluster, family):
+    from safetensors.torch import load_file, save_file
+
+    base, fts = family(2)
+    path = fts[0] / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, str(path))
+    _idle()
+    proc = _merge(write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", cluster[0].address)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "error: tensor 'model.layers.0.mlp.up_proj.weight'" in stderr and str(path) in stderr
+    assert "Traceback" not in stderr
