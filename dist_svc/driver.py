@@ -64,6 +64,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     existing = Manifest.check(out_dir, plan)  # refusals first, before anything is written
     if existing is not None and existing.complete and _shards_present(out_dir, existing):
         return _report(out_dir, plan, existing, 0, True, start)
+    connect = getattr(executor, "connect", None)
+    if connect is not None:  # a cluster that cannot be reached is refused before anything is written too
+        connect()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
         manifest = Manifest.open_for(out_dir, plan)

@@ -190,3 +190,18 @@ def test_a_bad_input_found_on_an_actor_is_the_same_clear_error_as_locally(tmp_pa
     assert proc.returncode == 2, stderr
     assert "error: tensor 'model.layers.0.mlp.up_proj.weight'" in stderr and str(path) in stderr
     assert "Traceback" not in stderr
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once_and_nothing_is_written(tmp_path, family):
+    import socket
+
+    base, fts = family(1)
+    with socket.socket() as s:  # a free port on this machine, with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out",
+                     "--cluster", f"127.0.0.1:{port}", check=False)
+    assert result.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out").exists()

@@ -73,17 +73,33 @@ class RayExecutor:
         self.block_elements = block_elements
         self.log = log
 
+    def connect(self) -> None:
+        """Join the cluster (the driver calls this before it writes anything). An address where
+        nothing listens is refused at once: Ray itself would retry for minutes."""
+        ray = _ray()
+        if ray.is_initialized():
+            return
+        address = self.address or os.environ.get("RAY_ADDRESS") or "auto"
+        hint = "Start one (see cluster/README.md) or pass its address to --cluster."
+        host_port = address.removeprefix("ray://")
+        if address != "auto" and ":" in host_port:
+            import socket
+
+            host, port = host_port.rsplit(":", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except (OSError, ValueError) as e:
+                raise DistSvcError(f"no Ray cluster answers at {address} ({e}). {hint}") from None
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise DistSvcError(f"cannot connect to the Ray cluster at '{address}': {e}. {hint}") from None
+
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
         ray = _ray()
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
-                         log_to_driver=False, logging_level="ERROR")
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise DistSvcError(f"cannot connect to the Ray cluster at '{self.address}': {e}. Start one "
-                                   f"(see cluster/README.md) or pass its address to --cluster.") from None
+        self.connect()
         gpus = int(ray.cluster_resources().get("GPU", 0))
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         count = self.actors or (gpus if gpus else len(nodes))
