@@ -34,6 +34,7 @@ TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAP_WINDOW = 32 * 1024 * 1024  # bytes of a tensor mapped at once by a column read
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,10 @@ class SafetensorsCheckpoint:
         call allocates; nothing else is read.
 
         Rows are one contiguous byte range, read with preadv straight into the tensor's buffer.
-        Columns are strided: they are copied out of a mapping of the tensor that lives only for
-        this call. Either way no file pages stay mapped, so the process's memory does not grow
-        with the amount of data read (a long-lived mmap would count every page touched).
+        Columns are strided: they are copied out of short-lived mappings of at most MAP_WINDOW
+        bytes. Either way no file pages stay mapped, so the process's memory grows by the slice
+        read, not by the tensor or the amount of data read (a long-lived mmap would keep every
+        page touched resident).
         """
         info = self.tensors[name]
         torch_dtype, itemsize = DTYPES[info.dtype]
@@ -223,12 +225,28 @@ class SafetensorsCheckpoint:
             done += n
 
     def _read_columns(self, info: TensorInfo, rows: slice, cols: slice) -> torch.Tensor:
+        """Strided reads: copied out of mappings of at most MAP_WINDOW bytes of whole rows at a
+        time, each unmapped before the next, so the pages mapped at any moment stay bounded."""
         torch_dtype, itemsize = DTYPES[info.dtype]
         np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
-        mapped = np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.offset, shape=info.shape)
-        part = np.array(mapped[rows, cols])  # a copy, so the mapping is unmapped with `mapped`
-        del mapped
-        return torch.from_numpy(part).view(torch_dtype)
+        m = info.shape[0]
+        row_bytes = math.prod(info.shape[1:]) * itemsize
+        r0, r1, step = rows.indices(m)
+        if step != 1:
+            raise ValueError("row slices must have step 1")
+        r1 = max(r0, r1)
+        c0, c1, cstep = cols.indices(info.shape[1])
+        if cstep != 1:
+            raise ValueError("column slices must have step 1")
+        out = np.empty((r1 - r0, max(c1 - c0, 0), *info.shape[2:]), dtype=np_dtype)
+        per_window = max(1, MAP_WINDOW // max(row_bytes, 1))
+        for start in range(r0, r1, per_window):
+            stop = min(start + per_window, r1)
+            window = np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.offset + start * row_bytes,
+                               shape=(stop - start, *info.shape[1:]))
+            out[start - r0:stop - r0] = window[:, c0:c1]
+            del window  # unmapped here
+        return torch.from_numpy(out).view(torch_dtype)
 
     def close(self) -> None:
         for fd in self._fds.values():
