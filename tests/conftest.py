@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,12 @@ def file_bytes(out_dir: Path) -> dict[str, bytes]:
     """Every file of a merged output, by name (the manifest aside: it records timings)."""
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())
             if p.is_file() and p.name != "dist-svc-manifest.json"}
+
+
+def units_done(out_dir: Path) -> tuple[int, int]:
+    """(units recorded done, total) from a merge's manifest; (0, -1) before it exists."""
+    try:
+        units = json.loads((out_dir / "dist-svc-manifest.json").read_text())["units"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0, -1
+    return sum(u["done"] for u in units.values()), len(units)

@@ -3,7 +3,6 @@ GPU each, all on 127.0.0.1), against the local executor's bytes."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from dist_svc.demo import TinyLlama
-from tests.conftest import file_bytes, run_cli, write_config
+from tests.conftest import file_bytes, run_cli, units_done, write_config
 
 # Set before Ray is imported (it reads them at import), the same for every node and driver (the
 # merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
@@ -63,18 +62,11 @@ def _merge(cfg, out, address, **popen):
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _units_done(out) -> tuple[int, int]:
-    try:
-        units = json.loads((out / "dist-svc-manifest.json").read_text())["units"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0, -1
-    return sum(u["done"] for u in units.values()), len(units)
-
 
 def _wait_for(proc, out, at_least: int) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if _units_done(out)[0] >= at_least:
+        if units_done(out)[0] >= at_least:
             return
         time.sleep(0.01)
     raise AssertionError(f"the merge did not get to {at_least} units mid-run: {proc.poll()}, "
@@ -169,7 +161,7 @@ def test_a_driver_killed_mid_merge_is_finished_by_rerunning_the_same_command(tmp
     proc, out = _mid_merge(tmp_path, cluster, model, at_least=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done, total = _units_done(out)
+    done, total = units_done(out)
     assert 0 < done < total
     log = _finish(_merge(model[0], out, cluster[0].address))
     assert f"merged {total - done} tensors" in log and f"{done} already done by an earlier run" in log

@@ -13,31 +13,24 @@ import pytest
 
 from dist_svc import DistSvcError, merge
 from dist_svc.demo import TinyLlama
-from tests.conftest import file_bytes, run_cli, write_config
+from tests.conftest import file_bytes, run_cli, units_done, write_config
 
 # Big enough (~0.1 s of work per matrix) that a kill lands mid-merge, small enough for CI.
 SLOW = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2)
 
 
-def _units_done(out_dir) -> tuple[int, int]:
-    try:
-        units = json.loads((out_dir / "dist-svc-manifest.json").read_text())["units"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0, -1
-    return sum(u["done"] for u in units.values()), len(units)
-
 
 def _start_and_kill(cfg, out_dir, at_least: int) -> None:
     """Start `dist-svc merge`, SIGKILL it once `at_least` more units are recorded, mid-merge."""
-    before, _ = _units_done(out_dir)
+    before, _ = units_done(out_dir)
     proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out_dir),
                              "--shard-size", "1MB", "--progress", "off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            done, total = _units_done(out_dir)
+            done, total = units_done(out_dir)
             if done >= before + at_least:
                 break
             time.sleep(0.002)
@@ -45,7 +38,7 @@ def _start_and_kill(cfg, out_dir, at_least: int) -> None:
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    done, total = _units_done(out_dir)
+    done, total = units_done(out_dir)
     assert 0 < done < total
 
 
@@ -61,13 +54,13 @@ def test_kill_9_mid_merge_then_rerun_is_byte_identical_and_redoes_only_unfinishe
 
     out = tmp_path / "resumed"
     _start_and_kill(slow_merge, out, at_least=5)
-    first_done, total = _units_done(out)
+    first_done, total = units_done(out)
     status = run_cli("status", out).stdout
     assert "stopped" in status and f"tensors {first_done}/{total}" in status
     assert list(out.glob("*.partial"))  # work in progress is never under a final name
 
     _start_and_kill(slow_merge, out, at_least=10)  # a second interruption, later on
-    second_done, _ = _units_done(out)
+    second_done, _ = units_done(out)
     assert second_done >= first_done + 10
     sealed_before = {p.name for p in out.glob("model-*.safetensors")}
 

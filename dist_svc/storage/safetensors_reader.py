@@ -50,11 +50,13 @@ class TensorInfo:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The parsed, validated JSON header of one safetensors file and the offset of its data."""
+def read_header(path: Path) -> tuple[dict, int, dict]:
+    """The parsed, validated JSON header of one safetensors file, the offset of its data, and
+    what identifies the file cheaply (see `SafetensorsCheckpoint.identity`), from one open."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise DistSvcError(f"{path}: not a safetensors file (only {size} bytes). Re-download or re-save it.")
@@ -100,7 +102,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     if data_start + position != size:
         raise DistSvcError(f"{path}: the header describes {data_start + position} bytes but the file has {size}; "
                            f"it is truncated or has trailing bytes. Re-download or re-save it.")
-    return header, data_start
+    identity = {"file": path.name, "size": size, "mtime_ns": st.st_mtime_ns,
+                "header_sha256": hashlib.sha256(raw).hexdigest()}
+    return header, data_start, identity
 
 
 class SafetensorsCheckpoint:
@@ -111,8 +115,10 @@ class SafetensorsCheckpoint:
         self.files = self._discover()
         self.tensors: dict[str, TensorInfo] = {}
         self._headers: dict[Path, bytes] = {}
+        self._identity = []
         for file in self.files:
-            header, data_start = read_header(file)
+            header, data_start, identity = read_header(file)
+            self._identity.append(identity)
             for name, entry in header.items():
                 if name == "__metadata__":
                     continue
@@ -169,15 +175,8 @@ class SafetensorsCheckpoint:
     def identity(self) -> list[dict]:
         """What identifies the inputs cheaply: each file's name, size, modification time and
         header hash. Hashing every byte of a 70B model's inputs at each start is not affordable;
-        a file rewritten in place gets a new modification time."""
-        out = []
-        for file in self.files:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                digest = hashlib.sha256(f.read(n)).hexdigest()
-                st = os.fstat(f.fileno())
-            out.append({"file": file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest})
-        return out
+        a file rewritten in place gets a new modification time. Taken when the headers were read."""
+        return list(self._identity)
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """The tensor, or a range of its rows and/or columns, in its stored dtype, in memory this
