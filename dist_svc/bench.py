@@ -4,7 +4,7 @@
 K task vectors: the paper's approach (float32 `torch.linalg.svd` of Wm, default driver, plus
 per-rank projections) and the same in float64 (the exact reference, and the cost of doing the
 paper's approach at float64 accuracy) against dist-svc's float64 Gram path, each timed (median of
-`repeats`); errors are relative Frobenius distances to the float64 full SVD.
+`repeats`; the float64 SVD, the reference, is timed once); errors are relative Frobenius distances to the float64 full SVD.
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def bench_calibration(scale: int = 1, k: int = 3, repeats: int = 3, device: str 
             "paper": lambda wm=wm, taus=taus: calibrate_singular_values(wm, taus, alpha, dtype=torch.float32).delta,
             "gram": lambda wm=wm, taus=taus: calibrate_gram(wm, taus, alpha).delta,
         }
-        t_exact, reference = _timed(kernels["svd64"], dev, repeats)
+        t_exact, reference = _timed(kernels["svd64"], dev, 1)  # the reference: slow, timed once
         ref_norm = torch.linalg.norm(reference)
         t_paper, d_paper = _timed(kernels["paper"], dev, repeats)
         t_gram, d_gram = _timed(kernels["gram"], dev, repeats)
+        path = calibrate_gram(wm, taus, alpha).path
         rows.append({
             "matrix": name, "shape": f"{m}x{n}", "k": k,
             "paper_s": t_paper, "svd64_s": t_exact, "gram_s": t_gram, "speedup": t_paper / t_gram,
-            "speedup_vs_svd64": t_exact / t_gram,
+            "speedup_vs_svd64": t_exact / t_gram, "gram_path": path,
             "paper_err": float(torch.linalg.norm(d_paper.double() - reference) / ref_norm),
             "gram_err": float(torch.linalg.norm(d_gram.double() - reference) / ref_norm),
         })
@@ -165,3 +166,89 @@ def machine_description(device: str) -> str:
         return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache so that the next reads come from storage (root only)."""
+    import os
+
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_bandwidth(files, threads: int = 8, chunk: int = 64 << 20) -> tuple[int, float]:
+    """(bytes, seconds) to read `files` whole with `threads` parallel positional reads of
+    `chunk` bytes: what the storage delivers to a reader that does nothing else."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for f in files:
+        size = os.path.getsize(f)
+        jobs += [(f, off, min(chunk, size - off)) for off in range(0, size, chunk)]
+    local = __import__("threading").local()
+
+    def read(job) -> int:
+        path, off, n = job
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(chunk)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.preadv(fd, [memoryview(buf)[:n]], off)
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(read, jobs))
+    return total, time.perf_counter() - start
+
+
+def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate: int = 14336, k: int = 3,
+                     device: str | None = None, threads: int | None = None, calibrate: bool = True,
+                     repeats: int = 3, log=print) -> dict:
+    """End to end: the merge's input bytes per second against the storage's own read bandwidth,
+    measured in the same run on the same files, with the page cache emptied before each (when
+    this process may; else both are page-cache reads, and the result says so)."""
+    import shutil
+    from pathlib import Path
+
+    from dist_svc.demo import TinyLlama, make_family, write_config
+    from dist_svc.driver import merge
+    from dist_svc.executors import LocalExecutor
+
+    workdir = Path(workdir).resolve()
+    arch = TinyLlama(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                     num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 512)
+    root = workdir / f"llama-h{hidden}-{layers}l-k{k}"
+    if not (root / "ft-1").is_dir():
+        log(f"generating {root} ...")
+        make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=4)
+    fts = [root / f"ft-{i + 1}" for i in range(k)]
+    config = write_config(root / "merge.yaml", root / "base", fts, lam=0.3, calibrate=calibrate)
+    files = sorted(str(p) for d in [root / "base", *fts] for p in d.glob("*.safetensors"))
+    executor = LocalExecutor(device=device, threads=threads)
+    cold = drop_page_cache()
+    reads, merges = [], []
+    for rep in range(repeats):
+        drop_page_cache()
+        nbytes, seconds = read_bandwidth(files)
+        reads.append(nbytes / seconds)
+        out = root / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        drop_page_cache()
+        start = time.perf_counter()
+        merge(config, out, executor=executor, progress="off", log=lambda *_: None)
+        merges.append(nbytes / (time.perf_counter() - start))
+        log(f"round {rep + 1}: storage {reads[-1] / 1e9:.2f} GB/s, merge {merges[-1] / 1e9:.2f} GB/s of input")
+    read_bw, merge_bw = statistics.median(reads), statistics.median(merges)
+    return {"params": sum(math.prod(s) for s in arch.shapes().values()), "k": k, "input_bytes": nbytes,
+            "cold_cache": cold, "device": executor.device, "threads": executor.threads, "calibrate": calibrate,
+            "storage_read_gbps": read_bw / 1e9, "merge_input_gbps": merge_bw / 1e9, "ratio": merge_bw / read_bw,
+            "machine": machine_description(executor.device)}

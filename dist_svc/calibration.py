@@ -47,7 +47,7 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
     s = singular_values.double().cpu()
     eta = eta.double().cpu()
     after = s / eta
-    live = s > s[0] * NULL_REL if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    live = _live(s)
     eta_live = eta[live]
     return {
         "path": path,
@@ -110,19 +110,31 @@ def calibrate_singular_values(
     if target is not None and target >= k:
         raise ValueError(f"target {target} is out of range for {k} task vectors")
     eta = eta_sum / k if target is None else eta_sum
+    eta = torch.where(_live(s), eta, torch.ones_like(eta))  # the null space is left as it is
     delta = (u * (s / eta)) @ vh
     return Calibrated(delta=delta, singular_values=s, eta=eta, path="svd")
 
 
-# Singular values at or below NULL_REL * S_max are null space: eta = 1 there (their Gram
-# eigenvalues are rounding noise, and their part of Wm is ~0).
-# Above it, the Gram's eigenvalues have absolute error ~eps * S_max^2, so S_r has relative error
-# ~eps / rho_r^2 (rho_r = S_r / S_max) and that direction's part of Wm' moves by about
-# growth * eps * S_max / rho_r (growth = 1/alpha at most). When the sum of these over the live
-# directions exceeds GRAM_TOLERANCE of ||Wm||_F, the matrix is recomputed by full SVD.
+# The null space, by definition (both implementations): singular directions with
+# S_r <= NULL_REL * S_max get eta = 1. Their part of Wm is at most 1e-6 of its norm, below what
+# a float32 SVD (the paper's approach) resolves at all, and a float64 Gram cannot measure their
+# overlaps (its eigenvalues there are rounding noise).
+# Above it, the Gram's eigenvalues have absolute error ~eps * S_max^2, so S_r^2 and every s_ri
+# have relative error ~eps / rho_r^2 (rho_r = S_r / S_max). Only overlaps above alpha move eta
+# (max(s, alpha) clamps the others), so direction r's part of Wm' moves by about
+#     S_r / eta_r * (mean over unclamped i of s_ri) / eta_r * eps / rho_r^2.
+# When these add up (Frobenius) to more than GRAM_TOLERANCE of ||Wm'||_F, the matrix is
+# recomputed by full SVD.
 NULL_REL = 1e-6
 GRAM_TOLERANCE = 1e-10
 EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def _live(s: torch.Tensor) -> torch.Tensor:
+    """Directions outside the null space, for descending singular values `s`."""
+    if not s.numel() or not s[0] > 0:
+        return torch.zeros_like(s, dtype=torch.bool)
+    return s > NULL_REL * s[0]
 
 
 class GramCalibration:
@@ -170,10 +182,10 @@ class GramCalibration:
         evals, v = evals.flip(0), v.flip(1)  # descending
         s = evals.clamp_min(0).sqrt()
         s_max = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
-        live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
-        trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, live) <= GRAM_TOLERANCE
-
+        live = _live(s)
+        rel_err = EPS64 / torch.where(live, s / s_max, torch.ones_like(s)).square() if s_max > 0 else s
         eta_sum = torch.zeros_like(s)
+        moving = torch.zeros_like(s)  # sum over unclamped i of s_ri: how much eta follows the s_ri
         for i in range(self.k):
             if self.side == "column":
                 x = self.cross[i].T @ v  # column r: x_ri = tau_i^T Wm v_r
@@ -183,24 +195,30 @@ class GramCalibration:
                 num = (v * (self.cross[i] @ v)).sum(dim=0)
                 den = (v * (self.task_grams[i] @ v)).sum(dim=0)
             overlap = num / den.clamp_min(EPS_PROJ)
+            unclamped = overlap.abs() * (1 + rel_err) > self.alpha
             if self.target is None:
                 eta_sum += overlap.clamp_min(self.alpha)
             elif i == self.target:
                 eta_sum = torch.where(overlap > 0, overlap.clamp_min(self.alpha), torch.ones_like(overlap))
-        eta = eta_sum / self.k if self.target is None else eta_sum
-        # Null-space directions are left as they are: their s_ri are 0/0.
-        eta = torch.where(live, eta, torch.ones_like(eta))
+            if self.target is None or i == self.target:
+                moving += torch.where(unclamped, overlap.abs(), torch.zeros_like(overlap))
+        count = self.k if self.target is None else 1
+        eta = torch.where(live, eta_sum / count, torch.ones_like(eta_sum))  # null space: eta = 1
         projector = (v / eta) @ v.T
+        trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, eta, moving / count, rel_err, live) \
+            <= GRAM_TOLERANCE
         return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted)
 
 
-    def _error_bound(self, s: torch.Tensor, live: torch.Tensor) -> float:
+    @staticmethod
+    def _error_bound(s, eta, moving, rel_err, live) -> float:
         """Estimated relative Frobenius error of the Gram path's Wm' (see GRAM_TOLERANCE)."""
         if not bool(live.any()):
             return 0.0
-        rho = s[live] / s[0]
-        growth = 1.0 / min(self.alpha, 1.0)
-        return float(growth * EPS64 * torch.linalg.norm(1.0 / rho) / torch.linalg.norm(rho))
+        s, eta, moving, rel_err = s[live], eta[live], moving[live], rel_err[live]
+        moving = torch.where(rel_err >= 1, torch.maximum(moving, eta), moving)  # not even a sign is known
+        per_direction = s / eta * (moving / eta * rel_err).clamp_max(1.0)
+        return float(torch.linalg.norm(per_direction) / torch.linalg.norm(s / eta))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -48,8 +49,10 @@ def main() -> None:
                    "Inputs and OUT_DIR must be on storage every node sees.")
 @click.option("--threads", default=None, type=int,
               help="Local executor: units in flight at once (default 2).")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
 def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str,
-          cluster: str | None, threads: int | None) -> None:
+          cluster: str | None, threads: int | None, device: str | None) -> None:
     """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
@@ -70,7 +73,7 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, 
 
         executor = RayExecutor(address=None if cluster == "auto" else cluster, log=_say)
     else:
-        executor = LocalExecutor(threads=threads)
+        executor = LocalExecutor(device=device, threads=threads)
     report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
                        executor=executor, log=_say)
     _print_report(report)
@@ -177,7 +180,9 @@ def bench() -> None:
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per kernel (the median is shown).")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:1, ... ('auto': cuda when available).")
-def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str) -> None:
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the rows, with the machine, to this JSON file.")
+def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str, json_path: Path | None) -> None:
     """Time the calibration kernel on Llama-3-70B shapes: the paper's approach (float32 full SVD)
     against the float64 Gram path, with each one's error against a float64 full SVD.
 
@@ -195,10 +200,14 @@ def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str) -> None
     click.echo(f"calibration kernel, K={k}, scale 1/{scale}, median of {repeats}, on {machine_description(device)}")
     click.echo(f"{'matrix':<22}{'shape':>13}{'paper f32 (s)':>15}{'svd f64 (s)':>13}{'gram (s)':>10}"
                f"{'vs paper':>10}{'vs f64':>8}{'paper err':>11}{'gram err':>10}")
-    for row in bench_calibration(scale=scale, k=k, repeats=repeats, device=device):
+    rows = bench_calibration(scale=scale, k=k, repeats=repeats, device=device)
+    for row in rows:
         click.echo(f"{row['matrix']:<22}{row['shape']:>13}{row['paper_s']:>15.3f}{row['svd64_s']:>13.3f}"
                    f"{row['gram_s']:>10.3f}{row['speedup']:>9.1f}x{row['speedup_vs_svd64']:>7.1f}x"
                    f"{row['paper_err']:>11.1e}{row['gram_err']:>10.1e}")
+    if json_path:
+        json_path.write_text(json.dumps({"machine": machine_description(device), "k": k, "scale": scale,
+                                         "repeats": repeats, "rows": rows}, indent=1))
 
 
 @bench.command("merge")
@@ -232,6 +241,41 @@ def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: 
                      f"{r['dist-svc_wall_s'] / r['mergekit_wall_s']:>7.2f}x"
                      f"{r['dist-svc_peak_rss_mib'] / r['mergekit_peak_rss_mib']:>7.2f}x{str(r['same_output']):>12}")
         click.echo(line)
+
+
+@bench.command("throughput")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")
+@click.option("--hidden", default=4096, show_default=True, help="Hidden size (MLP size 3.5x of it).")
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when present).")
+@click.option("--threads", default=None, type=int, help="Units in flight at once (default 2).")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Measured rounds (the median is shown).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the result to this JSON file.")
+def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device: str | None, threads: int | None,
+                         calibrate: bool, repeats: int, json_path: Path | None) -> None:
+    """End to end: how many input bytes per second a merge consumes, against what the storage
+    delivers to a plain parallel reader of the same files, page cache emptied before each (as
+    root; otherwise both read from the page cache and the output says so).
+
+    \b
+    Example:
+      sudo dist-svc bench throughput /nvme/bench --device cuda --layers 8
+    """
+    from dist_svc.bench import bench_throughput
+
+    r = bench_throughput(workdir, layers=layers, hidden=hidden, intermediate=hidden * 7 // 2, k=k, device=device,
+                         threads=threads, calibrate=calibrate, repeats=repeats, log=_say)
+    cache = "storage (page cache emptied)" if r["cold_cache"] else "page cache (not root: could not empty it)"
+    click.echo(f"{r['params'] / 1e9:.2f}B parameters x {k + 1} checkpoints, {human_bytes(r['input_bytes'])} read "
+               f"from {cache}, on {r['machine']}, {r['threads']} threads, calibration "
+               f"{'on' if calibrate else 'off'}")
+    click.echo(f"  plain parallel read: {r['storage_read_gbps']:.2f} GB/s")
+    click.echo(f"  merge:               {r['merge_input_gbps']:.2f} GB/s of input = {100 * r['ratio']:.0f}% of it")
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=1))
 
 
 def _print_report(report) -> None:

@@ -19,6 +19,7 @@ Methods that are not element-wise (they need the whole tensor of every task) rea
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ class Worker:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # never round the Grams' inputs
+            _init_cuda_linalg(self.device)
         elif torch.get_num_threads() != CPU_INTRA_OP_THREADS:
             torch.set_num_threads(CPU_INTRA_OP_THREADS)  # process-wide: see CPU_INTRA_OP_THREADS
         config = job.config
@@ -218,6 +220,24 @@ class Worker:
         self.base.close()
         for m in self.models:
             m.close()
+
+
+_LINALG_READY: set[torch.device] = set()
+_LINALG_LOCK = threading.Lock()
+
+
+def _init_cuda_linalg(device: torch.device) -> None:
+    """Initialise torch's CUDA solvers once per process, before any worker thread needs them:
+    their lazy initialisation fails when two threads reach it at once ("lazy wrapper should be
+    called at most once")."""
+    with _LINALG_LOCK:
+        if device in _LINALG_READY:
+            return
+        a = torch.eye(2, dtype=torch.float64, device=device)
+        torch.linalg.eigh(a)
+        torch.linalg.svd(a)
+        torch.linalg.qr(a)
+        _LINALG_READY.add(device)
 
 
 def _flat_indices(shape: tuple[int, ...], block: _Block, device: torch.device) -> torch.Tensor:

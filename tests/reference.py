@@ -25,6 +25,9 @@ def svc_reference(wm: np.ndarray, taus: list[np.ndarray], alpha: float, side: st
         else:
             a_m = wm @ vt[r]
             a_tasks = [np.asarray(t, np.float64) @ vt[r] for t in taus]
+        if s[r] <= 1e-6 * s[0]:  # the null space (by definition): eta = 1
+            out += s[r] * np.outer(u[:, r], vt[r])
+            continue
         scores = [float(a_m @ a) / max(float(a @ a), 1e-12) for a in a_tasks]
         if target is None:
             eta = float(np.mean([max(x, alpha) for x in scores]))

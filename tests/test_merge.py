@@ -205,8 +205,9 @@ def test_every_method_with_calibration_equals_its_float64_reference(tmp_path, fa
 
 
 def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp_path):
-    """The worker's fallback: after pass 1 the Gram path finds a singular value 4e-6 of the
-    largest (too few digits in its Gram eigenvalue), so this matrix is recomputed by SVD."""
+    """The worker's fallback: after pass 1 the Gram path finds a direction of one task at 2e-6 of
+    the largest singular value (too few digits in its Gram eigenvalue), so this matrix is
+    recomputed by SVD."""
     from dist_svc.demo import write_hf_checkpoint
 
     rng = np.random.default_rng(3)
@@ -216,7 +217,7 @@ def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp
     write_hf_checkpoint(tmp_path / "base", base)
     fts = []
     for i in range(3):
-        tau = q_u @ np.diag([1.0, 2e-6 * (i + 1)]) @ q_v.T
+        tau = q_u @ np.diag([1.0, 6e-6 if i == 0 else 0.0]) @ q_v.T
         write_hf_checkpoint(tmp_path / f"ft-{i}", {"w": base["w"] + torch.from_numpy(tau), "g": base["g"] * (1 + i)})
         fts.append(tmp_path / f"ft-{i}")
     cfg = write_config(tmp_path / "m.yaml", tmp_path / "base", fts, dtype="float64")
