@@ -252,3 +252,60 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
             "cold_cache": cold, "device": executor.device, "threads": executor.threads, "calibrate": calibrate,
             "storage_read_gbps": read_bw / 1e9, "merge_input_gbps": merge_bw / 1e9, "ratio": merge_bw / read_bw,
             "machine": machine_description(executor.device)}
+
+
+def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, log=print) -> list[dict]:
+    """Read rate of one checkpoint stored three ways (safetensors, zarr, zarr + zstd), read as a
+    worker reads it: every tensor in row blocks of 8M elements, one thread, into torch tensors.
+    Page cache emptied before each read when this process may (else "warm" only)."""
+    import shutil
+    from pathlib import Path
+
+    from dist_svc.convert import convert
+    from dist_svc.demo import TinyLlama, make_family
+    from dist_svc.storage import open_checkpoint
+
+    workdir = Path(workdir).resolve()
+    arch = TinyLlama(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
+                     num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 512)
+    root = workdir / f"read-h{hidden}-{layers}l"
+    if not (root / "ft-1").is_dir():
+        log(f"generating {root} ...")
+        shutil.rmtree(root, ignore_errors=True)
+        make_family(root, k=1, arch=arch, dtype=torch.bfloat16, shards=2)
+    stores = {"safetensors": root / "ft-1", "zarr": root / "ft-1.zarr", "zarr+zstd": root / "ft-1-zstd.zarr"}
+    for label, compression in (("zarr", "none"), ("zarr+zstd", "zstd")):
+        if not stores[label].exists():
+            convert(stores["safetensors"], stores[label], compression=compression, progress="off")
+
+    def read_all(path) -> int:
+        ckpt = open_checkpoint(path)
+        total = 0
+        for name, info in ckpt.tensors.items():
+            rows = info.shape[0] if info.shape else 1
+            step = max(1, (1 << 23) // max(1, math.prod(info.shape[1:])))
+            for r0 in range(0, rows, step):
+                total += ckpt.read(name, rows=slice(r0, r0 + step) if info.shape else None).numel()
+        ckpt.close()
+        return total
+
+    rows = []
+    nbytes = sum(p.stat().st_size for p in stores["safetensors"].glob("*.safetensors"))
+    for label, path in stores.items():
+        on_disk = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+        for cache in ("cold", "warm"):
+            times = []
+            for _ in range(repeats):
+                if cache == "cold" and not drop_page_cache():
+                    break
+                if cache == "warm":
+                    read_all(path)
+                start = time.perf_counter()
+                read_all(path)
+                times.append(time.perf_counter() - start)
+            if times:
+                t = statistics.median(times)
+                rows.append({"format": label, "cache": cache, "seconds": t, "gbps": nbytes / t / 1e9,
+                             "bytes_on_disk": on_disk, "tensor_bytes": nbytes})
+                log(f"{label} {cache}: {nbytes / t / 1e9:.2f} GB/s")
+    return rows

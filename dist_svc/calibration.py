@@ -36,14 +36,20 @@ class Calibrated:
     singular_values: torch.Tensor  # S of Wm, descending, float64
     eta: torch.Tensor  # the divisor per singular direction, float64
     path: str = "svd"  # which implementation computed it: "svd", "gram" or "svd-fallback"
+    overlaps: torch.Tensor | None = None  # K x r: s_ri, the copies of task i's projection in direction r
 
     def summary(self) -> dict:
-        return calibration_summary(self.singular_values, self.eta, self.path)
+        return calibration_summary(self.singular_values, self.eta, self.path, self.overlaps)
 
 
-def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: str, top: int = 8) -> dict:
-    """Small, JSON-able facts for the manifest and the CLI: the top singular values of the base
-    method's delta before and after calibration, and the range of eta over live directions."""
+SUMMARY_TOP = 16
+
+
+def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: str,
+                        overlaps: torch.Tensor | None = None, top: int = SUMMARY_TOP) -> dict:
+    """Small, JSON-able facts for the manifest and `dist-svc inspect`: the top singular values of
+    the base method's delta before and after calibration, the overlap coefficients s_ri of the top
+    directions (one list per direction, one value per task), and eta's range over live directions."""
     s = singular_values.double().cpu()
     eta = eta.double().cpu()
     after = s / eta
@@ -57,6 +63,8 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
         "eta_max": float(eta_live.max()) if eta_live.numel() else 1.0,
         "eta_min": float(eta_live.min()) if eta_live.numel() else 1.0,
         "eta_mean": float(eta_live.mean()) if eta_live.numel() else 1.0,
+        "overlaps": [] if overlaps is None else
+        [[round(float(x), 6) for x in col] for col in overlaps.double().cpu()[:, :top].T],
     }
 
 
@@ -94,12 +102,14 @@ def calibrate_singular_values(
 
     eta_sum = torch.zeros_like(s)
     k = 0
+    overlaps = []
     for i, tau in enumerate(task_deltas):
         if tuple(tau.shape) != tuple(merged.shape):
             raise ValueError(f"task vector {i} has shape {tuple(tau.shape)}, merged delta {tuple(merged.shape)}")
         tau = tau.to(dtype)
         a_task = u.T @ tau if side == "column" else (tau @ vh.T).T
         overlap = (a_merged * a_task).sum(dim=1) / (a_task * a_task).sum(dim=1).clamp_min(EPS_PROJ)
+        overlaps.append(overlap)
         if target is None:
             eta_sum += overlap.clamp_min(alpha)
         elif i == target:
@@ -112,7 +122,7 @@ def calibrate_singular_values(
     eta = eta_sum / k if target is None else eta_sum
     eta = torch.where(_live(s), eta, torch.ones_like(eta))  # the null space is left as it is
     delta = (u * (s / eta)) @ vh
-    return Calibrated(delta=delta, singular_values=s, eta=eta, path="svd")
+    return Calibrated(delta=delta, singular_values=s, eta=eta, path="svd", overlaps=torch.stack(overlaps))
 
 
 # The null space, by definition (both implementations): singular directions with
@@ -186,6 +196,7 @@ class GramCalibration:
         rel_err = EPS64 / torch.where(live, s / s_max, torch.ones_like(s)).square() if s_max > 0 else s
         eta_sum = torch.zeros_like(s)
         moving = torch.zeros_like(s)  # sum over unclamped i of s_ri: how much eta follows the s_ri
+        overlaps = []
         for i in range(self.k):
             if self.side == "column":
                 x = self.cross[i].T @ v  # column r: x_ri = tau_i^T Wm v_r
@@ -195,6 +206,7 @@ class GramCalibration:
                 num = (v * (self.cross[i] @ v)).sum(dim=0)
                 den = (v * (self.task_grams[i] @ v)).sum(dim=0)
             overlap = num / den.clamp_min(EPS_PROJ)
+            overlaps.append(torch.where(live, overlap, torch.zeros_like(overlap)))
             unclamped = overlap.abs() * (1 + rel_err) > self.alpha
             if self.target is None:
                 eta_sum += overlap.clamp_min(self.alpha)
@@ -207,7 +219,8 @@ class GramCalibration:
         projector = (v / eta) @ v.T
         trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, eta, moving / count, rel_err, live) \
             <= GRAM_TOLERANCE
-        return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted)
+        return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted,
+                            overlaps=torch.stack(overlaps) if overlaps else None)
 
 
     @staticmethod
@@ -227,6 +240,7 @@ class GramSolution:
     singular_values: torch.Tensor
     eta: torch.Tensor
     trusted: bool
+    overlaps: torch.Tensor | None = None  # K x n
 
     def apply(self, merged_rows: torch.Tensor) -> torch.Tensor:
         return merged_rows.to(torch.float64) @ self.projector
@@ -265,6 +279,7 @@ def calibrate_gram(
     solution = cal.solve()
     if not solution.trusted:
         fallback = calibrate_singular_values(merged, task_deltas, alpha, side, target)
-        return Calibrated(fallback.delta, fallback.singular_values, fallback.eta, path="svd-fallback")
+        return Calibrated(fallback.delta, fallback.singular_values, fallback.eta, "svd-fallback", fallback.overlaps)
     delta = solution.apply(wm)
-    return Calibrated(delta.T if transpose else delta, solution.singular_values, solution.eta, path="gram")
+    return Calibrated(delta.T if transpose else delta, solution.singular_values, solution.eta, "gram",
+                      solution.overlaps)

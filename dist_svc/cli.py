@@ -51,8 +51,15 @@ def main() -> None:
               help="Local executor: units in flight at once (default 2).")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
+@click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
+              help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
+                   "OUT_DIR ends in .zarr.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
+                   "nothing is merged or written.")
 def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str,
-          cluster: str | None, threads: int | None, device: str | None) -> None:
+          cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
+          dry_run: bool) -> None:
     """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
@@ -64,9 +71,15 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, 
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged
       dist-svc merge mergekit.yaml ./merged --no-calibrate --shard-size 2GB
       dist-svc merge configs/llama3-70b-ta-svc.yaml /shared/merged --cluster auto
+      dist-svc merge configs/zarr-ta-svc.yaml ./merged.zarr      # a zarr v3 store
+      dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
     from dist_svc.driver import merge as run_merge
     from dist_svc.executors import LocalExecutor
+
+    if dry_run:
+        _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads)
+        return
 
     if cluster is not None:
         from dist_svc.executors.ray_cluster import RayExecutor
@@ -75,7 +88,7 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, 
     else:
         executor = LocalExecutor(device=device, threads=threads)
     report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
-                       executor=executor, log=_say)
+                       executor=executor, output_format=output_format, log=_say)
     _print_report(report)
 
 
@@ -98,7 +111,8 @@ def status(out_dir: Path) -> None:
     click.echo(f"  tensors {info['units_done']}/{info['units_total']}")
     click.echo(f"  bytes   {info['bytes_done']}/{info['bytes_total']} "
                f"({human_bytes(info['bytes_done'])} of {human_bytes(info['bytes_total'])}, {pct:.1f}%)")
-    click.echo(f"  shards  {info['shards_done']}/{info['shards_total']} written")
+    if info.get("format") != "zarr":
+        click.echo(f"  shards  {info['shards_done']}/{info['shards_total']} written")
 
 
 @main.command()
@@ -124,6 +138,69 @@ def verify(out_dir: Path) -> None:
         sys.exit(1)
     click.echo(f"{out_dir}: {info['shards_done']}/{info['shards_total']} shard(s) verified, "
                f"{info['units_done']} tensors match their checksums ({info['state']}).")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tensors", "patterns", multiple=True, metavar="PATTERN",
+              help="Plot the spectra of these matrices (fnmatch, repeatable), e.g. '*layers.3.*'. "
+                   "Default: where over-accumulation was strongest.")
+@click.option("--top", default=6, show_default=True, help="How many matrices to plot and list.")
+@click.option("--out", "prefix", type=click.Path(path_type=Path), default=None,
+              help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
+def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
+    """Show what calibration did to the merge in OUT_DIR (finished or in progress): per matrix,
+    the top singular values of the base method's delta before and after calibration, and the
+    overlap coefficients s_ri (copies of task i in direction r). Writes a PNG (a heat map of
+    over-accumulation per layer and module, and the spectra of chosen matrices) and the table as
+    JSON and CSV. Nothing in OUT_DIR is changed.
+
+    \b
+    Example:
+      dist-svc inspect ./merged
+      dist-svc inspect ./merged --tensors '*layers.10.*' --out reports/llama-ta-svc
+    """
+    from dist_svc.inspect import inspect as run_inspect
+
+    prefix = prefix or Path(f"{out_dir.resolve().name}-spectra")
+    result = run_inspect(out_dir, prefix, patterns, top)
+    click.echo(f"{result['count']} calibrated matrices. Strongest over-accumulation "
+               f"(top singular value before -> after calibration):")
+    for r in result["strongest"]:
+        overlap = ", ".join(f"{x:.2f}" for x in r["overlaps"][0]) if r["overlaps"] else "-"
+        click.echo(f"  {r['tensor']:<48} {r['sigma_before'][0]:.4g} -> {r['sigma_after'][0]:.4g} "
+                   f"({r['top_ratio']:.2f}x; s_1i = {overlap})")
+    click.echo("wrote " + ", ".join(str(p) for p in result["paths"].values()))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "zarr"]), default=None,
+              help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
+@click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+              help="zarr output: compress chunks with zstd.")
+@click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
+              help="safetensors output: largest shard, e.g. 5GB.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
+def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str) -> None:
+    """Convert checkpoint SRC (safetensors directory or zarr store) into DST, the other layout.
+    Every tensor is read back and checked after writing; DST appears only when complete, and an
+    existing DST is never overwritten. Config and tokenizer files are copied along.
+
+    \b
+    Example:
+      dist-svc convert ./llama-ft1 ./llama-ft1.zarr
+      dist-svc convert ./llama-ft1 ./llama-ft1.zarr --compression zstd
+      dist-svc convert ./merged.zarr ./merged-hf
+    """
+    from dist_svc.convert import convert as run_convert
+    from dist_svc.plan import parse_size
+
+    result = run_convert(src, dst, fmt=fmt, compression=compression, shard_size=parse_size(shard_size),
+                         progress=progress)
+    click.echo(f"{dst}: {result['tensors']} tensors, {human_bytes(result['bytes'])}, {result['format']}; "
+               f"every tensor read back and verified.")
 
 
 @main.command()
@@ -276,6 +353,49 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
     click.echo(f"  merge:               {r['merge_input_gbps']:.2f} GB/s of input = {100 * r['ratio']:.0f}% of it")
     if json_path:
         json_path.write_text(json.dumps(r, indent=1))
+
+
+@bench.command("read")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--hidden", default=4096, show_default=True, help="Hidden size of the generated model.")
+@click.option("--layers", default=2, show_default=True, help="Decoder layers of the generated model.")
+@click.option("--repeats", default=3, show_default=True, help="Timed reads per format (the median is shown).")
+def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> None:
+    """Read rate of one bf16 checkpoint as safetensors, zarr and zarr+zstd, read the way a worker
+    reads (row blocks, one thread), from storage (page cache emptied, as root) and from memory.
+
+    \b
+    Example:
+      sudo dist-svc bench read ./bench-out
+    """
+    from dist_svc.bench import bench_read
+
+    rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say)
+    click.echo(f"{'format':<13}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
+    for r in rows:
+        click.echo(f"{r['format']:<13}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
+
+
+def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads) -> None:
+    from dist_svc.driver import dry_run
+    from dist_svc.executors.local import DEFAULT_THREADS
+
+    workers = threads or DEFAULT_THREADS
+    plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
+                                  output_format=output_format, device=device, workers=workers)
+    click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")
+    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints "
+               f"(probed here at {human_bytes(est.read_rate)}/s)")
+    click.echo(f"  write       {human_bytes(est.write_bytes)}")
+    click.echo(f"  compute     {est.gram_flops / 1e12:.1f} TFLOP float64 for calibration "
+               f"(probed here at {est.flop_rate / 1e9:.1f} GFLOP/s per worker)")
+    click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} per worker at most, {workers} worker(s)")
+    click.echo(f"  time        about {human_seconds(est.seconds)} ({est.seconds:.1f} s) on this machine with {workers} worker(s)")
+    if existing is None:
+        click.echo(f"  {out_dir}: a new merge")
+    else:
+        click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
+                   f"tensors done")
 
 
 def _print_report(report) -> None:

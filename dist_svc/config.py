@@ -7,6 +7,7 @@ the field and says what to write instead. Field names follow mergekit so that a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,9 @@ _UNSUPPORTED_TOP = {
 }
 _KNOWN_TOP = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "calibrate",
-    "tokenizer_source", "name",
+    "tokenizer_source", "name", "output",
 }
+OUTPUT_FORMATS = ("safetensors", "zarr")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,15 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """How the merged model is stored: Hugging Face safetensors shards, or a zarr v3 store
+    (`compression: zstd` or none)."""
+
+    format: str = "safetensors"
+    compression: str = "none"
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
     base_model: Path
@@ -74,6 +85,7 @@ class MergeConfig:
     dtype: str = "float32"
     out_dtype: str | None = None
     calibration: CalibrationSpec = CalibrationSpec()
+    output: OutputSpec = OutputSpec()
     source: str = "<config>"
 
     @property
@@ -83,15 +95,12 @@ class MergeConfig:
     def with_calibration(self, enabled: bool | None) -> "MergeConfig":
         if enabled is None or enabled == self.calibration.enabled:
             return self
-        cal = CalibrationSpec(
-            enabled=enabled, alpha=self.calibration.alpha, side=self.calibration.side,
-            target=self.calibration.target, skip=self.calibration.skip,
-        )
-        return MergeConfig(
-            merge_method=self.merge_method, base_model=self.base_model, models=self.models,
-            parameters=self.parameters, dtype=self.dtype, out_dtype=self.out_dtype,
-            calibration=cal, source=self.source,
-        )
+        return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, enabled=enabled))
+
+    def with_output_format(self, fmt: str | None) -> "MergeConfig":
+        if fmt is None or fmt == self.output.format:
+            return self
+        return dataclasses.replace(self, output=dataclasses.replace(self.output, format=fmt))
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """What determines the output bytes, in a stable JSON-able form (no source path)."""
@@ -109,6 +118,7 @@ class MergeConfig:
                 "target": self.calibration.target,
                 "skip": list(self.calibration.skip),
             },
+            "output": {"format": self.output.format, "compression": self.output.compression},
         }
 
 
@@ -215,8 +225,30 @@ def parse_config(raw: Any, source: str = "<config>") -> MergeConfig:
         calibration = calibration.with_alpha(1.0)
     return MergeConfig(
         merge_method=method_name, base_model=base_path, models=tuple(models), parameters=parameters,
-        dtype=dtype, out_dtype=out_dtype, calibration=calibration, source=source,
+        dtype=dtype, out_dtype=out_dtype, calibration=calibration, output=_output(raw.get("output"), fail),
+        source=source,
     )
+
+
+def _output(raw: Any, fail) -> OutputSpec:
+    if raw is None:
+        return OutputSpec()
+    if isinstance(raw, str):
+        raw = {"format": raw}
+    if not isinstance(raw, dict):
+        raise fail("output", "expected a mapping such as {format: zarr, compression: zstd}.")
+    for key in raw:
+        if key not in ("format", "compression"):
+            raise fail(f"output.{key}", "unknown option. Options: compression, format.")
+    fmt = raw.get("format", "safetensors")
+    if fmt not in OUTPUT_FORMATS:
+        raise fail("output.format", f"'{fmt}' is not one of: {', '.join(OUTPUT_FORMATS)}.")
+    compression = raw.get("compression", "none")
+    if compression not in ("none", "zstd"):
+        raise fail("output.compression", f"'{compression}' is not one of: none, zstd.")
+    if compression != "none" and fmt != "zarr":
+        raise fail("output.compression", "only zarr output is compressed; safetensors files are not.")
+    return OutputSpec(fmt, compression)
 
 
 def _calibration(raw: Any, k: int, fail) -> CalibrationSpec:

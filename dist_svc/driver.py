@@ -25,6 +25,7 @@ from dist_svc.storage.safetensors_reader import INDEX_NAME
 from dist_svc.storage.hf_output import (
     copy_side_files, create_partial, partial_path, range_sha256, seal_shard, sync_file, write_index,
 )
+from dist_svc.storage.zarr_store import array_sha256, create_array, create_group, is_zarr
 from dist_svc.worker import Job, UnitResult
 
 MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giving up
@@ -43,13 +44,19 @@ class MergeReport:
 
 def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
           shard_size: str | int = DEFAULT_SHARD_BYTES, executor=None, progress: str = "auto",
-          log: Callable[[str], None] = lambda line: None) -> MergeReport:
-    """Merge into `out_dir` (HF safetensors layout), resuming whatever an earlier run finished."""
+          output_format: str | None = None, log: Callable[[str], None] = lambda line: None) -> MergeReport:
+    """Merge into `out_dir`, resuming whatever an earlier run finished. The output is HF
+    safetensors shards, or a zarr v3 store when `output_format` (else the config's `output:`,
+    else an `out_dir` ending in .zarr) says so."""
     start = time.perf_counter()
     if isinstance(config, (str, Path)):
         config = load_config(config, calibrate)
     else:
         config = config.with_calibration(calibrate)
+    if output_format is None and config.output == type(config.output)() and is_zarr(out_dir):
+        output_format = "zarr"
+    config = config.with_output_format(output_format)
+    zarr_out = config.output.format == "zarr"
     out_dir = Path(out_dir).expanduser().resolve()
     executor = executor or LocalExecutor()
 
@@ -62,7 +69,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         f"calibration {'on' if config.calibration.enabled else 'off'}")
 
     existing = Manifest.check(out_dir, plan)  # refusals first, before anything is written
-    if existing is not None and existing.complete and _shards_present(out_dir, existing):
+    if existing is not None and existing.complete and _output_present(out_dir, existing, zarr_out):
         return _report(out_dir, plan, existing, 0, True, start)
     connect = getattr(executor, "connect", None)
     if connect is not None:  # a cluster that cannot be reached is refused before anything is written too
@@ -71,11 +78,14 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     with _exclusive(out_dir):
         manifest = Manifest.open_for(out_dir, plan)
         if manifest.complete:
-            if _shards_present(out_dir, manifest):  # finished by a run that held the lock meanwhile
+            if _output_present(out_dir, manifest, zarr_out):  # finished by a run that held the lock meanwhile
                 return _report(out_dir, plan, manifest, 0, True, start)
             manifest.data["complete"] = False  # a shard was deleted: merge its tensors again
-        _recover_shards(out_dir, plan, manifest)
-        job = Job(config, tuple(partial_path(out_dir, s) for s in plan.shards))
+        if zarr_out:
+            _prepare_zarr(out_dir, plan, manifest, config.output.compression)
+        else:
+            _recover_shards(out_dir, plan, manifest)
+        job = Job(config, out_dir, tuple(partial_path(out_dir, s) for s in plan.shards))
         p = manifest.progress()
         bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
         units_run = 0
@@ -83,7 +93,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         # sealing; units recorded by an earlier run are verified before their shard is sealed.
         fresh: set[str] = set()
         trust_fresh = getattr(executor, "results_verified", False)
-        driver_syncs = getattr(executor, "driver_syncs", False)
+        driver_syncs = getattr(executor, "driver_syncs", False) and not zarr_out  # zarr writers sync themselves
         unsynced: set[int] = set()  # shards written to since the manifest was last saved
 
         def sync_shards() -> None:
@@ -117,24 +127,57 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                                     {"seconds": round(result.seconds, 4), "calibration": result.calibration})
                     units_run += 1
                     bar.advance(unit["nbytes"])
-                    _seal_if_complete(out_dir, plan, manifest, unit["shard"], fresh)
+                    if not zarr_out:
+                        _seal_if_complete(out_dir, plan, manifest, unit["shard"], fresh)
 
                 try:
                     executor.run(job, pending, on_result)
                 finally:
                     manifest.flush()  # keep what finished, whatever stopped the run
-                for k in range(len(plan.shards)):
+                for k in range(len(plan.shards) if not zarr_out else 0):
                     _seal_if_complete(out_dir, plan, manifest, k, fresh)
         finally:
             bar.close()
 
-        dtypes = {name: u["dtype"] for name, u in manifest.units.items()}
-        shapes = {name: tuple(u["shape"]) for name, u in manifest.units.items()}
-        write_index(out_dir, list(plan.shards), dtypes, shapes)
+        if not zarr_out:
+            dtypes = {name: u["dtype"] for name, u in manifest.units.items()}
+            shapes = {name: tuple(u["shape"]) for name, u in manifest.units.items()}
+            write_index(out_dir, list(plan.shards), dtypes, shapes)
         copy_side_files(config.base_model, out_dir, config.out_dtype)
         manifest.mark_complete()
         (out_dir / LOCK_NAME).unlink(missing_ok=True)
         return _report(out_dir, plan, manifest, units_run, False, start)
+
+
+def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
+            shard_size: str | int = DEFAULT_SHARD_BYTES, output_format: str | None = None,
+            device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
+    """The plan, its estimate (dist_svc.estimate) and what `out_dir` holds of it already (its
+    progress, or None for a fresh start), without merging or writing anything."""
+    from dist_svc.estimate import estimate
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config, calibrate)
+    else:
+        config = config.with_calibration(calibrate)
+    if output_format is None and config.output == type(config.output)() and is_zarr(out_dir):
+        output_format = "zarr"
+    config = config.with_output_format(output_format)
+    out_dir = Path(out_dir).expanduser().resolve()
+    base, models = open_inputs(config)
+    try:
+        plan = build_plan(config, base, models, parse_size(shard_size))
+        existing = Manifest.check(out_dir, plan)  # refuses what a real run would refuse
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        est = estimate(config, plan, base, models, device, workers)
+    finally:
+        base.close()
+        for m in models:
+            m.close()
+    return plan, est, existing.progress() if existing is not None else None
 
 
 def status(out_dir: str | Path) -> dict:
@@ -142,6 +185,7 @@ def status(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir).expanduser().resolve()
     manifest = Manifest.load(out_dir)
     info = manifest.progress()
+    info["format"] = "zarr" if _is_zarr_output(manifest) else "safetensors"
     if manifest.complete:
         info["state"] = "complete"
     else:
@@ -156,6 +200,12 @@ def verify(out_dir: str | Path) -> list[str]:
     out_dir = Path(out_dir).expanduser().resolve()
     manifest = Manifest.load(out_dir)
     problems = []
+    if _is_zarr_output(manifest):
+        for name, unit in manifest.units.items():
+            if unit["done"] and array_sha256(out_dir, name) != unit["sha256"]:
+                problems.append(f"{out_dir / name}: tensor '{name}' does not match its checksum "
+                                f"(corrupted, truncated or missing chunks)")
+        return problems
     for k, shard in enumerate(manifest.shards):
         path = out_dir / shard["file"]
         if not shard["done"]:
@@ -180,6 +230,29 @@ def verify(out_dir: str | Path) -> list[str]:
                 if index.get(name) != manifest.shards[unit["shard"]]["file"]:
                     problems.append(f"{out_dir / INDEX_NAME}: tensor '{name}' is not mapped to its shard")
     return problems
+
+
+def _is_zarr_output(manifest: Manifest) -> bool:
+    return manifest.data["settings"]["config"].get("output", {}).get("format") == "zarr"
+
+
+def _output_present(out_dir: Path, manifest: Manifest, zarr_out: bool) -> bool:
+    if zarr_out:
+        return (out_dir / "zarr.json").is_file() and all((out_dir / n / "zarr.json").is_file() for n in manifest.units)
+    return _shards_present(out_dir, manifest)
+
+
+def _prepare_zarr(out_dir: Path, plan: Plan, manifest: Manifest, compression: str) -> None:
+    """The store's group and every array's metadata, before any worker writes; on a resume,
+    the bytes of each unit an earlier run finished are checked, and a unit that does not match
+    (a lost or corrupted chunk) is run again."""
+    create_group(out_dir, [u.name for u in plan.units])
+    for unit in plan.units:
+        create_array(out_dir, unit.name, unit.shape, unit.out_dtype, compression)
+    bad = [u.name for u in plan.units if manifest.units[u.name]["done"]
+           and array_sha256(out_dir, u.name) != manifest.units[u.name]["sha256"]]
+    if bad:
+        manifest.reset(bad)
 
 
 def _shards_present(out_dir: Path, manifest: Manifest) -> bool:

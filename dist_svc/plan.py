@@ -15,6 +15,7 @@ from dist_svc.calibration import should_calibrate
 from dist_svc.config import MergeConfig
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.hf_output import Placement, ShardLayout, layout_shards
+from dist_svc.storage import open_checkpoint
 from dist_svc.storage.safetensors_reader import NAME_TO_ST, SafetensorsCheckpoint
 
 PLAN_FORMAT = 1
@@ -55,15 +56,16 @@ class Plan:
 
 
 def open_inputs(config: MergeConfig) -> tuple[SafetensorsCheckpoint, list[SafetensorsCheckpoint]]:
-    base = SafetensorsCheckpoint(config.base_model)
-    models = [SafetensorsCheckpoint(m.path) for m in config.models]
+    """The base and the models, each a safetensors checkpoint or a zarr store (mixing is fine)."""
+    base = open_checkpoint(config.base_model)
+    models = [open_checkpoint(m.path) for m in config.models]
     return base, models
 
 
 def build_plan(config: MergeConfig, base: SafetensorsCheckpoint, models: list[SafetensorsCheckpoint],
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
     _check_compatible(base, models)
-    order = _base_order(base)
+    order = base.order()  # the base's own order: output shards group like the input's
     out_dtype = NAME_TO_ST[config.out_dtype] if config.out_dtype else None
     entries = [(name, out_dtype or base.tensors[name].dtype, base.tensors[name].shape) for name in order]
     shards, placements = layout_shards(entries, max_shard_bytes)
@@ -97,19 +99,6 @@ def _check_compatible(base: SafetensorsCheckpoint, models: list[SafetensorsCheck
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
             raise DistSvcError(f"{model.path} has tensor '{extra[0]}'{more} that the base ({base.path}) lacks; "
                                f"a fine-tune must have exactly the base's tensors.")
-
-
-def _base_order(base: SafetensorsCheckpoint) -> list[str]:
-    """The base's own order (file by file, then by name): output shards then group like the input's."""
-    return sorted(base.tensors, key=lambda n: (base.files.index(base.tensors[n].file), _natural_key(n)))
-
-
-def _natural_key(name: str) -> list:
-    # "layers.10" after "layers.9", so layers stay together and in order across shards.
-    parts = []
-    for piece in name.replace(".", " . ").split():
-        parts.append((0, int(piece), "") if piece.isdigit() else (1, 0, piece))
-    return parts
 
 
 def parse_size(text: str | int) -> int:

@@ -33,7 +33,9 @@ from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, ModelParams, Where
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.storage.hf_output import TensorWriter
+from dist_svc.storage.hf_output import range_sha256
 from dist_svc.storage.safetensors_reader import DTYPES, SafetensorsCheckpoint
+from dist_svc.storage.zarr_store import ZarrTensorWriter, array_sha256
 
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
 # On a CPU, a matrix product's rounding depends on how many threads share it. Every worker
@@ -49,7 +51,24 @@ class Job:
     """What every worker of one merge needs to know (small and picklable)."""
 
     config: MergeConfig
-    shard_paths: tuple[Path, ...]  # the .partial file of each output shard
+    out_dir: Path
+    shard_paths: tuple[Path, ...]  # the .partial file of each output shard (safetensors output)
+
+    @property
+    def zarr(self) -> bool:
+        return self.config.output.format == "zarr"
+
+    def writer(self, unit: Unit, sync: bool):
+        """Where a unit's bytes go: its place in a shard, or its own zarr array."""
+        if self.zarr:
+            return ZarrTensorWriter(self.out_dir, unit.name, unit.shape, unit.out_dtype, sync=True)
+        return TensorWriter(self.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes, sync)
+
+    def stored_sha256(self, unit: Unit) -> str | None:
+        """sha256 of a unit's bytes as they are on storage now."""
+        if self.zarr:
+            return array_sha256(self.out_dir, unit.name)
+        return range_sha256(self.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes)
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class Worker:
 
     def run(self, unit: Unit) -> UnitResult:
         start = time.perf_counter()
-        writer = TensorWriter(self.job.shard_paths[unit.place.shard], unit.place.offset, unit.nbytes, self.sync)
+        writer = self.job.writer(unit, self.sync)
         try:
             if not self.method.elementwise:
                 stats = self._whole(unit, writer)
@@ -151,7 +170,7 @@ class Worker:
                 writer.write(_as_bytes(result))
         if transposed:
             writer.write(_as_bytes(out))
-        return calibration_summary(solution.singular_values, solution.eta, "gram")
+        return calibration_summary(solution.singular_values, solution.eta, "gram", solution.overlaps)
 
     def _svd_fallback(self, unit: Unit, writer: TensorWriter) -> dict:
         cal = self.job.config.calibration
@@ -160,7 +179,7 @@ class Worker:
         merged = self._merge(unit, whole, taus)
         result = calibrate_singular_values(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
         writer.write(_as_bytes(self._finish(base, result.delta, unit)))
-        return calibration_summary(result.singular_values, result.eta, "svd-fallback")
+        return calibration_summary(result.singular_values, result.eta, "svd-fallback", result.overlaps)
 
     def _whole(self, unit: Unit, writer: TensorWriter) -> dict | None:
         """Methods that need whole tensors (every task at once)."""
@@ -187,6 +206,9 @@ class Worker:
         length = unit.shape[1] if transposed else unit.shape[0]
         per_index = math.prod(unit.shape) // max(length, 1)
         step = max(1, self.block_elements // max(per_index, 1))
+        # Whole chunks of the inputs stored in chunks (zarr): each is then read once.
+        extent = max(c.chunk_extent(unit.name, 1 if transposed else 0) for c in (self.base, *self.models))
+        step = max(extent, step // extent * extent)
         return [_Block(i, min(i + step, length), transposed) for i in range(0, length, step)] or [_Block(0, 0, transposed)]
 
     def _inputs(self, name: str, block: _Block) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -74,7 +74,9 @@ def merge_reference(base_dir: Path, ft_dirs: list[Path], weights: list[float], l
 
 
 def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
-    """The merged checkpoint through its index, exactly as stored."""
+    """The merged checkpoint through its index (or its single model.safetensors), exactly as stored."""
+    if not (Path(out_dir) / "model.safetensors.index.json").exists():
+        return load_file(str(Path(out_dir) / "model.safetensors"))
     index = json.loads((Path(out_dir) / "model.safetensors.index.json").read_text())
     out = {}
     for fname in sorted(set(index["weight_map"].values())):

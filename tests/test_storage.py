@@ -43,7 +43,7 @@ def test_a_single_file_checkpoint_reads_like_safetensors_does(tmp_path):
 
 _PEAK_OF_READS = """
 import re, sys
-from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
+from dist_svc.storage import open_checkpoint
 
 def peak_growth(read):
     # Reset the kernel's high-water mark of resident memory, read, and see how far it rose.
@@ -54,26 +54,40 @@ def peak_growth(read):
     result = read()
     return status("VmHWM") - before, result
 
-ckpt = SafetensorsCheckpoint(sys.argv[1])
+ckpt = open_checkpoint(sys.argv[1])
 rows_grew, rows = peak_growth(lambda: ckpt.read("big", rows=slice(1000, 2024)))
 cols_grew, cols = peak_growth(lambda: ckpt.read("big", cols=slice(0, 64)))
 print(rows_grew, cols_grew, float(rows.sum()), float(cols.sum()))
 """
 
 
-def test_reading_slices_of_a_large_tensor_costs_memory_for_the_slice_not_the_tensor(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_reading_slices_of_a_large_tensor_costs_memory_for_the_slice_not_the_tensor(tmp_path, fmt):
     """A 256 MiB tensor on disk; a 16 MiB row slice and a 4 MiB column slice, each read in a
     process whose peak resident memory is measured around the read (Linux VmHWM, reset first)."""
     import subprocess
     import sys
 
+    from dist_svc.convert import convert
+
     rows, cols = 16384, 4096  # float32: 256 MiB
     save_file({"big": torch.ones(rows, cols)}, str(tmp_path / "model.safetensors"))
-    out = subprocess.run([sys.executable, "-c", _PEAK_OF_READS, str(tmp_path)],
+    path = tmp_path
+    if fmt == "zarr":
+        path = tmp_path / "big.zarr"
+        convert(tmp_path, path, progress="off")  # tiles of 2048 x 2048 float32: 16 MiB each
+    out = subprocess.run([sys.executable, "-c", _PEAK_OF_READS, str(path)],
                          capture_output=True, text=True, check=True).stdout.split()
     rows_grew, cols_grew = int(out[0]), int(out[1])
     assert float(out[2]) == 1024 * 4096 and float(out[3]) == rows * 64
     mib = 2**20
+    if fmt == "zarr":
+        # Rows 1000..2024 lie in the two tiles of rows 0..2047: the slice, plus those tiles.
+        assert rows_grew < (16 + 2 * 16 + 8) * mib, f"row read: peak grew {rows_grew / mib:.0f} MiB"
+        # Columns 0..63 lie in 8 tiles, decoded CONCURRENCY (4) at a time, each held as read and
+        # as decoded: 4 + 4 * 2 * 16 MiB at most (88 MiB measured), never the whole tensor.
+        assert cols_grew < (4 + 4 * 2 * 16 + 16) * mib, f"column read: peak grew {cols_grew / mib:.0f} MiB"
+        return
     # Rows: the slice itself (preadv into its buffer), plus allocator slack.
     assert rows_grew < (16 + 8) * mib, f"row read: peak grew {rows_grew / mib:.0f} MiB"
     # Columns: the 4 MiB result plus one 32 MiB mapping window at a time (MAP_WINDOW).

@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
 from dist_svc.plan import Unit
-from dist_svc.storage.hf_output import range_sha256
 from dist_svc.worker import Job, UnitResult, Worker
 
 NAMESPACE = "dist-svc"
@@ -197,5 +196,4 @@ class RayExecutor:
     @staticmethod
     def _verify(job: Job, unit: Unit, result: UnitResult) -> bool:
         """The bytes on shared storage are the ones the actor hashed."""
-        path = job.shard_paths[unit.place.shard]
-        return range_sha256(path, unit.place.offset, unit.nbytes) == result.sha256
+        return job.stored_sha256(unit) == result.sha256
