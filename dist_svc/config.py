@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ OUTPUT_FORMATS = ("safetensors", "zarr")
 @dataclass(frozen=True)
 class ModelSpec:
     path: Path
-    weight: float = 1.0
-    density: float = 1.0  # TIES/DARE: the fraction of each task vector kept
+    weight: Any = 1.0  # a number, or a setting: a gradient [a, b, ...] or filtered values (see resolve)
+    density: Any = 1.0  # TIES/DARE: the fraction of each task vector kept
+    # The model's own settings as written (highest precedence), for per-tensor resolution.
+    own: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,41 @@ class MergeConfig:
             return self
         return dataclasses.replace(self, output=dataclasses.replace(self.output, format=fmt))
 
+    def resolved(self, tensor: str, t: float) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+        """The method's parameters and each model's (weight, density) for one tensor at layer
+        position t in [0, 1], resolving gradients and filters as mergekit does: a model's own
+        setting first, then `parameters:`; a filtered list whose filters all miss falls through
+        to the next; then the default."""
+        method = METHODS[self.merge_method]
+        params = {}
+        for name, spec in method.parameters.items():
+            value = resolve(self.parameters.get(name), tensor, t)
+            params[name] = spec.default if value is None else (
+                spec.kind(value) if spec.kind is not float else float(value))
+        models = []
+        for m in self.models:
+            values = []
+            for pname in ("weight", "density"):
+                value = resolve(m.own.get(pname), tensor, t)
+                if value is None:
+                    value = resolve(self.parameters.get(pname), tensor, t)
+                values.append(float(value) if value is not None else 1.0)
+            models.append((values[0], values[1]))
+        return params, models
+
+    @property
+    def has_settings(self) -> bool:
+        """True when some parameter varies by tensor (a gradient or a filter)."""
+        return any(not isinstance(v, (int, float, bool)) for v in self.parameters.values()) or any(
+            not isinstance(v, (int, float)) for m in self.models for v in m.own.values())
+
     def fingerprint_dict(self) -> dict[str, Any]:
         """What determines the output bytes, in a stable JSON-able form (no source path)."""
         return {
             "merge_method": self.merge_method,
             "base_model": str(self.base_model),
-            "models": [{"model": str(m.path), "weight": m.weight, "density": m.density} for m in self.models],
+            "models": [{"model": str(m.path), "weight": m.weight, "density": m.density,
+                        **({"parameters": m.own} if self.has_settings else {})} for m in self.models],
             "parameters": dict(sorted(self.parameters.items())),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
@@ -173,11 +205,12 @@ def parse_config(raw: Any, source: str = "<config>") -> MergeConfig:
     model_param_names = method.model_parameters
     parameters: dict[str, Any] = {}
     for pname, spec in method.parameters.items():
-        parameters[pname] = _param(params_raw.get(pname, spec.default), spec, f"parameters.{pname}", fail)
+        parameters[pname] = _setting(params_raw.get(pname, spec.default), spec, f"parameters.{pname}", fail)
     # As in mergekit, a per-model parameter given under `parameters:` is every model's default.
     model_defaults = {"weight": 1.0, "density": parameters.get("density", 1.0)}
     if "weight" in params_raw:
-        model_defaults["weight"] = _number(params_raw["weight"], "parameters.weight", fail)
+        model_defaults["weight"] = _setting(params_raw["weight"], None, "parameters.weight", fail)
+        parameters["weight"] = model_defaults["weight"]
     for pname in params_raw:
         if pname not in method.parameters and pname != "weight":
             known = ", ".join(list(method.parameters) + ["weight"])
@@ -201,18 +234,18 @@ def parse_config(raw: Any, source: str = "<config>") -> MergeConfig:
         if not isinstance(params, dict):
             raise fail(f"{fname}.parameters", "expected a mapping such as {weight: 1.0}.")
         values = dict(model_defaults)
+        own = {}
         for pname, pval in params.items():
             if pname not in model_param_names:
                 raise fail(f"{fname}.parameters.{pname}", f"not a per-model parameter of {method_name}; "
                                                           f"per-model parameters: {', '.join(model_param_names)}.")
             spec = method.parameters.get(pname)
-            values[pname] = _param(pval, spec, f"{fname}.parameters.{pname}", fail) if spec \
-                else _number(pval, f"{fname}.parameters.{pname}", fail)
+            values[pname] = own[pname] = _setting(pval, spec, f"{fname}.parameters.{pname}", fail)
         if mpath == base_path:
             # mergekit lists the base among the models at times; its task vector is zero, and
             # mergekit leaves it out of the merge. So do we.
             continue
-        models.append(ModelSpec(path=mpath, weight=values["weight"], density=values["density"]))
+        models.append(ModelSpec(path=mpath, weight=values["weight"], density=values["density"], own=own))
     if not models:
         raise fail("models", "lists only the base model; add at least one fine-tuned checkpoint.")
 
@@ -290,10 +323,75 @@ def _resolve_path(text: str) -> Path:
     return Path(text).expanduser().resolve()
 
 
+def _setting(value: Any, spec, name: str, fail) -> Any:
+    """A parameter as mergekit allows it: a value; a gradient (a list of values, interpolated over
+    the layers); or a list of {filter: SUBSTRING, value: VALUE-OR-GRADIENT}, the first whose
+    filter is in the tensor's name (or is absent or '*') applying. Every value is checked."""
+    check = (lambda v, n: _param(v, spec, n, fail)) if spec is not None else (lambda v, n: _number(v, n, fail))
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return check(value, name)
+    if not value:
+        raise fail(name, "an empty list; give a value, a gradient [a, b, ...] or [{filter: ..., value: ...}].")
+    if all(not isinstance(v, (dict, list)) for v in value):
+        return [check(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    out = []
+    for i, cond in enumerate(value):
+        if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise fail(f"{name}[{i}]", "expected {filter: SUBSTRING, value: VALUE} (filter optional).")
+        filt = cond.get("filter")
+        if filt is not None and not isinstance(filt, str):
+            raise fail(f"{name}[{i}].filter", "expected a substring of tensor names, such as self_attn.")
+        inner = cond["value"]
+        if isinstance(inner, list):
+            if not inner or any(isinstance(v, (dict, list)) for v in inner):
+                raise fail(f"{name}[{i}].value", "expected a value or a gradient [a, b, ...].")
+            inner = [check(v, f"{name}[{i}].value[{j}]") for j, v in enumerate(inner)]
+        else:
+            inner = check(inner, f"{name}[{i}].value")
+        out.append({"filter": filt, "value": inner})
+    return out
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(tensor: str) -> int | None:
+    match = _LAYER.search(tensor)
+    return int(match.group(1)) if match else None
+
+
+def layer_position(tensor: str, num_layers: int) -> float:
+    """mergekit's t: layer i of L at i / (L - 1) (1 when L is 1); 0 outside the layers."""
+    i = layer_index(tensor)
+    if i is None:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def resolve(setting: Any, tensor: str, t: float) -> Any:
+    """mergekit's `evaluate_setting`: the value of a setting for one tensor at layer position t
+    (0 for the first layer and for tensors outside the layers, 1 for the last); None when a
+    filtered list has no entry for this tensor."""
+    if setting is None or isinstance(setting, (bool, int, float)):
+        return setting
+    if all(not isinstance(v, dict) for v in setting):
+        if any(isinstance(v, bool) for v in setting):  # discrete: no interpolation
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if cond["filter"] is None or cond["filter"] == "*" or cond["filter"] in tensor:
+            return resolve(cond["value"], tensor, t)
+    return None
+
+
 def _number(value: Any, name: str, fail) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, (list, dict)):
-            raise fail(name, "gradients and per-tensor filters are not supported; give a single number.")
         raise fail(name, f"expected a number (got {value!r}).")
     if not math.isfinite(value):
         raise fail(name, f"must be finite (got {value}).")

@@ -13,13 +13,12 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
-import re
 from pathlib import Path
 
+from dist_svc.config import layer_index
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import Manifest
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def spectra_table(out_dir: str | Path) -> list[dict]:
@@ -31,9 +30,9 @@ def spectra_table(out_dir: str | Path) -> list[dict]:
         if not unit["done"] or not cal:
             continue
         before, after = cal["sigma_before"], cal["sigma_after"]
-        layer = _LAYER.search(name)
+        layer = layer_index(name)
         rows.append({
-            "tensor": name, "layer": int(layer.group(1)) if layer else None, "module": _module(name),
+            "tensor": name, "layer": layer, "module": _module(name),
             "shape": unit["shape"], "path": cal["path"], "rank": cal["rank"],
             "top_ratio": before[0] / after[0] if after and after[0] > 0 else 1.0,
             "eta_max": cal["eta_max"], "eta_mean": cal["eta_mean"], "eta_min": cal["eta_min"],

@@ -28,7 +28,7 @@ import torch
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
-from dist_svc.config import MergeConfig
+from dist_svc.config import MergeConfig, layer_index, layer_position
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, ModelParams, Where
 from dist_svc.plan import Unit, open_inputs
@@ -103,7 +103,9 @@ class Worker:
         config = job.config
         self.base, self.models = open_inputs(config)
         self.method = METHODS[config.merge_method]
-        self.model_params = [ModelParams(m.weight, m.density) for m in config.models]
+        layers = [i for i in map(layer_index, self.base.tensors) if i is not None]
+        self.num_layers = max(layers) + 1 if layers else 0
+        self._params: dict[str, tuple[dict, list[ModelParams]]] = {}
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         self.compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.block_elements = block_elements
@@ -196,7 +198,16 @@ class Worker:
 
     def _merge(self, unit: Unit, block: _Block, taus: list[torch.Tensor]) -> torch.Tensor:
         where = Where(unit.name, lambda: _flat_indices(unit.shape, block, self.device))
-        return self.method.merge(taus, self.model_params, self.job.config.parameters, where)
+        params, models = self._params_for(unit.name)
+        return self.method.merge(taus, models, params, where)
+
+    def _params_for(self, name: str) -> tuple[dict, list[ModelParams]]:
+        """The parameters of one tensor (gradients over the layers and filters resolved)."""
+        if name not in self._params:
+            t = layer_position(name, self.num_layers)
+            params, models = self.job.config.resolved(name, t)
+            self._params[name] = (params, [ModelParams(w, d) for w, d in models])
+        return self._params[name]
 
     # -- reading -------------------------------------------------------------------------------
 
