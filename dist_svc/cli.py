@@ -243,6 +243,7 @@ def demo(workdir: Path, k: int, layers: int) -> None:
         click.echo(f"  Strongest over-accumulation: {worst[0]}, eta {worst[1]['eta_max']:.2f} "
                    f"(sigma {worst[1]['sigma_before'][0]:.4f} -> {worst[1]['sigma_after'][0]:.4f}).")
     click.echo(f"\nConfig: {config}\nMerged model: {report.out_dir}")
+    click.echo(f"See the spectra: dist-svc inspect {report.out_dir}")
 
 
 @main.group()

@@ -82,8 +82,8 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise DistSvcError("dist-svc inspect draws with matplotlib, which is not installed: "
-                           "pip install 'dist-svc[plot]' (or pip install matplotlib).") from None
+        raise DistSvcError("dist-svc inspect draws with matplotlib, which is missing from this "
+                           "environment: pip install matplotlib.") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

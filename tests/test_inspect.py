@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_inspect_writes_a_picture_and_a_table_of_what_calibration_did(tmp_path, family):
-    image = pytest.importorskip("matplotlib.image", reason="inspect needs matplotlib: pip install -e '.[test]'")
+    from matplotlib import image  # a dependency of dist-svc
     base, fts = family(3)
     cfg = write_config(tmp_path / "m.yaml", base, fts)
     report = merge(cfg, tmp_path / "merged", progress="off")
