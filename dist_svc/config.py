@@ -77,6 +77,7 @@ class OutputSpec:
 
     format: str = "safetensors"
     compression: str = "none"
+    given: bool = field(default=False, compare=False)  # written in the config (else OUT_DIR's suffix may choose)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def _output(raw: Any, fail) -> OutputSpec:
         raise fail("output.compression", f"'{compression}' is not one of: none, zstd.")
     if compression != "none" and fmt != "zarr":
         raise fail("output.compression", "only zarr output is compressed; safetensors files are not.")
-    return OutputSpec(fmt, compression)
+    return OutputSpec(fmt, compression, given=True)
 
 
 def _calibration(raw: Any, k: int, fail) -> CalibrationSpec:

@@ -49,15 +49,8 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     safetensors shards, or a zarr v3 store when `output_format` (else the config's `output:`,
     else an `out_dir` ending in .zarr) says so."""
     start = time.perf_counter()
-    if isinstance(config, (str, Path)):
-        config = load_config(config, calibrate)
-    else:
-        config = config.with_calibration(calibrate)
-    if output_format is None and config.output == type(config.output)() and is_zarr(out_dir):
-        output_format = "zarr"
-    config = config.with_output_format(output_format)
+    config, out_dir = _settle(config, out_dir, calibrate, output_format)
     zarr_out = config.output.format == "zarr"
-    out_dir = Path(out_dir).expanduser().resolve()
     executor = executor or LocalExecutor()
 
     base, models = open_inputs(config)
@@ -156,14 +149,7 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     progress, or None for a fresh start), without merging or writing anything."""
     from dist_svc.estimate import estimate
 
-    if isinstance(config, (str, Path)):
-        config = load_config(config, calibrate)
-    else:
-        config = config.with_calibration(calibrate)
-    if output_format is None and config.output == type(config.output)() and is_zarr(out_dir):
-        output_format = "zarr"
-    config = config.with_output_format(output_format)
-    out_dir = Path(out_dir).expanduser().resolve()
+    config, out_dir = _settle(config, out_dir, calibrate, output_format)
     base, models = open_inputs(config)
     try:
         plan = build_plan(config, base, models, parse_size(shard_size))
@@ -178,6 +164,20 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
         for m in models:
             m.close()
     return plan, est, existing.progress() if existing is not None else None
+
+
+def _settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
+            output_format: str | None) -> tuple[MergeConfig, Path]:
+    """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
+    output when OUT_DIR ends in .zarr and neither the flag nor the config says otherwise) and
+    OUT_DIR as an absolute path."""
+    if isinstance(config, (str, Path)):
+        config = load_config(config, calibrate)
+    else:
+        config = config.with_calibration(calibrate)
+    if output_format is None and not config.output.given and is_zarr(out_dir):
+        output_format = "zarr"
+    return config.with_output_format(output_format), Path(out_dir).expanduser().resolve()
 
 
 def status(out_dir: str | Path) -> dict:

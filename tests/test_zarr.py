@@ -168,3 +168,13 @@ def test_a_zarr_output_merge_killed_and_rerun_resumes_and_finds_a_lost_chunk(tmp
     got = open_checkpoint(out)
     assert all(torch.equal(got.read(n), reference[n]) for n in names)
     assert verify(out) == []
+
+
+def test_the_output_format_the_config_names_wins_over_the_directory_suffix(tmp_path, family):
+    base, fts = family(1)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": "safetensors"})
+    merge(cfg, tmp_path / "odd-name.zarr", progress="off")
+    assert (tmp_path / "odd-name.zarr" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "odd-name.zarr" / "zarr.json").exists()
+    merge(cfg, tmp_path / "flag", progress="off", output_format="zarr")  # the flag wins over both
+    assert (tmp_path / "flag" / "zarr.json").is_file()
