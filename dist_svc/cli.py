@@ -48,7 +48,7 @@ def main() -> None:
               help="Run on a Ray cluster: its address, or 'auto' (RAY_ADDRESS, else the local one). "
                    "Inputs and OUT_DIR must be on storage every node sees.")
 @click.option("--threads", default=None, type=int,
-              help="Local executor: units in flight at once (default 2).")
+              help="Local executor: units in flight at once (default 2 on a CPU, 4 on a GPU).")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
 @click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
@@ -327,7 +327,7 @@ def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: 
 @click.option("--hidden", default=4096, show_default=True, help="Hidden size (MLP size 3.5x of it).")
 @click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when present).")
-@click.option("--threads", default=None, type=int, help="Units in flight at once (default 2).")
+@click.option("--threads", default=None, type=int, help="Units in flight at once (default 2 on a CPU, 4 on a GPU).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Measured rounds (the median is shown).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -379,9 +379,9 @@ def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> Non
 
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads) -> None:
     from dist_svc.driver import dry_run
-    from dist_svc.executors.local import DEFAULT_THREADS
+    from dist_svc.executors import LocalExecutor
 
-    workers = threads or DEFAULT_THREADS
+    workers = threads or LocalExecutor(device=device).threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
                                   output_format=output_format, device=device, workers=workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")

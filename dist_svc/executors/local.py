@@ -16,6 +16,11 @@ from dist_svc.plan import Unit
 from dist_svc.worker import Job, UnitResult, Worker
 
 DEFAULT_THREADS = 2
+# On a GPU the arithmetic is fast and the reads are the limit: more units in flight keep more
+# reads going (H100, 0.7B x 4 inputs, cold cache: 46% / 52% / 57% of the disk's read rate with
+# 2 / 4 / 8 threads). Each also holds its Grams and pass-2 blocks in GPU memory (~4.5 GB at
+# Llama-70B's largest matrix, K = 3), so 4, not 8.
+GPU_THREADS = 4
 
 
 class LocalExecutor:
@@ -34,7 +39,8 @@ class LocalExecutor:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.threads = max(1, threads if threads is not None else min(DEFAULT_THREADS, os.cpu_count() or 1))
+        default = GPU_THREADS if str(device).startswith("cuda") else min(DEFAULT_THREADS, os.cpu_count() or 1)
+        self.threads = max(1, threads if threads is not None else default)
         self.worker_options = worker_options
 
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
