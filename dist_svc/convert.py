@@ -8,7 +8,6 @@ at the end, so DST is either absent or complete, and an existing DST is never to
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -17,10 +16,10 @@ from typing import Callable
 
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
-from dist_svc.storage import open_checkpoint
+from dist_svc.storage import open_checkpoint, tensor_bytes
 from dist_svc.storage.hf_output import (
-    SIDE_FILES, TensorWriter, atomic_write, create_partial, fsync_dir, layout_shards, partial_path, range_sha256,
-    seal_shard, write_index,
+    TensorWriter, copy_side_files, create_partial, fsync_dir, layout_shards, partial_path, range_sha256, seal_shard,
+    write_index,
 )
 from dist_svc.storage.safetensors_reader import DTYPES
 from dist_svc.storage.zarr_store import (
@@ -54,7 +53,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
             _to_zarr(source, names, tmp, compression, bar)
         else:
             _to_safetensors(source, names, tmp, shard_size, bar)
-        _copy_side_files(Path(src), tmp)
+        copy_side_files(Path(src), tmp, None)
         fsync_dir(tmp)
         os.replace(tmp, dst)
         fsync_dir(dst.parent)
@@ -80,13 +79,6 @@ def _blocks(source, name: str):
         yield source.read(name, rows=slice(r0, r0 + step))
 
 
-def _as_bytes(tensor):
-    flat = tensor.contiguous().reshape(-1)
-    import torch
-
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
 def _to_zarr(source, names, root: Path, compression: str, bar: Progress) -> None:
     create_group(root, names)
     for name in names:
@@ -94,7 +86,7 @@ def _to_zarr(source, names, root: Path, compression: str, bar: Progress) -> None
         create_array(root, name, info.shape, info.dtype, compression)
         writer = ZarrTensorWriter(root, name, info.shape, info.dtype, sync=True)
         for block in _blocks(source, name):
-            writer.write(_as_bytes(block))
+            writer.write(tensor_bytes(block))
         digest = writer.close()
         if array_sha256(root, name) != digest:
             raise DistSvcError(f"{root}: tensor '{name}' reads back differently from what was written; "
@@ -112,13 +104,10 @@ def _to_safetensors(source, names, root: Path, shard_size: int, bar: Progress) -
         for name in shard.tensors:
             place = placements[name]
             writer = TensorWriter(partial, place.offset, place.nbytes, sync=True)
-            digest = hashlib.sha256()
             for block in _blocks(source, name):
-                data = _as_bytes(block)
-                digest.update(data)
-                writer.write(data)
-            writer.close()
-            if range_sha256(partial, place.offset, place.nbytes) != digest.hexdigest():
+                writer.write(tensor_bytes(block))
+            digest = writer.close()  # sha256 of the bytes read from the source
+            if range_sha256(partial, place.offset, place.nbytes) != digest:
                 raise DistSvcError(f"{partial}: tensor '{name}' reads back differently from what was written; "
                                    f"the destination storage is not reliable.")
             bar.advance(place.nbytes)
@@ -126,11 +115,3 @@ def _to_safetensors(source, names, root: Path, shard_size: int, bar: Progress) -
     dtypes = {n: d for n, d, _ in entries}
     shapes = {n: s for n, _, s in entries}
     write_index(root, shards, dtypes, shapes)
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    if not src.is_dir():
-        return
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            atomic_write(dst / name, (src / name).read_bytes())

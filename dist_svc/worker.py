@@ -33,6 +33,7 @@ from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, ModelParams, Where
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.storage.hf_output import TensorWriter
+from dist_svc.storage import tensor_bytes
 from dist_svc.storage.hf_output import range_sha256
 from dist_svc.storage.safetensors_reader import DTYPES, SafetensorsCheckpoint
 from dist_svc.storage.zarr_store import ZarrTensorWriter, array_sha256
@@ -134,7 +135,7 @@ class Worker:
         for block in self._blocks(unit, transposed=False):
             base, taus = self._inputs(unit.name, block)
             merged = self._merge(unit, block, taus)
-            writer.write(_as_bytes(self._finish(base, merged, unit)))
+            writer.write(tensor_bytes(self._finish(base, merged, unit)))
 
     def _calibrated(self, unit: Unit, writer: TensorWriter) -> dict:
         cal = self.job.config.calibration
@@ -169,9 +170,9 @@ class Worker:
             if transposed:
                 out[:, block.start:block.stop] = result.T.cpu()
             else:
-                writer.write(_as_bytes(result))
+                writer.write(tensor_bytes(result))
         if transposed:
-            writer.write(_as_bytes(out))
+            writer.write(tensor_bytes(out))
         return calibration_summary(solution.singular_values, solution.eta, "gram", solution.overlaps)
 
     def _svd_fallback(self, unit: Unit, writer: TensorWriter) -> dict:
@@ -180,7 +181,7 @@ class Worker:
         base, taus = self._inputs(unit.name, whole)
         merged = self._merge(unit, whole, taus)
         result = calibrate_singular_values(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
-        writer.write(_as_bytes(self._finish(base, result.delta, unit)))
+        writer.write(tensor_bytes(self._finish(base, result.delta, unit)))
         return calibration_summary(result.singular_values, result.eta, "svd-fallback", result.overlaps)
 
     def _whole(self, unit: Unit, writer: TensorWriter) -> dict | None:
@@ -193,7 +194,7 @@ class Worker:
             cal = self.job.config.calibration
             result = calibrate_gram(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
             merged, stats = result.delta, result.summary()
-        writer.write(_as_bytes(self._finish(base, merged, unit)))
+        writer.write(tensor_bytes(self._finish(base, merged, unit)))
         return stats
 
     def _merge(self, unit: Unit, block: _Block, taus: list[torch.Tensor]) -> torch.Tensor:
@@ -289,8 +290,3 @@ def _flat_indices(shape: tuple[int, ...], block: _Block, device: torch.device) -
     per_row = math.prod(shape[1:])
     flat = torch.arange(block.start * per_row, block.stop * per_row, dtype=torch.int64, device=device)
     return flat.view(block.stop - block.start, *shape[1:])
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-    return memoryview(flat.numpy())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 def open_checkpoint(path: str | Path):
     """A `ZarrCheckpoint` for a zarr store, else a `SafetensorsCheckpoint`: both give `tensors`
@@ -15,3 +17,9 @@ def open_checkpoint(path: str | Path):
     from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
 
     return SafetensorsCheckpoint(path)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes in row-major order, as both layouts store them (on the CPU)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+    return memoryview(flat.numpy())

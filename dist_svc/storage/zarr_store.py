@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.hf_output import fsync_dir, sync_file
 from dist_svc.storage.safetensors_reader import DTYPES, TensorInfo, natural_key
 
 # config.json, the tokenizer and the manifest live next to the arrays; zarr need not say so.
@@ -105,7 +106,7 @@ class ZarrCheckpoint:
             self._arrays[name] = _Array(info, array, code == "BF16")
         if not self.tensors:
             raise DistSvcError(f"{text}: the zarr group holds no arrays; is this a checkpoint?")
-        self._identity = self._take_identity()
+        self._identity: list[dict] | None = None  # taken by the planner only (workers need none)
 
     def _take_identity(self) -> list[dict]:
         """Per array: its metadata's hash and, for a local store, its chunk files' total size and
@@ -135,6 +136,8 @@ class ZarrCheckpoint:
         return out
 
     def identity(self) -> list[dict]:
+        if self._identity is None:
+            self._identity = self._take_identity()
         return list(self._identity)
 
     def chunk_extent(self, name: str, axis: int) -> int:
@@ -261,25 +264,14 @@ class ZarrTensorWriter:
 
 
 def sync_tree(root: Path) -> None:
-    """fsync every file and directory under `root` (one array: its metadata and chunks)."""
+    """Make every file and directory under `root` durable (one array: its metadata and chunks)."""
+    if root.is_file():
+        sync_file(root)
+        return
     for dirpath, _, filenames in os.walk(root):
         for f in filenames:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if root.is_file():
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            sync_file(Path(dirpath) / f)
+        fsync_dir(Path(dirpath))
 
 
 def array_sha256(path: Path, name: str, block_bytes: int = 64 << 20) -> str | None:
