@@ -1,6 +1,6 @@
 """Singular Value Calibration (SVC) of one merged delta: pure math, no I/O.
 
-Contract: ../shared/SVC.md (arXiv 2602.05536). For the thin SVD `Wm = U diag(S) V^T`, each
+Contract: docs/calibration.md (arXiv 2602.05536). For the thin SVD `Wm = U diag(S) V^T`, each
 singular direction r is measured against each task i by how many copies of the task's
 projection the merge holds,
 

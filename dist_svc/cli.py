@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from dist_svc.errors import DistSvcError
-from dist_svc.plan import DEFAULT_SHARD_BYTES
+from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.progress import human_bytes, human_seconds
 
 
@@ -40,8 +40,9 @@ def main() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
-@click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
-              help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit).")
+@click.option("--shard-size", default=None,
+              help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit); "
+                   "default: the config's `output: {shard_size: ...}`, else 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
               help="A progress bar on a terminal, plain log lines otherwise.")
 @click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
@@ -57,7 +58,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True,
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
-def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, progress: str,
+def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str | None, progress: str,
           cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
           dry_run: bool) -> None:
     """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
@@ -75,18 +76,13 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str, 
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
     from dist_svc.driver import merge as run_merge
-    from dist_svc.executors import LocalExecutor
+    from dist_svc.executors import build_executor
 
     if dry_run:
         _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads)
         return
 
-    if cluster is not None:
-        from dist_svc.executors.ray_cluster import RayExecutor
-
-        executor = RayExecutor(address=None if cluster == "auto" else cluster, log=_say)
-    else:
-        executor = LocalExecutor(device=device, threads=threads)
+    executor = build_executor(cluster=cluster, device=device, threads=threads, log=_say)
     report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
                        executor=executor, output_format=output_format, log=_say)
     _print_report(report)
@@ -106,13 +102,15 @@ def status(out_dir: Path) -> None:
     info = merge_status(out_dir)
     pct = 100.0 * info["bytes_done"] / info["bytes_total"] if info["bytes_total"] else 100.0
     hint = {"complete": "", "running": "  (a run is in progress)",
-            "stopped": "  (rerun the same `dist-svc merge` command to resume)"}[info["state"]]
+            "stopped": "  (rerun the same `dist-svc merge` command to resume)",
+            "damaged": "  (files of the finished output are missing: rerun the same `dist-svc merge` "
+                       "command to restore them)"}[info["state"]]
     click.echo(f"{out_dir}: {info['state']}{hint}")
     click.echo(f"  tensors {info['units_done']}/{info['units_total']}")
     click.echo(f"  bytes   {info['bytes_done']}/{info['bytes_total']} "
                f"({human_bytes(info['bytes_done'])} of {human_bytes(info['bytes_total'])}, {pct:.1f}%)")
-    if info.get("format") != "zarr":
-        click.echo(f"  shards  {info['shards_done']}/{info['shards_total']} written")
+    for line in info["details"]:
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -133,11 +131,11 @@ def verify(out_dir: Path) -> None:
     for p in problems:
         click.echo(f"  {p}", err=True)
     if problems:
-        click.echo(f"{out_dir}: {len(problems)} problem(s). Delete the damaged shard(s) and rerun the same "
+        click.echo(f"{out_dir}: {len(problems)} problem(s). Delete the damaged file(s) and rerun the same "
                    f"`dist-svc merge` command: only their tensors are merged again.", err=True)
         sys.exit(1)
-    click.echo(f"{out_dir}: {info['shards_done']}/{info['shards_total']} shard(s) verified, "
-               f"{info['units_done']} tensors match their checksums ({info['state']}).")
+    click.echo(f"{out_dir}: verified: all {info['units_done']} tensors match their checksums and every "
+               f"file of the {info['format']} output is present.")
 
 
 @main.command()
@@ -160,7 +158,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
       dist-svc inspect ./merged
       dist-svc inspect ./merged --tensors '*layers.10.*' --out reports/llama-ta-svc
     """
-    from dist_svc.inspect import inspect as run_inspect
+    from dist_svc.commands.inspect import inspect as run_inspect
 
     prefix = prefix or Path(f"{out_dir.resolve().name}-spectra")
     result = run_inspect(out_dir, prefix, patterns, top)
@@ -194,8 +192,8 @@ def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: 
       dist-svc convert ./llama-ft1 ./llama-ft1.zarr --compression zstd
       dist-svc convert ./merged.zarr ./merged-hf
     """
-    from dist_svc.convert import convert as run_convert
-    from dist_svc.plan import parse_size
+    from dist_svc.commands.convert import convert as run_convert
+    from dist_svc.config import parse_size
 
     result = run_convert(src, dst, fmt=fmt, compression=compression, shard_size=parse_size(shard_size),
                          progress=progress)
@@ -219,7 +217,7 @@ def demo(workdir: Path, k: int, layers: int) -> None:
     """
     import torch
 
-    from dist_svc.demo import TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import TinyLlama, make_family, write_config
     from dist_svc.driver import merge as run_merge
 
     workdir = workdir.resolve()
@@ -271,7 +269,7 @@ def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str, json_pa
     """
     import torch
 
-    from dist_svc.bench import bench_calibration, machine_description
+    from dist_svc.commands.bench import bench_calibration, machine_description
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,7 +303,7 @@ def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: 
       pip install mergekit==0.1.5   # in another environment; pass its mergekit-yaml
       dist-svc bench merge ./bench-out --mergekit /path/to/venv/bin/mergekit-yaml
     """
-    from dist_svc.bench import bench_merge
+    from dist_svc.commands.bench import bench_merge
 
     sizes = tuple(int(x) for x in layers.split(","))
     rows = bench_merge(workdir, layers=sizes, k=k, repeats=repeats,
@@ -342,7 +340,7 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
     Example:
       sudo dist-svc bench throughput /nvme/bench --device cuda --layers 8
     """
-    from dist_svc.bench import bench_throughput
+    from dist_svc.commands.bench import bench_throughput
 
     r = bench_throughput(workdir, layers=layers, hidden=hidden, intermediate=hidden * 7 // 2, k=k, device=device,
                          threads=threads, calibrate=calibrate, repeats=repeats, log=_say)
@@ -369,7 +367,7 @@ def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> Non
     Example:
       sudo dist-svc bench read ./bench-out
     """
-    from dist_svc.bench import bench_read
+    from dist_svc.commands.bench import bench_read
 
     rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say)
     click.echo(f"{'format':<13}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
@@ -379,9 +377,9 @@ def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> Non
 
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads) -> None:
     from dist_svc.driver import dry_run
-    from dist_svc.executors import LocalExecutor
+    from dist_svc.executors import build_executor
 
-    workers = threads or LocalExecutor(device=device).threads
+    workers = build_executor(device=device, threads=threads).threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
                                   output_format=output_format, device=device, workers=workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")

@@ -18,6 +18,7 @@ import yaml
 
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS
+from dist_svc.storage.output import FORMATS as OUTPUT_FORMATS
 
 # Names containing these are embedding-like and skipped by calibration by default: the authors
 # skip "embedding"; in LLM checkpoints that is embed_tokens / wte / wpe and the tied-shape lm_head.
@@ -41,7 +42,7 @@ _KNOWN_TOP = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "calibrate",
     "tokenizer_source", "name", "output",
 }
-OUTPUT_FORMATS = ("safetensors", "zarr")
+DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,19 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How the merged model is stored: Hugging Face safetensors shards, or a zarr v3 store
-    (`compression: zstd` or none)."""
+    """How the merged model is stored (dist_svc.storage.output): Hugging Face safetensors
+    shards of at most `shard_bytes`, or a zarr v3 store (`compression: zstd` or none)."""
 
     format: str = "safetensors"
     compression: str = "none"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
     given: bool = field(default=False, compare=False)  # written in the config (else OUT_DIR's suffix may choose)
+
+    def options(self) -> dict[str, Any]:
+        """What the layout needs, and what decides its bytes (part of the fingerprint)."""
+        if self.format == "safetensors":
+            return {"shard_bytes": self.shard_bytes}
+        return {"compression": self.compression}
 
 
 @dataclass(frozen=True)
@@ -101,12 +109,15 @@ class MergeConfig:
             return self
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, enabled=enabled))
 
-    def with_output_format(self, fmt: str | None) -> "MergeConfig":
-        if fmt is None or fmt == self.output.format:
-            return self
-        return dataclasses.replace(self, output=dataclasses.replace(self.output, format=fmt))
+    def with_output(self, fmt: str | None = None, shard_bytes: int | None = None) -> "MergeConfig":
+        output = self.output
+        if fmt is not None:
+            output = dataclasses.replace(output, format=fmt)
+        if shard_bytes is not None:
+            output = dataclasses.replace(output, shard_bytes=shard_bytes)
+        return dataclasses.replace(self, output=output)
 
-    def resolved(self, tensor: str, t: float) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    def resolved(self, tensor: str, t: float) -> tuple[dict[str, Any], tuple[dict[str, float], ...]]:
         """The method's parameters and each model's (weight, density) for one tensor at layer
         position t in [0, 1], resolving gradients and filters as mergekit does: a model's own
         setting first, then `parameters:`; a filtered list whose filters all miss falls through
@@ -119,14 +130,14 @@ class MergeConfig:
                 spec.kind(value) if spec.kind is not float else float(value))
         models = []
         for m in self.models:
-            values = []
+            values = {}
             for pname in ("weight", "density"):
                 value = resolve(m.own.get(pname), tensor, t)
                 if value is None:
                     value = resolve(self.parameters.get(pname), tensor, t)
-                values.append(float(value) if value is not None else 1.0)
-            models.append((values[0], values[1]))
-        return params, models
+                values[pname] = float(value) if value is not None else 1.0
+            models.append(values)
+        return params, tuple(models)
 
     @property
     def has_settings(self) -> bool:
@@ -151,7 +162,7 @@ class MergeConfig:
                 "target": self.calibration.target,
                 "skip": list(self.calibration.skip),
             },
-            "output": {"format": self.output.format, "compression": self.output.compression},
+            "output": {"format": self.output.format, **self.output.options()},
         }
 
 
@@ -272,8 +283,8 @@ def _output(raw: Any, fail) -> OutputSpec:
     if not isinstance(raw, dict):
         raise fail("output", "expected a mapping such as {format: zarr, compression: zstd}.")
     for key in raw:
-        if key not in ("format", "compression"):
-            raise fail(f"output.{key}", "unknown option. Options: compression, format.")
+        if key not in ("format", "compression", "shard_size"):
+            raise fail(f"output.{key}", "unknown option. Options: compression, format, shard_size.")
     fmt = raw.get("format", "safetensors")
     if fmt not in OUTPUT_FORMATS:
         raise fail("output.format", f"'{fmt}' is not one of: {', '.join(OUTPUT_FORMATS)}.")
@@ -282,7 +293,31 @@ def _output(raw: Any, fail) -> OutputSpec:
         raise fail("output.compression", f"'{compression}' is not one of: none, zstd.")
     if compression != "none" and fmt != "zarr":
         raise fail("output.compression", "only zarr output is compressed; safetensors files are not.")
-    return OutputSpec(fmt, compression, given=True)
+    shard_bytes = DEFAULT_SHARD_BYTES
+    if "shard_size" in raw:
+        try:
+            shard_bytes = parse_size(raw["shard_size"])
+        except DistSvcError as e:
+            raise fail("output.shard_size", str(e)) from None
+    return OutputSpec(fmt, compression, shard_bytes, given=True)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '5B' (mergekit: 5 billion) or a plain byte count."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+    suffix = next((u for u in units if s.endswith(u)), "")
+    number, factor = s[: len(s) - len(suffix)], units.get(suffix, 1)
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or value * factor >= 2**63:
+        raise DistSvcError(f"size '{text}' is not a positive size; write e.g. 5GB, 500MB or 2GiB.")
+    return max(1, int(value * factor))
 
 
 def _calibration(raw: Any, k: int, fail) -> CalibrationSpec:

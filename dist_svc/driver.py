@@ -1,13 +1,15 @@
-"""The story of a merge run: config -> plan -> manifest -> executor -> sealed shards -> index.
+"""The story of a merge run: config -> plan -> manifest -> executor -> output layout.
 
-`merge()` is the Python API and what `dist-svc merge` calls. Rerunning it on the same output
-directory resumes: finished units are skipped, and the bytes equal an uninterrupted run's.
+`merge()` is the Python API and what `dist-svc merge` calls. It reads as its four steps:
+open the output or refuse it, prepare it, run the pending units (with retries for bytes that
+fail verification), finish. Rerunning it on the same output directory resumes: finished units
+are skipped, whatever an interrupted run left half done is repaired, and the bytes equal an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -15,17 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dist_svc.config import MergeConfig, load_config
+from dist_svc.config import MergeConfig, load_config, parse_size
 from dist_svc.errors import DistSvcError
-from dist_svc.executors import LocalExecutor
+from dist_svc.executors import Executor, build_executor
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
-from dist_svc.plan import DEFAULT_SHARD_BYTES, Plan, build_plan, open_inputs, parse_size
+from dist_svc.plan import Plan, build_plan, open_inputs
 from dist_svc.progress import Progress
-from dist_svc.storage.safetensors_reader import INDEX_NAME
-from dist_svc.storage.hf_output import (
-    copy_side_files, create_partial, partial_path, range_sha256, seal_shard, sync_file, write_index,
-)
-from dist_svc.storage.zarr_store import array_sha256, create_array, create_group, is_zarr
+from dist_svc.storage.output import OutputLayout, layout_for
+from dist_svc.storage.zarr_format import is_zarr
 from dist_svc.worker import Job, UnitResult
 
 MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giving up
@@ -43,116 +42,133 @@ class MergeReport:
 
 
 def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
-          shard_size: str | int = DEFAULT_SHARD_BYTES, executor=None, progress: str = "auto",
+          shard_size: str | int | None = None, executor: Executor | None = None, progress: str = "auto",
           output_format: str | None = None, log: Callable[[str], None] = lambda line: None) -> MergeReport:
     """Merge into `out_dir`, resuming whatever an earlier run finished. The output is HF
-    safetensors shards, or a zarr v3 store when `output_format` (else the config's `output:`,
-    else an `out_dir` ending in .zarr) says so."""
+    safetensors shards (of at most `shard_size`), or a zarr v3 store when `output_format` (else
+    the config's `output:`, else an `out_dir` ending in .zarr) says so."""
     start = time.perf_counter()
-    config, out_dir = _settle(config, out_dir, calibrate, output_format)
-    zarr_out = config.output.format == "zarr"
-    executor = executor or LocalExecutor()
-
-    base, models = open_inputs(config)
-    plan = build_plan(config, base, models, parse_size(shard_size))
-    base.close()
-    for m in models:
-        m.close()
+    config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
+    executor = executor or build_executor()
+    plan = plan_merge(config)
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
         f"calibration {'on' if config.calibration.enabled else 'off'}")
+    layout = layout_for(config.output.format, out_dir, plan.entries(), config.output.options())
 
-    existing = Manifest.check(out_dir, plan)  # refusals first, before anything is written
-    if existing is not None and existing.complete and _output_present(out_dir, existing, zarr_out):
-        return _report(out_dir, plan, existing, 0, True, start)
-    connect = getattr(executor, "connect", None)
-    if connect is not None:  # a cluster that cannot be reached is refused before anything is written too
-        connect()
+    # 1. Open the output, or refuse it, before anything is written.
+    existing = Manifest.check(out_dir, plan)
+    if existing is not None and _finished(existing, layout):
+        return _report(plan, existing, layout, 0, True, start)
+    executor.connect()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        manifest = Manifest.open_for(out_dir, plan)
-        if manifest.complete:
-            if _output_present(out_dir, manifest, zarr_out):  # finished by a run that held the lock meanwhile
-                return _report(out_dir, plan, manifest, 0, True, start)
-            manifest.data["complete"] = False  # a shard was deleted: merge its tensors again
-        if zarr_out:
-            _prepare_zarr(out_dir, plan, manifest, config.output.compression)
-        else:
-            _recover_shards(out_dir, plan, manifest)
-        job = Job(config, out_dir, tuple(partial_path(out_dir, s) for s in plan.shards))
+        manifest = Manifest.check(out_dir, plan) or Manifest.create(out_dir, plan)
+        if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
+            return _report(plan, manifest, layout, 0, True, start)
+        manifest.set_complete(False)  # something of it is missing: repaired below
+        # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
+        manifest.reset(layout.prepare(manifest.recorded))
+        # 3. Run the pending units.
         p = manifest.progress()
         bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-        units_run = 0
-        # Units reported in this run by an executor that verified them need no re-reading at
-        # sealing; units recorded by an earlier run are verified before their shard is sealed.
-        fresh: set[str] = set()
-        trust_fresh = getattr(executor, "results_verified", False)
-        driver_syncs = getattr(executor, "driver_syncs", False) and not zarr_out  # zarr writers sync themselves
-        unsynced: set[int] = set()  # shards written to since the manifest was last saved
-
-        def sync_shards() -> None:
-            for k in sorted(unsynced):
-                partial = partial_path(out_dir, plan.shards[k])
-                if partial.exists():  # a sealed shard was synced when it was sealed
-                    sync_file(partial)
-            unsynced.clear()
-
-        if driver_syncs:
-            manifest.before_save = sync_shards
+        recorder = _Recorder(manifest, layout, executor, bar)
         try:
-            for attempt in range(MAX_ATTEMPTS + 1):
-                # Largest first: the long units start early, the short ones fill in at the end.
-                pending = sorted((u for u in plan.units if not manifest.units[u.name]["done"]),
-                                 key=lambda u: -u.nbytes)
-                if not pending:
-                    break
-                if attempt == MAX_ATTEMPTS:
-                    raise DistSvcError(f"{out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
-                                       f"the disk may be failing. Check it, then rerun the same command.")
-
-                def on_result(result: UnitResult) -> None:
-                    nonlocal units_run
-                    unit = manifest.units[result.name]
-                    if trust_fresh:
-                        fresh.add(result.name)
-                    if driver_syncs:  # before `record`, which may save and so sync
-                        unsynced.add(unit["shard"])
-                    manifest.record(result.name, result.sha256,
-                                    {"seconds": round(result.seconds, 4), "calibration": result.calibration})
-                    units_run += 1
-                    bar.advance(unit["nbytes"])
-                    if not zarr_out:
-                        _seal_if_complete(out_dir, plan, manifest, unit["shard"], fresh)
-
-                try:
-                    executor.run(job, pending, on_result)
-                finally:
-                    manifest.flush()  # keep what finished, whatever stopped the run
-                for k in range(len(plan.shards) if not zarr_out else 0):
-                    _seal_if_complete(out_dir, plan, manifest, k, fresh)
+            _run_pending(plan, Job(config, layout), executor, recorder)
         finally:
             bar.close()
-
-        if not zarr_out:
-            dtypes = {name: u["dtype"] for name, u in manifest.units.items()}
-            shapes = {name: tuple(u["shape"]) for name, u in manifest.units.items()}
-            write_index(out_dir, list(plan.shards), dtypes, shapes)
-        copy_side_files(config.base_model, out_dir, config.out_dtype)
-        manifest.mark_complete()
+        # 4. Finish: index and side files, then the manifest says so.
+        layout.finish(plan.side_files)
+        manifest.set_complete(True)
         (out_dir / LOCK_NAME).unlink(missing_ok=True)
-        return _report(out_dir, plan, manifest, units_run, False, start)
+        return _report(plan, manifest, layout, recorder.count, False, start)
+
+
+class _Recorder:
+    """Takes each finished unit into the manifest and the output layout (which may seal a shard
+    with it), in the driver's thread; advances the progress bar."""
+
+    def __init__(self, manifest: Manifest, layout: OutputLayout, executor: Executor, bar: Progress):
+        self.manifest, self.layout, self.bar = manifest, layout, bar
+        self.trusted = executor.results_verified
+        self.driver_syncs = executor.driver_syncs
+        self.fresh: set[str] = set()  # recorded in this run, hashed as written: no re-reading to seal
+        self.unsynced: set[str] = set()  # written but not yet durable (executor.driver_syncs)
+        if self.driver_syncs:
+            manifest.before_save = self._make_durable
+        self.count = 0
+
+    def __call__(self, result: UnitResult) -> None:
+        name = result.name
+        if self.trusted:
+            self.fresh.add(name)
+        if self.driver_syncs:
+            self.unsynced.add(name)  # before `record`, which may save and so sync
+        self.manifest.record(name, result.sha256,
+                             {"seconds": round(result.seconds, 4), "calibration": result.calibration})
+        self.count += 1
+        self.bar.advance(self.manifest.units[name]["nbytes"])
+        if self.layout.on_recorded(name):
+            self.seal()
+
+    def seal(self) -> None:
+        """Seal whatever is complete, also what an earlier run recorded but left unsealed; the
+        records go to disk first, so that nothing sealed is ever unrecorded."""
+        self.manifest.flush()
+        self._redo(self.layout.seal(self.manifest.recorded, self.fresh))
+
+    def _redo(self, damaged: list[str]) -> None:
+        self.fresh.difference_update(damaged)
+        self.manifest.reset(damaged)
+
+    def _make_durable(self) -> None:
+        self.layout.make_durable(self.unsynced)
+        self.unsynced.clear()
+
+
+def _run_pending(plan: Plan, job: Job, executor: Executor, recorder: _Recorder) -> None:
+    """Run every unit not recorded as done, largest first (the long units start early, the
+    short ones fill in at the end); units whose bytes fail verification run again, up to
+    MAX_ATTEMPTS passes."""
+    manifest = recorder.manifest
+    for attempt in range(MAX_ATTEMPTS + 1):
+        recorder.seal()
+        pending = sorted((u for u in plan.units if u.name not in manifest.recorded), key=lambda u: -u.nbytes)
+        if not pending:
+            return
+        if attempt == MAX_ATTEMPTS:
+            raise DistSvcError(f"{job.layout.out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
+                               f"the disk may be failing. Check it, then rerun the same command.")
+        try:
+            executor.run(job, pending, recorder)
+        finally:
+            manifest.flush()  # keep what finished, whatever stopped the run
+
+
+def _finished(manifest: Manifest, layout: OutputLayout) -> bool:
+    return manifest.complete and not layout.problems(manifest.recorded, manifest.side_files, deep=False)
+
+
+def plan_merge(config: MergeConfig) -> Plan:
+    """The plan, from the inputs' metadata (the inputs are closed again)."""
+    base, models = open_inputs(config)
+    try:
+        return build_plan(config, base, models)
+    finally:
+        for checkpoint in (base, *models):
+            checkpoint.close()
 
 
 def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
-            shard_size: str | int = DEFAULT_SHARD_BYTES, output_format: str | None = None,
+            shard_size: str | int | None = None, output_format: str | None = None,
             device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
-    """The plan, its estimate (dist_svc.estimate) and what `out_dir` holds of it already (its
-    progress, or None for a fresh start), without merging or writing anything."""
-    from dist_svc.estimate import estimate
+    """The plan, its estimate (dist_svc.commands.estimate) and what `out_dir` holds of it
+    already (its progress, or None for a fresh start), without merging or writing anything."""
+    from dist_svc.commands.estimate import estimate
 
-    config, out_dir = _settle(config, out_dir, calibrate, output_format)
+    config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     base, models = open_inputs(config)
     try:
-        plan = build_plan(config, base, models, parse_size(shard_size))
+        plan = build_plan(config, base, models)
         existing = Manifest.check(out_dir, plan)  # refuses what a real run would refuse
         if device is None:
             import torch
@@ -160,14 +176,13 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         est = estimate(config, plan, base, models, device, workers)
     finally:
-        base.close()
-        for m in models:
-            m.close()
+        for checkpoint in (base, *models):
+            checkpoint.close()
     return plan, est, existing.progress() if existing is not None else None
 
 
-def _settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
-            output_format: str | None) -> tuple[MergeConfig, Path]:
+def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
+           output_format: str | None, shard_size: str | int | None = None) -> tuple[MergeConfig, Path]:
     """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
     output when OUT_DIR ends in .zarr and neither the flag nor the config says otherwise) and
     OUT_DIR as an absolute path."""
@@ -177,137 +192,44 @@ def _settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bo
         config = config.with_calibration(calibrate)
     if output_format is None and not config.output.given and is_zarr(out_dir):
         output_format = "zarr"
-    return config.with_output_format(output_format), Path(out_dir).expanduser().resolve()
+    shard_bytes = None if shard_size is None else parse_size(shard_size)
+    return config.with_output(output_format, shard_bytes), Path(out_dir).expanduser().resolve()
+
+
+def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
+    """The manifest of the merge in `out_dir` and its output layout, rebuilt from it."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    manifest = Manifest.load(out_dir)
+    fmt, options = manifest.output
+    return manifest, layout_for(fmt, out_dir, manifest.entries(), options)
 
 
 def status(out_dir: str | Path) -> dict:
     """Progress of the merge in `out_dir`, from its manifest, and whether a run holds it now."""
-    out_dir = Path(out_dir).expanduser().resolve()
-    manifest = Manifest.load(out_dir)
+    manifest, layout = open_output(out_dir)
     info = manifest.progress()
-    info["format"] = "zarr" if _is_zarr_output(manifest) else "safetensors"
-    if manifest.complete:
-        info["state"] = "complete"
+    info["format"] = layout.format
+    info["details"] = layout.state()
+    if _is_locked(layout.out_dir):
+        info["state"] = "running"
+    elif manifest.complete:
+        info["state"] = "complete" if _finished(manifest, layout) else "damaged"
     else:
-        info["state"] = "running" if _is_locked(out_dir) else "stopped"
+        info["state"] = "stopped"
     return info
 
 
 def verify(out_dir: str | Path) -> list[str]:
-    """Re-read a merge's output and check it against its manifest: every sealed shard's header is
-    the planned one and every tensor's bytes match their sha256; the index maps every tensor to
-    its shard. Returns the problems found (empty: the output is as written)."""
-    out_dir = Path(out_dir).expanduser().resolve()
-    manifest = Manifest.load(out_dir)
-    problems = []
-    if _is_zarr_output(manifest):
-        for name, unit in manifest.units.items():
-            if unit["done"] and array_sha256(out_dir, name) != unit["sha256"]:
-                problems.append(f"{out_dir / name}: tensor '{name}' does not match its checksum "
-                                f"(corrupted, truncated or missing chunks)")
-        return problems
-    for k, shard in enumerate(manifest.shards):
-        path = out_dir / shard["file"]
-        if not shard["done"]:
-            continue
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        if path.stat().st_size != shard["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, planned {shard['size']} (truncated or extended)")
-            continue
-        for name in shard["tensors"]:
-            unit = manifest.units[name]
-            if range_sha256(path, unit["offset"], unit["nbytes"]) != unit["sha256"]:
-                problems.append(f"{path}: tensor '{name}' does not match its checksum (corrupted)")
-    if manifest.complete:
-        try:
-            index = json.loads((out_dir / INDEX_NAME).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError):
-            problems.append(f"{out_dir / INDEX_NAME}: missing or unreadable")
-        else:
-            for name, unit in manifest.units.items():
-                if index.get(name) != manifest.shards[unit["shard"]]["file"]:
-                    problems.append(f"{out_dir / INDEX_NAME}: tensor '{name}' is not mapped to its shard")
+    """Re-read a merge's output and check it against its manifest: every tensor's bytes against
+    their sha256, and every file the output must have. Returns the problems found (empty: the
+    output is whole and as written)."""
+    manifest, layout = open_output(out_dir)
+    problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)
+    if not manifest.complete:
+        p = manifest.progress()
+        problems.insert(0, f"{layout.out_dir}: the merge is not finished ({p['units_done']}/{p['units_total']} "
+                           f"tensors); rerun the same `dist-svc merge` command to finish it")
     return problems
-
-
-def _is_zarr_output(manifest: Manifest) -> bool:
-    return manifest.data["settings"]["config"].get("output", {}).get("format") == "zarr"
-
-
-def _output_present(out_dir: Path, manifest: Manifest, zarr_out: bool) -> bool:
-    if zarr_out:
-        return (out_dir / "zarr.json").is_file() and all((out_dir / n / "zarr.json").is_file() for n in manifest.units)
-    return _shards_present(out_dir, manifest)
-
-
-def _prepare_zarr(out_dir: Path, plan: Plan, manifest: Manifest, compression: str) -> None:
-    """The store's group and every array's metadata, before any worker writes; on a resume,
-    the bytes of each unit an earlier run finished are checked, and a unit that does not match
-    (a lost or corrupted chunk) is run again."""
-    create_group(out_dir, [u.name for u in plan.units])
-    for unit in plan.units:
-        create_array(out_dir, unit.name, unit.shape, unit.out_dtype, compression)
-    bad = [u.name for u in plan.units if manifest.units[u.name]["done"]
-           and array_sha256(out_dir, u.name) != manifest.units[u.name]["sha256"]]
-    if bad:
-        manifest.reset(bad)
-
-
-def _shards_present(out_dir: Path, manifest: Manifest) -> bool:
-    return all((out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["size"]
-               for s in manifest.shards)
-
-
-def _recover_shards(out_dir: Path, plan: Plan, manifest: Manifest) -> None:
-    """Bring each shard's files in line with the manifest after whatever stopped the last run.
-
-    A shard sealed (final name) but not yet recorded goes back to `.partial` to be verified and
-    sealed again; a partial that is missing or not of the planned header and size is recreated,
-    and its units are run again.
-    """
-    for k, shard in enumerate(plan.shards):
-        final, partial = out_dir / shard.file, partial_path(out_dir, shard)
-        names = list(shard.tensors)
-        if manifest.shards[k]["done"]:
-            if final.is_file() and final.stat().st_size == shard.size:
-                continue
-            manifest.mark_shard(k, False)  # the sealed shard went missing: make it again
-        if final.exists() and not partial.exists():
-            os.replace(final, partial)
-        if not _partial_ok(partial, shard):
-            create_partial(partial, shard)
-            manifest.reset(n for n in names if manifest.units[n]["done"])
-
-
-def _partial_ok(path: Path, shard) -> bool:
-    try:
-        if path.stat().st_size != shard.size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(shard.header)) == shard.header
-    except FileNotFoundError:
-        return False
-
-
-def _seal_if_complete(out_dir: Path, plan: Plan, manifest: Manifest, k: int, fresh: set[str]) -> None:
-    """Seal shard k once all its units are done and the bytes of those not in `fresh` match
-    their checksums; units whose bytes do not match are reset, to be run again."""
-    if manifest.shards[k]["done"]:
-        return
-    shard = plan.shards[k]
-    units = [manifest.units[n] for n in shard.tensors]
-    if not all(u["done"] for u in units):
-        return
-    partial = partial_path(out_dir, shard)
-    bad = [n for n, u in zip(shard.tensors, units)
-           if n not in fresh and range_sha256(partial, u["offset"], u["nbytes"]) != u["sha256"]]
-    if bad:
-        manifest.reset(bad)
-        return
-    seal_shard(partial, out_dir / shard.file)
-    manifest.mark_shard(k, True)
 
 
 @contextmanager
@@ -339,9 +261,10 @@ def _is_locked(out_dir: Path) -> bool:
         os.close(fd)
 
 
-def _report(out_dir: Path, plan: Plan, manifest: Manifest, units_run: int, already: bool, start: float) -> MergeReport:
+def _report(plan: Plan, manifest: Manifest, layout: OutputLayout, units_run: int, already: bool,
+            start: float) -> MergeReport:
     calibration = {name: u["calibration"] for name, u in manifest.units.items() if u.get("calibration")}
-    return MergeReport(out_dir, plan.summary(), len(plan.units), units_run, already,
+    return MergeReport(layout.out_dir, plan.summary(), len(plan.units), units_run, already,
                        time.perf_counter() - start, calibration)
 
 

@@ -2,17 +2,19 @@
 
 Only the driver writes it, and every write replaces the whole file atomically (temp + fsync +
 rename), so a crash at any instant leaves either the previous or the next state. A unit is
-recorded as done only after its worker has written and fsynced its bytes; its sha256 is what
-sealing the shard, resuming and `verify` check those bytes against.
+recorded as done only after its bytes are durable (the worker fsynced them, or `before_save`
+does before the manifest says so); its sha256 is what sealing, resuming and `verify` check
+those bytes against.
 
-Finished units are saved at most every `SAVE_EVERY` seconds (and whenever a shard is sealed,
-and at the end): rewriting the whole file after each of thousands of small tensors would cost
-more than the merge. A crash loses at most the last few seconds of records; those units are
-simply run again, with the same bytes.
+Finished units are saved at most every `SAVE_EVERY` seconds (and when a unit is reset, and at
+the end): rewriting the whole file after each of thousands of small tensors would cost more
+than the merge. A crash loses at most the last few seconds of records; those units are simply
+run again, with the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,11 +23,11 @@ from typing import Any, Callable, Iterable
 from dist_svc import __version__
 from dist_svc.errors import DistSvcError
 from dist_svc.plan import Plan
-from dist_svc.storage.hf_output import atomic_write
+from dist_svc.storage.durable import atomic_write, temp_path
 
 MANIFEST_NAME = "dist-svc-manifest.json"
 LOCK_NAME = ".dist-svc.lock"
-FORMAT = 1
+FORMAT = 2
 SAVE_EVERY = 2.0  # seconds
 
 
@@ -33,6 +35,8 @@ class Manifest:
     def __init__(self, path: Path, data: dict[str, Any]):
         self.path = path
         self.data = data
+        # name -> sha256 of every unit recorded as done: what layouts check stored bytes against.
+        self.recorded: dict[str, str] = {n: u["sha256"] for n, u in data["units"].items() if u["done"]}
         self._saved_at = time.monotonic()
         self._dirty = False
         # Called before every save: whatever must be durable before the manifest says so.
@@ -67,7 +71,8 @@ class Manifest:
             return manifest
         if out_dir.exists() and not out_dir.is_dir():
             raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
-        others = [p.name for p in out_dir.iterdir() if p.name != LOCK_NAME] if out_dir.exists() else []
+        ours = {LOCK_NAME, temp_path(out_dir / MANIFEST_NAME).name}  # a first save killed midway
+        others = [p.name for p in out_dir.iterdir() if p.name not in ours] if out_dir.exists() else []
         if others:
             raise DistSvcError(
                 f"{out_dir} is not empty and holds no dist-svc merge (found {', '.join(sorted(others)[:3])}"
@@ -75,12 +80,9 @@ class Manifest:
         return None
 
     @classmethod
-    def open_for(cls, out_dir: Path, plan: Plan) -> "Manifest":
-        """This plan's manifest in `out_dir`, resumed if it exists, else created."""
-        manifest = cls.check(out_dir, plan)
-        if manifest is None:
-            manifest = cls(out_dir / MANIFEST_NAME, _initial(plan))
-            manifest.save()
+    def create(cls, out_dir: Path, plan: Plan) -> "Manifest":
+        manifest = cls(out_dir / MANIFEST_NAME, _initial(plan))
+        manifest.save()
         return manifest
 
     def explain_mismatch(self, plan: Plan) -> str:
@@ -99,57 +101,66 @@ class Manifest:
             return f"it was started by dist-svc {self.data.get('version')}, this is {__version__}"
         return "its plan differs"
 
-    # -- state ---------------------------------------------------------------------------------
+    # -- what it describes -----------------------------------------------------------------------
 
     @property
     def units(self) -> dict[str, dict]:
         return self.data["units"]
 
     @property
-    def shards(self) -> list[dict]:
-        return self.data["shards"]
-
-    @property
     def complete(self) -> bool:
         return self.data["complete"]
 
-    def pending(self) -> list[str]:
-        return [name for name, u in self.units.items() if not u["done"]]
+    @property
+    def output(self) -> tuple[str, dict]:
+        """The output's format and layout options, as the plan chose them."""
+        spec = dict(self.data["settings"]["config"]["output"])
+        return spec.pop("format"), spec
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every output tensor, in plan order (Plan.entries)."""
+        return [(name, u["dtype"], tuple(u["shape"])) for name, u in self.units.items()]
+
+    @property
+    def side_files(self) -> dict[str, str]:
+        """Side file -> sha256 of the bytes the output gets."""
+        return self.data["side_files"]
+
+    # -- changes -------------------------------------------------------------------------------
 
     def record(self, name: str, sha256: str, info: dict[str, Any]) -> None:
         """Mark a unit done; saved within SAVE_EVERY seconds (see the module's docstring)."""
-        unit = self.units[name]
-        unit.update(done=True, sha256=sha256, **info)
+        self.units[name].update(done=True, sha256=sha256, **info)
+        self.recorded[name] = sha256
         self._dirty = True
         if time.monotonic() - self._saved_at >= SAVE_EVERY:
+            self.save()
+
+    def reset(self, names: Iterable[str]) -> None:
+        """Units whose bytes are gone or wrong: not done, saved at once."""
+        names = list(names)
+        for name in names:
+            self.units[name].update(done=False, sha256=None)
+            self.recorded.pop(name, None)
+        if names:
+            self.save()
+
+    def set_complete(self, complete: bool) -> None:
+        if self.data["complete"] != complete:
+            self.data["complete"] = complete
             self.save()
 
     def flush(self) -> None:
         if self._dirty:
             self.save()
 
-    def reset(self, names: Iterable[str]) -> None:
-        for name in names:
-            self.units[name].update(done=False, sha256=None)
-        self.save()
-
-    def mark_shard(self, index: int, done: bool) -> None:
-        self.shards[index]["done"] = done
-        self.save()
-
-    def mark_complete(self) -> None:
-        self.data["complete"] = True
-        self.save()
-
     def progress(self) -> dict[str, int]:
         units = self.units.values()
         return {
-            "units_done": sum(u["done"] for u in units),
+            "units_done": len(self.recorded),
             "units_total": len(self.units),
             "bytes_done": sum(u["nbytes"] for u in units if u["done"]),
             "bytes_total": sum(u["nbytes"] for u in units),
-            "shards_done": sum(s["done"] for s in self.shards),
-            "shards_total": len(self.shards),
         }
 
     def save(self) -> None:
@@ -166,12 +177,11 @@ def _initial(plan: Plan) -> dict[str, Any]:
         "fingerprint": plan.fingerprint,
         "settings": plan.settings,
         "inputs": plan.inputs,
+        "side_files": {name: hashlib.sha256(data).hexdigest() for name, data in plan.side_files.items()},
         "complete": False,
-        "shards": [{"file": s.file, "size": s.size, "tensors": list(s.tensors), "done": False} for s in plan.shards],
         "units": {
-            u.name: {"shape": list(u.shape), "dtype": u.out_dtype, "calibrate": u.calibrate,
-                     "shard": u.place.shard, "offset": u.place.offset, "nbytes": u.nbytes,
-                     "done": False, "sha256": None}
+            u.name: {"shape": list(u.shape), "dtype": u.out_dtype, "calibrate": u.calibrate, "nbytes": u.nbytes,
+                     "merged_with": u.merged_with(), "done": False, "sha256": None}
             for u in plan.units
         },
     }

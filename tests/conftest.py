@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dist_svc.demo import TinyLlama, make_family
+from dist_svc.commands.demo import TinyLlama, make_family
 
 # Small enough for an exact float64 reference, with the real names, several shards, GQA shapes
 # (k/v projections wider than tall), tall MLP matrices and embeddings that calibration skips.
@@ -63,3 +63,15 @@ def units_done(out_dir: Path) -> tuple[int, int]:
     except (FileNotFoundError, ValueError, KeyError):
         return 0, -1
     return sum(u["done"] for u in units.values()), len(units)
+
+
+def stored_at(out_dir: Path, name: str) -> tuple[Path, int, int, list[str]]:
+    """Where a tensor of a safetensors merge output is now, from its output layout: (the shard
+    file holding it, final or .partial; byte offset; size; every tensor of that shard)."""
+    from dist_svc.driver import open_output
+
+    _, layout = open_output(out_dir)
+    place = layout.placements[name]
+    partial = layout.partial(place.shard)
+    path = partial if partial.exists() else layout.final(place.shard)
+    return path, place.offset, place.nbytes, list(layout.shards[place.shard].tensors)

@@ -1,4 +1,4 @@
-"""Float64 references, written from the definitions (../shared/SVC.md, mergekit), independent of
+"""Float64 references, written from the definitions (docs/calibration.md, mergekit), independent of
 the product's code paths: numpy instead of torch, a loop over ranks instead of batched products."""
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from dist_svc.demo import TinyLlama
+from dist_svc.commands.demo import TinyLlama
 from tests.conftest import file_bytes, run_cli, units_done, write_config
+from tests.contracts import ExecutorContract
 
 # Set before Ray is imported (it reads them at import), the same for every node and driver (the
 # merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
@@ -46,7 +47,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from dist_svc.demo import make_family
+    from dist_svc.commands.demo import make_family
 
     root = tmp_path_factory.mktemp("cluster-family")
     base, fts = make_family(root, k=3, arch=MODEL, dtype=torch.float32, shards=2)
@@ -217,3 +218,15 @@ def test_an_address_where_no_cluster_answers_is_refused_at_once_and_nothing_is_w
     assert result.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "out").exists()
+
+
+class TestRayExecutor(ExecutorContract):
+    @pytest.fixture(autouse=True)
+    def _on_the_cluster(self, cluster):
+        self.address = cluster[0].address
+        _idle()
+
+    def executor(self):
+        from dist_svc.executors.ray_cluster import RayExecutor
+
+        return RayExecutor(address=self.address)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_svc import merge
-from dist_svc.demo import TinyLlama, make_family
+from dist_svc.commands.demo import TinyLlama, make_family
 from tests.conftest import write_config
 from tests.reference import load_checkpoint, load_output
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from dist_svc import merge
 from dist_svc.executors import LocalExecutor
 from tests.conftest import file_bytes, run_cli, write_config
+from tests.contracts import ExecutorContract
 from dist_svc.methods.random import stream_key, uniform
 from tests.reference import (
     iso_c_reference, load_checkpoint, load_output, merge_reference, star_reference, ties_reference, tsv_reference,
@@ -208,7 +209,7 @@ def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp
     """The worker's fallback: after pass 1 the Gram path finds a direction of one task at 2e-6 of
     the largest singular value (too few digits in its Gram eigenvalue), so this matrix is
     recomputed by SVD."""
-    from dist_svc.demo import write_hf_checkpoint
+    from dist_svc.commands.demo import write_hf_checkpoint
 
     rng = np.random.default_rng(3)
     q_u = np.linalg.qr(rng.standard_normal((20, 2)))[0]
@@ -227,3 +228,8 @@ def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp
     ref = merge_reference(tmp_path / "base", fts, [1.0] * 3)
     assert out["w"].dtype == torch.float64
     assert np.abs(out["w"].numpy() - ref["w"]).max() <= 1e-12
+
+
+class TestLocalExecutor(ExecutorContract):
+    def executor(self):
+        return LocalExecutor(threads=2, block_elements=300)  # units in flight, blocks small

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from dist_svc import DistSvcError, merge
-from dist_svc.demo import TinyLlama
-from tests.conftest import file_bytes, run_cli, units_done, write_config
+from dist_svc.commands.demo import TinyLlama
+from tests.conftest import file_bytes, run_cli, stored_at, units_done, write_config
 
 # Big enough (~0.1 s of work per matrix) that a kill lands mid-merge, small enough for CI.
 SLOW = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
@@ -130,16 +130,17 @@ def test_corrupted_bytes_of_a_finished_unit_are_found_and_recomputed_on_resume(t
     out = tmp_path / "resumed"
     _start_and_kill(slow_merge, out, at_least=3)
     manifest = json.loads((out / "dist-svc-manifest.json").read_text())
-    name, unit = next((n, u) for n, u in manifest["units"].items() if u["done"])
-    shard = manifest["shards"][unit["shard"]]["file"]
-    path = out / shard if manifest["shards"][unit["shard"]]["done"] else out / (shard + ".partial")
+    # A recorded tensor in a shard not yet sealed (sealed shards: verify's test below).
+    recorded = [n for n, u in manifest["units"].items() if u["done"]]
+    name = next((n for n in recorded if stored_at(out, n)[0].name.endswith(".partial")), None)
+    if name is None:
+        pytest.skip("every recorded tensor's shard was already sealed when the merge was killed")
+    path, offset, nbytes, _ = stored_at(out, name)
     with open(path, "r+b") as f:  # flip one byte in the middle of a recorded tensor
-        f.seek(unit["offset"] + unit["nbytes"] // 2)
+        f.seek(offset + nbytes // 2)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    if manifest["shards"][unit["shard"]]["done"]:
-        pytest.skip("the corrupted unit's shard was already sealed; covered by `verify` (storage issue)")
     run_cli("merge", slow_merge, out, "--shard-size", "1MB")
     assert file_bytes(out) == file_bytes(reference)
 
@@ -153,10 +154,10 @@ def test_verify_finds_a_flipped_byte_and_a_deleted_shard_is_merged_again_alone(t
     assert "tensors match their checksums" in run_cli("verify", out).stdout
 
     manifest = json.loads((out / "dist-svc-manifest.json").read_text())
-    name, unit = next((n, u) for n, u in manifest["units"].items() if u["nbytes"] > 64)
-    shard = out / manifest["shards"][unit["shard"]]["file"]
+    name = next(n for n, u in manifest["units"].items() if u["nbytes"] > 64)
+    shard, offset, _, shard_tensors = stored_at(out, name)
     raw = bytearray(shard.read_bytes())
-    raw[unit["offset"] + 5] ^= 0x01
+    raw[offset + 5] ^= 0x01
     shard.write_bytes(bytes(raw))
     result = run_cli("verify", out, check=False)
     assert result.returncode == 1 and name in result.stderr and "corrupted" in result.stderr
@@ -164,6 +165,6 @@ def test_verify_finds_a_flipped_byte_and_a_deleted_shard_is_merged_again_alone(t
     shard.unlink()  # as the message says: delete the damaged shard, rerun the same command
     assert "missing" in run_cli("verify", out, check=False).stderr
     rerun = run_cli("merge", cfg, out, "--shard-size", "40KB")
-    assert f"merged {len(manifest['shards'][unit['shard']]['tensors'])} tensors" in rerun.stdout
+    assert f"merged {len(shard_tensors)} tensors" in rerun.stdout
     assert file_bytes(out) == good
     assert run_cli("verify", out).returncode == 0

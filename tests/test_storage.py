@@ -6,8 +6,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_svc.demo import write_hf_checkpoint
+from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
+from tests.contracts import CheckpointContract, OutputLayoutContract
+
+
+class TestSafetensorsCheckpoint(CheckpointContract):
+    def make(self, tmp_path, tensors, side_files):
+        write_hf_checkpoint(tmp_path / "ckpt", tensors, shards=2)
+        for name, data in side_files.items():
+            (tmp_path / "ckpt" / name).write_bytes(data)
+        return SafetensorsCheckpoint(tmp_path / "ckpt")
+
+
+class TestSafetensorsLayout(OutputLayoutContract):
+    FORMAT = "safetensors"
+    OPTIONS = {"shard_bytes": 1000}  # several shards, one tensor larger than a shard
+
+    def flip_a_byte(self, root, layout, name):
+        place = layout.placements[name]
+        path = layout.final(place.shard)
+        raw = bytearray(path.read_bytes())
+        raw[place.offset + place.nbytes // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -68,7 +89,7 @@ def test_reading_slices_of_a_large_tensor_costs_memory_for_the_slice_not_the_ten
     import subprocess
     import sys
 
-    from dist_svc.convert import convert
+    from dist_svc.commands.convert import convert
 
     rows, cols = 16384, 4096  # float32: 256 MiB
     save_file({"big": torch.ones(rows, cols)}, str(tmp_path / "model.safetensors"))

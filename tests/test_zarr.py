@@ -11,32 +11,48 @@ import torch
 from safetensors.torch import load_file
 
 from dist_svc import merge
-from dist_svc.convert import convert
-from dist_svc.demo import write_hf_checkpoint
+from dist_svc.commands.convert import convert
+from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.driver import verify
 from dist_svc.storage import open_checkpoint
-from dist_svc.storage.zarr_store import DTYPE_ATTR, ZarrCheckpoint
+from dist_svc.storage.zarr_format import DTYPE_ATTR
+from dist_svc.storage.zarr_reader import ZarrCheckpoint
 from tests.conftest import file_bytes, run_cli, write_config
+from tests.contracts import CheckpointContract, OutputLayoutContract, tensors_of_every_shape
 from tests.reference import load_output
+
+
+class TestZarrCheckpoint(CheckpointContract):
+    def make(self, tmp_path, tensors, side_files):
+        write_hf_checkpoint(tmp_path / "src", tensors)
+        for name, data in side_files.items():
+            (tmp_path / "src" / name).write_bytes(data)
+        convert(tmp_path / "src", tmp_path / "ckpt.zarr", progress="off")
+        return ZarrCheckpoint(tmp_path / "ckpt.zarr")
+
+
+class TestZarrLayout(OutputLayoutContract):
+    FORMAT = "zarr"
+    OPTIONS = {"compression": "zstd"}
+
+    def flip_a_byte(self, root, layout, name):
+        _flip_a_chunk_byte(root / name)
+
+
+def _flip_a_chunk_byte(array_dir) -> None:
+    chunk = next(p for p in sorted((array_dir / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous().view(torch.uint8)
 
 
-def _tensors(dtype):
-    gen = torch.Generator().manual_seed(1)
-    # Bit-level comparison below: any rounding or byte-order slip shows.
-    return {"model.layers.0.a.weight": (torch.randn(37, 11, generator=gen) * 1e3).to(dtype),
-            "model.norm.weight": torch.randn(11, generator=gen).to(dtype),
-            "w3d": torch.randn(3, 4, 5, generator=gen).to(dtype),
-            "scalar": torch.tensor(-0.3).to(dtype),
-            "empty": torch.zeros(0, 4, dtype=dtype)}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_safetensors_to_zarr_to_safetensors_is_bit_exact(tmp_path, dtype):
-    tensors = _tensors(dtype)
+    tensors = tensors_of_every_shape(dtype)
     write_hf_checkpoint(tmp_path / "src", tensors, shards=2, config={"model_type": "llama"})
     convert(tmp_path / "src", tmp_path / "m.zarr", progress="off")
     convert(tmp_path / "m.zarr", tmp_path / "back", progress="off", shard_size=1)
@@ -50,7 +66,7 @@ def test_safetensors_to_zarr_to_safetensors_is_bit_exact(tmp_path, dtype):
         assert got.dtype == dtype and got.shape == t.shape and torch.equal(_bits(got), _bits(t)), name
         assert back[name].dtype == dtype and back[name].shape == t.shape and torch.equal(_bits(back[name]), _bits(t))
     if dtype == torch.bfloat16:  # stored as its bits, named by an attribute
-        meta = json.loads((tmp_path / "m.zarr" / "model.norm.weight" / "zarr.json").read_text())
+        meta = json.loads((tmp_path / "m.zarr" / "model.layers.0.input_layernorm.weight" / "zarr.json").read_text())
         assert meta["data_type"] == "uint16" and meta["attributes"][DTYPE_ATTR] == "bfloat16"
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == {"model_type": "llama"}
     assert len(list((tmp_path / "back").glob("*.safetensors"))) == len(tensors)  # shard_size=1: one each
@@ -61,7 +77,7 @@ def test_row_and_column_slices_of_zarr_equal_full_reads(tmp_path, compression):
     big = torch.randn(3000, 700, generator=torch.Generator().manual_seed(2))
     write_hf_checkpoint(tmp_path / "src", {"w": big, "v": big[0].clone()})
     convert(tmp_path / "src", tmp_path / "m.zarr", compression=compression, progress="off")
-    from dist_svc.storage import zarr_store
+    from dist_svc.storage import zarr_format
 
     z = ZarrCheckpoint(tmp_path / "m.zarr")
     full = z.read("w")
@@ -70,8 +86,8 @@ def test_row_and_column_slices_of_zarr_equal_full_reads(tmp_path, compression):
         assert torch.equal(z.read("w", rows=rows), full[rows])
     assert torch.equal(z.read("w", cols=slice(100, 333)), full[:, 100:333])
     assert torch.equal(z.read("w", rows=slice(10, 20), cols=slice(1, 2)), full[10:20, 1:2])
-    assert zarr_store.chunk_shape((3000, 700), "F32") == (2048, 700)  # tiles, clipped to the matrix
-    assert zarr_store.chunk_shape((5, 3, 4), "BF16") == (5, 3, 4)
+    assert zarr_format.chunk_shape((3000, 700), "F32") == (2048, 700)  # tiles, clipped to the matrix
+    assert zarr_format.chunk_shape((5, 3, 4), "BF16") == (5, 3, 4)
 
 
 def test_a_merge_of_zarr_inputs_equals_the_merge_of_the_same_safetensors_inputs(tmp_path, family):
@@ -108,12 +124,7 @@ def test_zarr_output_holds_the_same_tensors_and_verify_finds_a_flipped_byte(tmp_
     m_s = json.loads((tmp_path / "out-st" / "dist-svc-manifest.json").read_text())["units"]
     assert {n: u["sha256"] for n, u in m_z.items()} == {n: u["sha256"] for n, u in m_s.items()}
 
-    chunk = next((out / "model.layers.0.mlp.up_proj.weight" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    _flip_a_chunk_byte(out / "model.layers.0.mlp.up_proj.weight")
     problems = verify(out)
     assert len(problems) == 1 and "model.layers.0.mlp.up_proj.weight" in problems[0]
     proc = run_cli("verify", out, check=False)

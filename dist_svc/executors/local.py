@@ -13,7 +13,7 @@ import threading
 from typing import Callable, Sequence
 
 from dist_svc.plan import Unit
-from dist_svc.worker import Job, UnitResult, Worker
+from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
 DEFAULT_THREADS = 2
 # On a GPU the arithmetic is fast and the reads are the limit: more units in flight keep more
@@ -26,8 +26,8 @@ GPU_THREADS = 4
 class LocalExecutor:
     name = "local"
     # Workers write from this process: their checksums need no re-reading (results_verified),
-    # and the driver syncs the shard files before it records their units (one fdatasync per
-    # batch, not per tensor).
+    # and the driver makes their bytes durable before it records their units (one fdatasync
+    # per file per manifest save, not per tensor).
     results_verified = True
     driver_syncs = True
 
@@ -43,7 +43,20 @@ class LocalExecutor:
         self.threads = max(1, threads if threads is not None else default)
         self.worker_options = worker_options
 
+    def connect(self) -> None:
+        pass
+
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        setup_process(self.device)
+        try:
+            self._run(job, units, on_result)
+        finally:
+            torch.set_num_threads(threads)  # the process is the caller's again (the Python API)
+
+    def _run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
         if self.threads == 1 or len(units) <= 1:
             worker = Worker(job, self.device, sync=False, **self.worker_options)
             try:

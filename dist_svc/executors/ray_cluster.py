@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
 from dist_svc.plan import Unit
-from dist_svc.worker import Job, UnitResult, Worker
+from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
 NAMESPACE = "dist-svc"
 IN_FLIGHT_PER_ACTOR = 2
@@ -44,6 +44,7 @@ class MergeActor:
 
         self.job = job
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        setup_process(self.device)
         self.options = {} if block_elements is None else {"block_elements": block_elements}
         self.local = threading.local()
         self.where = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
@@ -196,4 +197,4 @@ class RayExecutor:
     @staticmethod
     def _verify(job: Job, unit: Unit, result: UnitResult) -> bool:
         """The bytes on shared storage are the ones the actor hashed."""
-        return job.stored_sha256(unit) == result.sha256
+        return job.layout.stored_sha256(unit.name) == result.sha256

@@ -1,25 +1,23 @@
-"""Checkpoint storage: safetensors (Hugging Face layout) and zarr v3, behind one reader interface."""
+"""Storage: checkpoints in (one `Checkpoint` interface, `open_checkpoint`) and merged outputs
+out (one `OutputLayout` interface, dist_svc.storage.output)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from dist_svc.storage.types import Checkpoint
 
 
-def open_checkpoint(path: str | Path):
-    """A `ZarrCheckpoint` for a zarr store, else a `SafetensorsCheckpoint`: both give `tensors`
-    (from metadata alone), `read(name, rows=, cols=)`, `identity()` and `close()`."""
-    from dist_svc.storage.zarr_store import ZarrCheckpoint, is_zarr
+def open_checkpoint(path: str | Path) -> "Checkpoint":
+    """The reader for a checkpoint: a zarr v3 store, else Hugging Face safetensors."""
+    from dist_svc.storage.zarr_format import is_zarr
 
     if is_zarr(path):
+        from dist_svc.storage.zarr_reader import ZarrCheckpoint
+
         return ZarrCheckpoint(path)
     from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
 
     return SafetensorsCheckpoint(path)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes in row-major order, as both layouts store them (on the CPU)."""
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-    return memoryview(flat.numpy())

@@ -22,32 +22,18 @@ import numpy as np
 import torch
 
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.types import DTYPES, INDEX_NAME, TensorInfo, natural_key
 
-# Floating-point dtypes that can be merged, with their torch dtype and size in bytes.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-}
-TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
-NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 MAP_WINDOW = 32 * 1024 * 1024  # bytes of a tensor mapped at once by a column read
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors code: F32, BF16, ...
-    shape: tuple[int, ...]
-    file: Path
-    offset: int  # of its first byte in the file
+class _Stored:
+    """Where a tensor's bytes are: its file and the offset of its first byte."""
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+    file: Path
+    offset: int
 
 
 def read_header(path: Path) -> tuple[dict, int, dict]:
@@ -111,10 +97,11 @@ class SafetensorsCheckpoint:
     """One checkpoint: its tensors (from headers alone) and row-slice reads of each."""
 
     def __init__(self, path: str | Path):
+        self.source = str(path)
         self.path = Path(path)
         self.files = self._discover()
         self.tensors: dict[str, TensorInfo] = {}
-        self._headers: dict[Path, bytes] = {}
+        self._stored: dict[str, _Stored] = {}
         self._identity = []
         for file in self.files:
             header, data_start, identity = read_header(file)
@@ -124,9 +111,9 @@ class SafetensorsCheckpoint:
                     continue
                 if name in self.tensors:
                     raise DistSvcError(f"{self.path}: tensor '{name}' is stored twice "
-                                       f"({self.tensors[name].file.name} and {file.name}).")
-                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file,
-                                                data_start + entry["data_offsets"][0])
+                                       f"({self._stored[name].file.name} and {file.name}).")
+                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
+                self._stored[name] = _Stored(file, data_start + entry["data_offsets"][0])
         self._check_index()
         self._fds: dict[Path, int] = {}
 
@@ -164,13 +151,13 @@ class SafetensorsCheckpoint:
             return
         for name, fname in weight_map.items():
             info = self.tensors.get(name)
-            if info is None or info.file.name != fname:
+            if info is None or self._stored[name].file.name != fname:
                 raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is mapped to {fname}, "
                                    f"but that file does not hold it. The index and shards disagree.")
         for name in self.tensors:
             if name not in weight_map:
                 raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is in "
-                                   f"{self.tensors[name].file.name} but not in the index.")
+                                   f"{self._stored[name].file.name} but not in the index.")
 
     def chunk_extent(self, name: str, axis: int) -> int:
         """Any block of rows or columns is read without waste here (see `ZarrCheckpoint`)."""
@@ -178,7 +165,8 @@ class SafetensorsCheckpoint:
 
     def order(self) -> list[str]:
         """Tensor names file by file, in natural order within a file ("layers.10" after "layers.9")."""
-        return sorted(self.tensors, key=lambda n: (self.files.index(self.tensors[n].file), natural_key(n)))
+        position = {file: i for i, file in enumerate(self.files)}
+        return sorted(self.tensors, key=lambda n: (position[self._stored[n].file], natural_key(n)))
 
     def identity(self) -> list[dict]:
         """What identifies the inputs cheaply: each file's name, size, modification time and
@@ -201,7 +189,7 @@ class SafetensorsCheckpoint:
         shape = info.shape
         try:
             if cols is not None:
-                return self._read_columns(info, rows or slice(None), cols)
+                return self._read_columns(info, self._stored[name], rows or slice(None), cols)
             if rows is None or not shape:
                 start, stop = 0, (shape[0] if shape else 1)
             else:
@@ -211,13 +199,14 @@ class SafetensorsCheckpoint:
                 stop = max(start, stop)
             row_bytes = math.prod(shape[1:]) * itemsize
             buf = bytearray((stop - start) * row_bytes)
-            self._pread(info.file, info.offset + start * row_bytes, buf)
+            stored = self._stored[name]
+            self._pread(stored.file, stored.offset + start * row_bytes, buf)
             out_shape = ((stop - start), *shape[1:]) if shape else ()
             if not buf:
                 return torch.empty(out_shape, dtype=torch_dtype)
             return torch.frombuffer(buf, dtype=torch_dtype).reshape(out_shape)
         except OSError as e:
-            raise DistSvcError(f"{info.file}: cannot read tensor '{name}': {e.strerror or e}.") from None
+            raise DistSvcError(f"{info.where}: cannot read tensor '{name}': {e.strerror or e}.") from None
 
     def _pread(self, file: Path, offset: int, buf: bytearray) -> None:
         fd = self._fds.get(file)
@@ -231,7 +220,7 @@ class SafetensorsCheckpoint:
                 raise OSError(f"unexpected end of file at byte {offset + done}; the file was truncated")
             done += n
 
-    def _read_columns(self, info: TensorInfo, rows: slice, cols: slice) -> torch.Tensor:
+    def _read_columns(self, info: TensorInfo, stored: _Stored, rows: slice, cols: slice) -> torch.Tensor:
         """Strided reads: copied out of mappings of at most MAP_WINDOW bytes of whole rows at a
         time, each unmapped before the next, so the pages mapped at any moment stay bounded."""
         torch_dtype, itemsize = DTYPES[info.dtype]
@@ -249,21 +238,18 @@ class SafetensorsCheckpoint:
         per_window = max(1, MAP_WINDOW // max(row_bytes, 1))
         for start in range(r0, r1, per_window):
             stop = min(start + per_window, r1)
-            window = np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.offset + start * row_bytes,
+            window = np.memmap(stored.file, dtype=np_dtype, mode="r", offset=stored.offset + start * row_bytes,
                                shape=(stop - start, *info.shape[1:]))
             out[start - r0:stop - r0] = window[:, c0:c1]
             del window  # unmapped here
         return torch.from_numpy(out).view(torch_dtype)
+
+    def side_file(self, name: str) -> bytes | None:
+        path = (self.path if self.path.is_dir() else self.path.parent) / name
+        return path.read_bytes() if path.is_file() else None
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
-
-def natural_key(name: str) -> list:
-    """Sort key with numbers compared as numbers, so layers stay together and in order."""
-    parts = []
-    for piece in name.replace(".", " . ").split():
-        parts.append((0, int(piece), "") if piece.isdigit() else (1, 0, piece))
-    return parts

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_svc.blocks import BLOCK_ELEMENTS
 from dist_svc.config import MergeConfig
 from dist_svc.methods import METHODS
 from dist_svc.plan import Plan
-from dist_svc.storage.safetensors_reader import DTYPES
-from dist_svc.worker import BLOCK_ELEMENTS, CACHE_BYTES, CPU_INTRA_OP_THREADS
+from dist_svc.storage.types import DTYPES
+from dist_svc.worker import CACHE_BYTES, CPU_INTRA_OP_THREADS
 
 PROBE_BYTES = 256 << 20
 

@@ -108,7 +108,7 @@ def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: 
     import sys
     from pathlib import Path
 
-    from dist_svc.demo import TinyLlama, make_family
+    from dist_svc.commands.demo import TinyLlama, make_family
 
     workdir = Path(workdir).resolve()
     rows = []
@@ -219,7 +219,7 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
     import shutil
     from pathlib import Path
 
-    from dist_svc.demo import TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import TinyLlama, make_family, write_config
     from dist_svc.driver import merge
     from dist_svc.executors import LocalExecutor
 
@@ -261,8 +261,8 @@ def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, l
     import shutil
     from pathlib import Path
 
-    from dist_svc.convert import convert
-    from dist_svc.demo import TinyLlama, make_family
+    from dist_svc.commands.convert import convert
+    from dist_svc.commands.demo import TinyLlama, make_family
     from dist_svc.storage import open_checkpoint
 
     workdir = Path(workdir).resolve()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dist_svc.storage.safetensors_reader import INDEX_NAME
+from dist_svc.storage.types import INDEX_NAME
 
 
 @dataclass(frozen=True)

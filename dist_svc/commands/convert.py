@@ -1,0 +1,90 @@
+"""`dist-svc convert`: a checkpoint from one layout to another (safetensors <-> zarr v3).
+
+Tensors are streamed in row blocks (never a whole checkpoint in memory) through the output
+layout's writers, hashed on the way in, and every tensor is read back from the destination and
+compared with that hash before the result appears: the output is built under a temporary name
+next to DST and renamed into place at the end, so DST is either absent or complete, and an
+existing DST is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from dist_svc.config import DEFAULT_SHARD_BYTES
+from dist_svc.errors import DistSvcError
+from dist_svc.progress import Progress
+from dist_svc.storage import open_checkpoint
+from dist_svc.storage.durable import fsync_dir
+from dist_svc.storage.output import FORMATS, layout_for, source_files
+from dist_svc.storage.types import DTYPES, tensor_bytes
+from dist_svc.storage.zarr_format import is_zarr
+
+BLOCK_BYTES = 64 << 20
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compression: str = "none",
+            shard_size: int = DEFAULT_SHARD_BYTES, progress: str = "auto",
+            log: Callable[[str], None] = lambda s: None) -> dict:
+    """Convert checkpoint `src` into `dst` ("zarr" or "safetensors"; by default zarr when `dst`
+    ends in .zarr). Returns {"tensors", "bytes", "format"}."""
+    dst = Path(dst).expanduser().resolve()
+    fmt = fmt or ("zarr" if is_zarr(dst) else "safetensors")
+    if fmt not in FORMATS:
+        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}.")
+    if compression != "none" and fmt != "zarr":
+        raise DistSvcError("only zarr output can be compressed; drop --compression or write a .zarr store.")
+    if dst.exists():
+        raise DistSvcError(f"{dst} already exists; dist-svc never overwrites. Choose a new destination or remove it.")
+    source = open_checkpoint(src)
+    names = source.order()
+    total = sum(info.nbytes for info in source.tensors.values())
+    tmp = dst.with_name(f".{dst.name}.converting-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bar = Progress(total, len(names), mode=progress)
+    try:
+        entries = [(n, source.tensors[n].dtype, source.tensors[n].shape) for n in names]
+        layout = layout_for(fmt, tmp, entries, {"shard_bytes": shard_size, "compression": compression})
+        layout.prepare({})
+        recorded: dict[str, str] = {}
+        for name in names:
+            writer = layout.writer(name, sync=True)
+            for block in _blocks(source, name):
+                writer.write(tensor_bytes(block))
+            digest = writer.close()  # sha256 of the bytes read from the source
+            if layout.stored_sha256(name) != digest:
+                raise DistSvcError(f"{tmp}: tensor '{name}' reads back differently from what was written; "
+                                   f"the destination storage is not reliable.")
+            recorded[name] = digest
+            if layout.on_recorded(name):
+                layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
+            bar.advance(source.tensors[name].nbytes)
+        layout.finish(source_files(source))
+        fsync_dir(tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        source.close()
+    log(f"converted {len(names)} tensors ({total} bytes) into {dst} ({fmt}), every tensor verified")
+    return {"tensors": len(names), "bytes": total, "format": fmt}
+
+
+def _blocks(source, name: str):
+    """The tensor's rows in blocks of about BLOCK_BYTES, in its stored dtype."""
+    info = source.tensors[name]
+    if len(info.shape) == 0:
+        yield source.read(name)
+        return
+    row_bytes = max(1, math.prod(info.shape[1:]) * DTYPES[info.dtype][1])
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for r0 in range(0, info.shape[0], step):
+        yield source.read(name, rows=slice(r0, r0 + step))

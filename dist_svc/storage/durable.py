@@ -1,0 +1,77 @@
+"""Durable writes, the same way everywhere: temp file, fsync, rename, fsync of the directory.
+
+A file that appears under its final name is complete and on stable storage; a crash at any
+instant leaves the previous state or the next one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+HASH_PIECE = 64 << 20
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, durably. The temp file is `.NAME.tmp` beside it."""
+    tmp = temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def temp_path(path: Path) -> Path:
+    """Where `atomic_write` stages `path`: a leftover of a killed write, ours to delete."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def sync_file(path: Path) -> None:
+    """Make a file's data durable."""
+    _sync(path, os.fdatasync)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    _sync(path, os.fsync)
+
+
+def sync_tree(root: Path) -> None:
+    """Make every file and directory under `root` durable."""
+    if root.is_file():
+        sync_file(root)
+        return
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            sync_file(Path(dirpath) / f)
+        fsync_dir(Path(dirpath))
+
+
+def range_sha256(path: Path, offset: int, nbytes: int) -> str | None:
+    """sha256 of a byte range of a file, read in 64 MiB pieces; None when the file is missing
+    or shorter than the range."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = nbytes
+            while left:
+                chunk = f.read(min(left, HASH_PIECE))
+                if not chunk:
+                    return None
+                h.update(chunk)
+                left -= len(chunk)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
+def _sync(path: Path, how) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        how(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,128 @@
+"""The output layout seam: how a merge's tensors are stored, behind one interface.
+
+An `OutputLayout` is built from the output spec, OUT_DIR and the planned tensors (name, dtype,
+shape, in plan order) alone, so the driver, the workers (in any process) and `verify` all
+rebuild the same one. It decides where each tensor's bytes go and how a finished output looks;
+the driver decides when things happen, and the manifest records which tensors are done and
+their checksums (`recorded`: name -> sha256 of the tensor's bytes in row-major order, the same
+for every layout).
+
+To add a layout: one module implementing `OutputLayout` (and a `UnitWriter`), one line in
+`LAYOUTS`, and a subclass of `tests/contracts.py: OutputLayoutContract`. docs/extending.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import ClassVar, Iterable, Mapping, Protocol, Sequence
+
+Entry = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype code, shape)
+
+# format name -> "module:class"; imported only when that format is used.
+LAYOUTS: dict[str, str] = {
+    "safetensors": "dist_svc.storage.safetensors_output:SafetensorsLayout",
+    "zarr": "dist_svc.storage.zarr_output:ZarrLayout",
+}
+FORMATS = tuple(LAYOUTS)
+
+
+class UnitWriter(Protocol):
+    """One tensor's bytes, in row-major order, arriving in pieces; hashed on the way."""
+
+    def write(self, data) -> None: ...
+
+    def close(self) -> str:
+        """The tensor is complete: make it durable (if the writer syncs) and return its sha256."""
+
+    def abort(self) -> None: ...
+
+
+class OutputLayout(Protocol):
+    format: ClassVar[str]
+    out_dir: Path
+
+    def prepare(self, recorded: Mapping[str, str]) -> list[str]:
+        """Before any worker writes (driver only): create what writers need, and bring what an
+        earlier run left in line with `recorded`. Returns the recorded tensors whose bytes are
+        gone or not what was recorded: they must be run again."""
+
+    def writer(self, name: str, sync: bool) -> UnitWriter:
+        """Where one tensor's bytes go (any process). With `sync=False` the caller must call
+        `make_durable` before it records the tensor."""
+
+    def make_durable(self, names: Iterable[str]) -> None: ...
+
+    def stored_sha256(self, name: str) -> str | None:
+        """sha256 of a tensor's bytes as stored now (None: unreadable or missing)."""
+
+    def on_recorded(self, name: str) -> bool:
+        """A tensor was recorded (O(1) bookkeeping). True when it completes something `seal`
+        can seal; the driver then saves the manifest and calls `seal`."""
+
+    def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        """Seal everything complete and not yet sealed (also what a killed run left unsealed):
+        a shard becomes visible under its final name, or nothing. Tensors in `fresh` were hashed
+        as they were written in this run and need no re-reading. Returns recorded tensors found
+        damaged: they must be run again."""
+
+    def finish(self, side_files: Mapping[str, bytes]) -> None:
+        """Every tensor is recorded and sealed: write what completes the output (index, config
+        and tokenizer files), durably."""
+
+    def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
+        """What keeps the output from being present and whole, one line each (empty: whole).
+        `side_files` maps each side file to the sha256 it was written with. `deep` re-reads
+        every tensor and side file against its checksum (verify); otherwise sizes and presence
+        only (what a rerun checks before it says "already complete")."""
+
+    def state(self) -> list[str]:
+        """Layout-specific progress lines for `status` (e.g. shards sealed)."""
+
+
+def layout_for(fmt: str, out_dir: Path, entries: Sequence[Entry], options: Mapping) -> OutputLayout:
+    """The layout of format `fmt` for these tensors in OUT_DIR. `options` are the output spec's
+    (shard size, compression)."""
+    module, cls = LAYOUTS[fmt].split(":")
+    return getattr(importlib.import_module(module), cls)(out_dir, entries, options)
+
+
+def source_files(base) -> dict[str, bytes]:
+    """The base checkpoint's config and tokenizer files, as stored."""
+    from dist_svc.storage.types import SIDE_FILES
+
+    return {name: data for name in SIDE_FILES if (data := base.side_file(name)) is not None}
+
+
+def side_files(base, out_dtype: str | None) -> dict[str, bytes]:
+    """The base's side files as the output gets them: `config.json` names the output dtype (a
+    torch dtype name such as "bfloat16") when one was chosen."""
+    return {name: _with_dtype(data, out_dtype) if name == "config.json" and out_dtype else data
+            for name, data in source_files(base).items()}
+
+
+def _with_dtype(config_bytes: bytes, dtype: str) -> bytes:
+    try:
+        config = json.loads(config_bytes)
+    except ValueError:
+        return config_bytes  # not ours to repair; copied as is
+    if not isinstance(config, dict):
+        return config_bytes
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def side_file_problems(out_dir: Path, side_files: Mapping[str, str], deep: bool) -> list[str]:
+    """Side files of a local output that are missing or (`deep`) not as written."""
+    out = []
+    for name, digest in side_files.items():
+        path = out_dir / name
+        if not path.is_file():
+            out.append(f"{path}: missing")
+        elif deep and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            out.append(f"{path}: not the file the merge wrote (changed since)")
+    return out

@@ -1,0 +1,303 @@
+"""Output as Hugging Face sharded safetensors, written in place.
+
+Every output tensor's shape and dtype is known from the plan, so each shard's header, and so
+every tensor's byte offset, is fixed before any data exists. A shard is first created as
+`NAME.partial` (header + pre-sized data area); workers write their tensor's bytes at its offset
+in any order, from any process or node that sees the directory. Once all of a shard's tensors
+are recorded and their bytes verify against their checksums, the file is fsynced and renamed to
+NAME: a file under a shard's final name is always complete. The index and the side files
+(config, tokenizer) are written last, each via temp file + fsync + rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterable, Mapping, Sequence
+
+from dist_svc.storage.durable import atomic_write, fsync_dir, range_sha256, sync_file
+from dist_svc.storage.output import Entry, side_file_problems
+from dist_svc.storage.types import DTYPES, INDEX_NAME, tensor_nbytes
+
+
+PARTIAL_SUFFIX = ".partial"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor's bytes go: shard number and absolute byte offset in that file."""
+
+    shard: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    file: str
+    header: bytes  # the complete 8-byte length prefix + JSON header, padded to 8 bytes
+    size: int
+    tensors: tuple[str, ...]
+
+
+def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[ShardLayout], dict[str, Placement]]:
+    """Pack (name, dtype, shape) in the given order into shards of at most `max_shard_bytes`
+    of tensor data (a tensor larger than that gets a shard of its own), and fix every offset.
+
+    Within a shard, tensors are laid out by dtype size (largest first) so every tensor's data is
+    aligned to its element size, as safetensors' own writer does.
+    """
+    groups: list[list[Entry]] = []
+    current: list[Entry] = []
+    current_bytes = 0
+    for entry in entries:
+        nbytes = tensor_nbytes(entry[1], entry[2])
+        if current and current_bytes + nbytes > max_shard_bytes:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += nbytes
+    if current:
+        groups.append(current)
+
+    shards: list[ShardLayout] = []
+    placements: dict[str, Placement] = {}
+    for k, group in enumerate(groups):
+        ordered = sorted(group, key=lambda e: -DTYPES[e[1]][1])  # stable: keeps plan order per dtype
+        header: dict = {"__metadata__": {"format": "pt"}}
+        position = 0
+        for name, dtype, shape in ordered:
+            nbytes = tensor_nbytes(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+            position += nbytes
+        body = json.dumps(header, separators=(",", ":")).encode()
+        body += b" " * (-(len(body)) % 8)
+        prefix = len(body).to_bytes(8, "little") + body
+        for name, dtype, shape in ordered:
+            begin = header[name]["data_offsets"][0]
+            placements[name] = Placement(k, len(prefix) + begin, tensor_nbytes(dtype, shape))
+        shards.append(ShardLayout(shard_name(k, len(groups)), prefix, len(prefix) + position,
+                                  tuple(name for name, _, _ in ordered)))
+    return shards, placements
+
+
+class TensorWriter:
+    """Writes one tensor's bytes at its place in a file, in pieces that arrive in order, and
+    hashes them on the way. With `sync`, `close()` makes them durable (fdatasync) before anyone
+    can record them; without, whoever records them must sync the file first."""
+
+    def __init__(self, path: Path, offset: int, nbytes: int, sync: bool = True):
+        self.sync = sync
+        self.fd = os.open(path, os.O_WRONLY)
+        self.offset, self.end = offset, offset + nbytes
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self.offset + len(view) > self.end:
+            raise ValueError("more bytes than the tensor's planned size")
+        self.hash.update(view)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.offset + done)
+        self.offset += len(view)
+
+    def close(self) -> str:
+        try:
+            if self.offset != self.end:
+                raise ValueError(f"tensor incomplete: {self.end - self.offset} bytes missing")
+            if self.sync:
+                os.fdatasync(self.fd)
+        finally:
+            os.close(self.fd)
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+def create_partial(path: Path, shard: ShardLayout) -> None:
+    """The shard's file with its final header and a zero-filled (sparse) data area, durable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(shard.header)
+        f.truncate(shard.size)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def seal_file(partial: Path, final: Path) -> None:
+    """Make a fully written and verified file visible under its final name."""
+    sync_file(partial)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def index_bytes(shards: Sequence[ShardLayout], placements: Mapping[str, Placement]) -> bytes:
+    weight_map = {name: shard.file for shard in shards for name in shard.tensors}
+    total = sum(p.nbytes for p in placements.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+class SafetensorsLayout:
+    format: ClassVar[str] = "safetensors"
+
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
+        self.out_dir = Path(out_dir)
+        self.shards, self.placements = layout_shards(entries, int(options.get("shard_bytes") or DEFAULT_SHARD_BYTES))
+        self._remaining: list[int] = []  # per shard: tensors not yet recorded (after `prepare`)
+        self._sealed: list[bool] = []
+        self._ready: set[int] = set()  # shards with every tensor recorded, not yet sealed
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def final(self, k: int) -> Path:
+        return self.out_dir / self.shards[k].file
+
+    def partial(self, k: int) -> Path:
+        return self.out_dir / (self.shards[k].file + PARTIAL_SUFFIX)
+
+    def _is_sealed(self, k: int) -> bool:
+        final = self.final(k)
+        return final.is_file() and final.stat().st_size == self.shards[k].size
+
+    # -- the driver's side ----------------------------------------------------------------------
+
+    def prepare(self, recorded: Mapping[str, str]) -> list[str]:
+        """A shard under its final name stays sealed only if every tensor in it is recorded (a
+        run killed between sealing and saving the manifest, or a forged manifest, sends it back
+        to `.partial`, to be verified and sealed again). A partial that is missing, or whose
+        header or size is not the planned one, is recreated and its recorded tensors run again."""
+        redo: list[str] = []
+        self._remaining, self._sealed, self._ready = [], [], set()
+        for k, shard in enumerate(self.shards):
+            final, partial = self.final(k), self.partial(k)
+            unrecorded = sum(name not in recorded for name in shard.tensors)
+            if self._is_sealed(k) and not unrecorded and not partial.exists():
+                self._remaining.append(0)
+                self._sealed.append(True)
+                continue
+            if final.exists() and partial.exists():
+                final.unlink()
+            elif final.exists():
+                os.replace(final, partial)
+            if not self._partial_ok(k):
+                create_partial(partial, shard)
+                lost = [name for name in shard.tensors if name in recorded]
+                redo += lost
+                unrecorded += len(lost)
+            self._remaining.append(unrecorded)
+            self._sealed.append(False)
+            if not unrecorded:
+                self._ready.add(k)
+        return redo
+
+    def _partial_ok(self, k: int) -> bool:
+        shard = self.shards[k]
+        try:
+            if self.partial(k).stat().st_size != shard.size:
+                return False
+            with open(self.partial(k), "rb") as f:
+                return f.read(len(shard.header)) == shard.header
+        except FileNotFoundError:
+            return False
+
+    def on_recorded(self, name: str) -> bool:
+        k = self.placements[name].shard
+        self._remaining[k] -= 1
+        if self._remaining[k] == 0 and not self._sealed[k]:
+            self._ready.add(k)
+        return bool(self._ready)
+
+    def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        """Seal each ready shard once the bytes of its tensors not in `fresh` match their
+        checksums; a shard with damaged tensors waits for them to be run again."""
+        damaged: list[str] = []
+        for k in sorted(self._ready):
+            self._ready.discard(k)
+            partial = self.partial(k)
+            if not self._partial_ok(k):  # gone or cut short under us: every tensor again
+                create_partial(partial, self.shards[k])
+                bad = list(self.shards[k].tensors)
+            else:
+                bad = [n for n in self.shards[k].tensors
+                       if n not in fresh and self.stored_sha256(n) != recorded[n]]
+            if bad:
+                self._remaining[k] += len(bad)
+                damaged += bad
+                continue
+            seal_file(partial, self.final(k))
+            self._sealed[k] = True
+        return damaged
+
+    def finish(self, side_files: Mapping[str, bytes]) -> None:
+        atomic_write(self.out_dir / INDEX_NAME, index_bytes(self.shards, self.placements))
+        for name, data in side_files.items():
+            atomic_write(self.out_dir / name, data)
+
+    # -- any process -----------------------------------------------------------------------------
+
+    def writer(self, name: str, sync: bool) -> TensorWriter:
+        place = self.placements[name]
+        return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync)
+
+    def make_durable(self, names: Iterable[str]) -> None:
+        for k in sorted({self.placements[n].shard for n in names}):
+            if self.partial(k).exists():  # a sealed shard was synced when it was sealed
+                sync_file(self.partial(k))
+
+    def stored_sha256(self, name: str) -> str | None:
+        place = self.placements[name]
+        path = self.partial(place.shard)
+        if not path.exists():
+            path = self.final(place.shard)
+        return range_sha256(path, place.offset, place.nbytes)
+
+    # -- checking ----------------------------------------------------------------------------------
+
+    def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
+        out = []
+        for k, shard in enumerate(self.shards):
+            final = self.final(k)
+            if not final.is_file():
+                state = "still being written (.partial)" if self.partial(k).exists() else "missing"
+                out.append(f"{final}: {state}")
+                continue
+            size = final.stat().st_size
+            if size != shard.size:
+                out.append(f"{final}: {size} bytes, planned {shard.size} (truncated or extended)")
+                continue
+            with open(final, "rb") as f:
+                if f.read(len(shard.header)) != shard.header:
+                    out.append(f"{final}: its header is not the planned one")
+                    continue
+            if deep:
+                for name in shard.tensors:
+                    if name not in recorded:
+                        out.append(f"{final}: tensor '{name}' is not recorded as merged")
+                    elif self.stored_sha256(name) != recorded[name]:
+                        out.append(f"{final}: tensor '{name}' does not match its checksum (corrupted)")
+        index = self.out_dir / INDEX_NAME
+        try:
+            written = index.read_bytes()
+        except OSError:
+            out.append(f"{index}: missing")
+        else:
+            if written != index_bytes(self.shards, self.placements):
+                out.append(f"{index}: does not map every tensor to its shard as planned")
+        return out + side_file_problems(self.out_dir, side_files, deep)
+
+    def state(self) -> list[str]:
+        sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
+        return [f"shards  {sealed}/{len(self.shards)} written"]

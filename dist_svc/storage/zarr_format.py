@@ -1,0 +1,72 @@
+"""What dist-svc's zarr v3 stores look like, shared by the reader and the output layout.
+
+A store is a zarr v3 group (a local directory, by convention `*.zarr`) with one array per
+tensor, named by the tensor's name. zarr has no bfloat16, so bf16 tensors are stored as their
+raw bits (uint16) with the attribute `dist_svc.dtype: bfloat16`; every array dist-svc writes
+carries that attribute. Matrices are chunked in TILE x TILE tiles, other tensors in whole rows
+of about CHUNK_BYTES. The non-tensor files of a checkpoint (config.json, tokenizer, ...) and a
+merge's manifest sit next to the group's `zarr.json`; zarr ignores them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+from dist_svc.storage.types import DTYPES
+
+# config.json, the tokenizer and the manifest live next to the arrays; zarr need not say so.
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
+
+DTYPE_ATTR = "dist_svc.dtype"
+ORDER_ATTR = "dist_svc.tensor_order"  # group attribute: the source checkpoint's tensor order
+CHUNK_BYTES = 16 << 20
+TILE = 2048  # a matrix chunk: 2048 x 2048 elements (8 MiB in bf16, 16 MiB in float32)
+CONCURRENCY = 4  # chunks zarr decodes at once: bounds a read's memory to a few chunks
+# safetensors dtype code -> (numpy dtype stored, name in DTYPE_ATTR)
+STORED = {"F64": ("float64", "float64"), "F32": ("float32", "float32"), "F16": ("float16", "float16"),
+          "BF16": ("uint16", "bfloat16")}
+FROM_ATTR = {attr: code for code, (_, attr) in STORED.items()}
+FROM_NUMPY = {"float64": "F64", "float32": "F32", "float16": "F16"}
+COMPRESSIONS = ("none", "zstd")
+
+
+def is_zarr(path: str | Path) -> bool:
+    """A zarr store: a name ending in .zarr, or a directory with a zarr.json."""
+    text = str(path).rstrip("/")
+    return text.endswith(".zarr") or (Path(text) / "zarr.json").is_file()
+
+
+def zarr_module():
+    import zarr
+
+    if zarr.config.get("async.concurrency") != CONCURRENCY:
+        zarr.config.set({"async.concurrency": CONCURRENCY})
+    return zarr
+
+
+def chunk_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
+    """Tiles for matrices, whole rows of about CHUNK_BYTES for everything else."""
+    if not shape:
+        return ()
+    if len(shape) == 2:
+        return (max(1, min(shape[0], TILE)), max(1, min(shape[1], TILE)))
+    row_bytes = math.prod(shape[1:]) * DTYPES[dtype][1]
+    return (max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1))), *shape[1:])
+
+
+def chunk_files(root: Path) -> tuple[int, int, int]:
+    """(count, total size, newest mtime_ns) of one array's chunk files under `root`."""
+    import os
+
+    size, newest, count = 0, 0, 0
+    chunks = root / "c"
+    if chunks.is_file():  # a 0-d array's single chunk
+        st = chunks.stat()
+        return 1, st.st_size, st.st_mtime_ns
+    for dirpath, _, filenames in os.walk(chunks):
+        for f in filenames:
+            st = os.stat(os.path.join(dirpath, f))
+            size, newest, count = size + st.st_size, max(newest, st.st_mtime_ns), count + 1
+    return count, size, newest

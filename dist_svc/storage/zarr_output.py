@@ -1,0 +1,177 @@
+"""Output as a zarr v3 store: one array per tensor, each written whole chunks at a time.
+
+The group and every array's metadata are created before any worker writes; a worker writes its
+tensor's array (one writer per tensor, so concurrent workers in any process never share a
+chunk) and fsyncs its files before it reports. There are no shards to seal: a resume re-hashes
+the tensors an earlier run recorded and redoes the ones that differ. The store's format is in
+dist_svc.storage.zarr_format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import ClassVar, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dist_svc.storage.durable import atomic_write, sync_file, sync_tree
+from dist_svc.storage.output import Entry, side_file_problems
+from dist_svc.storage.zarr_format import DTYPE_ATTR, ORDER_ATTR, STORED, chunk_files, chunk_shape, zarr_module
+
+
+def create_group(path: Path, order: list[str]) -> None:
+    """The root group of an output store (kept if it exists), with the tensors' order."""
+    group = zarr_module().open_group(store=str(path), mode="a", zarr_format=3)
+    if group.attrs.get(ORDER_ATTR) != order:
+        group.attrs[ORDER_ATTR] = order
+
+
+def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, compression: str = "none") -> None:
+    """The metadata of one tensor's array (replaced if it exists with other metadata)."""
+    zarr = zarr_module()
+    stored, attr = STORED[dtype]
+    chunks = chunk_shape(shape, dtype)
+    compressors = None
+    if compression == "zstd":
+        from zarr.codecs import ZstdCodec
+
+        compressors = [ZstdCodec(level=3)]
+    try:
+        existing = zarr.open_array(store=str(path), path=name, mode="r")
+    except Exception:  # none yet (zarr's error types for "absent" vary by version)
+        existing = None
+    if (existing is not None and tuple(existing.shape) == tuple(shape) and str(existing.dtype) == stored
+            and tuple(existing.chunks) == chunks and existing.attrs.get(DTYPE_ATTR) == attr):
+        return
+    zarr.create_array(store=str(path), name=name, shape=shape, chunks=chunks, dtype=stored,
+                      compressors=compressors, fill_value=0, attributes={DTYPE_ATTR: attr},
+                      config={"write_empty_chunks": True}, overwrite=True, zarr_format=3)
+
+
+class ZarrTensorWriter:
+    """One tensor's bytes, in row order, into its array: whole chunks at a time, so a chunk is
+    never read back or written twice; sha256 of all bytes, as the safetensors writer computes
+    it. Its files are fsynced at close."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: str):
+        self.root = Path(path)
+        self.name = name
+        self.shape = shape
+        self.stored = np.dtype(STORED[dtype][0])
+        self.array = zarr_module().open_array(store=str(self.root), path=name, mode="r+")
+        self.row_bytes = (math.prod(shape[1:]) if shape else 1) * self.stored.itemsize
+        self.rows_per_chunk = self.array.chunks[0] if shape else 1
+        self.total_rows = shape[0] if shape else 1
+        self.next_row = 0
+        self.buffer = bytearray()
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        self.hash.update(data)
+        self.buffer += data
+        chunk_bytes = self.rows_per_chunk * self.row_bytes
+        while len(self.buffer) >= chunk_bytes or (self.buffer and self._rows_buffered() + self.next_row
+                                                   >= self.total_rows):
+            take = min(len(self.buffer), chunk_bytes)
+            self._flush(bytes(self.buffer[:take]))
+            del self.buffer[:take]
+
+    def _rows_buffered(self) -> int:
+        return len(self.buffer) // max(self.row_bytes, 1)
+
+    def _flush(self, raw: bytes) -> None:
+        rows = len(raw) // max(self.row_bytes, 1)
+        values = np.frombuffer(raw, dtype=self.stored)
+        if not self.shape:
+            self.array[()] = values[0]
+        else:
+            self.array[self.next_row:self.next_row + rows] = values.reshape(rows, *self.shape[1:])
+        self.next_row += rows
+
+    def close(self) -> str:
+        expected = self.total_rows if self.shape else 1
+        if self.buffer or self.next_row != expected:
+            raise RuntimeError(f"tensor '{self.name}': {self.next_row} of {expected} rows written")
+        sync_tree(self.root / self.name)
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        self.buffer.clear()
+
+
+def array_sha256(path: Path, name: str, block_bytes: int = 64 << 20) -> str | None:
+    """sha256 of one stored tensor's bytes in row order (None when it cannot be read)."""
+    try:
+        array = zarr_module().open_array(store=str(path), path=name, mode="r")
+        digest = hashlib.sha256()
+        if not array.shape:
+            digest.update(np.ascontiguousarray(array[()]).tobytes())
+            return digest.hexdigest()
+        row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
+        step = max(array.chunks[0], block_bytes // row_bytes // array.chunks[0] * array.chunks[0])
+        for r0 in range(0, array.shape[0], step):
+            digest.update(np.ascontiguousarray(array[r0:r0 + step]).tobytes())
+        return digest.hexdigest()
+    except Exception:
+        return None
+
+
+class ZarrLayout:
+    format: ClassVar[str] = "zarr"
+
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
+        self.out_dir = Path(out_dir)
+        self.entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        self.compression = options.get("compression") or "none"
+
+    def prepare(self, recorded: Mapping[str, str]) -> list[str]:
+        create_group(self.out_dir, list(self.entries))
+        for name, (dtype, shape) in self.entries.items():
+            create_array(self.out_dir, name, shape, dtype, self.compression)
+        return [name for name, digest in recorded.items() if self.stored_sha256(name) != digest]
+
+    def writer(self, name: str, sync: bool) -> ZarrTensorWriter:
+        dtype, shape = self.entries[name]
+        return ZarrTensorWriter(self.out_dir, name, shape, dtype)  # always syncs its own files
+
+    def make_durable(self, names: Iterable[str]) -> None:
+        pass  # writers sync at close
+
+    def stored_sha256(self, name: str) -> str | None:
+        return array_sha256(self.out_dir, name)
+
+    def on_recorded(self, name: str) -> bool:
+        return False
+
+    def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        return []
+
+    def finish(self, side_files: Mapping[str, bytes]) -> None:
+        for name, data in side_files.items():
+            atomic_write(self.out_dir / name, data)
+        sync_file(self.out_dir / "zarr.json")
+
+    def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
+        out = []
+        if not (self.out_dir / "zarr.json").is_file():
+            return [f"{self.out_dir / 'zarr.json'}: missing (not a zarr store)"]
+        zarr = zarr_module()
+        for name in self.entries:
+            where = self.out_dir / name
+            try:
+                expected = zarr.open_array(store=str(self.out_dir), path=name, mode="r").nchunks
+            except Exception:
+                out.append(f"{where}: tensor '{name}' is missing")
+                continue
+            count = chunk_files(where)[0]
+            if count < expected:
+                out.append(f"{where}: tensor '{name}' has {count} of its {expected} chunk files")
+            elif deep and (name not in recorded or self.stored_sha256(name) != recorded[name]):
+                out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted or not merged)")
+        return out + side_file_problems(self.out_dir, side_files, deep)
+
+    def state(self) -> list[str]:
+        return []
