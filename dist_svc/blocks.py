@@ -43,11 +43,13 @@ class BlockReader:
         if not shape:
             return [Block(0, 1, False)]
         length = shape[1] if transposed else shape[0]
-        per_index = math.prod(shape) // max(length, 1)
+        if not math.prod(shape):  # no bytes at all, whatever its extents: one empty block
+            return [Block(0, length, transposed)]
+        per_index = math.prod(shape) // length
         step = max(1, self.block_elements // max(per_index, 1))
         extent = max(c.chunk_extent(name, 1 if transposed else 0) for c in (self.base, *self.models))
         step = max(extent, step // extent * extent)
-        return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)] or [Block(0, 0, transposed)]
+        return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)]
 
     @staticmethod
     def whole(shape: tuple[int, ...]) -> Block:

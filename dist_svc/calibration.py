@@ -69,8 +69,8 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
 
 
 def should_calibrate(name: str, shape: Sequence[int], skip: Sequence[str]) -> bool:
-    """Only 2-D tensors whose name matches none of the skip patterns (fnmatch globs)."""
-    return len(shape) == 2 and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+    """Only 2-D tensors with elements, whose name matches none of the skip patterns (fnmatch globs)."""
+    return len(shape) == 2 and min(shape) > 0 and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
 
 def calibrate_singular_values(

@@ -92,11 +92,12 @@ def test_reading_slices_of_a_large_tensor_costs_memory_for_the_slice_not_the_ten
     from dist_svc.commands.convert import convert
 
     rows, cols = 16384, 4096  # float32: 256 MiB
-    save_file({"big": torch.ones(rows, cols)}, str(tmp_path / "model.safetensors"))
-    path = tmp_path
+    (tmp_path / "st").mkdir()
+    save_file({"big": torch.ones(rows, cols)}, str(tmp_path / "st" / "model.safetensors"))
+    path = tmp_path / "st"
     if fmt == "zarr":
         path = tmp_path / "big.zarr"
-        convert(tmp_path, path, progress="off")  # tiles of 2048 x 2048 float32: 16 MiB each
+        convert(tmp_path / "st", path, progress="off")  # tiles of 2048 x 2048 float32: 16 MiB each
     out = subprocess.run([sys.executable, "-c", _PEAK_OF_READS, str(path)],
                          capture_output=True, text=True, check=True).stdout.split()
     rows_grew, cols_grew = int(out[0]), int(out[1])

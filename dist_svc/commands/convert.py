@@ -40,7 +40,11 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
         raise DistSvcError("only zarr output can be compressed; drop --compression or write a .zarr store.")
     if dst.exists():
         raise DistSvcError(f"{dst} already exists; dist-svc never overwrites. Choose a new destination or remove it.")
+    src_dir = Path(src).expanduser().resolve()
+    if dst.is_relative_to(src_dir):
+        raise DistSvcError(f"{dst} is inside the checkpoint being converted ({src_dir}); write it elsewhere.")
     source = open_checkpoint(src)
+    recorded_before = _recorded_checksums(src_dir)
     names = source.order()
     total = sum(info.nbytes for info in source.tensors.values())
     tmp = dst.with_name(f".{dst.name}.converting-{os.getpid()}")
@@ -57,6 +61,11 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
             for block in _blocks(source, name):
                 writer.write(tensor_bytes(block))
             digest = writer.close()  # sha256 of the bytes read from the source
+            expected = recorded_before.get(name) or source.checksum(name)
+            if expected is not None and digest != expected:
+                raise DistSvcError(f"{src}: tensor '{name}' does not match the checksum its checkpoint records "
+                                   f"(the source is damaged or was changed); nothing was written to {dst}. "
+                                   f"Repair or re-create the source.")
             if layout.stored_sha256(name) != digest:
                 raise DistSvcError(f"{tmp}: tensor '{name}' reads back differently from what was written; "
                                    f"the destination storage is not reliable.")
@@ -64,7 +73,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
             if layout.on_recorded(name):
                 layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
             bar.advance(source.tensors[name].nbytes)
-        layout.finish(source_files(source))
+        layout.finish(recorded, source_files(source))
         fsync_dir(tmp)
         os.replace(tmp, dst)
         fsync_dir(dst.parent)
@@ -88,3 +97,13 @@ def _blocks(source, name: str):
     step = max(1, BLOCK_BYTES // row_bytes)
     for r0 in range(0, info.shape[0], step):
         yield source.read(name, rows=slice(r0, r0 + step))
+
+
+def _recorded_checksums(src: Path) -> dict[str, str]:
+    """A finished merge output's checksums, from its manifest (empty for other checkpoints)."""
+    from dist_svc.manifest import Manifest
+    from dist_svc.storage.types import MANIFEST_NAME
+
+    if not (src / MANIFEST_NAME).is_file():
+        return {}
+    return dict(Manifest.load(src).recorded)

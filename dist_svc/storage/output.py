@@ -68,7 +68,7 @@ class OutputLayout(Protocol):
         as they were written in this run and need no re-reading. Returns recorded tensors found
         damaged: they must be run again."""
 
-    def finish(self, side_files: Mapping[str, bytes]) -> None:
+    def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
         """Every tensor is recorded and sealed: write what completes the output (index, config
         and tokenizer files), durably."""
 

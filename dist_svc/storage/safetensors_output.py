@@ -241,7 +241,7 @@ class SafetensorsLayout:
             self._sealed[k] = True
         return damaged
 
-    def finish(self, side_files: Mapping[str, bytes]) -> None:
+    def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
         atomic_write(self.out_dir / INDEX_NAME, index_bytes(self.shards, self.placements))
         for name, data in side_files.items():
             atomic_write(self.out_dir / name, data)

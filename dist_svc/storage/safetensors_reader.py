@@ -36,9 +36,92 @@ class _Stored:
     offset: int
 
 
-def read_header(path: Path) -> tuple[dict, int, dict]:
-    """The parsed, validated JSON header of one safetensors file, the offset of its data, and
-    what identifies the file cheaply (see `SafetensorsCheckpoint.identity`), from one open."""
+# Shapes beyond these are not tensors anyone stores; refusing them keeps a crafted header from
+# making the planner or a worker loop over absurd extents (a [0, 2**62] tensor holds no bytes).
+MAX_DIM = 1 << 40
+MAX_RANK = 16
+# Every dtype safetensors knows: a tensor of one of these that dist-svc cannot merge is named as
+# unsupported; anything else is a corrupt header.
+SAFETENSORS_DTYPES = set(DTYPES) | {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3",
+                                    "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor as a safetensors header describes it (offsets relative to the data area)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(raw: bytes, data_bytes: int, where: str) -> dict[str, Entry]:
+    """Validate a safetensors JSON header completely (types, dtypes, shapes, offsets that tile the
+    `data_bytes` of the data area exactly) and return its tensors. Any violation is a
+    DistSvcError naming `where` and the tensor: nothing malformed reaches the planner."""
+    def corrupt(problem: str) -> DistSvcError:
+        return DistSvcError(f"{where}: {problem}; the file is corrupt or not safetensors. Re-download or re-save it.")
+
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise corrupt("the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("the safetensors header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("its '__metadata__' is not a JSON object of strings")
+    entries: dict[str, Entry] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shown = _quote(name)
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise corrupt(f"tensor {shown} has a malformed header entry (expected dtype, shape, data_offsets)")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise corrupt(f"tensor {shown} has dtype {_quote(dtype)}, which safetensors does not define")
+        if dtype not in DTYPES:
+            raise DistSvcError(f"{where}: tensor {shown} has dtype {dtype}, which dist-svc cannot merge "
+                               f"(supported: {', '.join(DTYPES)}). Remove it from the checkpoint or convert it.")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+            raise corrupt(f"tensor {shown} has shape {_quote(shape)}; expected a list of at most {MAX_RANK} "
+                          f"integers from 0 to 2^40")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {shown} has data_offsets {_quote(offsets)}; expected [begin, end] integers")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPES[dtype][1]:
+            raise corrupt(f"tensor {shown} has offsets {begin}..{end} that do not match its shape {shape} "
+                          f"and dtype {dtype}")
+        entries[name] = Entry(dtype, tuple(shape), begin, end)
+    position = 0
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin != position:
+            problem = "overlaps the previous tensor" if e.begin < position else "leaves a gap before it"
+            raise corrupt(f"tensor {_quote(name)} {problem} (offset {e.begin}, expected {position})")
+        position = e.end
+    if position != data_bytes:
+        raise DistSvcError(f"{where}: the header describes {position} bytes of tensor data but the file has "
+                           f"{data_bytes}; it is truncated or has trailing bytes. Re-download or re-save it.")
+    return entries
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _quote(value, limit: int = 80) -> str:
+    """A value from a file, quoted for a message and cut short: crafted input must not be able
+    to make an error message huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
+def read_header(path: Path) -> tuple[dict[str, Entry], int, dict]:
+    """The validated tensors of one safetensors file, the offset of its data, and what
+    identifies the file cheaply (see `SafetensorsCheckpoint.identity`), from one open."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -53,44 +136,26 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
             raw = f.read(n)
     except OSError as e:
         raise DistSvcError(f"cannot read {path}: {e.strerror}.") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DistSvcError(f"{path}: the safetensors header is not valid JSON; the file is corrupt. "
-                           f"Re-download or re-save it.") from None
-    if not isinstance(header, dict):
-        raise DistSvcError(f"{path}: the safetensors header is not a JSON object; the file is corrupt.")
-    data_start = 8 + n
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise DistSvcError(f"{path}: tensor '{name}' has a malformed header entry; the file is corrupt.") from None
-        if dtype not in DTYPES:
-            raise DistSvcError(f"{path}: tensor '{name}' has dtype {dtype}, which dist-svc cannot merge "
-                               f"(supported: {', '.join(DTYPES)}). Remove it from the checkpoint or convert it.")
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * DTYPES[dtype][1] or begin < 0:
-            raise DistSvcError(f"{path}: tensor '{name}' has offsets {begin}..{end} that do not match its "
-                               f"shape {list(shape)} and dtype {dtype}; the file is corrupt.")
-        spans.append((begin, end, name))
-    spans.sort()
-    position = 0
-    for begin, end, name in spans:
-        if begin != position:
-            problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
-            raise DistSvcError(f"{path}: tensor '{name}' {problem} (offset {begin}, expected {position}); "
-                               f"the file is corrupt.")
-        position = end
-    if data_start + position != size:
-        raise DistSvcError(f"{path}: the header describes {data_start + position} bytes but the file has {size}; "
-                           f"it is truncated or has trailing bytes. Re-download or re-save it.")
+    entries = parse_header(raw, size - 8 - n, str(path))
     identity = {"file": path.name, "size": size, "mtime_ns": st.st_mtime_ns,
                 "header_sha256": hashlib.sha256(raw).hexdigest()}
-    return header, data_start, identity
+    return entries, 8 + n, identity
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index's tensor -> shard file map, each shard a plain file name beside the index."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise DistSvcError(f"{index}: not a valid index (expected a JSON object with 'weight_map').") from None
+    if not isinstance(weight_map, dict):
+        raise DistSvcError(f"{index}: 'weight_map' is {type(weight_map).__name__}, not a mapping of tensor names "
+                           f"to shard files; the index is corrupt. Re-download or re-save the checkpoint.")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
+            raise DistSvcError(f"{index}: tensor {_quote(name)} is mapped to {_quote(fname)}, which is not the "
+                               f"name of a shard file beside the index; the index is corrupt.")
+    return weight_map
 
 
 class SafetensorsCheckpoint:
@@ -104,16 +169,14 @@ class SafetensorsCheckpoint:
         self._stored: dict[str, _Stored] = {}
         self._identity = []
         for file in self.files:
-            header, data_start, identity = read_header(file)
+            entries, data_start, identity = read_header(file)
             self._identity.append(identity)
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
+            for name, entry in entries.items():
                 if name in self.tensors:
-                    raise DistSvcError(f"{self.path}: tensor '{name}' is stored twice "
+                    raise DistSvcError(f"{self.path}: tensor {_quote(name)} is stored twice "
                                        f"({self._stored[name].file.name} and {file.name}).")
-                self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), str(file))
-                self._stored[name] = _Stored(file, data_start + entry["data_offsets"][0])
+                self.tensors[name] = TensorInfo(name, entry.dtype, entry.shape, str(file))
+                self._stored[name] = _Stored(file, data_start + entry.begin)
         self._check_index()
         self._fds: dict[Path, int] = {}
 
@@ -126,10 +189,7 @@ class SafetensorsCheckpoint:
                                f"download hub models first (e.g. `huggingface-cli download ID --local-dir DIR`).")
         index = p / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise DistSvcError(f"{index}: not a valid index (expected a JSON object with 'weight_map').") from None
+            weight_map = _weight_map(index)
             self._weight_map = weight_map
             files = sorted({p / f for f in weight_map.values()})
             for f in files:
@@ -152,11 +212,11 @@ class SafetensorsCheckpoint:
         for name, fname in weight_map.items():
             info = self.tensors.get(name)
             if info is None or self._stored[name].file.name != fname:
-                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is mapped to {fname}, "
+                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor {_quote(name)} is mapped to {fname}, "
                                    f"but that file does not hold it. The index and shards disagree.")
         for name in self.tensors:
             if name not in weight_map:
-                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor '{name}' is in "
+                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor {_quote(name)} is in "
                                    f"{self._stored[name].file.name} but not in the index.")
 
     def chunk_extent(self, name: str, axis: int) -> int:
@@ -243,6 +303,9 @@ class SafetensorsCheckpoint:
             out[start - r0:stop - r0] = window[:, c0:c1]
             del window  # unmapped here
         return torch.from_numpy(out).view(torch_dtype)
+
+    def checksum(self, name: str) -> str | None:
+        return None
 
     def side_file(self, name: str) -> bytes | None:
         path = (self.path if self.path.is_dir() else self.path.parent) / name

@@ -20,6 +20,7 @@ TORCH_TO_ST = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_NAME = {code: name for name, code in NAME_TO_ST.items()}
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face checkpoint's index
+MANIFEST_NAME = "dist-svc-manifest.json"  # a merge output's record of itself (dist_svc.manifest)
 # Files of a checkpoint that belong with its weights: copied from the base into the output.
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -71,6 +72,10 @@ class Checkpoint(Protocol):
 
     def side_file(self, name: str) -> bytes | None:
         """A non-tensor file of the checkpoint (config.json, tokenizer files), or None."""
+
+    def checksum(self, name: str) -> str | None:
+        """The sha256 of the tensor's bytes (row-major, stored dtype) if the checkpoint records
+        one (a store dist-svc completed), else None."""
 
     def close(self) -> None: ...
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from urllib.parse import unquote
 
-from dist_svc.storage.types import DTYPES
+from dist_svc.errors import DistSvcError
+from dist_svc.storage.types import DTYPES, SIDE_FILES
 
 # config.json, the tokenizer and the manifest live next to the arrays; zarr need not say so.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
@@ -30,6 +32,34 @@ STORED = {"F64": ("float64", "float64"), "F32": ("float32", "float32"), "F16": (
 FROM_ATTR = {attr: code for code, (_, attr) in STORED.items()}
 FROM_NUMPY = {"float64": "F64", "float32": "F32", "float16": "F16"}
 COMPRESSIONS = ("none", "zstd")
+SHA_ATTR = "dist_svc.sha256"  # array attribute: the tensor's checksum, set once the store is complete
+MAX_NAME_BYTES = 255  # a file name's limit on common filesystems
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def array_name(tensor: str) -> str:
+    """The array (a directory) holding a tensor: the name itself when it is a plain file name,
+    else percent-encoded, so that every tensor name round-trips exactly: `params/dense/kernel`
+    (a Flax name) is one array `params%2Fdense%2Fkernel`, not nested groups; `a.weight` and
+    `a.weight/` stay two arrays. A name that would be hidden, reserved by zarr (`..`, `__x`), or
+    collide with the store's own files (zarr.json, config.json, the manifest, ...) gets its first
+    character encoded too. Refused (before anything is written) when the result is longer than a
+    file name may be."""
+    if not tensor:
+        raise DistSvcError("a tensor with an empty name cannot be stored in a zarr store; write safetensors output.")
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in tensor)
+    if out.startswith((".", "__")) or out in SIDE_FILES or out.endswith(".json"):
+        out = f"%{ord(out[0]):02X}" + out[1:]
+    if len(out.encode()) > MAX_NAME_BYTES:
+        raise DistSvcError(f"tensor name {tensor[:60]!r}... is too long for a zarr store ({len(out.encode())} bytes "
+                           f"as a file name, the limit is {MAX_NAME_BYTES}); write safetensors output instead.")
+    return out
+
+
+def tensor_name(array_path: str) -> str:
+    """The tensor an array holds: `array_name` undone; a nested array (a store written by another
+    tool, e.g. Flax's `params/dense/kernel` as groups) is named by its path."""
+    return "/".join(unquote(part, errors="strict") for part in array_path.split("/"))
 
 
 def is_zarr(path: str | Path) -> bool:

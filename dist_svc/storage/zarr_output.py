@@ -10,6 +10,7 @@ dist_svc.storage.zarr_format.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
@@ -18,7 +19,9 @@ import numpy as np
 
 from dist_svc.storage.durable import atomic_write, sync_file, sync_tree
 from dist_svc.storage.output import Entry, side_file_problems
-from dist_svc.storage.zarr_format import DTYPE_ATTR, ORDER_ATTR, STORED, chunk_files, chunk_shape, zarr_module
+from dist_svc.storage.zarr_format import (
+    DTYPE_ATTR, ORDER_ATTR, SHA_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
+)
 
 
 def create_group(path: Path, order: list[str]) -> None:
@@ -29,7 +32,8 @@ def create_group(path: Path, order: list[str]) -> None:
 
 
 def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, compression: str = "none") -> None:
-    """The metadata of one tensor's array (replaced if it exists with other metadata)."""
+    """The metadata of array `name` (an `array_name`) for a tensor (replaced if it exists with
+    other metadata)."""
     zarr = zarr_module()
     stored, attr = STORED[dtype]
     chunks = chunk_shape(shape, dtype)
@@ -51,9 +55,9 @@ def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, comp
 
 
 class ZarrTensorWriter:
-    """One tensor's bytes, in row order, into its array: whole chunks at a time, so a chunk is
-    never read back or written twice; sha256 of all bytes, as the safetensors writer computes
-    it. Its files are fsynced at close."""
+    """One tensor's bytes, in row order, into its array (`name`, an `array_name`): whole chunks
+    at a time, so a chunk is never read back or written twice; sha256 of all bytes, as the
+    safetensors writer computes it. Its files are fsynced at close."""
 
     def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: str):
         self.root = Path(path)
@@ -103,7 +107,8 @@ class ZarrTensorWriter:
 
 
 def array_sha256(path: Path, name: str, block_bytes: int = 64 << 20) -> str | None:
-    """sha256 of one stored tensor's bytes in row order (None when it cannot be read)."""
+    """sha256 of one stored tensor's bytes in row order (None when it cannot be read); `name`
+    is its `array_name`."""
     try:
         array = zarr_module().open_array(store=str(path), path=name, mode="r")
         digest = hashlib.sha256()
@@ -124,24 +129,25 @@ class ZarrLayout:
 
     def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
         self.out_dir = Path(out_dir)
-        self.entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        # tensor -> (array name, dtype, shape); an impossible name is refused here, before writing
+        self.entries = {name: (array_name(name), dtype, tuple(shape)) for name, dtype, shape in entries}
         self.compression = options.get("compression") or "none"
 
     def prepare(self, recorded: Mapping[str, str]) -> list[str]:
         create_group(self.out_dir, list(self.entries))
-        for name, (dtype, shape) in self.entries.items():
-            create_array(self.out_dir, name, shape, dtype, self.compression)
+        for array, dtype, shape in self.entries.values():
+            create_array(self.out_dir, array, shape, dtype, self.compression)
         return [name for name, digest in recorded.items() if self.stored_sha256(name) != digest]
 
     def writer(self, name: str, sync: bool) -> ZarrTensorWriter:
-        dtype, shape = self.entries[name]
-        return ZarrTensorWriter(self.out_dir, name, shape, dtype)  # always syncs its own files
+        array, dtype, shape = self.entries[name]
+        return ZarrTensorWriter(self.out_dir, array, shape, dtype)  # always syncs its own files
 
     def make_durable(self, names: Iterable[str]) -> None:
         pass  # writers sync at close
 
     def stored_sha256(self, name: str) -> str | None:
-        return array_sha256(self.out_dir, name)
+        return array_sha256(self.out_dir, self.entries[name][0])
 
     def on_recorded(self, name: str) -> bool:
         return False
@@ -149,7 +155,15 @@ class ZarrLayout:
     def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
         return []
 
-    def finish(self, side_files: Mapping[str, bytes]) -> None:
+    def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
+        """Each array records its tensor's checksum (a reader or `convert` can check the store
+        on its own), then the side files."""
+        for name, (array, _, _) in self.entries.items():
+            meta_path = self.out_dir / array / "zarr.json"
+            meta = json.loads(meta_path.read_bytes())
+            if meta.setdefault("attributes", {}).get(SHA_ATTR) != recorded[name]:
+                meta["attributes"][SHA_ATTR] = recorded[name]
+                atomic_write(meta_path, json.dumps(meta, indent=2).encode())
         for name, data in side_files.items():
             atomic_write(self.out_dir / name, data)
         sync_file(self.out_dir / "zarr.json")
@@ -159,10 +173,10 @@ class ZarrLayout:
         if not (self.out_dir / "zarr.json").is_file():
             return [f"{self.out_dir / 'zarr.json'}: missing (not a zarr store)"]
         zarr = zarr_module()
-        for name in self.entries:
-            where = self.out_dir / name
+        for name, (array, _, _) in self.entries.items():
+            where = self.out_dir / array
             try:
-                expected = zarr.open_array(store=str(self.out_dir), path=name, mode="r").nchunks
+                expected = zarr.open_array(store=str(self.out_dir), path=array, mode="r").nchunks
             except Exception:
                 out.append(f"{where}: tensor '{name}' is missing")
                 continue

@@ -17,7 +17,7 @@ import torch
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.types import TensorInfo, natural_key
 from dist_svc.storage.zarr_format import (
-    DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, STORED, chunk_files, zarr_module,
+    DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, chunk_files, tensor_name, zarr_module,
 )
 
 
@@ -25,7 +25,9 @@ from dist_svc.storage.zarr_format import (
 class _Array:
     info: TensorInfo
     array: object  # zarr.Array
+    root: Path  # its directory
     bf16: bool
+    complete: bool  # written by dist-svc: every chunk file must exist (zarr reads a missing one as zeros)
 
 
 class ZarrCheckpoint:
@@ -37,20 +39,22 @@ class ZarrCheckpoint:
         if not (self.path / "zarr.json").is_file():
             raise DistSvcError(f"{self.path}: no zarr v3 store here (no zarr.json). Convert a safetensors "
                                f"checkpoint with `dist-svc convert SRC {self.path}`, or check the path.")
+        zarr = zarr_module()
         try:
-            group = zarr_module().open_group(store=str(self.path), mode="r")
-            members = dict(group.arrays())
+            group = zarr.open_group(store=str(self.path), mode="r")
+            members = {}
+            for path, node in group.members(max_depth=None):  # nested groups too (Flax-style names)
+                if isinstance(node, zarr.Array):
+                    members[tensor_name(path)] = (path, node)
             recorded = group.attrs.get(ORDER_ATTR)
         except Exception as e:  # zarr raises many kinds for a store it cannot parse
-            raise DistSvcError(f"{self.path}: cannot open as a zarr v3 group ({type(e).__name__}: {e}). "
+            raise DistSvcError(f"{self.path}: cannot open as a zarr v3 group ({type(e).__name__}: {str(e)[:200]}). "
                                f"Check the path, or convert the checkpoint again.") from None
         self.tensors: dict[str, TensorInfo] = {}
         self._arrays: dict[str, _Array] = {}
-        order = [n for n in recorded if n in members] if isinstance(recorded, list) else []
-        order += sorted((n for n in members if n not in set(order)), key=natural_key)
-        self._order = order
-        for name in order:
-            array = members[name]
+        self._order = self._ordered(members, recorded)
+        for name in self._order:
+            path, array = members[name]
             attr = array.attrs.get(DTYPE_ATTR)
             stored = str(array.dtype)
             code = FROM_ATTR.get(attr) if attr is not None else FROM_NUMPY.get(stored)
@@ -59,12 +63,30 @@ class ZarrCheckpoint:
                                    f"{f' with {DTYPE_ATTR} {attr!r}' if attr else ''}, which dist-svc cannot "
                                    f"merge (supported: float64, float32, float16, and bfloat16 as uint16 with "
                                    f"{DTYPE_ATTR}: bfloat16). Convert it, or remove it from the store.")
-            info = TensorInfo(name, code, tuple(int(d) for d in array.shape), str(self.path / name))
+            info = TensorInfo(name, code, tuple(int(d) for d in array.shape), str(self.path / path))
             self.tensors[name] = info
-            self._arrays[name] = _Array(info, array, code == "BF16")
+            self._arrays[name] = _Array(info, array, self.path / path, code == "BF16", DTYPE_ATTR in array.attrs)
         if not self.tensors:
             raise DistSvcError(f"{self.path}: the zarr group holds no arrays; is this a checkpoint?")
         self._identity: list[dict] | None = None  # taken by the planner only (workers need none)
+
+    def _ordered(self, members: dict, recorded) -> list[str]:
+        """The order the store records (`dist_svc.tensor_order`, written by dist-svc), then any
+        other arrays in natural order. A recorded order that is not a list of distinct names of
+        this store's arrays is a corrupt store (or one that lost arrays), refused."""
+        recorded = [] if recorded is None else recorded
+        problem = None
+        if not isinstance(recorded, list) or not all(isinstance(n, str) for n in recorded):
+            problem = "is not a list of tensor names"
+        elif len(set(recorded)) != len(recorded):
+            problem = f"names {next(n for n in recorded if recorded.count(n) > 1)[:80]!r} twice"
+        elif not set(recorded) <= set(members):
+            problem = f"names {next(n for n in recorded if n not in members)[:80]!r}, which the store lacks"
+        if problem:
+            raise DistSvcError(f"{self.path}: the group attribute {ORDER_ATTR} {problem}; the store's metadata is "
+                               f"corrupt or an array was removed. Convert the checkpoint again.")
+        listed = set(recorded)
+        return recorded + sorted((n for n in members if n not in listed), key=natural_key)
 
     def _take_identity(self) -> list[dict]:
         """Per array: its metadata's hash, its chunk files' count, total size and newest
@@ -72,10 +94,10 @@ class ZarrCheckpoint:
         would read it as zeros) is refused here, before anything is merged."""
         out = []
         for name, entry in self._arrays.items():
-            root = self.path / name
+            root = entry.root
             count, size, newest = chunk_files(root)
             expected = entry.array.nchunks
-            if DTYPE_ATTR in entry.array.attrs and count < expected:
+            if entry.complete and count < expected:
                 raise DistSvcError(f"{self.path}: tensor '{name}' has {count} of its {expected} chunk files; "
                                    f"the store is incomplete (an interrupted copy?). Convert or copy it again.")
             out.append({"array": name, "shape": list(entry.info.shape), "dtype": entry.info.dtype,
@@ -102,6 +124,8 @@ class ZarrCheckpoint:
             selection = ()
         else:
             selection = (rows or slice(None),) + ((cols or slice(None),) if len(shape) > 1 else ())
+        if entry.complete:
+            self._check_chunks(entry, selection)
         try:
             data = np.array(entry.array[selection], order="C", copy=True)  # 0-d stays 0-d
         except Exception as e:
@@ -109,6 +133,33 @@ class ZarrCheckpoint:
                                f"a chunk is corrupt or truncated. Convert or copy the store again.") from None
         tensor = torch.from_numpy(data)
         return tensor.view(torch.bfloat16) if entry.bf16 else tensor
+
+    def _check_chunks(self, entry: _Array, selection: tuple) -> None:
+        """Every chunk file the selection covers exists: zarr would read a missing one as zeros."""
+        import itertools
+
+        array = entry.array
+        ranges = []
+        for axis, extent in enumerate(entry.info.shape):
+            sel = selection[axis] if axis < len(selection) else slice(None)
+            start, stop, _ = sel.indices(extent)
+            if stop <= start:
+                return  # nothing is read
+            chunk = array.chunks[axis]
+            ranges.append(range(start // chunk, (stop - 1) // chunk + 1))
+        encode = array.metadata.chunk_key_encoding.encode_chunk_key
+        for coords in itertools.product(*ranges):
+            key = encode(tuple(coords))
+            if not (entry.root / key).is_file():
+                raise DistSvcError(f"{self.path}: tensor '{entry.info.name}' is missing its chunk {key} "
+                                   f"(zarr would read zeros there); the store is incomplete (an unfinished "
+                                   f"merge or copy?). Finish or convert it again.")
+
+    def checksum(self, name: str) -> str | None:
+        """The sha256 of the tensor's bytes (row-major) as the store records it when dist-svc
+        completed it; None for stores that record none."""
+        value = self._arrays[name].array.attrs.get(SHA_ATTR)
+        return value if isinstance(value, str) else None
 
     def side_file(self, name: str) -> bytes | None:
         path = self.path / name
