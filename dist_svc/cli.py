@@ -19,7 +19,8 @@ def _say(line: str) -> None:
 
 
 class _Group(click.Group):
-    """Prints a DistSvcError as one clear paragraph, without a traceback."""
+    """Prints a DistSvcError as one clear paragraph, without a traceback; Ctrl-C says how to
+    go on."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +28,13 @@ class _Group(click.Group):
         except DistSvcError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if ctx.invoked_subcommand == "merge":
+                click.echo("interrupted. Every tensor finished so far is kept: rerun the same command to resume "
+                           "where it stopped.", err=True)
+            else:
+                click.echo("interrupted.", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group)

@@ -9,6 +9,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -49,38 +50,69 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     the config's `output:`, else an `out_dir` ending in .zarr) says so."""
     start = time.perf_counter()
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
+    _refuse_inside_inputs(config, out_dir)
     executor = executor or build_executor()
     plan = plan_merge(config)
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
         f"calibration {'on' if config.calibration.enabled else 'off'}")
     layout = layout_for(config.output.format, out_dir, plan.entries(), config.output.options())
+    try:
+        # 1. Open the output, or refuse it, before anything is written.
+        existing = Manifest.check(out_dir, plan, log)
+        if existing is not None and _finished(existing, layout):
+            return _report(plan, existing, layout, 0, True, start)
+        executor.connect()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out_dir):
+            manifest = Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)
+            if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
+                return _report(plan, manifest, layout, 0, True, start)
+            manifest.set_complete(False)  # something of it is missing: repaired below
+            # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
+            manifest.reset(layout.prepare(manifest.recorded))
+            # 3. Run the pending units.
+            p = manifest.progress()
+            bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
+            recorder = _Recorder(manifest, layout, executor, bar)
+            try:
+                _run_pending(plan, Job(config, layout), executor, recorder)
+            finally:
+                bar.close()
+            # 4. Finish: index and side files, then the manifest says so.
+            layout.finish(manifest.recorded, plan.side_files)
+            manifest.set_complete(True)
+            return _report(plan, manifest, layout, recorder.count, False, start)
+    except OSError as e:
+        raise DistSvcError(_storage_problem(e, out_dir)) from None
 
-    # 1. Open the output, or refuse it, before anything is written.
-    existing = Manifest.check(out_dir, plan)
-    if existing is not None and _finished(existing, layout):
-        return _report(plan, existing, layout, 0, True, start)
-    executor.connect()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
-        manifest = Manifest.check(out_dir, plan) or Manifest.create(out_dir, plan)
-        if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
-            return _report(plan, manifest, layout, 0, True, start)
-        manifest.set_complete(False)  # something of it is missing: repaired below
-        # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
-        manifest.reset(layout.prepare(manifest.recorded))
-        # 3. Run the pending units.
-        p = manifest.progress()
-        bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-        recorder = _Recorder(manifest, layout, executor, bar)
-        try:
-            _run_pending(plan, Job(config, layout), executor, recorder)
-        finally:
-            bar.close()
-        # 4. Finish: index and side files, then the manifest says so.
-        layout.finish(plan.side_files)
-        manifest.set_complete(True)
-        (out_dir / LOCK_NAME).unlink(missing_ok=True)
-        return _report(plan, manifest, layout, recorder.count, False, start)
+
+def _storage_problem(e: OSError, out_dir: Path) -> str:
+    """One paragraph for a failure of the storage under a merge: what, where, and what to do."""
+    where = e.filename or out_dir
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        hint = (f"Free space (or choose another OUT_DIR), then rerun the same command: it resumes where it "
+                f"stopped, keeping every tensor already written.")
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = f"{out_dir} must be on storage this process may write; choose another output directory."
+    elif e.errno == errno.ENOTDIR:
+        hint = f"A part of the path {out_dir} is a file, not a directory; choose another output directory."
+    elif e.errno == errno.ELOOP:
+        hint = "The path is a symlink loop; fix the link or choose another path."
+    else:
+        hint = "Check the storage, then rerun the same command: it resumes where it stopped."
+    return f"{where}: {what}. {hint}"
+
+
+def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
+    """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
+    reads nested arrays; a rerun would find its inputs changed)."""
+    for path in (config.base_model, *(m.path for m in config.models)):
+        home = Path(path)
+        home = home.parent if home.is_file() else home
+        if out_dir == home or out_dir.is_relative_to(home):
+            raise DistSvcError(f"{out_dir} is inside the input checkpoint {home}; choose an output directory "
+                               f"outside every input.")
 
 
 class _Recorder:
@@ -145,7 +177,9 @@ def _run_pending(plan: Plan, job: Job, executor: Executor, recorder: _Recorder) 
 
 
 def _finished(manifest: Manifest, layout: OutputLayout) -> bool:
-    return manifest.complete and not layout.problems(manifest.recorded, manifest.side_files, deep=False)
+    """Complete, and nothing of it missing (a damaged manifest is repaired by a run)."""
+    return (manifest.complete and manifest.damage is None
+            and not layout.problems(manifest.recorded, manifest.side_files, deep=False))
 
 
 def plan_merge(config: MergeConfig) -> Plan:
@@ -181,6 +215,14 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     return plan, est, existing.progress() if existing is not None else None
 
 
+def local_path(path: str | Path, what: str) -> Path:
+    """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
+        raise DistSvcError(f"{what} {path}: cannot be resolved ({e}); fix the symlink or choose another path.") from None
+
+
 def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
            output_format: str | None, shard_size: str | int | None = None) -> tuple[MergeConfig, Path]:
     """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
@@ -193,12 +235,12 @@ def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: boo
     if output_format is None and not config.output.given and is_zarr(out_dir):
         output_format = "zarr"
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    return config.with_output(output_format, shard_bytes), Path(out_dir).expanduser().resolve()
+    return config.with_output(output_format, shard_bytes), local_path(out_dir, "OUT_DIR")
 
 
 def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
     """The manifest of the merge in `out_dir` and its output layout, rebuilt from it."""
-    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir = local_path(out_dir, "OUT_DIR")
     manifest = Manifest.load(out_dir)
     fmt, options = manifest.output
     return manifest, layout_for(fmt, out_dir, manifest.entries(), options)
@@ -209,7 +251,8 @@ def status(out_dir: str | Path) -> dict:
     manifest, layout = open_output(out_dir)
     info = manifest.progress()
     info["format"] = layout.format
-    info["details"] = layout.state()
+    info["details"] = layout.state() + ([f"warning: {manifest.damage} (its previous copy was read)"]
+                                        if manifest.damage else [])
     if _is_locked(layout.out_dir):
         info["state"] = "running"
     elif manifest.complete:
@@ -225,6 +268,9 @@ def verify(out_dir: str | Path) -> list[str]:
     output is whole and as written)."""
     manifest, layout = open_output(out_dir)
     problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)
+    if manifest.damage:
+        problems.insert(0, f"{manifest.damage} Its previous copy was read instead; rerun the same `dist-svc merge` "
+                           f"command to repair it")
     if not manifest.complete:
         p = manifest.progress()
         problems.insert(0, f"{layout.out_dir}: the merge is not finished ({p['units_done']}/{p['units_total']} "
@@ -234,16 +280,28 @@ def verify(out_dir: str | Path) -> list[str]:
 
 @contextmanager
 def _exclusive(out_dir: Path) -> Iterator[None]:
-    """One run per output directory; the lock dies with its process (kill -9 included)."""
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """One run per output directory. The lock dies with its process (kill -9 included); a run
+    that ends in any other way removes the lock file too (after kill -9 it stays, harmless,
+    until the next run)."""
+    path = out_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise DistSvcError(f"another dist-svc run is merging into {out_dir}; wait for it to finish "
                                f"(see `dist-svc status {out_dir}`).") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # locked the file that is there now, not one a finishing run just removed
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        path.unlink(missing_ok=True)
         os.close(fd)
 
 

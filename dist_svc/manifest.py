@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,8 +25,8 @@ from dist_svc import __version__
 from dist_svc.errors import DistSvcError
 from dist_svc.plan import Plan
 from dist_svc.storage.durable import atomic_write, temp_path
+from dist_svc.storage.types import MANIFEST_NAME
 
-MANIFEST_NAME = "dist-svc-manifest.json"
 LOCK_NAME = ".dist-svc.lock"
 FORMAT = 2
 SAVE_EVERY = 2.0  # seconds
@@ -35,6 +36,7 @@ class Manifest:
     def __init__(self, path: Path, data: dict[str, Any]):
         self.path = path
         self.data = data
+        self.damage: str | None = None  # why the manifest itself was unusable (its previous copy is in use)
         # name -> sha256 of every unit recorded as done: what layouts check stored bytes against.
         self.recorded: dict[str, str] = {n: u["sha256"] for n, u in data["units"].items() if u["done"]}
         self._saved_at = time.monotonic()
@@ -45,25 +47,31 @@ class Manifest:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, out_dir: Path) -> "Manifest":
+    def load(cls, out_dir: Path, log: Callable[[str], None] = lambda line: None) -> "Manifest":
+        """The manifest in `out_dir`. If it is damaged (edited by hand, or its disk lost bits), its
+        previous copy (kept at every save) is used: what was recorded since is run again."""
         path = out_dir / MANIFEST_NAME
+        if not path.exists() and not prev_path(path).exists():
+            raise DistSvcError(f"{out_dir}: no dist-svc merge here ({MANIFEST_NAME} is missing).")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DistSvcError(f"{out_dir}: no dist-svc merge here ({MANIFEST_NAME} is missing).") from None
-        except (OSError, ValueError) as e:
-            raise DistSvcError(f"{path}: unreadable manifest ({e}). Delete the directory to start over.") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise DistSvcError(f"{path}: manifest format {data.get('format') if isinstance(data, dict) else '?'} "
-                               f"is not one this dist-svc ({__version__}) reads.")
-        return cls(path, data)
+            return cls(path, _read(path))
+        except DistSvcError as damage:
+            try:
+                manifest = cls(path, _read(prev_path(path)))
+            except DistSvcError:
+                raise DistSvcError(f"{damage} Its previous copy is unusable too, so what this directory holds "
+                                   f"cannot be trusted: delete {out_dir} to start over.") from None
+            manifest.damage = str(damage)
+            log(f"warning: {damage} Using its previous copy; tensors recorded since then are merged again.")
+            return manifest
 
     @classmethod
-    def check(cls, out_dir: Path, plan: Plan) -> "Manifest | None":
+    def check(cls, out_dir: Path, plan: Plan, log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
         """Read-only: this plan's manifest in `out_dir` if it is the same merge, None if the
         directory is new or empty; refused (nothing touched) if it holds anything else."""
-        if (out_dir / MANIFEST_NAME).exists():
-            manifest = cls.load(out_dir)
+        manifest_path = out_dir / MANIFEST_NAME
+        if manifest_path.exists() or prev_path(manifest_path).exists():
+            manifest = cls.load(out_dir, log)
             if manifest.data["fingerprint"] != plan.fingerprint:
                 raise DistSvcError(
                     f"{out_dir} holds a different merge ({manifest.explain_mismatch(plan)}). Nothing was changed. "
@@ -71,7 +79,7 @@ class Manifest:
             return manifest
         if out_dir.exists() and not out_dir.is_dir():
             raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
-        ours = {LOCK_NAME, temp_path(out_dir / MANIFEST_NAME).name}  # a first save killed midway
+        ours = {LOCK_NAME, temp_path(manifest_path).name}  # a first save killed midway
         others = [p.name for p in out_dir.iterdir() if p.name not in ours] if out_dir.exists() else []
         if others:
             raise DistSvcError(
@@ -164,10 +172,61 @@ class Manifest:
         }
 
     def save(self) -> None:
+        """Atomically replace the manifest, keeping the one it replaces as its previous copy."""
         self.before_save()
+        if self.path.exists() and self.damage is None:
+            keep = temp_path(prev_path(self.path))
+            keep.unlink(missing_ok=True)
+            os.link(self.path, keep)
+            os.replace(keep, prev_path(self.path))  # made durable by atomic_write's fsync of the directory
         atomic_write(self.path, json.dumps(self.data, separators=(",", ":")).encode())
+        self.damage = None
         self._saved_at = time.monotonic()
         self._dirty = False
+
+
+def prev_path(path: Path) -> Path:
+    """Where the manifest's previous copy is kept."""
+    return path.with_name(f".{path.name}.prev")
+
+
+_UNIT_KEYS = {"shape": list, "dtype": str, "nbytes": int, "done": bool}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """isinstance, except that a bool is not an int here (JSON true is not a byte count)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A manifest's data, checked for everything the driver, status and verify rely on."""
+    def damaged(problem: str) -> DistSvcError:
+        return DistSvcError(f"{path}: the manifest is damaged ({problem}).")
+
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise damaged("missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise damaged(f"unreadable: {str(e)[:100]}") from None
+    if not isinstance(data, dict):
+        raise damaged("not a JSON object")
+    if data.get("format") != FORMAT:
+        raise DistSvcError(f"{path}: manifest format {str(data.get('format'))[:20]} is not one this dist-svc "
+                           f"({__version__}) reads; finish the merge with the dist-svc that started it.")
+    for key, kind in (("fingerprint", str), ("settings", dict), ("inputs", dict), ("side_files", dict),
+                      ("complete", bool), ("units", dict)):
+        if not isinstance(data.get(key), kind):
+            raise damaged(f"'{key}' is missing or not a {kind.__name__}")
+    output = data["settings"].get("config", {}).get("output") if isinstance(data["settings"].get("config"), dict) else None
+    if not isinstance(output, dict) or not isinstance(output.get("format"), str):
+        raise damaged("'settings.config.output' is missing")
+    for name, unit in data["units"].items():
+        if not isinstance(unit, dict) or not all(_is(unit.get(k), t) for k, t in _UNIT_KEYS.items()):
+            raise damaged(f"unit '{name[:80]}' lacks one of {', '.join(_UNIT_KEYS)}")
+        if unit["done"] and not isinstance(unit.get("sha256"), str):
+            raise damaged(f"unit '{name[:80]}' is done but has no sha256")
+    return data
 
 
 def _initial(plan: Plan) -> dict[str, Any]:

@@ -28,10 +28,11 @@ from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
 from dist_svc.config import MergeConfig
+from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, ModelParams, Where
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.storage.output import OutputLayout, UnitWriter
-from dist_svc.storage.types import DTYPES, tensor_bytes
+from dist_svc.storage.types import DTYPES, ST_TO_NAME, tensor_bytes
 
 # On a CPU, a matrix product's rounding depends on how many threads share it. Every worker
 # computes with one intra-op thread, so the local executor (threads in one process) and the
@@ -120,11 +121,13 @@ class Worker:
         cache: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for block in blocks:  # pass 1: Grams
             base, taus = self.reader.inputs(unit.name, block)
-            merged = self._merge(unit, block, taus)
+            merged = _finite(self._merge(unit, block, taus), unit, "the base method's result")
             gram.add(merged, taus)
             if keep:
                 cache.append((base, merged))
             del taus
+        for matrix in (gram.gram, *gram.cross, *(gram.task_grams or ())):
+            _finite(matrix, unit, "the calibration's float64 Gram matrices")
         solution = gram.solve()
         if not solution.trusted:
             cache.clear()
@@ -160,9 +163,11 @@ class Worker:
         """Methods that need whole tensors (every task at once)."""
         whole = self.reader.whole(unit.shape)
         base, taus = self.reader.inputs(unit.name, whole)
-        merged = self._merge(unit, whole, taus)
+        merged = _finite(self._merge(unit, whole, taus), unit, "the base method's result")
         stats = None
         if unit.calibrate:
+            for matrix in (merged, *taus):  # the Grams' entries are bounded by these squared norms
+                _finite(torch.linalg.norm(matrix.double()).square(), unit, "the calibration's float64 Gram matrices")
             cal = self.job.config.calibration
             result = calibrate_gram(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
             merged, stats = result.delta, result.summary()
@@ -174,11 +179,24 @@ class Worker:
         return self.method.merge(taus, [ModelParams(**m) for m in unit.models], unit.params, where)
 
     def _finish(self, base: torch.Tensor, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
-        """base + delta in the wider of the two dtypes, rounded once to the output dtype."""
-        return (base.to(delta.dtype) + delta).to(DTYPES[unit.out_dtype][0])
+        """base + delta in the wider of the two dtypes, rounded once to the output dtype; never
+        written if it is not finite (a merge that overflows is refused, not recorded)."""
+        return _finite((base.to(delta.dtype) + delta).to(DTYPES[unit.out_dtype][0]), unit,
+                       f"the merged tensor in {ST_TO_NAME[unit.out_dtype]}")
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _finite(tensor: torch.Tensor, unit: Unit, what: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        settings = ", ".join(f"{k}={v!r}" for k, v in unit.params.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool))
+        per_model = "; ".join(", ".join(f"{k}={v:g}" for k, v in m.items()) for m in unit.models)
+        raise DistSvcError(f"tensor '{unit.name}': {what} is not finite (it overflows) with {settings or 'the defaults'} "
+                           f"and per model [{per_model}]. Lower lambda or the weights; inputs and finished "
+                           f"tensors are untouched.")
+    return tensor
 
 
 _LINALG_READY: set[torch.device] = set()

@@ -40,20 +40,21 @@ def write_config(path: Path, base: Path, fts: list[Path], weights=None, **top) -
     return path
 
 
-def run_cli(*args, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(*args, check: bool = True, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`dist-svc ARGS` in a fresh process, as a user runs it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "dist_svc.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
+                          text=True, env=env, cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"dist-svc {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
 
 
 def file_bytes(out_dir: Path) -> dict[str, bytes]:
-    """Every file of a merged output, by name (the manifest aside: it records timings)."""
+    """Every file of a merged output, by name (the manifest and its previous copy aside: they
+    record timings)."""
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())
-            if p.is_file() and p.name != "dist-svc-manifest.json"}
+            if p.is_file() and "dist-svc-manifest.json" not in p.name}
 
 
 def units_done(out_dir: Path) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import queue
 import threading
 from typing import Callable, Sequence
 
+from dist_svc.errors import DistSvcError
 from dist_svc.plan import Unit
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
@@ -44,7 +45,21 @@ class LocalExecutor:
         self.worker_options = worker_options
 
     def connect(self) -> None:
-        pass
+        """The device exists (checked before anything is written)."""
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise DistSvcError(f"--device {self.device!r} is not a device; use cpu, cuda or cuda:N.") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise DistSvcError(f"--device {self.device}: this machine has {count or 'no'} CUDA device(s) "
+                                   f"usable by this torch ({torch.__version__}); use --device cpu, or install a "
+                                   f"CUDA build of torch on a machine with a GPU.")
+        elif device.type != "cpu":
+            raise DistSvcError(f"--device {self.device}: only cpu and cuda devices are supported.")
 
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
         import torch
