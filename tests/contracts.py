@@ -136,7 +136,7 @@ class OutputLayoutContract:
         recorded = self.write_all(layout, tensors)
         side = {n: hashlib.sha256(d).hexdigest() for n, d in self.SIDE.items()}
         assert layout.problems(recorded, side, deep=False)  # not finished yet
-        layout.finish(self.SIDE)
+        layout.finish(recorded, self.SIDE)
         assert layout.problems(recorded, side, deep=True) == []
         for name in tensors:
             assert layout.stored_sha256(name) == recorded[name]
@@ -159,7 +159,7 @@ class OutputLayoutContract:
         tensors = tensors_of_every_shape(torch.float32)
         layout = layout_for(self.FORMAT, tmp_path, self.entries(tensors), self.OPTIONS)
         recorded = self.write_all(layout, tensors)
-        layout.finish(self.SIDE)
+        layout.finish(recorded, self.SIDE)
         side = {n: hashlib.sha256(d).hexdigest() for n, d in self.SIDE.items()}
         name = "model.layers.0.mlp.up_proj.weight"
         self.flip_a_byte(tmp_path, layout, name)

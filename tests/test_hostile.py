@@ -1,0 +1,458 @@
+"""A hostile user: kills at named points, hand-edited manifests, crafted headers, full and
+read-only disks, damaged and half-finished outputs. Whatever happens, a rerun of the same
+command gives the uninterrupted run's bytes, nothing finished is lost, `verify` never passes
+something incomplete, and every refusal is one paragraph without a traceback.
+
+Kills are placed by a `sitecustomize` module that the merge subprocess imports at start-up (this
+file writes it): `DIST_SVC_TEST_KILL_AT` names the call to die at, so a kill lands at an exact
+point of the driver, not after a sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_svc import DistSvcError, merge
+from dist_svc.commands.convert import convert
+from dist_svc.commands.demo import write_hf_checkpoint
+from dist_svc.driver import verify
+from tests.conftest import file_bytes, run_cli, units_done, write_config
+
+KILL_HOOK = '''
+import fnmatch, os, signal
+
+_spec = os.environ.get("DIST_SVC_TEST_KILL_AT")
+if _spec:
+    _what, _rest = _spec.split(":", 1)
+    _count = [0]
+
+    def _die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if _what == "replace":  # replace:GLOB:N:before|after -- the Nth rename onto a name matching GLOB
+        _glob, _nth, _when = _rest.rsplit(":", 2)
+        _replace = os.replace
+
+        def replace(src, dst, *a, **k):
+            if fnmatch.fnmatch(os.path.basename(str(dst)), _glob):
+                _count[0] += 1
+                if _count[0] == int(_nth) and _when == "before":
+                    _die()
+                _replace(src, dst, *a, **k)
+                if _count[0] == int(_nth):
+                    _die()
+                return
+            _replace(src, dst, *a, **k)
+
+        os.replace = replace
+    elif _what == "pwrite":  # pwrite:N -- in the middle of the Nth positional write
+        _pwrite = os.pwrite
+
+        def pwrite(fd, data, offset):
+            _count[0] += 1
+            if _count[0] == int(_rest):
+                _pwrite(fd, bytes(memoryview(data)[: len(memoryview(data)) // 2]), offset)
+                _die()
+            return _pwrite(fd, data, offset)
+
+        os.pwrite = pwrite
+'''
+
+
+@pytest.fixture(scope="module")
+def hook_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("kill-hook")
+    (d / "sitecustomize.py").write_text(KILL_HOOK)
+    return d
+
+
+def killed_merge(hook_dir: Path, cfg: Path, out: Path, kill_at: str, *args) -> int:
+    """Run `dist-svc merge` with a kill at `kill_at`; returns its exit status (-9 if killed)."""
+    env = dict(os.environ, DIST_SVC_TEST_KILL_AT=kill_at,
+               PYTHONPATH=os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", ""),
+                                           str(Path(__file__).resolve().parent.parent)]))
+    proc = subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off",
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode
+
+
+def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def merged(tmp_path, family):
+    """A config and the bytes of its uninterrupted merge (4 shards of 40 KB)."""
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "reference", "--shard-size", "40KB")
+    return cfg, file_bytes(tmp_path / "reference")
+
+
+def shard_count(reference: dict[str, bytes]) -> int:
+    return sum(1 for name in reference if name.startswith("model-") and name.endswith(".safetensors"))
+
+
+# -- kills at named points -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("point", [
+    "last-seal",  # every unit recorded, the last shard not yet renamed from .partial
+    "first-manifest-save",  # the manifest's temp file written, not yet renamed
+    "after-a-seal",  # a shard renamed, its successor not yet
+    "index",  # every shard sealed, the index not yet written
+    "side-file",  # the index written, config.json not yet
+    "mid-write",  # in the middle of a tensor's bytes
+])
+def test_a_kill_at_any_named_point_then_a_rerun_gives_the_uninterrupted_bytes(tmp_path, merged, hook_dir, point):
+    cfg, reference = merged
+    n = shard_count(reference)
+    kill_at = {"last-seal": f"replace:model-*-of-*.safetensors:{n}:before",
+               "first-manifest-save": "replace:dist-svc-manifest.json:1:before",
+               "after-a-seal": "replace:model-*-of-*.safetensors:2:after",
+               "index": "replace:model.safetensors.index.json:1:before",
+               "side-file": "replace:config.json:1:before",
+               "mid-write": "pwrite:7"}[point]
+    out = tmp_path / "out"
+    assert killed_merge(hook_dir, cfg, out, kill_at, "--shard-size", "40KB") == -9
+    if point in ("last-seal", "index", "side-file"):
+        done, total = units_done(out)
+        assert done == total  # every unit recorded: only sealing or finishing was cut short
+        assert verify(out)  # never "verified" while anything is missing
+        assert run_cli("verify", out, check=False).returncode == 1
+    result = run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert "already complete" not in result.stdout
+    assert file_bytes(out) == reference
+    assert verify(out) == []
+    assert "complete" in run_cli("status", out).stdout
+
+
+def test_a_randomised_kill_and_rerun_loop_ends_byte_identical(tmp_path, merged, hook_dir):
+    cfg, reference = merged
+    out = tmp_path / "out"
+    rng = random.Random(12)
+    kills = 0
+    while kills < 12:  # each run killed at a random point of what is left, until one finishes
+        point = rng.choice([f"pwrite:{rng.randint(1, 6)}",
+                            f"replace:model-*-of-*.safetensors:{rng.randint(1, 2)}:{rng.choice(['before', 'after'])}",
+                            f"replace:*dist-svc-manifest.json*:{rng.randint(1, 4)}:{rng.choice(['before', 'after'])}"])
+        if killed_merge(hook_dir, cfg, out, point, "--shard-size", "40KB") != -9:
+            break
+        kills += 1
+    assert kills >= 3, kills  # really interrupted, several times
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+
+
+# -- hand-edited and damaged manifests and outputs ---------------------------------------------
+
+def test_a_forged_every_unit_done_manifest_is_caught_by_the_checksums(tmp_path, merged, hook_dir):
+    cfg, reference = merged
+    out = tmp_path / "out"
+    assert killed_merge(hook_dir, cfg, out, "pwrite:10", "--shard-size", "40KB") == -9
+    manifest_path = out / "dist-svc-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for unit in manifest["units"].values():
+        if not unit["done"]:
+            unit.update(done=True, sha256=hashlib.sha256(b"forged").hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.pop("fingerprint"), "'fingerprint' is missing"),
+    (lambda m: m.pop("units"), "'units' is missing"),
+    (lambda m: next(iter(m["units"].values())).pop("done"), "lacks one of"),
+    (lambda m: m.update(units=[]), "'units' is missing or not a dict"),
+])
+def test_a_manifest_missing_keys_is_named_and_the_previous_copy_resumes(tmp_path, merged, edit, needle):
+    cfg, reference = merged
+    out = tmp_path / "reference"  # the finished merge of the fixture
+    manifest = json.loads((out / "dist-svc-manifest.json").read_text())
+    edit(manifest)
+    (out / "dist-svc-manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("verify", out, check=False)
+    assert result.returncode == 1 and needle in result.stderr and "Traceback" not in result.stderr
+    assert "warning" in run_cli("status", out).stdout
+    run_cli("merge", cfg, out, "--shard-size", "40KB")  # repairs the manifest from its previous copy
+    assert verify(out) == [] and file_bytes(out) == reference
+    (out / ".dist-svc-manifest.json.prev").write_text("{")  # both copies gone: start over, said clearly
+    (out / "dist-svc-manifest.json").write_text("not json")
+    refused(run_cli("status", out, check=False), "damaged", "delete")
+
+
+@pytest.mark.parametrize("lost", ["model.safetensors.index.json", "config.json", "tokenizer.json", "shard"])
+def test_a_finished_merge_that_lost_a_file_is_restored_by_a_rerun(tmp_path, merged, lost):
+    cfg, reference = merged
+    out = tmp_path / "reference"
+    shards = sorted(n for n in reference if n.startswith("model-"))
+    victim = out / (lost if lost != "shard" else shards[1])
+    victim.unlink()
+    assert any(str(victim) in p for p in verify(out))
+    assert "damaged" in run_cli("status", out).stdout
+    result = run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert "already complete" not in result.stdout
+    assert file_bytes(out) == reference and verify(out) == []
+
+
+def test_a_changed_base_config_json_is_a_changed_input(tmp_path, family):
+    base, fts = family(2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    merge(cfg, tmp_path / "out", progress="off")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(config, rope_theta=500000.0)))
+    with pytest.raises(DistSvcError, match="files of input .*base changed"):
+        merge(cfg, tmp_path / "out", progress="off")
+
+
+# -- convert and readers: nothing incomplete is "verified" -----------------------------------------
+
+def test_convert_refuses_incomplete_and_altered_sources(tmp_path, merged, hook_dir, family):
+    cfg, _ = merged
+    # A half-finished safetensors merge (sealed shards and .partial ones).
+    half = tmp_path / "half"
+    assert killed_merge(hook_dir, cfg, half, "replace:model-*-of-*.safetensors:2:after", "--shard-size", "40KB") == -9
+    refused(run_cli("convert", half, tmp_path / "x.zarr", check=False), "not finished")
+    # A half-finished zarr merge (arrays created, some without chunks).
+    half_z = tmp_path / "half.zarr"  # killed before the manifest records the written arrays
+    assert killed_merge(hook_dir, cfg, half_z, "replace:dist-svc-manifest.json:2:before") == -9
+    refused(run_cli("convert", half_z, tmp_path / "y", check=False), "not finished")
+    # A finished zarr store with a chunk missing, or with an enlarged shape.
+    base, _ = family(3)
+    store = tmp_path / "base.zarr"
+    convert(base, store, progress="off")
+    chunks = sorted(p for p in (store / "model.layers.0.mlp.up_proj.weight" / "c").rglob("*") if p.is_file())
+    chunks[0].rename(tmp_path / "kept-chunk")
+    refused(run_cli("convert", store, tmp_path / "z1", check=False), "model.layers.0.mlp.up_proj.weight", "chunk")
+    (tmp_path / "kept-chunk").rename(chunks[0])
+    meta_path = store / "model.norm.weight" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [meta["shape"][0] + 3]
+    meta_path.write_text(json.dumps(meta))
+    refused(run_cli("convert", store, tmp_path / "z2", check=False), "model.norm.weight")
+    chunk = next(p for p in sorted((store / "lm_head.weight" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01  # uncompressed: zarr reads it without complaint
+    chunk.write_bytes(bytes(data))
+    refused(run_cli("convert", store, tmp_path / "z3", check=False), "lm_head.weight", "checksum")
+    assert not any((tmp_path / n).exists() for n in ("x.zarr", "y", "z1", "z2", "z3"))
+
+
+def test_tensor_names_round_trip_through_zarr_exactly(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    names = ["params/dense/kernel", "params/dense/bias", "a.weight", "a.weight/", "/absolute", "..", "zarr.json",
+             "config.json", "nul\x00name", "__reserved", ".hidden", "ünïcode", "pct%2F"]
+    tensors = {n: torch.randn(3, 2, generator=gen) for n in names}
+    write_hf_checkpoint(tmp_path / "src", tensors, config={"model_type": "x"})
+    convert(tmp_path / "src", tmp_path / "m.zarr", progress="off")
+    convert(tmp_path / "m.zarr", tmp_path / "back", progress="off")
+    back = load_file(str(tmp_path / "back" / "model-00001-of-00001.safetensors"))
+    assert set(back) == set(names)
+    assert all(torch.equal(back[n], tensors[n]) for n in names)
+    assert json.loads((tmp_path / "m.zarr" / "config.json").read_text()) == {"model_type": "x"}
+    # As a merge's zarr output too: base + two fine-tunes of these names.
+    for i in (1, 2):
+        write_hf_checkpoint(tmp_path / f"ft{i}", {n: t + i for n, t in tensors.items()})
+    cfg = write_config(tmp_path / "m.yaml", tmp_path / "src", [tmp_path / "ft1", tmp_path / "ft2"], calibrate=False)
+    merge(cfg, tmp_path / "out.zarr", progress="off")
+    assert verify(tmp_path / "out.zarr") == []
+    from dist_svc.storage import open_checkpoint
+
+    out = open_checkpoint(tmp_path / "out.zarr")
+    assert set(out.tensors) == set(names)
+    assert all(torch.equal(out.read(n), tensors[n] + 3) for n in names)
+
+
+def test_a_name_too_long_for_zarr_is_refused_before_anything_is_written(tmp_path):
+    write_hf_checkpoint(tmp_path / "src", {"x" * 300: torch.ones(2), "y": torch.ones(2)})
+    write_hf_checkpoint(tmp_path / "ft", {"x" * 300: torch.ones(2) * 2, "y": torch.ones(2)})
+    cfg = write_config(tmp_path / "m.yaml", tmp_path / "src", [tmp_path / "ft"])
+    refused(run_cli("merge", cfg, tmp_path / "out.zarr", check=False), "too long")
+    assert not (tmp_path / "out.zarr").exists()
+    refused(run_cli("convert", tmp_path / "src", tmp_path / "c.zarr", check=False), "too long")
+
+
+def test_a_zarr_store_whose_tensor_order_repeats_a_name_is_refused(tmp_path, family):
+    base, fts = family(1)
+    store = tmp_path / "base.zarr"
+    convert(base, store, progress="off")
+    group = json.loads((store / "zarr.json").read_text())
+    order = group["attributes"]["dist_svc.tensor_order"]
+    group["attributes"]["dist_svc.tensor_order"] = order + [order[0]]
+    (store / "zarr.json").write_text(json.dumps(group))
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", store, fts), tmp_path / "out", check=False),
+            "names", "twice")
+    assert not (tmp_path / "out").exists()
+
+
+# -- output that is not finite -----------------------------------------------------------------
+
+@pytest.mark.parametrize("calibrate, dtype, lam", [(False, "float32", 1e39), (True, "float32", 1e39),
+                                                  (True, "float64", 1e200)])
+def test_a_merge_that_overflows_is_refused_naming_the_tensor_and_the_setting(tmp_path, family, calibrate, dtype, lam):
+    base, fts = family(2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, parameters={"lambda": lam}, dtype=dtype, calibrate=calibrate)
+    stderr = refused(run_cli("merge", cfg, tmp_path / "out", check=False), "not finite", f"lambda={lam!r}")
+    assert "tensor '" in stderr
+    assert verify(tmp_path / "out")  # nothing that overflowed was recorded: never "verified"
+
+
+# -- crafted headers -----------------------------------------------------------------------------
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header, next(k for k in header if k != "__metadata__"))
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda h, k: h[k].update(dtype=["F32"]), "dtype"),
+    (lambda h, k: h[k].update(data_offsets=["0", "16"]), "data_offsets"),
+    (lambda h, k: h[k].update(data_offsets=[0.0, 16.5]), "data_offsets"),
+    (lambda h, k: h[k].update(shape=[2.5, 2]), "shape"),
+    (lambda h, k: h[k].update(shape=[True, 2]), "shape"),
+    (lambda h, k: h[k].update(shape=[0, 2**62], data_offsets=[0, 0]), "shape"),
+    (lambda h, k: h[k].update(dtype="Q8"), "dtype"),
+    (lambda h, k: h.update(__metadata__=[1]), "__metadata__"),
+    (lambda h, k: h.update({k: "not an entry"}), "malformed"),
+])
+def test_crafted_headers_are_refused_in_one_paragraph_before_anything_is_written(tmp_path, family, edit, needle):
+    base, fts = family(1)
+    path = fts[0] / "model.safetensors"
+    _rewrite_header(path, edit)
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", check=False),
+            str(path), needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weight_map", [{"a": 3}, ["model-00001-of-00003.safetensors"], {"a": "../../etc/passwd"}])
+def test_a_crafted_index_is_refused(tmp_path, family, weight_map):
+    base, fts = family(1)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", check=False),
+            "model.safetensors.index.json")
+
+
+def test_a_zero_sized_tensor_with_an_absurd_extent_merges_at_once(tmp_path, family):
+    """A [0, 2**39] tensor holds no bytes: blocks are planned arithmetically, not one per slice
+    (one per 8M columns would take hours), and it is not calibrated (a 2**39-wide Gram)."""
+    from dist_svc.storage import open_checkpoint
+
+    base, fts = family(1)
+    for ckpt in (base, fts[0]):
+        path = sorted(ckpt.glob("*.safetensors"))[-1]
+        save_file(dict(load_file(str(path)), empty=torch.zeros(0, 1)), str(path))
+        _rewrite_header(path, lambda h, k: h["empty"].update(shape=[0, 2**39]))
+        index = ckpt / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"]["empty"] = path.name
+            index.write_text(json.dumps(data))
+    run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", timeout=60)
+    assert open_checkpoint(tmp_path / "out").tensors["empty"].shape == (0, 2**39)
+    assert verify(tmp_path / "out") == []
+
+
+# -- the environment -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["nan", "inf", "1e400", "-5GB", "0", "lots"])
+def test_a_shard_size_that_is_not_a_size_is_refused(tmp_path, family, size):
+    base, fts = family(1)
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--shard-size", size,
+                    check=False), size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_that_cannot_be_output_directories_are_refused_clearly(tmp_path, family):
+    base, fts = family(1)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    (tmp_path / "file").write_text("x")
+    refused(run_cli("merge", cfg, tmp_path / "file" / "out", check=False), "not a directory")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    refused(run_cli("merge", cfg, tmp_path / "loop-a", check=False), "loop-a")
+    refused(run_cli("status", tmp_path / "loop-a", check=False), "loop-a")
+    refused(run_cli("verify", tmp_path / "loop-a", check=False), "loop-a")
+    refused(run_cli("merge", cfg, base / "merged", check=False), "inside the input")
+    refused(run_cli("convert", base, base / "copy.zarr", check=False), "inside")
+    assert not (base / "merged").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 KiB tmpfs (half of what the merge writes), or a visible skip where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk test did not run")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_clear_error_and_the_rerun_after_freeing_space_resumes(tmp_path, merged, small_disk):
+    cfg, reference = merged
+    out = small_disk / "out"
+    stderr = refused(run_cli("merge", cfg, out, "--shard-size", "40KB", check=False), "No space left",
+                     "rerun the same command")
+    assert "OSError" not in stderr
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+
+
+def test_a_read_only_output_filesystem_is_one_clear_error(tmp_path, family, small_disk):
+    base, fts = family(1)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), small_disk / "out", check=False),
+            "Read-only file system", "choose another output directory")
+
+
+def test_the_device_is_checked_before_anything_is_written(tmp_path, family):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base, fts = family(1)
+    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--device", "cuda",
+                    check=False), "--device cuda", "no CUDA device")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, family):
+    import signal
+    import time
+
+    from tests.test_resume import SLOW
+
+    base, fts = family(3, arch=SLOW, shards=2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while units_done(out)[0] < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert not (out / ".dist-svc.lock").exists()
+    assert "stopped" in run_cli("status", out).stdout
