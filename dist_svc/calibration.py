@@ -49,7 +49,8 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
                         overlaps: torch.Tensor | None = None, top: int = SUMMARY_TOP) -> dict:
     """Small, JSON-able facts for the manifest and `dist-svc inspect`: the top singular values of
     the base method's delta before and after calibration, the overlap coefficients s_ri of the top
-    directions (one list per direction, one value per task), and eta's range over live directions."""
+    directions (one list per direction, one value per task), and eta's range over live directions.
+    Values keep 7 significant digits: plenty for a report, half the bytes of a float's repr."""
     s = singular_values.double().cpu()
     eta = eta.double().cpu()
     after = s / eta
@@ -58,14 +59,17 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
     return {
         "path": path,
         "rank": int(live.sum()),
-        "sigma_before": [float(x) for x in s[:top]],
-        "sigma_after": [float(x) for x in after[:top]],
+        "sigma_before": _rounded(s[:top]),
+        "sigma_after": _rounded(after[:top]),
         "eta_max": float(eta_live.max()) if eta_live.numel() else 1.0,
         "eta_min": float(eta_live.min()) if eta_live.numel() else 1.0,
         "eta_mean": float(eta_live.mean()) if eta_live.numel() else 1.0,
-        "overlaps": [] if overlaps is None else
-        [[round(float(x), 6) for x in col] for col in overlaps.double().cpu()[:, :top].T],
+        "overlaps": [] if overlaps is None else [_rounded(col) for col in overlaps.double().cpu()[:, :top].T],
     }
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [float(f"{x:.7g}") for x in values.tolist()]
 
 
 def should_calibrate(name: str, shape: Sequence[int], skip: Sequence[str]) -> bool:

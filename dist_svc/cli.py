@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from dist_svc.errors import DistSvcError
-from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.progress import human_bytes, human_seconds
 
 
@@ -186,7 +185,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="zarr output: compress chunks with zstd.")
-@click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
+@click.option("--shard-size", default="5GB", show_default=True,
               help="safetensors output: largest shard, e.g. 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
 def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str) -> None:

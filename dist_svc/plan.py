@@ -65,11 +65,11 @@ class Plan:
         return f"{len(self.units)} tensors ({calibrated} calibrated), {self.total_bytes / 2**30:.2f} GiB"
 
 
-def open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+def open_inputs(config: MergeConfig, identity_only: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, each a safetensors checkpoint or a zarr store (mixing is fine)."""
-    base = open_checkpoint(config.base_model)
+    base = open_checkpoint(config.base_model, identity_only)
     try:
-        return base, [open_checkpoint(m.path) for m in config.models]
+        return base, [open_checkpoint(m.path, identity_only) for m in config.models]
     except BaseException:
         base.close()
         raise
@@ -88,15 +88,29 @@ def build_plan(config: MergeConfig, base: Checkpoint, models: list[Checkpoint]) 
         params, per_model = config.resolved(name, layer_position(name, num_layers))
         units.append(Unit(name, info.shape, out_dtype or info.dtype,
                           cal.enabled and should_calibrate(name, info.shape, cal.skip), params, per_model))
+    inputs = input_identities(base, models)
+    settings = plan_settings(config)
+    return Plan(tuple(units), inputs, settings, side_files(base, config.out_dtype), fingerprint(settings, inputs))
+
+
+def input_identities(base: Checkpoint, models: list[Checkpoint]) -> dict:
+    """What identifies the inputs: each checkpoint's identity, and the base's side files."""
     inputs = {base.source: {"tensors": base.identity(), "side_files": {
         name: hashlib.sha256(data).hexdigest() for name, data in source_files(base).items()}}}
     for m in models:
         inputs[m.source] = {"tensors": m.identity()}
-    settings = {"config": config.fingerprint_dict()}
-    fingerprint = hashlib.sha256(json.dumps(
+    return inputs
+
+
+def plan_settings(config: MergeConfig) -> dict:
+    """What decides the bytes besides the inputs."""
+    return {"config": config.fingerprint_dict()}
+
+
+def fingerprint(settings: dict, inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(
         {"format": PLAN_FORMAT, "version": __version__, "settings": settings, "inputs": inputs},
         sort_keys=True).encode()).hexdigest()
-    return Plan(tuple(units), inputs, settings, side_files(base, config.out_dtype), fingerprint)
 
 
 def _check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:

@@ -57,6 +57,50 @@ class TinyLlama:
         }
 
 
+@dataclass(frozen=True)
+class TinyMoE:
+    """A Qwen2-MoE-layout model with many small experts: thousands of tensors of a few KiB,
+    where per-tensor costs (bookkeeping, scheduling, small I/O) dominate a merge."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    moe_intermediate_size: int = 32
+    num_experts: int = 16
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        h, i, e = self.hidden_size, self.moe_intermediate_size, self.num_experts
+        kv = h // self.num_attention_heads * self.num_key_value_heads
+        out = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            out.update({
+                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate.weight": (e, h),
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            })
+            for x in range(e):
+                q = f"{p}mlp.experts.{x}."
+                out.update({q + "gate_proj.weight": (i, h), q + "up_proj.weight": (i, h), q + "down_proj.weight": (h, i)})
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (self.vocab_size, h)
+        return out
+
+    def hf_config(self, dtype: torch.dtype) -> dict:
+        return {
+            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "moe_intermediate_size": self.moe_intermediate_size, "num_experts": self.num_experts,
+            "num_experts_per_tok": 2, "shared_expert_intermediate_size": 0,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
 def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
                         config: dict | None = None) -> None:
     """Save `tensors` as a Hugging Face checkpoint: `shards` files with an index (or a single

@@ -19,7 +19,7 @@ from dist_svc.blocks import BLOCK_ELEMENTS
 from dist_svc.config import MergeConfig
 from dist_svc.methods import METHODS
 from dist_svc.plan import Plan
-from dist_svc.storage.types import DTYPES
+from dist_svc.storage.types import ITEMSIZE
 from dist_svc.worker import CACHE_BYTES, CPU_INTRA_OP_THREADS
 
 PROBE_BYTES = 256 << 20
@@ -78,7 +78,7 @@ def _read_rate(base, models) -> float:
     name, info = max(ckpt.tensors.items(), key=lambda kv: kv[1].nbytes)
     if not info.shape:
         return 1e9
-    row_bytes = max(1, math.prod(info.shape[1:]) * DTYPES[info.dtype][1])
+    row_bytes = max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
     rows = max(1, min(info.shape[0], PROBE_BYTES // row_bytes))
     start = time.perf_counter()
     got = ckpt.read(name, rows=slice(0, rows))

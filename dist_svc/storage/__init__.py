@@ -10,10 +10,11 @@ if TYPE_CHECKING:
     from dist_svc.storage.types import Checkpoint
 
 
-def open_checkpoint(path: str | Path) -> "Checkpoint":
+def open_checkpoint(path: str | Path, identity_only: bool = False) -> "Checkpoint":
     """The reader for a checkpoint: a zarr v3 store, else Hugging Face safetensors. The output
     of a dist-svc merge that has not finished is refused, whatever its format: some of its
-    tensors are not written yet."""
+    tensors are not written yet. With `identity_only`, a reader may skip what `identity()` and
+    `side_file()` do not need (a rerun of a finished merge checks only those)."""
     from dist_svc.storage.zarr_format import is_zarr
 
     refuse_unfinished_merge(Path(path))
@@ -24,7 +25,7 @@ def open_checkpoint(path: str | Path) -> "Checkpoint":
         return ZarrCheckpoint(path)
     from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
 
-    return SafetensorsCheckpoint(path)
+    return SafetensorsCheckpoint(path, identity_only)
 
 
 def refuse_unfinished_merge(path: Path) -> None:
