@@ -70,16 +70,6 @@ def test_mergekit_and_dist_svc_agree_on_the_same_yaml(tmp_path, llama, method, p
     assert min(float(np.abs(ours[n].double().numpy() - base_t[n]).max()) for n in ours) > 1e-4
 
 
-def test_mergekit_fields_dist_svc_does_not_implement_are_refused_by_name(tmp_path, llama):
-    base, fts = llama
-    for field, value in (("slices", []), ("tokenizer", {"source": "union"}), ("chat_template", "chatml")):
-        cfg = write_config(tmp_path / f"{field}.yaml", base, fts, **{field: value})
-        proc = subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(tmp_path / field)],
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and f"'{field}'" in proc.stderr and "Traceback" not in proc.stderr
-        assert not (tmp_path / field).exists()
-
-
 def test_the_merged_model_loads_in_transformers_and_runs_a_forward_pass(tmp_path, llama):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
                                                               "pip install -e '.[test,compat]'")
