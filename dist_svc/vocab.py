@@ -173,12 +173,14 @@ def build_vocabulary(config: MergeConfig, files: SideFiles) -> Vocabulary:
     paths = [str(p) for p in config.checkpoints]
     donor = config.base if config.base is not None else 0
     sizes = {i: config_vocab_size(files(i).get("config.json")) for i in range(len(paths))}
-    tokenizers: dict[int, Tokenizer] = {}
     for i, path in enumerate(paths):
         if sizes[i] is None:
             raise DistSvcError(f"{path}/config.json has no vocab_size; merging vocabularies needs each model's.")
-        tokenizers[i] = Tokenizer.read(files(i), path)
-    tokenizers[donor] = tokenizers[donor].stripped(sizes[donor])
+    tokenizers: dict[int, Tokenizer] = {donor: Tokenizer.read(files(donor), paths[donor]).stripped(sizes[donor])}
+    for i, path in enumerate(paths):
+        if i != donor:  # a model without a tokenizer has the donor's (mergekit assumes so too)
+            own = files(i).get("tokenizer.json") is not None
+            tokenizers[i] = Tokenizer.read(files(i), path) if own else tokenizers[donor]
 
     if spec.source == "base":
         out = Tokenizer(json.loads(json.dumps(tokenizers[donor].data)), paths[donor])

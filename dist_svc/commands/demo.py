@@ -84,18 +84,21 @@ def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: in
             {"bos_token_id": config.get("bos_token_id", 1), "eos_token_id": config.get("eos_token_id", 2)}, indent=2))
 
 
-def write_tokenizer(path: Path, vocab_size: int) -> None:
+def write_tokenizer(path: Path, vocab_size: int, added: tuple[str, ...] = ()) -> None:
     """A real (word-level) Hugging Face fast tokenizer of `vocab_size` tokens: `<unk>`, `<s>`,
-    `</s>`, then `w3`, `w4`, ... so the generated checkpoints are complete models."""
+    `</s>`, then `w3`, `w4`, ..., and last the special tokens `added` (as a fine-tune that
+    learnt a chat format has), so the generated checkpoints are complete models."""
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size - len(added))})
+    extra = {tok: vocab_size - len(added) + i for i, tok in enumerate(added)}
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, tok in enumerate(specials)],
+                          "normalized": False, "special": True} for tok, i in {**vocab, **extra}.items()
+                         if tok in specials or tok in extra],
         "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        "decoder": None, "model": {"type": "WordLevel", "vocab": {**vocab, **extra}, "unk_token": "<unk>"},
     }
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
     (path / "tokenizer_config.json").write_text(json.dumps({
