@@ -50,8 +50,9 @@ def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
 def merge_reference(base_dir: Path, ft_dirs: list[Path], weights: list[float], lam: float = 1.0,
                     normalize: bool = False, calibrate: bool = True, alpha: float | None = None,
                     skip: tuple[str, ...] = ("*embed*", "*wte*", "*wpe*", "*lm_head*"),
-                    method=None) -> dict[str, np.ndarray]:
-    """base + base method (TA unless `method(name, taus)` is given) + SVC on 2-D, non-skipped
+                    method=None, weights_method=None) -> dict[str, np.ndarray]:
+    """base + base method (TA unless `method(name, taus)` gives the merged delta, or
+    `weights_method(name, base, fine_tunes)` the merged weights) + SVC on 2-D, non-skipped
     tensors, all in float64."""
     base = load_checkpoint(base_dir)
     fts = [load_checkpoint(d) for d in ft_dirs]
@@ -60,7 +61,9 @@ def merge_reference(base_dir: Path, ft_dirs: list[Path], weights: list[float], l
     out = {}
     for name, b in base.items():
         taus = [ft[name] - b for ft in fts]
-        if method is not None:
+        if weights_method is not None:
+            wm = weights_method(name, b, [ft[name] for ft in fts]) - b
+        elif method is not None:
             wm = method(name, taus)
         else:
             wm = sum(w * t for w, t in zip(weights, taus))

@@ -17,7 +17,9 @@ from tests.conftest import file_bytes, run_cli, write_config
 from tests.contracts import ExecutorContract
 from dist_svc.methods.random import stream_key, uniform
 from tests.reference import (
-    iso_c_reference, load_checkpoint, load_output, merge_reference, star_reference, ties_reference, tsv_reference,
+    breadcrumbs_prune_reference, gta_reference, iso_c_reference, karcher_reference, linear_reference, load_checkpoint,
+    load_output, merge_reference, model_stock_reference, nuslerp_reference, sce_reference, slerp_reference,
+    star_reference, ties_reference, tsv_reference,
 )
 
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -175,31 +177,71 @@ def _dare_ties_reference(densities, seed):
     return method
 
 
-@pytest.mark.parametrize("method, params, model_params, reference, alpha", [
+def _della_reference(density, epsilon, seed):
+    """MAGPRUNE from its definition: rank in the row (ties: lower index first), keep probability
+    density - epsilon + 2 epsilon rank / (n - 1), kept entries divided by it; the random numbers
+    are dist-svc's counter-based ones (methods.random)."""
+    def method(name, taus):
+        out = []
+        for i, t in enumerate(taus):
+            rows = t.reshape(1, -1) if t.ndim < 2 else t
+            n = rows.shape[1]
+            rank = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1) / max(n - 1, 1)
+            p = density - epsilon + 2 * epsilon * (rank if n > 1 else 0.5)
+            u = uniform(stream_key(seed, name, i), torch.arange(rows.size).view(rows.shape)).numpy()
+            out.append(np.where(u < p, rows / p, 0.0).reshape(t.shape))
+        return gta_reference(out, [1.0] * len(taus), 1.0, normalize=True, consensus=True)
+    return method
+
+
+# (method, parameters, each fine-tune's parameters, the reference, alpha: None = 1/K, False = no
+# calibration; `weights=` marks references on weights: (name, base, fine-tunes) -> merged weights)
+CALIBRATED = [
     ("ties", {"density": 0.5, "lambda": 0.8}, [{}, {"density": 0.3}, {}],
      lambda n, t: ties_reference(t, [1] * 3, [0.5, 0.3, 0.5], 0.8), None),
     ("dare_ties", {"density": 0.6, "seed": 11}, [{}, {}, {}], _dare_ties_reference([0.6] * 3, 11), None),
+    ("della", {"density": 0.6, "epsilon": 0.2, "seed": 4}, [{}, {}, {}], _della_reference(0.6, 0.2, 4), None),
+    ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.05}, [{}, {}, {}],
+     lambda n, t: gta_reference([breadcrumbs_prune_reference(x, 0.7, 0.05) for x in t], [1] * 3, consensus=True),
+     None),
+    ("sce", {"select_topk": 0.5}, [{}, {}, {}], lambda n, t: sce_reference(t, 0.5), None),
     ("tsv", {"lambda": 0.9}, [{}, {}, {}], lambda n, t: tsv_reference(t, 0.9), 1.0),
     # Iso-C's spectrum is flat, so its singular directions are not unique and calibrating it
     # depends on the basis an SVD picks (docs/calibration.md): checked with calibration off.
     ("iso_c", {}, [{}, {}, {}], lambda n, t: iso_c_reference(t), False),
     ("star", {"eta": 0.5}, [{}, {}, {}],
      lambda n, t: star_reference(t, eta=0.5) if t[0].ndim == 2 else np.mean(t, 0), None),
-])
+    # Methods on weights, with base_model: the calibrated delta is merged - base.
+    ("linear", {"weight": 1.0}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}],
+     ("weights", lambda n, b, x: linear_reference([*x, b], [1.0, 0.5, 2.0, 1.0])), None),
+    ("model_stock", {}, [{}, {}, {}], ("weights", lambda n, b, x: model_stock_reference(b, x)), None),
+    ("karcher", {}, [{}, {}, {}], ("weights", lambda n, b, x: karcher_reference([*x, b])), None),
+    ("slerp", {"t": 0.4}, [{}], ("weights", lambda n, b, x: slerp_reference(0.4, b, x[0])), None),
+    ("nuslerp", {}, [{"weight": 1.0}, {"weight": 3.0}], lambda n, t: nuslerp_reference(0.75, t[0], t[1]), None),
+]
+
+
+@pytest.mark.parametrize("method, params, model_params, reference, alpha", CALIBRATED, ids=[c[0] for c in CALIBRATED])
 def test_every_method_with_calibration_equals_its_float64_reference(tmp_path, family, method, params, model_params,
                                                                       reference, alpha):
+    """SVC needs only the merged delta (merged - base) and the task vectors: it applies to every
+    method with a base model, streamed or not."""
     base, fts = family(3)
+    fts = fts[:len(model_params)]
     cfg = {"merge_method": method, "base_model": str(base), "dtype": "float64", "parameters": params,
            "models": [{"model": str(f), "parameters": p} for f, p in zip(fts, model_params)],
            "calibrate": alpha is not False}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     report = merge(tmp_path / "m.yaml", tmp_path / "out", shard_size="40KB", progress="off",
-                   executor=LocalExecutor(block_elements=300))  # small blocks: DARE's masks must not depend on them
+                   executor=LocalExecutor(block_elements=300))  # small blocks: random drops must not depend on them
     out = load_output(tmp_path / "out")
-    ref = merge_reference(base, fts, [1.0] * 3, method=reference, alpha=alpha or None, calibrate=alpha is not False)
+    on_weights = isinstance(reference, tuple)
+    ref = merge_reference(base, fts, [1.0] * len(fts), alpha=alpha or None, calibrate=alpha is not False,
+                          method=None if on_weights else reference, weights_method=reference[1] if on_weights else None)
     for name, tensor in out.items():
         err = np.abs(tensor.numpy().astype(np.float64) - ref[name])
-        # float64 all the way, one rounding to float32 (SVD-based methods: 1e-12 of the delta more).
+        # float64 all the way, one rounding to float32 (SVD-based and iterative methods: 1e-12 of
+        # the delta more).
         tol = np.spacing(np.abs(ref[name]).astype(np.float32)) + 1e-12 * np.abs(ref[name]).max()
         assert (err <= tol).all(), f"{method} {name}: {err.max():.3g}"
     assert bool(report.calibration) == (alpha is not False)
