@@ -35,14 +35,95 @@ def main() -> None:
     """Merge fine-tunes of one base model, with Singular Value Calibration, resumably."""
 
 
+# mergekit-yaml's flags that change nothing in dist-svc: accepted, each said in one line, and why.
+_MERGEKIT_NO_OPS = {
+    "lazy_unpickle": "dist-svc reads safetensors with positional reads and unpickles nothing",
+    "trust_remote_code": "dist-svc runs no model code",
+    "low_cpu_memory": "dist-svc streams tensors in blocks: memory does not grow with the model",
+    "read_to_gpu": "with --cuda (--device cuda) inputs go to the GPU as they are read",
+    "multi_gpu": "--cluster runs a merge on several GPUs",
+    "clone_tensors": "every output tensor is written once, in place",
+    "async_write": "workers write their tensors in place as they finish",
+    "write_threads": "workers write their tensors in place as they finish",
+    "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
+    "transformers_cache": "dist-svc reads local checkpoints only",
+    "lora_merge_cache": "dist-svc merges full checkpoints, not LoRA adapters",
+    "lora_merge_dtype": "dist-svc merges full checkpoints, not LoRA adapters",
+}
+
+
+def _mergekit_options(f):
+    """mergekit-yaml's flags (mergekit 0.1.5's MergeOptions), with their meaning in dist-svc
+    (docs/methods.md has the table)."""
+    flags = [
+        click.option("--cuda/--no-cuda", default=None, help="mergekit: compute on the GPU (--device cuda)."),
+        click.option("--copy-tokenizer/--no-copy-tokenizer", default=None,
+                     help="Write the donor's tokenizer files (default: yes, as mergekit)."),
+        click.option("--random-seed", type=int, default=None, help="The seed of DARE's and DELLA's random drops."),
+        click.option("--allow-crimes/--no-allow-crimes", default=None,
+                     help="Merge models whose config.json names different architectures."),
+        click.option("-v", "verbosity", count=True, help="Log lines and the plan instead of a progress bar."),
+        click.option("--quiet/--no-quiet", default=None, help="No progress output."),
+        click.option("-j", "--num-threads", type=int, default=None, help="mergekit's CPU threads: units in flight."),
+        click.option("--gpu-rich", is_flag=True, default=None, help="mergekit: --cuda and more; here --cuda."),
+        click.option("--safe-serialization/--no-safe-serialization", default=None,
+                     help="Always safetensors (or zarr): --no-safe-serialization is refused."),
+        click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=None,
+                     help="Refused: use `tokenizer_source` to merge different vocabularies."),
+    ]
+    for name, why in _MERGEKIT_NO_OPS.items():
+        flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
+        if name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype"):
+            flags.append(click.option(f"--{flag}", default=None, help=help_text))
+        elif name == "write_threads":
+            flags.append(click.option(f"--{flag}", type=int, default=None, help=help_text))
+        else:
+            flags.append(click.option(f"--{flag}/--no-{flag}", default=None, help=help_text))
+    for flag in reversed(flags):
+        f = flag(f)
+    return f
+
+
+def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, progress: str) -> tuple:
+    """(device, threads, progress, config options) from mergekit's flags; says what changes
+    nothing, refuses what dist-svc cannot do."""
+    if mk["safe_serialization"] is False:
+        raise DistSvcError("--no-safe-serialization: dist-svc writes safetensors (or zarr) only, never pickles.")
+    if mk["unsafe_truncate_embeddings"]:
+        raise DistSvcError("--unsafe-truncate-embeddings is not supported: it cuts every vocabulary to the smallest "
+                           "and assumes the token ids agree. Set `tokenizer_source: base` (or union) in the config to "
+                           "merge the embeddings token by token.")
+    for name, why in _MERGEKIT_NO_OPS.items():
+        if mk[name] is not None and mk[name] is not False:
+            _say(f"note: --{name.replace('_', '-')} changes nothing here: {why}.")
+    if mk["cuda"] or mk["gpu_rich"]:
+        device = device or "cuda"
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DistSvcError(f"{'--cuda' if mk['cuda'] or mk['gpu_rich'] else '--device ' + device}: no CUDA device "
+                               f"is visible to this process; nothing was written. Run on a machine with a GPU, or "
+                               f"without it (on the CPU).")
+    threads = threads if threads is not None else mk["num_threads"]
+    if mk["quiet"]:
+        progress = "off"
+    elif mk["verbosity"] and progress == "auto":
+        progress = "log"
+    options = {"copy_tokenizer": mk["copy_tokenizer"], "allow_crimes": mk["allow_crimes"],
+               "random_seed": mk["random_seed"]}
+    return device, threads, progress, options
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
-@click.option("--shard-size", default=None,
-              help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit); "
-                   "default: the config's `output: {shard_size: ...}`, else 5GB.")
+@click.option("--shard-size", "--out-shard-size", "shard_size", default=None,
+              help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB, 5B (5 billion, as mergekit's "
+                   "--out-shard-size, whose writer counts bytes); default: the config's `output: {shard_size: ...}`, "
+                   "else 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
               help="A progress bar on a terminal, plain log lines otherwise.")
 @click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
@@ -55,37 +136,64 @@ def main() -> None:
 @click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
               help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
                    "OUT_DIR ends in .zarr.")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A config of several YAML documents (stages): where the named stages go "
+                   "(default: OUT_DIR.stages next to OUT_DIR).")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
+@_mergekit_options
 def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str | None, progress: str,
           cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
-          dry_run: bool) -> None:
-    """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
+          intermediate_dir: Path | None, dry_run: bool, **mergekit_flags) -> None:
+    """Merge the models of CONFIG (a mergekit YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
     files of the base). Rerun the same command to resume an interrupted merge: finished tensors
-    are kept, and the result is byte-identical to an uninterrupted run.
+    are kept, and the result is byte-identical to an uninterrupted run. A CONFIG of several YAML
+    documents (mergekit-multimerge's stages) runs stage by stage. mergekit-yaml's flags are
+    accepted with their meaning (docs/methods.md); `dist-svc mergekit-yaml` is this command.
 
     \b
     Example:
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged
       dist-svc merge mergekit.yaml ./merged --no-calibrate --shard-size 2GB
+      dist-svc mergekit-yaml mergekit.yaml ./merged --cuda --out-shard-size 1B --lazy-unpickle
       dist-svc merge configs/llama3-70b-ta-svc.yaml /shared/merged --cluster auto
       dist-svc merge configs/zarr-ta-svc.yaml ./merged.zarr      # a zarr v3 store
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
     from dist_svc.driver import merge as run_merge
     from dist_svc.executors import build_executor
+    from dist_svc.stages import load_stages
 
+    device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
+    stages = load_stages(config, out_dir, intermediate_dir, calibrate)
+    if progress != "off":
+        for stage in stages:
+            for note in stage.config.notes:
+                _say(f"note: {note}")
     if dry_run:
-        _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads)
+        for stage in stages:
+            if len(stages) > 1:
+                click.echo(f"stage {stage.name or 'final'} -> {stage.out_dir}")
+            if any(not s.out_dir.exists() for s in stages if s.name in stage.needs):
+                click.echo(f"  reads stage(s) {', '.join(stage.needs)}, not merged yet: no plan before they are")
+                continue
+            _print_dry_run(stage.config.with_options(**options), stage.out_dir, None, shard_size, output_format,
+                           device, threads)
         return
 
     executor = build_executor(cluster=cluster, device=device, threads=threads, log=_say)
-    report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
-                       executor=executor, output_format=output_format, log=_say)
-    _print_report(report)
+    for i, stage in enumerate(stages):
+        if len(stages) > 1:
+            _say(f"stage {i + 1}/{len(stages)}: {stage.name or 'the final merge'} -> {stage.out_dir}")
+        report = run_merge(stage.config.with_options(**options), stage.out_dir, shard_size=shard_size,
+                           progress=progress, executor=executor, output_format=output_format, log=_say)
+        _print_report(report)
+
+
+main.add_command(merge, name="mergekit-yaml")
 
 
 @main.command()

@@ -18,11 +18,10 @@ and with drops on statistics of what is kept.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 
 from dist_svc import merge
 from dist_svc.commands.demo import TinyLlama, make_family, write_hf_checkpoint, write_tokenizer
+from tests.conftest import run_cli
 from tests.reference import load_checkpoint, load_output
 
 pytest.importorskip("mergekit", reason="mergekit is not installed: pip install -e '.[test,compat]'")
@@ -51,7 +51,7 @@ class Case:
     yaml: str  # with {base}, {ft1}, {ft2}, {ft3}, {chat}, {tool} for the generated models
     check: str = "exact"  # exact | dare | della-rank | della
     args: tuple[str, ...] = ()  # mergekit-yaml flags, given to both tools
-    notes: dict = field(default_factory=dict)
+    cli: bool = False  # dist-svc runs as `dist-svc mergekit-yaml CONFIG OUT ARGS` (else the Python API)
 
 
 CASES = [
@@ -448,6 +448,18 @@ CASES = [
         merge_method: passthrough
         dtype: float32
     """),
+    Case("flags", "mergekit README usage: `mergekit-yaml config.yml ./out --cuda --lazy-unpickle --allow-crimes`, "
+                  "here with the flags a CPU run takes", """
+        models:
+          - model: {ft1}
+            parameters: {{weight: 0.5}}
+          - model: {tool}
+            parameters: {{weight: 0.5}}
+        merge_method: linear
+        tokenizer_source: union
+        dtype: float32
+    """, args=("--out-shard-size", "30K", "--no-copy-tokenizer", "--lazy-unpickle", "--allow-crimes", "-v",
+               "--random-seed", "1"), cli=True),
     Case("tokenizer-tokens", "mergekit README, Tokenizer Configuration (union, tokens with sources)", """
         models:
           - model: {ft1}
@@ -516,13 +528,59 @@ CASES = [
 _MERGEKIT_RUNNER = """
 import json, sys, traceback
 from mergekit.scripts.run_yaml import main
+from mergekit.scripts.multimerge import main as multimerge
 failures = {}
 for job in json.load(open(sys.argv[1])):
     try:
-        main([job["config"], job["out"], "--quiet", "--no-write-model-card", *job["args"]], standalone_mode=False)
+        if job.get("multi"):
+            multimerge([job["config"], "--intermediate-dir", job["intermediate"], "--out-path", job["out"], "--quiet",
+                        "--no-write-model-card"], standalone_mode=False)
+        else:
+            main([job["config"], job["out"], "--quiet", "--no-write-model-card", *job["args"]], standalone_mode=False)
     except BaseException:
         failures[job["id"]] = traceback.format_exc()[-3000:]
 json.dump(failures, open(sys.argv[2], "w"))
+"""
+
+# mergekit examples/mega.yml, a mergekit-multimerge file: a SLERP stage whose output a TIES stage
+# merges (adapted: two layers of models, float32).
+MULTI = """
+slices:
+  - sources:
+      - model: {ft1}
+        layer_range: [0, 4]
+      - model: {ft2}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {ft1}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+name: gradient-slerp
+---
+models:
+  - model: gradient-slerp
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: {ft3}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: {base}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
 """
 
 
@@ -566,6 +624,10 @@ def outputs(models):
         cfg = root / f"{case.id}.yaml"
         cfg.write_text(textwrap.dedent(case.yaml).format(**{k: v for k, v in models.items() if k != "root"}))
         jobs.append({"id": case.id, "config": str(cfg), "out": str(root / f"{case.id}-mk"), "args": list(case.args)})
+    cfg = root / "multi.yaml"
+    cfg.write_text(MULTI.format(**{k: v for k, v in models.items() if k != "root"}))
+    jobs.append({"id": "multi", "multi": True, "config": str(cfg), "out": str(root / "multi-mk"),
+                 "intermediate": str(root / "multi-mk-stages")})
     (root / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, "-c", _MERGEKIT_RUNNER, str(root / "jobs.json"), str(root / "failed.json")],
                           capture_output=True, text=True, timeout=900)
@@ -576,7 +638,9 @@ def outputs(models):
 
 def _run_dist_svc(root: Path, case: Case) -> Path:
     out = root / f"{case.id}-ds"
-    if not out.exists():
+    if not out.exists() and case.cli:  # mergekit-yaml's own arguments, unchanged, to dist-svc's command of that name
+        run_cli("mergekit-yaml", root / f"{case.id}.yaml", out, *case.args)
+    elif not out.exists():
         from dist_svc.config import load_config
 
         config = load_config(root / f"{case.id}.yaml", calibrate=False)
@@ -739,3 +803,38 @@ def test_ties_on_bf16_checkpoints_differs_from_mergekit_only_at_ties(tmp_path):
         ties_seen += int(at_threshold.sum())
         assert not (differ & ~at_threshold).any(), name
     assert ties_seen > 0  # the family's bf16 task vectors do tie at the threshold
+
+
+def test_mergekit_yaml_flags_mean_what_they_mean_in_mergekit(outputs):
+    """`dist-svc mergekit-yaml` took the flags above unchanged: shards of at most 30,000 bytes as
+    mergekit's (its help says parameters, its writer counts bytes), no tokenizer files with
+    --no-copy-tokenizer (the built vocabulary's tokenizer is still written, as mergekit does)."""
+    root, _ = outputs
+    ours, theirs = root / "flags-ds", root / "flags-mk"
+    for out in (ours, theirs):
+        shards = sorted(out.glob("*.safetensors"))
+        assert len(shards) > 3
+        sizes = [sum(t.numel() * t.element_size() for t in load_output_file(p).values()) for p in shards]
+        largest = max(t.numel() * t.element_size() for t in load_output(out).values())
+        assert all(size <= max(30_000, largest) for size in sizes), (out, sizes)
+    names = {p.name for p in ours.iterdir()} & {p.name for p in theirs.iterdir()}
+    assert "tokenizer.json" in names  # tokenizer_source: union writes the built tokenizer in both
+
+
+def load_output_file(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_multimerge_file_runs_stage_by_stage_as_mergekit_multimerge(outputs, models):
+    """mergekit-multimerge's file: the named stage's output is the next stage's model."""
+    root, failed = outputs
+    assert "multi" not in failed, failed.get("multi")
+    run_cli("merge", root / "multi.yaml", root / "multi-ds", "-I", root / "multi-ds-stages", "--no-calibrate")
+    for ours, theirs in ((root / "multi-ds", root / "multi-mk"),
+                         (root / "multi-ds-stages" / "gradient-slerp", root / "multi-mk-stages" / "gradient-slerp")):
+        a, b = load_output(ours), load_output(theirs)
+        assert set(a) == set(b)
+        worst = max(float((a[n].double() - b[n].double()).abs().max()) for n in a)
+        assert worst <= TOL, (ours, worst)
