@@ -256,10 +256,11 @@ def verify(out_dir: Path) -> None:
               help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
 def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
     """Show what calibration did to the merge in OUT_DIR (finished or in progress): per matrix,
-    the top singular values of the base method's delta before and after calibration, and the
-    overlap coefficients s_ri (copies of task i in direction r). Writes a PNG (a heat map of
-    over-accumulation per layer and module, and the spectra of chosen matrices) and the table as
-    JSON and CSV. Nothing in OUT_DIR is changed.
+    the norm of the merged delta after / before, the share of its energy in directions held more
+    than once (shrunk) and in task-specific ones (grown), eta over the whole spectrum, the top
+    singular values before and after and the overlap coefficients s_ri (copies of task i in
+    direction r). Writes a PNG (heat maps per layer and module, eta per matrix, the spectra of
+    chosen matrices) and the table as JSON and CSV. Nothing in OUT_DIR is changed.
 
     \b
     Example:
@@ -270,12 +271,19 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 
     prefix = prefix or Path(f"{out_dir.resolve().name}-spectra")
     result = run_inspect(out_dir, prefix, patterns, top)
-    click.echo(f"{result['count']} calibrated matrices. Strongest over-accumulation "
-               f"(top singular value before -> after calibration):")
+    o = result["overall"]
+    click.echo(f"{result['count']} calibrated matrices" + (f", {result['unchanged']} of them unchanged by the "
+                                                          f"fine-tunes (a zero delta)" if result["unchanged"] else "") + ".")
+    if o["matrices"]:
+        click.echo(f"Over the whole spectra: the merged updates' energy in directions held more than once "
+                   f"(eta > 1) {100 * o['shrunk'][0]:.0f}% -> {100 * o['shrunk'][1]:.0f}% after calibration, in "
+                   f"task-specific ones (eta < 1) {100 * o['grown'][0]:.0f}% -> {100 * o['grown'][1]:.0f}%; "
+                   f"median norm ratio {o['norm_ratio_median']:.2f} ({o['amplified']} of {o['matrices']} grew).")
+        click.echo("Strongest over-accumulation (top singular value before -> after calibration):")
     for r in result["strongest"]:
         overlap = ", ".join(f"{x:.2f}" for x in r["overlaps"][0]) if r["overlaps"] else "-"
         click.echo(f"  {r['tensor']:<48} {r['sigma_before'][0]:.4g} -> {r['sigma_after'][0]:.4g} "
-                   f"({r['top_ratio']:.2f}x; s_1i = {overlap})")
+                   f"({r['top_ratio']:.2f}x; s_1i = {overlap}; norm x{r['norm_ratio']:.2f})")
     click.echo("wrote " + ", ".join(str(p) for p in result["paths"].values()))
 
 
@@ -313,19 +321,23 @@ def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: 
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"))
 @click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes to generate.")
 @click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")
-def demo(workdir: Path, k: int, layers: int) -> None:
+@click.option("--methods", default=None, metavar="M1,M2|all",
+              help="Also merge the family with these methods (calibrated) and compare what calibration did "
+                   "to each: the over-accumulation before and after.")
+def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
     """Generate a small Llama-layout base and K fine-tunes in WORKDIR, then merge them with
     task arithmetic + calibration, and show what calibration did.
 
-    Nothing is downloaded. Rerunning reuses the generated models and the finished merge.
+    Nothing is downloaded. Rerunning reuses the generated models and the finished merges.
 
     \b
     Example:
       dist-svc demo ./demo-out
+      dist-svc demo ./demo-out --methods all      # every method with a base model, side by side
     """
     import torch
 
-    from dist_svc.commands.demo import TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import DEMO_METHODS, TinyLlama, make_family, write_config
     from dist_svc.driver import merge as run_merge
 
     workdir = workdir.resolve()
@@ -350,6 +362,31 @@ def demo(workdir: Path, k: int, layers: int) -> None:
                    f"(sigma {worst[1]['sigma_before'][0]:.4f} -> {worst[1]['sigma_after'][0]:.4f}).")
     click.echo(f"\nConfig: {config}\nMerged model: {report.out_dir}")
     click.echo(f"See the spectra: dist-svc inspect {report.out_dir}")
+    if methods:
+        names = list(DEMO_METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
+        unknown = [m for m in names if m not in DEMO_METHODS]
+        if unknown:
+            raise DistSvcError(f"--methods: {', '.join(unknown)} not among {', '.join(DEMO_METHODS)}.")
+        _demo_methods(workdir, inputs / "base", ft_dirs, names)
+
+
+def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[str]) -> None:
+    from dist_svc.commands.demo import calibration_effect, write_method_config
+    from dist_svc.driver import merge as run_merge
+
+    click.echo(f"\nCalibration on each method's merge of the same family (K={len(ft_dirs)}; "
+               f"energy: mean share of each merged delta's squared norm):")
+    click.echo(f"{'method':<18}{'sigma_1 /':>10}{'norm':>7}{'held > once (eta>1)':>21}{'task-specific (eta<1)':>23}")
+    click.echo(f"{'':<18}{'before/after':>10}{'ratio':>7}{'before -> after':>21}{'before -> after':>23}")
+    for name in names:
+        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs)
+        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}", shard_size="4MB").calibration)
+        if not effect["matrices"]:
+            click.echo(f"{name:<18}  (nothing calibrated)")
+            continue
+        click.echo(f"{name:<18}{effect['top_ratio']:>9.2f}x{effect['norm_ratio']:>7.2f}"
+                   f"{100 * effect['shrunk'][0]:>12.0f}% -> {100 * effect['shrunk'][1]:.0f}%"
+                   f"{100 * effect['grown'][0]:>14.0f}% -> {100 * effect['grown'][1]:.0f}%")
 
 
 @main.group()
