@@ -439,20 +439,26 @@ def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str, json_pa
 @click.option("--repeats", default=3, show_default=True, help="Measured runs per tool (the median is shown).")
 @click.option("--mergekit", default="mergekit-yaml", show_default=True,
               help="mergekit's command to compare with; 'none' to run dist-svc alone.")
-def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: str) -> None:
+@click.option("--method", default="task_arithmetic", show_default=True,
+              help="The merge method both run (ties, della, ...; settings as in `dist-svc demo --methods`).")
+def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: str, method: str) -> None:
     """Wall time and peak memory of dist-svc against mergekit on the same mergekit YAML and
-    inputs (task arithmetic, calibration off), for several model sizes generated in WORKDIR.
+    inputs (calibration off), for several model sizes generated in WORKDIR.
 
     \b
     Example:
       pip install mergekit==0.1.5   # in another environment; pass its mergekit-yaml
       dist-svc bench merge ./bench-out --mergekit /path/to/venv/bin/mergekit-yaml
+      dist-svc bench merge ./bench-out --method ties --layers 20
     """
     from dist_svc.commands.bench import bench_merge
+    from dist_svc.commands.demo import DEMO_METHODS
 
+    if method not in DEMO_METHODS:
+        raise DistSvcError(f"--method: {method!r} is not one of {', '.join(DEMO_METHODS)}.")
     sizes = tuple(int(x) for x in layers.split(","))
     rows = bench_merge(workdir, layers=sizes, k=k, repeats=repeats,
-                       mergekit=None if mergekit == "none" else mergekit, log=_say)
+                       mergekit=None if mergekit == "none" else mergekit, method=method, log=_say)
     click.echo(f"{'layers':>6}{'params':>8}{'dist-svc s':>12}{'MiB':>7}" +
                (f"{'mergekit s':>12}{'MiB':>7}{'time':>8}{'memory':>8}{'same bytes':>12}" if mergekit != "none" else ""))
     for r in rows:
