@@ -163,9 +163,8 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
       dist-svc merge configs/zarr-ta-svc.yaml ./merged.zarr      # a zarr v3 store
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
-    from dist_svc.driver import merge as run_merge
     from dist_svc.executors import build_executor
-    from dist_svc.stages import load_stages
+    from dist_svc.stages import load_stages, merge_stages
 
     device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
     stages = load_stages(config, out_dir, intermediate_dir, calibrate)
@@ -185,11 +184,8 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
         return
 
     executor = build_executor(cluster=cluster, device=device, threads=threads, log=_say)
-    for i, stage in enumerate(stages):
-        if len(stages) > 1:
-            _say(f"stage {i + 1}/{len(stages)}: {stage.name or 'the final merge'} -> {stage.out_dir}")
-        report = run_merge(stage.config.with_options(**options), stage.out_dir, shard_size=shard_size,
-                           progress=progress, executor=executor, output_format=output_format, log=_say)
+    for report in merge_stages(stages, lambda c: c.with_options(**options), log=_say, shard_size=shard_size,
+                               progress=progress, executor=executor, output_format=output_format):
         _print_report(report)
 
 

@@ -104,7 +104,6 @@ class CalibrationSpec:
     side: str = "column"
     target: int | None = None  # index into the fine-tunes (0-based) to calibrate against one task
     skip: tuple[str, ...] = DEFAULT_SKIP
-    explicit: bool = field(default=False, compare=False)  # asked for (config or flag), not by default
 
     def resolved_alpha(self, k: int, alpha_is_one: bool = False) -> float:
         if self.alpha is not None:
@@ -168,7 +167,7 @@ class MergeConfig:
             return self
         if enabled and self.base is None:
             raise DistSvcError(_no_base_for_calibration(self.source, self.merge_method, "--calibrate"))
-        cal = dataclasses.replace(self.calibration, enabled=enabled, explicit=True)
+        cal = dataclasses.replace(self.calibration, enabled=enabled)
         return dataclasses.replace(self, calibration=cal)
 
     def with_output(self, fmt: str | None = None, shard_bytes: int | None = None) -> "MergeConfig":
@@ -411,7 +410,7 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
     if calibrate is not None:
         if calibrate and base is None:
             problems.add("calibrate", _no_base_for_calibration(source, method_name, "--calibrate").split(": ", 1)[1])
-        calibration = dataclasses.replace(calibration, enabled=calibrate, explicit=True)
+        calibration = dataclasses.replace(calibration, enabled=calibrate)
     k = max((sum(s.model != base for s in sl.sources) for sl in slices), default=0)
     if calibration.target is not None and calibration.target >= k:
         problems.add("calibrate.target", f"must be a fine-tune's index from 0 to {k - 1} (got {calibration.target}).")
@@ -744,7 +743,7 @@ def _calibration(raw: Any, has_base: bool, method: str | None, problems: _Proble
         problems.add("calibrate.skip", "expected a list of name patterns such as ['*embed*', '*lm_head*'].")
         skip = list(DEFAULT_SKIP)
     return CalibrationSpec(enabled=enabled, alpha=alpha, side=side if side in ("column", "row") else "column",
-                           target=target, skip=tuple(skip), explicit=True)
+                           target=target, skip=tuple(skip))
 
 
 def _tokenizer(raw: dict, problems: _Problems) -> TokenizerSpec | None:

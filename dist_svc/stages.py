@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from dist_svc.config import MergeConfig, parse_config, read_documents
 from dist_svc.errors import DistSvcError
@@ -98,16 +98,13 @@ def _ordered(stages: list[Stage], where: str) -> list[Stage]:
     return done
 
 
-def merge_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | Path | None = None, *,
-                 calibrate: bool | None = None, configure: Callable[[MergeConfig], MergeConfig] = lambda c: c,
-                 log: Callable[[str], None] = lambda line: None, **merge_options) -> list:
-    """Run every stage in order with dist_svc.merge (which resumes each); returns their reports."""
+def merge_stages(stages: list[Stage], configure: Callable[[MergeConfig], MergeConfig] = lambda c: c,
+                 log: Callable[[str], None] = lambda line: None, **merge_options) -> Iterator:
+    """Run the stages in order with dist_svc.merge (which resumes each), yielding each report as
+    its stage finishes. `configure` adjusts each stage's config (the command line's options)."""
     from dist_svc.driver import merge
 
-    stages = load_stages(path, out_dir, intermediate_dir, calibrate)
-    reports = []
     for i, stage in enumerate(stages):
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage.name or 'the final merge'} -> {stage.out_dir}")
-        reports.append(merge(configure(stage.config), stage.out_dir, log=log, **merge_options))
-    return reports
+        yield merge(configure(stage.config), stage.out_dir, log=log, **merge_options)

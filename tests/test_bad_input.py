@@ -237,3 +237,21 @@ def test_the_base_named_by_another_path_is_refused_naming_both(tmp_path, family)
 def test_status_of_a_directory_without_a_merge_says_so(tmp_path):
     result = run_cli("status", tmp_path, check=False)
     assert result.returncode == 2 and "no dist-svc merge here" in result.stderr
+
+
+def test_vocabularies_of_different_sizes_without_a_tokenizer_setting_say_what_to_set(tmp_path, family):
+    base, fts = family(2)
+    path = fts[1] / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], tensors[name][:2]])
+    save_file(tensors, str(path))
+    _refused(tmp_path, write_config(tmp_path / "m.yaml", base, fts), "model.embed_tokens.weight",
+             "tokenizer_source: union")
+
+
+def test_the_chat_templates_named_in_the_config_are_the_ones_shipped():
+    from dist_svc.chat_templates import TEMPLATES
+    from dist_svc.config import CHAT_TEMPLATE_NAMES
+
+    assert set(TEMPLATES) == set(CHAT_TEMPLATE_NAMES)
