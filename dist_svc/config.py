@@ -198,11 +198,11 @@ class MergeConfig:
         return {
             "merge_method": self.merge_method,
             "base_model": None if self.base is None else str(self.checkpoints[self.base]),
-            "slices": [{
-                "sources": [{"model": str(self.checkpoints[s.model]), "layer_range": s.layer_range,
-                             "parameters": _sorted(s.parameters)} for s in sl.sources],
-                "parameters": _sorted(sl.parameters)} for sl in self.slices],
-            "whole_models": self.whole_models,
+            # Keyed by where each is written, so that a changed value is named in the refusal
+            # of a rerun ('sources.models[1].parameters.gamma' was 0.01, now 0.05).
+            "sources": {s.field: {"model": str(self.checkpoints[s.model]), "layer_range": s.layer_range,
+                                  "parameters": _sorted(s.parameters)} for sl in self.slices for s in sl.sources},
+            "slices": {sl.field: _sorted(sl.parameters) for sl in self.slices} if not self.whole_models else None,
             "parameters": _sorted(self.parameters),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,

@@ -180,7 +180,8 @@ def build_plan(config: MergeConfig, first: Checkpoint, rest: list[Checkpoint]) -
         calibrate = (cal.enabled and base is not None and fine_tunes > 0 and should_calibrate(g.name, shape, cal.skip)
                      and (cal.target is None or cal.target < fine_tunes))
         needs = "tensor" if vocabulary else method.granularity(params)
-        units.append(Unit(g.name, shape, out_dtype or infos[0].dtype, calibrate, params, inputs, base, models,
+        keep_dtype = infos[base if base is not None else 0].dtype  # without out_dtype: the base's
+        units.append(Unit(g.name, shape, out_dtype or keep_dtype, calibrate, params, inputs, base, models,
                           needs, cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None,
                           vocabulary))
     if problems:

@@ -268,17 +268,17 @@ def align(vocab: Vocabulary, tensors: list[torch.Tensor], checkpoints: list[int]
             defaults[tid] = _default_row(vocab.configs[token][0], token, tid, tensors, checkpoints, perms, vocab)
         elif sum(has) == 1:
             j = has.index(True)
-            defaults[tid] = tensors[j][perms[j, tid]]
+            defaults[tid] = tensors[j][int(perms[j, tid])]
         elif not any(has):
             defaults[tid] = tensors[0].new_zeros(tensors[0].shape[1:])
         elif vocab.base in checkpoints and has[checkpoints.index(vocab.base)]:
             j = checkpoints.index(vocab.base)
-            defaults[tid] = tensors[j][perms[j, tid]]
+            defaults[tid] = tensors[j][int(perms[j, tid])]
         else:  # the mean of the models that have it
             embed = torch.zeros(tensors[0].shape[1:], dtype=tensors[0].dtype, device=tensors[0].device)
             for j, present in enumerate(has):
                 if present:
-                    embed = embed + tensors[j][perms[j, tid]]
+                    embed = embed + tensors[j][int(perms[j, tid])]
             defaults[tid] = embed / sum(has)
     out = []
     for j, tensor in enumerate(tensors):
@@ -309,9 +309,9 @@ def _default_row(source: RowSource, token: str, tid: int, tensors, checkpoints, 
             raise DistSvcError(f"token {token!r}: its source token {source.token or source.token_id!r} is not a row "
                                f"of the model tokenizer.tokens names.")
         return tensors[j][row]
-    if perms[j][tid] < 0:
+    if perms[j, tid] < 0:
         raise DistSvcError(f"token {token!r} is not in the model tokenizer.tokens names as its source.")
-    return tensors[j][perms[j][tid]]
+    return tensors[j][int(perms[j, tid])]
 
 
 # -- the output's files ---------------------------------------------------------------------------------
