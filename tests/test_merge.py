@@ -275,3 +275,59 @@ def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp
 class TestLocalExecutor(ExecutorContract):
     def executor(self):
         return LocalExecutor(threads=2, block_elements=300)  # units in flight, blocks small
+
+
+def test_a_frankenmerge_renames_and_repeats_layers(tmp_path, family):
+    """Output layer o of a slice [a, b) is layer a + o - first of its source, under the output's
+    name; overlapping slices repeat layers; embeddings come from the first slice, the final norm
+    and LM head from the last; config.json counts the output's layers."""
+    base, fts = family(2)
+    cfg = tmp_path / "franken.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 2], "parameters": {"scale": 0.5}}]},
+        {"sources": [{"model": str(fts[0]), "layer_range": [1, 2]}]}]}))
+    merge(cfg, tmp_path / "out", progress="off")
+    out, a, b = load_output(tmp_path / "out"), load_checkpoint(fts[0]), load_checkpoint(fts[1])
+    q = "self_attn.q_proj.weight"
+    assert np.array_equal(out[f"model.layers.0.{q}"].numpy(), a[f"model.layers.0.{q}"])
+    assert np.array_equal(out[f"model.layers.1.{q}"].numpy(), a[f"model.layers.1.{q}"])
+    assert np.array_equal(out[f"model.layers.2.{q}"].numpy(), (0.5 * b[f"model.layers.1.{q}"]).astype(np.float32))
+    assert np.array_equal(out[f"model.layers.3.{q}"].numpy(), a[f"model.layers.1.{q}"])  # repeated
+    assert np.array_equal(out["model.embed_tokens.weight"].numpy(), a["model.embed_tokens.weight"])
+    assert np.array_equal(out["lm_head.weight"].numpy(), a["lm_head.weight"])
+    assert len([n for n in out if n.endswith(q)]) == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_a_union_vocabulary_aligns_embedding_rows_per_token(tmp_path, family):
+    """A fine-tune that learnt two tokens of its own: the output vocabulary is the base's plus
+    those, config.json says so, and each token's row follows the tokenizer: shared tokens are
+    merged as usual, the new ones are the fine-tune's rows (mergekit's rule: a token only one
+    model has takes that model's row in every model, so its merged delta is zero)."""
+    from dist_svc.commands.demo import write_hf_checkpoint, write_tokenizer
+
+    base, fts = family(2)
+    tensors = {n: torch.from_numpy(a.astype(np.float32)) for n, a in load_checkpoint(fts[1]).items()}
+    extra = torch.randn(2, tensors["lm_head.weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], extra])
+    config = json.loads((base / "config.json").read_text())
+    vocab = config["vocab_size"]
+    write_hf_checkpoint(tmp_path / "chat", tensors, 1, {**config, "vocab_size": vocab + 2})
+    write_tokenizer(tmp_path / "chat", vocab + 2, ("<|im_start|>", "<|im_end|>"))
+    cfg = write_config(tmp_path / "m.yaml", base, [fts[0], tmp_path / "chat"], tokenizer_source="union",
+                       calibrate=False)
+    merge(cfg, tmp_path / "out", progress="off")
+    out = load_output(tmp_path / "out")
+    b, f0 = load_checkpoint(base), load_checkpoint(fts[0])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == vocab + 2
+    tokenizer = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    ids = {a["content"]: a["id"] for a in tokenizer["added_tokens"]}
+    assert ids["<|im_start|>"] == vocab and ids["<|im_end|>"] == vocab + 1
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        got = out[name].double().numpy()
+        assert got.shape[0] == vocab + 2
+        expected_shared = b[name] + (f0[name] - b[name]) + (tensors[name][:vocab].double().numpy() - b[name])
+        assert np.abs(got[:vocab] - expected_shared).max() < 1e-6
+        assert np.array_equal(got[vocab:], extra.double().numpy())
