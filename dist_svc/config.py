@@ -354,12 +354,15 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
     if not isinstance(raw, dict):
         raise DistSvcError(f"{source}: expected a YAML mapping with 'merge_method', 'base_model' and 'models' "
                            f"(got {show(raw)}).")
+    notes: list[str] = []
     for key in raw:
         if key in _REFUSED_TOP:
             problems.add(str(key), _REFUSED_TOP[key] + ".")
-        elif key not in _TOP_FIELDS:
+        elif key not in _TOP_FIELDS and _did_you_mean(key, _TOP_FIELDS):  # a typo of a field
             problems.add(_name(key), f"unknown field{_did_you_mean(key, _TOP_FIELDS)}. "
                                     f"Known fields: {', '.join(sorted(_TOP_FIELDS))}.")
+        elif key not in _TOP_FIELDS:  # a GUI's or a model card's own field (model_name, ...)
+            notes.append(f"{_name(key)} is not a merge field; it has no effect (mergekit ignores it too).")
 
     method_name = raw.get("merge_method")
     method = None
@@ -387,7 +390,6 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
     if raw.get("base_model") is not None:
         base = checkpoint(raw["base_model"], "base_model")
 
-    notes: list[str] = []
     params = _settings(raw.get("parameters"), "parameters", method, problems, notes, shared=True)
 
     has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None

@@ -124,3 +124,12 @@ def test_stage_files_are_checked(tmp_path, family):
     cfg.write_text(yaml.safe_dump(loop[0]) + "---\n" + yaml.safe_dump(loop[1]))
     proc = run_cli("merge", cfg, tmp_path / "out", check=False)
     assert proc.returncode == 2 and "depends on itself" in proc.stderr
+
+
+def test_fields_mergekit_ignores_are_noted_and_typos_of_fields_refused(tmp_path, family):
+    base, fts = family(2)
+    config = load_config(write_config(tmp_path / "m.yaml", base, fts, model_name="MySlerpMerge-v1"))
+    assert config.notes == ("model_name is not a merge field; it has no effect (mergekit ignores it too).",)
+    proc = run_cli("merge", write_config(tmp_path / "t.yaml", base, fts, out_dype="bfloat16"), tmp_path / "o",
+                   check=False)
+    assert proc.returncode == 2 and "'out_dype': unknown field (did you mean 'out_dtype'?)" in proc.stderr
