@@ -145,63 +145,59 @@ class _Group:
 def build_plan(config: MergeConfig, first: Checkpoint, rest: list[Checkpoint]) -> Plan:
     checkpoints = [first, *rest]
     _check_distinct(config, checkpoints)
-    method = config.method
     reference = config.base if config.base is not None else config.slices[0].sources[0].model
-    ref = checkpoints[reference]
-    groups = _groups(config, checkpoints, ref)
     files = side_file_reader(checkpoints)
+    if not config.allow_crimes:
+        _check_architectures(config, files)
     vocab = None
     if config.tokenizer is not None:
         from dist_svc.vocab import build_vocabulary
 
         vocab = build_vocabulary(config, files)
-    if not config.allow_crimes:
-        _check_architectures(config, files)
-
-    out_dtype = NAME_TO_ST[config.out_dtype] if config.out_dtype else None
-    cal = config.calibration
-    problems: dict[str, list[str]] = {}
-    units = []
-    for g in groups:
-        inputs = tuple(Source(s.model, t) for s, t in zip(g.sources, g.tensors))
-        base = next((i for i, s in enumerate(g.sources) if s.model == config.base), None)
-        infos = [checkpoints[s.checkpoint].tensors[s.tensor] for s in inputs]
-        vocabulary = vocab is not None and _is_vocabulary(g, infos, files)
-        shape = _shape(g, infos, vocabulary, vocab)
-        params, models = _resolve(method, g, base, config.parameters, problems)
-        if params is None:
-            continue
-        if method.check is not None:
-            message = method.check(_call_params(method, params, models, base))
-            if message:
-                problems.setdefault(message, []).append(g.name)
-                continue
-        fine_tunes = len(inputs) - (base is not None)
-        calibrate = (cal.enabled and base is not None and fine_tunes > 0 and should_calibrate(g.name, shape, cal.skip)
-                     and (cal.target is None or cal.target < fine_tunes))
-        needs = "tensor" if vocabulary else method.granularity(params)
-        keep_dtype = infos[base if base is not None else 0].dtype  # without out_dtype: the base's
-        units.append(Unit(g.name, shape, out_dtype or keep_dtype, calibrate, params, inputs, base, models,
-                          needs, cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None,
-                          vocabulary))
+    problems: dict[str, list[str]] = {}  # message -> the tensors it concerns
+    units = [unit for g in _groups(config, checkpoints, checkpoints[reference])
+             if (unit := _unit(config, g, checkpoints, files, vocab, problems)) is not None]
     if problems:
-        lines = []
-        for message, names in problems.items():
-            more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-            lines.append(f"{message} (tensor{'s' if len(names) > 1 else ''} {', '.join(names[:MAX_LISTED])}{more})")
-        raise DistSvcError(f"{config.source}: " + ("\n  - ".join([f"{len(lines)} problems:", *lines])
-                                                   if len(lines) > 1 else lines[0]))
+        lines = [f"{message} (tensor{'s' if len(names) > 1 else ''} {', '.join(names[:MAX_LISTED])}"
+                 f"{f' and {len(names) - MAX_LISTED} more' if len(names) > MAX_LISTED else ''})"
+                 for message, names in problems.items()]
+        raise DistSvcError(f"{config.source}: " + (lines[0] if len(lines) == 1 else
+                                                   "\n  - ".join([f"{len(lines)} problems:", *lines])))
 
-    inputs_identity = {}
-    for i, c in enumerate(checkpoints):
-        inputs_identity[c.source] = {"tensors": c.identity(), "side_files": {
-            name: hashlib.sha256(data).hexdigest() for name, data in source_files(c).items()}}
+    inputs = {c.source: {"tensors": c.identity(), "side_files": {
+        name: hashlib.sha256(data).hexdigest() for name, data in source_files(c).items()}} for c in checkpoints}
     settings = {"config": config.fingerprint_dict()}
     fingerprint = hashlib.sha256(json.dumps(
-        {"format": PLAN_FORMAT, "version": __version__, "settings": settings, "inputs": inputs_identity},
+        {"format": PLAN_FORMAT, "version": __version__, "settings": settings, "inputs": inputs},
         sort_keys=True).encode()).hexdigest()
-    out_files = _output_side_files(config, ref, files, reference, vocab, groups)
-    return Plan(tuple(units), inputs_identity, settings, out_files, fingerprint)
+    out_files = _output_side_files(config, checkpoints[reference], files, reference, vocab)
+    return Plan(tuple(units), inputs, settings, out_files, fingerprint)
+
+
+def _unit(config: MergeConfig, g: "_Group", checkpoints: list[Checkpoint], files, vocab,
+          problems: dict[str, list[str]]) -> Unit | None:
+    """The unit of one output tensor, or None (and its problems noted) when its parameters do
+    not resolve."""
+    method, cal = config.method, config.calibration
+    inputs = tuple(Source(s.model, t) for s, t in zip(g.sources, g.tensors))
+    base = next((i for i, s in enumerate(g.sources) if s.model == config.base), None)
+    infos = [checkpoints[s.checkpoint].tensors[s.tensor] for s in inputs]
+    vocabulary = vocab is not None and _is_vocabulary(g, infos, files)
+    shape = _shape(g, infos, vocabulary, vocab)
+    params, models = _resolve(method, g, base, config.parameters, problems)
+    if params is None:
+        return None
+    message = method.check(_call_params(method, params, models, base)) if method.check else None
+    if message:
+        problems.setdefault(message, []).append(g.name)
+        return None
+    fine_tunes = len(inputs) - (base is not None)
+    calibrate = (cal.enabled and base is not None and fine_tunes > 0 and should_calibrate(g.name, shape, cal.skip)
+                 and (cal.target is None or cal.target < fine_tunes))
+    out_dtype = NAME_TO_ST[config.out_dtype] if config.out_dtype else infos[base or 0].dtype  # else the base's
+    return Unit(g.name, shape, out_dtype, calibrate, params, inputs, base, models,
+                "tensor" if vocabulary else method.granularity(params),
+                cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None, vocabulary)
 
 
 def _check_distinct(config: MergeConfig, checkpoints: list[Checkpoint]) -> None:
@@ -424,12 +420,13 @@ def _check_architectures(config: MergeConfig, files) -> None:
                            f"Pass --allow-crimes to merge them anyway.")
 
 
-def _output_side_files(config: MergeConfig, ref: Checkpoint, files, reference: int, vocab, groups) -> dict[str, bytes]:
+def _output_side_files(config: MergeConfig, ref: Checkpoint, files, reference: int, vocab) -> dict[str, bytes]:
     """The reference's config and tokenizer files as the output gets them: config.json with the
     output dtype, layer count and vocabulary size; the tokenizer as built (or copied, or left out
     with --no-copy-tokenizer), with the chat template asked for."""
     from dist_svc.vocab import (
-        TOKENIZER_FILES, chat_template_of, chat_template_text, patched_config, tokenizer_files, with_chat_template,
+        TOKENIZER_FILES, chat_template_of, chat_template_text, patched_config, source_files_of, tokenizer_files,
+        with_chat_template,
     )
 
     out = side_files(ref, config.out_dtype)
@@ -439,11 +436,8 @@ def _output_side_files(config: MergeConfig, ref: Checkpoint, files, reference: i
                                            for sl in config.slices)
     if vocab is not None:
         changes["vocab_size"] = vocab.size
-        donor = files(reference)
-        if config.tokenizer.source not in ("base", "union"):
-            from dist_svc.vocab import _files_of
-
-            donor = _files_of(config.tokenizer.source, [str(p) for p in config.checkpoints], files)
+        donor = files(reference) if config.tokenizer.source in ("base", "union") else \
+            source_files_of(config.tokenizer.source, [str(p) for p in config.checkpoints], files)
         tokenizer = tokenizer_files(vocab, donor)
     elif config.copy_tokenizer:
         tokenizer = {name: data for name, data in out.items() if name in TOKENIZER_FILES}

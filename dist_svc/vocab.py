@@ -187,7 +187,7 @@ def build_vocabulary(config: MergeConfig, files: SideFiles) -> Vocabulary:
     elif spec.source == "union":
         out = _union(tokenizers, sizes, [donor] + [i for i in range(len(paths)) if i != donor], paths[donor])
     else:
-        out = Tokenizer.read(_files_of(spec.source, paths, files), spec.source)
+        out = Tokenizer.read(source_files_of(spec.source, paths, files), spec.source)
     for token, _, _ in spec.tokens:
         out.add(token)
 
@@ -218,7 +218,8 @@ def build_vocabulary(config: MergeConfig, files: SideFiles) -> Vocabulary:
     return Vocabulary(tokens, size, rows, {i: t.vocab() for i, t in tokenizers.items()}, config.base, configs, out)
 
 
-def _files_of(path: str, paths: list[str], files: SideFiles) -> Mapping[str, bytes | None]:
+def source_files_of(path: str, paths: list[str], files: SideFiles) -> Mapping[str, bytes | None]:
+    """The tokenizer files of `path`: a checkpoint of the merge's, else a directory read directly."""
     if path in paths:
         return files(paths.index(path))
     from pathlib import Path
