@@ -298,3 +298,12 @@ def test_one_dimensional_tensors_fall_back_to_mean_or_sum():
     assert np.allclose(star(ts).numpy(), np.mean(taus, 0))
     assert np.allclose(iso_c(ts).numpy(), np.sum(taus, 0))
     assert np.allclose(iso_cts(ts).numpy(), np.sum(taus, 0))
+
+
+def test_the_random_numbers_of_a_seed_never_change():
+    """A merge with random drops is resumed, and rerun by later versions, with the same numbers:
+    these are pinned."""
+    got = uniform(stream_key(0, "t", 0), torch.arange(4)).tolist()
+    assert got == [0.7546118677128106, 0.11625501234084368, 0.24908749433234334, 0.06333101959899068]
+    far = uniform(stream_key(7, "w", 2), torch.tensor([2**33 + 5, 5]))  # indices beyond 2^32 use their high bits
+    assert far[0] != far[1]
