@@ -509,6 +509,18 @@ CASES = [
         chat_template: auto
         dtype: float32
     """),
+    Case("chat-template-copied", "a merge that names its chat template and copies the base's tokenizer", """
+        models:
+          - model: {ft1}
+            parameters: {{weight: 1.0}}
+          - model: {ft2}
+            parameters: {{weight: 1.0}}
+        merge_method: task_arithmetic
+        base_model: {base}
+        parameters: {{lambda: 0.5}}
+        chat_template: llama3
+        dtype: float32
+    """),
     Case("tokenizer-padded", "mergekit README: `pad_to_multiple_of` for the embedding rows", """
         models:
           - model: {tool}
@@ -752,7 +764,7 @@ def test_tokenizers_are_mergekits_and_match_the_rows(outputs, models):
     """The written tokenizer holds the vocabulary mergekit builds, each token's row follows it, and
     the chat template is the one asked for."""
     root, _ = outputs
-    for case in [c for c in CASES if "tokenizer" in c.yaml]:
+    for case in [c for c in CASES if "tokenizer" in c.yaml or "chat_template" in c.yaml]:
         ours_dir, theirs_dir = _run_dist_svc(root, case), root / f"{case.id}-mk"
         ours, theirs = (transformers.AutoTokenizer.from_pretrained(d) for d in (ours_dir, theirs_dir))
         assert set(ours.get_vocab()) == set(theirs.get_vocab()), case.id

@@ -6,9 +6,9 @@ and the manifest's record of what each tensor was merged with all follow from th
 nothing is written per method outside its own module. docs/extending.md.
 
 A method function is called as `fn(tensors, p, where)`:
-- `tensors`: for `inputs="deltas"` the task vectors `tau_i = x_i - base` of the fine-tunes (the
+- `tensors`: for `operates_on="deltas"` the task vectors `tau_i = x_i - base` of the fine-tunes (the
   raw weights when the tensor has no base, as if the base were zero), and it returns the merged
-  delta; for `inputs="weights"` every input's weights in the config's order (the base among them
+  delta; for `operates_on="weights"` every input's weights in the config's order (the base among them
   where mergekit includes it, `where.base` says which), and it returns the merged weights;
 - `p`: every declared parameter resolved for this tensor: a shared one as a value, a per-model
   one as a tuple with one value per input it applies to (`scope`), in order;
