@@ -663,12 +663,19 @@ def _setting(value: Any, param: Param, name: str, problems: _Problems) -> Any:
     return _INVALID if len(problems.items) > before else out
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\..+)$")
+
+
+def split_layer(tensor: str) -> tuple[str, int, str] | None:
+    """(prefix, layer index, suffix) of a tensor inside a layer ("model.layers.", 3,
+    ".mlp.up_proj.weight"); None outside the layers."""
+    match = _LAYER.match(tensor)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
 def layer_index(tensor: str) -> int | None:
-    match = _LAYER.search(tensor)
-    return int(match.group(1)) if match else None
+    split = split_layer(tensor)
+    return split[1] if split else None
 
 
 def layer_position(tensor: str, num_layers: int) -> float:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from dist_svc import __version__
 from dist_svc.calibration import should_calibrate
-from dist_svc.config import MergeConfig, SliceSpec, SourceSpec, layer_position, resolve
+from dist_svc.config import MergeConfig, SliceSpec, SourceSpec, layer_position, resolve, split_layer
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import Method
 from dist_svc.storage import open_checkpoint
@@ -34,7 +33,6 @@ from dist_svc.storage.output import side_files, source_files
 from dist_svc.storage.types import NAME_TO_ST, SIDE_FILES, Checkpoint, natural_key, tensor_nbytes
 
 PLAN_FORMAT = 3
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\..+)$")
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
 MAX_LISTED = 5  # tensors named in one problem's message; the rest are counted
 
@@ -229,11 +227,6 @@ def _stored_files(checkpoint: Checkpoint) -> frozenset:
     return frozenset(keys)
 
 
-def _split_layer(name: str) -> tuple[str, int, str] | None:
-    match = _LAYER.match(name)
-    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
-
-
 def _groups(config: MergeConfig, checkpoints: list[Checkpoint], ref: Checkpoint) -> list[_Group]:
     if config.whole_models:
         return _whole_model_groups(config, checkpoints, ref)
@@ -247,7 +240,7 @@ def _whole_model_groups(config: MergeConfig, checkpoints: list[Checkpoint], ref:
     for s in sl.sources:
         _check_same_tensors(ref, checkpoints[s.model])
     order = ref.order()
-    layers = [i for i in (_split_layer(n) for n in order) if i is not None]
+    layers = [i for i in (split_layer(n) for n in order) if i is not None]
     num_layers = max(i[1] for i in layers) + 1 if layers else 0
     return [_Group(n, sl.sources, tuple(n for _ in sl.sources), sl, layer_position(n, num_layers)) for n in order]
 
@@ -271,10 +264,10 @@ def _slice_groups(config: MergeConfig, checkpoints: list[Checkpoint]) -> list[_G
     in order, the last slice's tensors after the layers."""
     first, last = config.slices[0], config.slices[-1]
     lead = checkpoints[first.sources[0].model]
-    outside = [n for n in lead.order() if _split_layer(n) is None]
+    outside = [n for n in lead.order() if split_layer(n) is None]
     pre = [n for n in outside if any(p in n for p in _PRE)]
     tail_ref = checkpoints[last.sources[0].model]
-    post = [n for n in tail_ref.order() if _split_layer(n) is None and not any(p in n for p in _PRE)]
+    post = [n for n in tail_ref.order() if split_layer(n) is None and not any(p in n for p in _PRE)]
     groups = [_Group(n, first.sources, tuple(n for _ in first.sources), first, 0.0) for n in pre]
     out_layer = 0
     for sl in config.slices:
@@ -296,7 +289,7 @@ def _layers(checkpoint: Checkpoint, source: SourceSpec, path) -> dict[int, list[
     """layer index -> its tensors' (prefix, suffix), in the checkpoint's order."""
     out: dict[int, list[tuple[str, str]]] = {}
     for name in checkpoint.order():
-        split = _split_layer(name)
+        split = split_layer(name)
         if split is not None:
             out.setdefault(split[1], []).append((split[0], split[2]))
     start, stop = source.layer_range
@@ -333,7 +326,7 @@ def _is_vocabulary(g: _Group, infos, files) -> bool:
     from dist_svc.vocab import config_vocab_size, is_vocabulary_tensor
 
     return all(is_vocabulary_tensor(name, info.shape, config_vocab_size(files(src.model).get("config.json")),
-                                    _split_layer(name) is not None)
+                                    split_layer(name) is not None)
                for src, name, info in zip(g.sources, g.tensors, infos))
 
 

@@ -19,12 +19,9 @@ import json
 import re
 from pathlib import Path
 
-from dist_svc.config import layer_index
+from dist_svc.config import layer_index, split_layer
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import Manifest
-
-_AFTER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.\d+\.(.+)$")
-
 
 def spectra_table(out_dir: str | Path) -> list[dict]:
     """One row per calibrated matrix that is done, in plan order."""
@@ -50,8 +47,8 @@ def spectra_table(out_dir: str | Path) -> list[dict]:
 def module_name(name: str) -> str:
     """What a tensor is within its layer, every part of its name after the layer's index (BERT's
     attention.output.dense and output.dense stay apart); outside the layers, the whole name."""
-    match = _AFTER_LAYER.search(name)
-    rest = match.group(1) if match else name
+    split = split_layer(name)
+    rest = split[2][1:] if split else name
     return re.sub(r"\.(weight|bias)$", "", rest)
 
 
