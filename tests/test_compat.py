@@ -123,6 +123,27 @@ CASES = [
           int8_mask: true
         dtype: float32  # float16 in the original
     """),
+    Case("gradients-filters", "mergekit README, Parameter Specification: gradients and filters at every level, "
+                              "a filtered list with no entry for a tensor falling through to the next level", """
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {ft1}
+            parameters: {{weight: [0.2, 1.0], density: 0.6}}
+          - model: {ft2}
+            parameters:
+              weight:
+                - {{filter: self_attn, value: 0.4}}
+                - {{filter: mlp, value: [1.0, 0.3]}}
+          - model: {ft3}
+            parameters:
+              density: [{{filter: down_proj, value: 0.3}}]
+        parameters:
+          weight: 0.8
+          density: [0.9, 0.5]
+          lambda: [{{filter: norm, value: 0.5}}, {{value: 1.0}}]
+        dtype: float32
+    """),
     Case("ties-blog", "M. Labonne, 'Merge Large Language Models with mergekit' (2024), TIES example", """
         models:
           - model: {base}

@@ -133,3 +133,14 @@ def test_fields_mergekit_ignores_are_noted_and_typos_of_fields_refused(tmp_path,
     proc = run_cli("merge", write_config(tmp_path / "t.yaml", base, fts, out_dype="bfloat16"), tmp_path / "o",
                    check=False)
     assert proc.returncode == 2 and "'out_dype': unknown field (did you mean 'out_dtype'?)" in proc.stderr
+
+
+def test_a_gradient_is_interpolated_over_the_layers():
+    from dist_svc.config import layer_position, resolve
+
+    assert [layer_position(f"model.layers.{i}.mlp.up_proj.weight", 5) for i in range(5)] == [0, .25, .5, .75, 1]
+    assert layer_position("model.embed_tokens.weight", 5) == 0 and layer_position("lm_head.weight", 5) == 0
+    assert resolve([0.0, 1.0, 3.0], "x", 0.75) == pytest.approx(2.0)
+    assert resolve([{"filter": "attn", "value": 2.0}], "mlp.w", 0.5) is None  # falls through
+    assert resolve([{"filter": "attn", "value": 2.0}, {"filter": None, "value": [0.0, 4.0]}], "mlp", .5) == 2.0
+    assert resolve([True, False], "x", 0.4) is True  # booleans are picked, not interpolated
