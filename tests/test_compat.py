@@ -759,10 +759,10 @@ def _compare_random(case: Case, root: Path, ours, theirs) -> None:
         assert 0.95 < ratio < 1.05, ratio
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.check == "exact"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_the_merged_model_loads_in_transformers_and_generates(outputs, case):
-    """What transformers loads is what dist-svc wrote, and it runs: the same logits as mergekit's
-    model (to float32 rounding) and a few generated tokens."""
+    """What transformers loads is what dist-svc wrote, and it runs: a few generated tokens, and
+    for deterministic methods the same logits as mergekit's model (to float32 rounding)."""
     root, _ = outputs
     ours_dir, theirs_dir = _run_dist_svc(root, case), root / f"{case.id}-mk"
     model = transformers.AutoModelForCausalLM.from_pretrained(ours_dir)
@@ -776,7 +776,7 @@ def test_the_merged_model_loads_in_transformers_and_generates(outputs, case):
         logits = model(ids).logits
         reference = transformers.AutoModelForCausalLM.from_pretrained(theirs_dir)(ids).logits
         generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    if _vocab(ours_dir) == _vocab(theirs_dir):
+    if case.check == "exact" and _vocab(ours_dir) == _vocab(theirs_dir):
         assert float((logits - reference).abs().max()) < 1e-4
     assert generated.shape == (1, 7) and torch.isfinite(logits).all()
 
