@@ -4,18 +4,23 @@ move to the compute device.
 A tensor is streamed in blocks of rows (of columns, for a wide matrix calibrated on its smaller
 side), never loaded whole unless a method needs it so. Each block of each input is read into
 memory of its own, checked for NaN/Inf, moved to the device in its stored dtype and widened
-there to the compute dtype; task vectors `ft_i - base` are formed in place.
+there to the compute dtype. Each input is read under its own name in its own checkpoint (a
+frankenmerge's output layer 30 may be layer 12 of one model).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.types import Checkpoint
+
+if TYPE_CHECKING:
+    from dist_svc.plan import Unit
 
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
 
@@ -30,16 +35,20 @@ class Block:
 
 
 class BlockReader:
-    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device,
-                 compute_dtype: torch.dtype, block_elements: int = BLOCK_ELEMENTS):
-        self.base, self.models = base, models
+    """Reads the inputs of units: `checkpoints` are the merge's, in the config's order; a unit
+    names, per input, the checkpoint and the tensor's name there."""
+
+    def __init__(self, checkpoints: list[Checkpoint], device: torch.device, compute_dtype: torch.dtype,
+                 block_elements: int = BLOCK_ELEMENTS):
+        self.checkpoints = checkpoints
         self.device = device
         self.compute_dtype = compute_dtype
         self.block_elements = block_elements
 
-    def blocks(self, name: str, shape: tuple[int, ...], transposed: bool = False) -> list[Block]:
+    def blocks(self, unit: "Unit", transposed: bool = False) -> list[Block]:
         """Blocks of about `block_elements`, aligned to the inputs' stored chunks (zarr), so that
         each chunk is read once."""
+        shape = unit.shape
         if not shape:
             return [Block(0, 1, False)]
         length = shape[1] if transposed else shape[0]
@@ -47,7 +56,8 @@ class BlockReader:
             return [Block(0, length, transposed)]
         per_index = math.prod(shape) // length
         step = max(1, self.block_elements // max(per_index, 1))
-        extent = max(c.chunk_extent(name, 1 if transposed else 0) for c in (self.base, *self.models))
+        extent = max(self.checkpoints[s.checkpoint].chunk_extent(s.tensor, 1 if transposed else 0)
+                     for s in unit.inputs)
         step = max(extent, step // extent * extent)
         return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)]
 
@@ -55,16 +65,15 @@ class BlockReader:
     def whole(shape: tuple[int, ...]) -> Block:
         return Block(0, shape[0] if shape else 1, False)
 
-    def inputs(self, name: str, block: Block) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The base block and the task vectors `ft_i - base` of one block, in compute dtype on
-        the device, oriented (transposed for a column block)."""
-        base = self._read(self.base, name, block)
-        # In place: every read is a buffer of its own (readers never hand out file mappings).
-        return base, [self._read(model, name, block).sub_(base) for model in self.models]
+    def read(self, unit: "Unit", block: Block | None) -> list[torch.Tensor]:
+        """Every input's block (`None`: the whole tensor, whatever its length in each input), in
+        compute dtype on the device, oriented (transposed for a column block); each in memory of
+        its own (readers never hand out file mappings), so callers may change them in place."""
+        return [self._read(self.checkpoints[s.checkpoint], s.tensor, block) for s in unit.inputs]
 
-    def _read(self, checkpoint: Checkpoint, name: str, block: Block) -> torch.Tensor:
+    def _read(self, checkpoint: Checkpoint, name: str, block: Block | None) -> torch.Tensor:
         info = checkpoint.tensors[name]
-        if not info.shape:
+        if not info.shape or block is None:
             raw = checkpoint.read(name)
         elif block.transposed:
             raw = checkpoint.read(name, cols=slice(block.start, block.stop)).T
@@ -83,9 +92,8 @@ class BlockReader:
         return tensor
 
     def close(self) -> None:
-        self.base.close()
-        for m in self.models:
-            m.close()
+        for c in self.checkpoints:
+            c.close()
 
 
 def flat_indices(shape: tuple[int, ...], block: Block, device: torch.device) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
+from dist_svc.storage.durable import local_path
 from dist_svc.storage.output import OutputLayout, layout_for
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def _storage_problem(e: OSError, out_dir: Path) -> str:
 def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
     """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
     reads nested arrays; a rerun would find its inputs changed)."""
-    for path in (config.base_model, *(m.path for m in config.models)):
+    for path in config.checkpoints:
         home = Path(path)
         home = home.parent if home.is_file() else home
         if out_dir == home or out_dir.is_relative_to(home):
@@ -201,11 +202,11 @@ def _already_complete(config: MergeConfig, out_dir: Path, start: float) -> Merge
         return None
     if not manifest.complete or manifest.damage:
         return None
-    base, models = open_inputs(config, identity_only=True)
+    first, rest = open_inputs(config, identity_only=True)
     try:
-        inputs = input_identities(base, models)
+        inputs = input_identities([first, *rest])
     finally:
-        for checkpoint in (base, *models):
+        for checkpoint in (first, *rest):
             checkpoint.close()
     if fingerprint(plan_settings(config), inputs) != manifest.data["fingerprint"] or not _finished(manifest, layout):
         return None
@@ -252,14 +253,6 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
         for checkpoint in (base, *models):
             checkpoint.close()
     return plan, est, existing.progress() if existing is not None else None
-
-
-def local_path(path: str | Path, what: str) -> Path:
-    """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
-    try:
-        return Path(path).expanduser().resolve()
-    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
-        raise DistSvcError(f"{what} {path}: cannot be resolved ({e}); fix the symlink or choose another path.") from None
 
 
 def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
