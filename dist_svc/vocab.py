@@ -329,13 +329,24 @@ def tokenizer_files(vocab: Vocabulary, donor_files: Mapping[str, bytes | None]) 
 
 def chat_template_text(spec: str, templates: Sequence[str | None]) -> str | None:
     """mergekit's `chat_template`: a template's name, auto (the most common template among the
-    models', first listed on a tie; None when no model has one) or the template itself."""
-    from dist_svc.chat_templates import TEMPLATES
+    models', first listed on a tie; None when no model has one) or the template itself. A name is
+    one of mergekit's own templates, read from the installed mergekit (its text is mergekit's,
+    under mergekit's licence; dist-svc does not ship a copy)."""
+    from dist_svc.config import CHAT_TEMPLATE_NAMES
 
     if spec == "auto":
         found = [t.strip() for t in templates if t]
         return Counter(found).most_common(1)[0][0] if found else None
-    return TEMPLATES.get(spec, spec)
+    if spec not in CHAT_TEMPLATE_NAMES:
+        return spec
+    try:
+        from importlib.resources import files
+
+        return (files("mergekit._data.chat_templates") / f"{spec}.jinja").read_text()
+    except (ImportError, OSError):
+        raise DistSvcError(f"chat_template: {spec} names one of mergekit's templates, which dist-svc reads from an "
+                           f"installed mergekit (pip install mergekit) instead of shipping a copy. Install it, or "
+                           f"write the Jinja template itself in the config.") from None
 
 
 def chat_template_of(files: Mapping[str, bytes | None]) -> str | None:
