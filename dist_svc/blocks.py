@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
 
 
+def block_length(unit: "Unit", transposed: bool, block_elements: int = BLOCK_ELEMENTS) -> int:
+    """Rows (columns, when `transposed`) per block: about `block_elements` elements, a whole
+    number of the inputs' stored chunks (`Unit.chunks`), at least one."""
+    shape = unit.shape
+    if not shape:
+        return 1
+    length = max(shape[1] if transposed else shape[0], 1)
+    per_index = max(math.prod(shape) // length, 1)
+    step = max(1, block_elements // per_index)
+    extent = max(unit.chunks[1 if transposed else 0], 1)
+    return max(extent, step // extent * extent)
+
+
 @dataclass(frozen=True)
 class Block:
     """A range of rows of the tensor (or of columns, when `transposed`)."""
@@ -54,11 +67,7 @@ class BlockReader:
         length = shape[1] if transposed else shape[0]
         if not math.prod(shape):  # no bytes at all, whatever its extents: one empty block
             return [Block(0, length, transposed)]
-        per_index = math.prod(shape) // length
-        step = max(1, self.block_elements // max(per_index, 1))
-        extent = max(self.checkpoints[s.checkpoint].chunk_extent(s.tensor, 1 if transposed else 0)
-                     for s in unit.inputs)
-        step = max(extent, step // extent * extent)
+        step = block_length(unit, transposed, self.block_elements)
         return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)]
 
     @staticmethod

@@ -130,7 +130,11 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
               help="Run on a Ray cluster: its address, or 'auto' (RAY_ADDRESS, else the local one). "
                    "Inputs and OUT_DIR must be on storage every node sees.")
 @click.option("--threads", default=None, type=int,
-              help="Local executor: units in flight at once (default 2 on a CPU, 4 on a GPU).")
+              help="Local executor: units in flight at most (default: the CPU's cores; 8 on a GPU); the memory "
+                   "limit decides how many fit at once.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory the units in flight may hold, e.g. 16GiB (per actor with --cluster); default: what the "
+                   "machine has, minus 10% (at least 1 GiB). A unit starts only when it fits.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
 @click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
@@ -144,8 +148,8 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
                    "nothing is merged or written.")
 @_mergekit_options
 def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str | None, progress: str,
-          cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
-          intermediate_dir: Path | None, dry_run: bool, **mergekit_flags) -> None:
+          cluster: str | None, threads: int | None, memory_limit: str | None, device: str | None,
+          output_format: str | None, intermediate_dir: Path | None, dry_run: bool, **mergekit_flags) -> None:
     """Merge the models of CONFIG (a mergekit YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
@@ -163,10 +167,12 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
       dist-svc merge configs/zarr-ta-svc.yaml ./merged.zarr      # a zarr v3 store
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
+    from dist_svc.config import parse_size
     from dist_svc.executors import build_executor
     from dist_svc.stages import load_stages, merge_stages
 
     device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
+    memory = None if memory_limit is None else parse_size(memory_limit)
     stages = load_stages(config, out_dir, intermediate_dir, calibrate)
     if progress != "off":
         for stage in stages:
@@ -180,10 +186,10 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
                 click.echo(f"  reads stage(s) {', '.join(stage.needs)}, not merged yet: no plan before they are")
                 continue
             _print_dry_run(stage.config.with_options(**options), stage.out_dir, None, shard_size, output_format,
-                           device, threads)
+                           device, threads, memory)
         return
 
-    executor = build_executor(cluster=cluster, device=device, threads=threads, log=_say)
+    executor = build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=_say)
     for report in merge_stages(stages, lambda c: c.with_options(**options), log=_say, shard_size=shard_size,
                                progress=progress, executor=executor, output_format=output_format):
         _print_report(report)
@@ -522,11 +528,11 @@ def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> Non
         click.echo(f"{r['format']:<13}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
 
 
-def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads) -> None:
+def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads, memory=None) -> None:
     from dist_svc.driver import dry_run
     from dist_svc.executors import build_executor
 
-    workers = build_executor(device=device, threads=threads).threads
+    workers = build_executor(device=device, threads=threads, memory_limit=memory).threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
                                   output_format=output_format, device=device, workers=workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")

@@ -73,6 +73,8 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         if existing is not None and _finished(existing, layout):
             return _report(existing, layout, 0, True, start)
         executor.connect()
+        executor.check(config, plan.units)
+        log(executor.describe())
         out_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(out_dir), _writing(Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)) \
                 as manifest:

@@ -61,6 +61,7 @@ class Unit:
     needs: str  # "element", "row" or "tensor": how much of the tensor the method needs at once
     alpha: float | None = None  # calibration's alpha for this tensor
     vocabulary: bool = False  # axis 0 is the vocabulary, aligned token by token (dist_svc.vocab)
+    chunks: tuple[int, int] = (1, 1)  # rows, columns per stored chunk of the inputs (zarr): blocks align to them
 
     @property
     def nbytes(self) -> int:
@@ -207,9 +208,11 @@ def _unit(config: MergeConfig, g: "_Group", checkpoints: list[Checkpoint], files
     calibrate = (cal.enabled and base is not None and fine_tunes > 0 and should_calibrate(g.name, shape, cal.skip)
                  and (cal.target is None or cal.target < fine_tunes))
     out_dtype = NAME_TO_ST[config.out_dtype] if config.out_dtype else infos[base or 0].dtype  # else the base's
+    chunks = tuple(max((checkpoints[s.checkpoint].chunk_extent(s.tensor, axis) for s in inputs), default=1)
+                   if len(shape) > axis else 1 for axis in (0, 1))
     return Unit(g.name, shape, out_dtype, calibrate, params, inputs, base, models,
                 "tensor" if vocabulary else method.granularity(params),
-                cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None, vocabulary)
+                cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None, vocabulary, chunks)
 
 
 def _check_distinct(config: MergeConfig, checkpoints: list[Checkpoint]) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
+from dist_svc.memory import CACHE_BYTES, Ticket, fallback_footprint, whole_tensor
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
@@ -44,7 +45,6 @@ from dist_svc.storage.types import DTYPES, ST_TO_NAME, tensor_bytes
 # cluster executor (one process per actor) produce the same bytes; parallelism comes from
 # running several units at once instead.
 CPU_INTRA_OP_THREADS = 1
-CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-read
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,11 @@ def setup_process(device: str | torch.device) -> None:
 
 class Worker:
     def __init__(self, job: Job, device: str | torch.device = "cpu", block_elements: int = BLOCK_ELEMENTS,
-                 cache_bytes: int = CACHE_BYTES, sync: bool = True):
+                 cache_bytes: int = CACHE_BYTES, sync: bool = True, checkpoints: list | None = None):
         """`sync=False` leaves making the bytes durable to the caller, which must call the
         layout's `make_durable` before it records a unit (the local executor's driver does,
-        once per manifest save)."""
+        once per manifest save). `checkpoints`: the merge's inputs, opened once and shared by
+        the workers of a process (their headers parsed once); else this worker opens them."""
         self.job = job
         self.device = torch.device(device)
         config = job.config
@@ -87,17 +88,24 @@ class Worker:
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.compute_dtype = compute_dtype
-        first, rest = open_inputs(config)
-        self.reader = BlockReader([first, *rest], self.device, compute_dtype, block_elements)
+        self._owns_inputs = checkpoints is None
+        if checkpoints is None:
+            first, rest = open_inputs(config)
+            checkpoints = [first, *rest]
+        self.reader = BlockReader(checkpoints, self.device, compute_dtype, block_elements)
         self.cache_bytes = cache_bytes
         self.sync = sync
         self._vocabulary = None
+        self._ticket: Ticket | None = None
 
-    def run(self, unit: Unit) -> UnitResult:
+    def run(self, unit: Unit, ticket: Ticket | None = None) -> UnitResult:
+        """Merge one unit. `ticket`: its admission to a memory budget, which a full-SVD fallback
+        exchanges for that path's larger footprint (dist_svc.memory)."""
         start = time.perf_counter()
+        self._ticket = ticket
         writer = self.job.layout.writer(unit.name, self.sync)
         try:
-            if self._whole_tensor(unit):
+            if whole_tensor(unit):
                 stats = self._whole(unit, writer)
             elif unit.calibrate:
                 stats = self._calibrated(unit, writer)
@@ -108,13 +116,6 @@ class Worker:
             raise
         digest = writer.close()
         return UnitResult(unit.name, digest, time.perf_counter() - start, stats)
-
-    def _whole_tensor(self, unit: Unit) -> bool:
-        if unit.needs == "tensor":
-            return True
-        if unit.needs == "row":  # blocks of rows hold whole rows, column blocks do not
-            return len(unit.shape) < 2 or (unit.calibrate and oriented(unit.shape, "column")[0])
-        return False
 
     # -- the three ways through a unit ---------------------------------------------------------
 
@@ -142,6 +143,15 @@ class Worker:
         solution = gram.solve()
         if not solution.trusted:
             cache.clear()
+            del gram, solution
+            if self._ticket is not None:
+                wanted = fallback_footprint(unit, self.job.config, self.device.type == "cuda")
+                if not wanted.fits(self._ticket.budget.limit):
+                    raise DistSvcError(f"tensor '{unit.name}' needs its exact SVD ({_gib(wanted)} GiB; the Gram path "
+                                       f"cannot resolve its spectrum), more than the memory limit of "
+                                       f"{_gib(self._ticket.budget.limit)} GiB. Raise --memory-limit, or merge it on a "
+                                       f"machine with more memory; the tensors finished so far are kept.")
+                self._ticket.exchange(wanted)
             return self._svd_fallback(unit, writer)
 
         out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed else None
@@ -235,7 +245,12 @@ class Worker:
         return self._vocabulary
 
     def close(self) -> None:
-        self.reader.close()
+        if self._owns_inputs:
+            self.reader.close()
+
+
+def _gib(fp) -> str:
+    return f"{max(fp.host, fp.device) / 2**30:.1f}"
 
 
 def _finite(tensor: torch.Tensor, unit: Unit, what: str) -> torch.Tensor:

@@ -27,22 +27,30 @@ class Executor(Protocol):
         """Reach whatever the executor runs on; called before anything is written, so that an
         unreachable cluster is refused with the output untouched."""
 
+    def check(self, config, units: Sequence["Unit"]) -> None:
+        """Refuse (DistSvcError) a merge with a unit that can never fit the memory a worker has,
+        before anything is written (after `connect`)."""
+
+    def describe(self) -> str:
+        """One line: where units run, how many at once, within how much memory."""
+
     def run(self, job: "Job", units: Sequence["Unit"], on_result: Callable[["UnitResult"], None]) -> None:
         """Run `units`; call `on_result` in the caller's thread once per finished unit; return
         when all are done, or raise (DistSvcError for the user's mistakes)."""
 
 
 def build_executor(cluster: str | None = None, device: str | None = None, threads: int | None = None,
-                   log: Callable[[str], None] = lambda line: None) -> Executor:
+                   memory_limit: int | None = None, log: Callable[[str], None] = lambda line: None) -> Executor:
     """The executor the CLI's options ask for: a Ray cluster's address ('auto': RAY_ADDRESS, else
-    the local one), else the local executor on `device` with `threads` units in flight."""
+    the local one), else the local executor on `device` with at most `threads` units in flight.
+    `memory_limit`: bytes the units in flight may hold (per actor on a cluster)."""
     if cluster is not None:
         from dist_svc.executors.ray_cluster import RayExecutor
 
-        return RayExecutor(address=None if cluster == "auto" else cluster, log=log)
+        return RayExecutor(address=None if cluster == "auto" else cluster, memory_limit=memory_limit, log=log)
     from dist_svc.executors.local import LocalExecutor
 
-    return LocalExecutor(device=device, threads=threads)
+    return LocalExecutor(device=device, threads=threads, memory_limit=memory_limit)
 
 
 def __getattr__(name: str):

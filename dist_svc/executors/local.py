@@ -1,8 +1,11 @@
 """The embedded default: units run in this process. No cluster, no server.
 
-With `threads > 1` several units are in flight at once, each on its own `Worker`: torch's
-kernels, positional reads and writes and hashing all release the GIL, so one unit's I/O overlaps
-another's arithmetic. Results are handed to the driver in its own thread.
+Several units are in flight at once, one per worker thread (by default one per core on a CPU),
+each on its own `Worker`: torch's kernels, positional reads and writes and hashing all release
+the GIL, so units compute on every core and one unit's I/O overlaps another's arithmetic. A
+unit starts only when its memory footprint fits what the units in flight leave of the budget
+(dist_svc.memory): the largest that fits goes first, small ones fill in beside a large one.
+Results are handed to the driver in its own thread.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ import threading
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
-from dist_svc.plan import Unit
+from dist_svc.memory import Footprint, MemoryBudget, Pending, default_budget, device_budget, unit_footprint
+from dist_svc.plan import Unit, open_inputs
+from dist_svc.progress import human_bytes
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
-DEFAULT_THREADS = 2
 # On a GPU the arithmetic is fast and the reads are the limit: more units in flight keep more
 # reads going (H100, 0.7B x 4 inputs, cold cache: 46% / 52% / 57% of the disk's read rate with
-# 2 / 4 / 8 threads). Each also holds its Grams and pass-2 blocks in GPU memory (~4.5 GB at
-# Llama-70B's largest matrix, K = 3), so 4, not 8.
-GPU_THREADS = 4
+# 2 / 4 / 8 threads); the memory budget decides how many fit.
+GPU_THREADS = 8
 
 
 class LocalExecutor:
@@ -32,17 +35,45 @@ class LocalExecutor:
     results_verified = True
     driver_syncs = True
 
-    def __init__(self, device: str | None = None, threads: int | None = None, **worker_options):
-        """`device`: "cuda" when a GPU is present, else "cpu", unless given. `worker_options` go
-        to `Worker` (block size, pass-2 cache budget)."""
+    def __init__(self, device: str | None = None, threads: int | None = None, memory_limit: int | None = None,
+                 **worker_options):
+        """`device`: "cuda" when a GPU is present, else "cpu", unless given. `threads`: units in
+        flight at most (default: the CPU's cores, 8 on a GPU). `memory_limit`: bytes of host
+        memory the units in flight may hold (default: what the machine has, minus a margin).
+        `worker_options` go to `Worker` (block size, pass-2 cache budget)."""
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        default = GPU_THREADS if str(device).startswith("cuda") else min(DEFAULT_THREADS, os.cpu_count() or 1)
+        self.on_gpu = str(device).startswith("cuda")
+        default = GPU_THREADS if self.on_gpu else (os.cpu_count() or 1)
         self.threads = max(1, threads if threads is not None else default)
+        self.memory_limit = memory_limit
         self.worker_options = worker_options
+        self.peak_units = 0  # the most units that were in flight at once, after `run`
+
+    def budget(self) -> Footprint:
+        """The memory units may hold: host (and, on a GPU, device) bytes."""
+        host = self.memory_limit if self.memory_limit is not None else default_budget()
+        return Footprint(host, device_budget(self.device) if self.on_gpu else 0)
+
+    def footprint(self, unit: Unit, config) -> Footprint:
+        return unit_footprint(unit, config, self.on_gpu, **{k: v for k, v in self.worker_options.items()
+                                                             if k in ("block_elements", "cache_bytes")})
+
+    def check(self, config, units: Sequence[Unit]) -> None:
+        """Every unit fits the budget on its own (checked before anything is written)."""
+        limit = self.budget()
+        for unit in units:
+            need = self.footprint(unit, config)
+            if not need.fits(limit):
+                raise DistSvcError(_too_big(unit, need, limit))
+
+    def describe(self) -> str:
+        limit = self.budget()
+        gpu = f", {limit.device / 2**30:.1f} GiB of {self.device}" if self.on_gpu else ""
+        return f"local: up to {self.threads} units at once on {self.device}, within {human_bytes(limit.host)}{gpu}"
 
     def connect(self) -> None:
         """The device exists (checked before anything is written)."""
@@ -72,30 +103,26 @@ class LocalExecutor:
             torch.set_num_threads(threads)  # the process is the caller's again (the Python API)
 
     def _run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
-        if self.threads == 1 or len(units) <= 1:
-            worker = Worker(job, self.device, sync=False, **self.worker_options)
-            try:
-                for unit in units:
-                    on_result(worker.run(unit))
-            finally:
-                worker.close()
-            return
-
-        todo = iter(units)
-        take = threading.Lock()
+        budget = MemoryBudget(self.budget())
+        key = (lambda fp: fp.device) if self.on_gpu else (lambda fp: fp.host)
+        pending = Pending([(u, self.footprint(u, job.config)) for u in units], key)
         stop = threading.Event()
         results: queue.Queue = queue.Queue()
+        first, rest = open_inputs(job.config)  # once, shared by every worker thread
+        checkpoints = [first, *rest]
 
         def loop() -> None:
             worker = None
             try:
-                worker = Worker(job, self.device, sync=False, **self.worker_options)
-                while not stop.is_set():
-                    with take:
-                        unit = next(todo, None)
-                    if unit is None:
+                worker = Worker(job, self.device, sync=False, checkpoints=checkpoints, **self.worker_options)
+                while True:
+                    ticket = budget.take(pending, stop)
+                    if ticket is None:
                         break
-                    results.put(worker.run(unit))
+                    try:
+                        results.put(worker.run(ticket.unit, ticket))
+                    finally:
+                        ticket.release()
             except BaseException as e:  # handed to the driver's thread, raised there
                 results.put(e)
             finally:
@@ -104,7 +131,7 @@ class LocalExecutor:
                 results.put(None)
 
         threads = [threading.Thread(target=loop, name=f"dist-svc-worker-{i}", daemon=True)
-                   for i in range(self.threads)]
+                   for i in range(min(self.threads, len(units)))]
         for t in threads:
             t.start()
         running = len(threads)
@@ -126,5 +153,16 @@ class LocalExecutor:
             stop.set()
             for t in threads:
                 t.join()
+            for checkpoint in checkpoints:
+                checkpoint.close()
+            self.peak_units = budget.peak_units
         if error is not None:
             raise error
+
+
+def _too_big(unit: Unit, need: Footprint, limit: Footprint) -> str:
+    where = "GPU memory" if need.device > limit.device else "memory"
+    have, want = (limit.device, need.device) if where == "GPU memory" else (limit.host, need.host)
+    return (f"tensor '{unit.name}' {list(unit.shape)} needs about {human_bytes(want)} of {where} to merge, more than "
+            f"the limit of {human_bytes(have)}. Raise the limit (--memory-limit) or use a machine with more; nothing "
+            f"was written.")

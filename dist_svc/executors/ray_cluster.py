@@ -17,7 +17,8 @@ import os
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
-from dist_svc.plan import Unit
+from dist_svc.memory import Footprint, MemoryBudget, device_budget, unit_footprint
+from dist_svc.plan import Unit, open_inputs
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
 NAMESPACE = "dist-svc"
@@ -35,9 +36,10 @@ def _ray():
 
 class MergeActor:
     """One worker process on a node, on that node's GPU (or CPU). It runs IN_FLIGHT_PER_ACTOR
-    calls at once, each thread with a `Worker` of its own."""
+    calls at once, each thread with a `Worker` of its own over the same opened inputs; a unit
+    starts once its footprint fits the actor's memory (what it declared to Ray)."""
 
-    def __init__(self, job: Job, block_elements: int | None = None):
+    def __init__(self, job: Job, memory: int, block_elements: int | None = None):
         import threading
 
         import torch
@@ -47,6 +49,11 @@ class MergeActor:
         setup_process(self.device)
         self.options = {} if block_elements is None else {"block_elements": block_elements}
         self.local = threading.local()
+        first, rest = open_inputs(job.config)
+        self.checkpoints = [first, *rest]
+        on_gpu = self.device == "cuda"
+        self.budget = MemoryBudget(Footprint(memory, device_budget(self.device) if on_gpu else 0))
+        self.footprint = lambda unit: unit_footprint(unit, job.config, on_gpu, **self.options)
         self.where = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 
     def ready(self) -> str:
@@ -55,8 +62,13 @@ class MergeActor:
     def run(self, unit: Unit) -> UnitResult:
         worker = getattr(self.local, "worker", None)
         if worker is None:
-            worker = self.local.worker = Worker(self.job, self.device, sync=True, **self.options)
-        return worker.run(unit)
+            worker = self.local.worker = Worker(self.job, self.device, sync=True, checkpoints=self.checkpoints,
+                                                **self.options)
+        ticket = self.budget.admit(unit, self.footprint(unit))
+        try:
+            return worker.run(unit, ticket)
+        finally:
+            ticket.release()
 
 
 class RayExecutor:
@@ -67,11 +79,44 @@ class RayExecutor:
     driver_syncs = False
 
     def __init__(self, address: str | None = "auto", actors: int | None = None, block_elements: int | None = None,
-                 log: Callable[[str], None] = lambda line: None):
+                 memory_limit: int | None = None, log: Callable[[str], None] = lambda line: None):
+        """`memory_limit`: bytes each actor may hold for its units in flight (default: the
+        memory Ray offers on the smallest node, shared by that node's actors); declared to Ray,
+        which places actors where it is free."""
         self.address = address
         self.actors = actors
         self.block_elements = block_elements
+        self.memory_limit = memory_limit
         self.log = log
+
+    def _layout(self) -> tuple[int, dict, int]:
+        """(actors, resources of each, memory of each) on the cluster as it is now."""
+        ray = _ray()
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        count = self.actors or (gpus if gpus else len(nodes))
+        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        per_node = [(n["Resources"].get("memory", 0), int(n["Resources"].get("GPU", 0)) if gpus else 1)
+                    for n in nodes if not gpus or n["Resources"].get("GPU", 0) >= 1]
+        memory = self.memory_limit or int(min((m / max(k, 1) for m, k in per_node), default=0))
+        return count, resources, memory
+
+    def check(self, config, units: Sequence[Unit]) -> None:
+        """Every unit fits one actor's memory (checked before anything is written)."""
+        from dist_svc.executors.local import _too_big
+
+        _, _, memory = self._layout()
+        limit = Footprint(memory, 1 << 62)  # an actor's GPU memory is checked when it starts units
+        for unit in units:
+            need = unit_footprint(unit, config, False, **({} if self.block_elements is None else
+                                                         {"block_elements": self.block_elements}))
+            if not need.fits(limit):
+                raise DistSvcError(_too_big(unit, need, limit))
+
+    def describe(self) -> str:
+        count, resources, memory = self._layout()
+        return (f"cluster: {count} actor(s) ({'1 GPU' if 'num_gpus' in resources else '1 CPU'} each), "
+                f"{memory / 2**30:.1f} GiB of memory each")
 
     def connect(self) -> None:
         """Join the cluster (the driver calls this before it writes anything). An address where
@@ -100,10 +145,7 @@ class RayExecutor:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         self.connect()
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        count = self.actors or (gpus if gpus else len(nodes))
-        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        count, resources, memory = self._layout()
         remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, max_task_retries=0)(MergeActor)
 
         started = iter(range(1 << 30))
@@ -111,8 +153,8 @@ class RayExecutor:
         def start_actor():
             # Named, so that operators (and the tests) can find the workers of a run.
             name = f"merge-{os.getpid()}-{next(started)}"
-            handle = remote_cls.options(name=name, namespace=NAMESPACE, scheduling_strategy="SPREAD",
-                                        **resources).remote(job, self.block_elements)
+            handle = remote_cls.options(name=name, namespace=NAMESPACE, scheduling_strategy="SPREAD", memory=memory,
+                                        **resources).remote(job, memory, self.block_elements)
             return handle, handle.ready.remote()
 
         starting = dict(start_actor() for _ in range(count))  # handle -> ready ref
@@ -122,7 +164,7 @@ class RayExecutor:
         load: dict = {}  # actor -> units in flight
         failures: collections.Counter = collections.Counter()
         done = 0
-        self.log(f"cluster: {count} actor(s) ({'1 GPU' if gpus else '1 CPU'} each) on {len(nodes)} node(s)")
+        self.log(self.describe())
         try:
             while done < len(units):
                 # Actors that finished starting join the pool; work goes to the least loaded.

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -180,6 +181,7 @@ class SafetensorsCheckpoint:
         self._stored: dict[str, _Stored] = {}
         self._identity = []
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # workers of one process share a checkpoint
         if identity_only:
             self._identity = [read_header(file, parse=False)[2] for file in self.files]
             return
@@ -285,7 +287,10 @@ class SafetensorsCheckpoint:
     def _pread(self, file: Path, offset: int, buf: bytearray) -> None:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            with self._fds_lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
         view = memoryview(buf)
         done = 0
         while done < len(view):
@@ -326,7 +331,8 @@ class SafetensorsCheckpoint:
         return path.read_bytes() if path.is_file() else None
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 

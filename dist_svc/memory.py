@@ -1,0 +1,261 @@
+"""What a unit needs in memory, what the machine has, and admitting units while they fit.
+
+The footprint of a unit is computed from the plan alone (its shape, its inputs, the method's
+granularity, whether it is calibrated) and the worker's options (block size, pass-2 cache), by
+the formulas below, which follow the worker's algorithm (dist_svc/worker.py) buffer by buffer.
+They are upper bounds: `tests/test_memory.py` measures the peak resident memory of real units
+against them. Notation: E elements in the tensor, b elements in a block, N inputs, F fine-tunes,
+n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 with
+`dtype: float64`), s = 4 bytes per element read, o bytes per output element.
+
+- one block in flight (every path): `b * ((2N + 4) c + s + o)`: every input's block widened,
+  the merged block, the method's own temporaries (at most N more), the output block;
+- calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
+  + `F n^2 8` when the calibration needs the task Grams (`T_i`, a wide matrix on its default
+  side) + `7 n^2 8` (eigh's eigenvectors, their flipped copy and workspace, the products of the
+  overlaps, the projector: measured 6 at n = 1024) + the pass-2 cache
+  `2 E c` when it fits `cache_bytes` + `E o` for a wide matrix (its output is assembled whole);
+- the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
+  taken only when needed (the worker exchanges its streaming footprint for it, waiting until it
+  fits: `MemoryBudget.exchange`);
+- a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: the int64 indices
+  a sort or top-k over the tensor takes), plus, calibrated, the Grams and workspace above and
+  `2 E 8` for the calibrated delta.
+
+On a GPU the blocks, Grams and cache live in device memory; the host holds read and write
+buffers (and a wide matrix's assembled output).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from dist_svc.blocks import BLOCK_ELEMENTS, block_length
+from dist_svc.calibration import oriented
+from dist_svc.storage.types import ITEMSIZE
+
+if TYPE_CHECKING:
+    from dist_svc.config import MergeConfig
+    from dist_svc.plan import Unit
+
+CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-read
+READ_BYTES = 4  # per element read, at most (float32 inputs; bf16 read buffers are half)
+MARGIN = 0.1  # of the machine's memory left to everything else, by default
+MIN_MARGIN = 1 << 30
+
+
+@dataclass(frozen=True)
+class Footprint:
+    host: int
+    device: int = 0
+
+    def fits(self, other: "Footprint") -> bool:
+        return self.host <= other.host and self.device <= other.device
+
+
+def compute_bytes(config: "MergeConfig") -> int:
+    return 8 if config.dtype == "float64" else 4
+
+
+def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
+                   block_elements: int = BLOCK_ELEMENTS, cache_bytes: int = CACHE_BYTES) -> Footprint:
+    """The most memory `Worker.run(unit)` holds at once on its streaming path (the module's
+    docstring has the formulas)."""
+    c, o, s = compute_bytes(config), ITEMSIZE[unit.out_dtype], READ_BYTES
+    n_in, f = len(unit.inputs), len(unit.fine_tunes)
+    elements = math.prod(unit.shape) if unit.shape else 1
+    per_element = (2 * n_in + 4) * c + s + o
+    if whole_tensor(unit):
+        compute = elements * (per_element + 8)
+        if unit.calibrate:
+            compute += _grams(unit, config, f) + 2 * elements * 8
+        return _placed(compute, elements * (s + o), on_gpu)
+    transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
+    block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
+    compute = block * per_element
+    host_only = block * (s + o)
+    if unit.calibrate:
+        compute += _grams(unit, config, f)
+        if 2 * elements * c <= cache_bytes:
+            compute += 2 * elements * c
+        if transposed:
+            host_only += elements * o  # a wide matrix's output, assembled whole
+    return _placed(compute, host_only, on_gpu)
+
+
+def fallback_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False) -> Footprint:
+    """The full-SVD fallback of a calibrated matrix: whole inputs, float64 SVD factors."""
+    elements = math.prod(unit.shape)
+    compute = elements * (len(unit.inputs) * compute_bytes(config) + (len(unit.fine_tunes) + 4) * 8)
+    return _placed(compute, elements * (READ_BYTES + ITEMSIZE[unit.out_dtype]), on_gpu)
+
+
+def whole_tensor(unit: "Unit") -> bool:
+    """Whether the worker reads every input's whole tensor at once (not in blocks)."""
+    if unit.needs == "tensor":
+        return True
+    if unit.needs == "row":  # blocks of rows hold whole rows, column blocks do not
+        return len(unit.shape) < 2 or (unit.calibrate and oriented(unit.shape, "column")[0])
+    return False
+
+
+def _grams(unit: "Unit", config: "MergeConfig", fine_tunes: int) -> int:
+    m, n = unit.shape
+    small = min(m, n)
+    transposed, side = oriented(unit.shape, config.calibration.side)
+    task_grams = fine_tunes if side == "row" else 0
+    return (fine_tunes + 1 + task_grams + 7) * small * small * 8
+
+
+def _length(unit: "Unit", transposed: bool) -> int:
+    return max(1, unit.shape[1] if transposed else unit.shape[0]) if unit.shape else 1
+
+
+def _placed(compute: int, host_only: int, on_gpu: bool) -> Footprint:
+    return Footprint(host_only, compute) if on_gpu else Footprint(compute + host_only, 0)
+
+
+# -- what the machine has ------------------------------------------------------------------------
+
+def memory_available() -> int:
+    """Bytes this process may still use: the kernel's MemAvailable, or less under a cgroup
+    (container) limit."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = open(limit).read().strip()
+            if cap != "max" and int(cap) < 1 << 60:
+                available = min(available, int(cap) - int(open(usage).read().strip()))
+        except (OSError, ValueError):
+            continue
+    return max(available, 0)
+
+
+def default_budget(available: int | None = None) -> int:
+    """What merging may use by default: what the machine has, minus a margin (10%, at least
+    1 GiB) for everything else."""
+    available = memory_available() if available is None else available
+    return max(available - max(int(available * MARGIN), MIN_MARGIN), 0)
+
+
+def device_budget(device) -> int:
+    """Free memory of a GPU, minus the same margin."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return default_budget(free)
+
+
+# -- admission -------------------------------------------------------------------------------------
+
+class MemoryBudget:
+    """Memory shared by units in flight in one process. `take` hands out the largest pending
+    unit that fits what is left (so small units fill in beside a large one), `exchange` lets a
+    running unit trade its footprint for a larger one (waiting until it fits; it holds nothing
+    while it waits, so units waiting on each other cannot deadlock)."""
+
+    def __init__(self, limit: Footprint):
+        self.limit = limit
+        self.in_use = Footprint(0, 0)
+        self.peak_units = 0  # the most units in flight at once
+        self._running = 0
+        self._cond = threading.Condition()
+
+    def _free(self) -> Footprint:
+        return Footprint(self.limit.host - self.in_use.host, self.limit.device - self.in_use.device)
+
+    def _add(self, fp: Footprint, sign: int) -> None:
+        self.in_use = Footprint(self.in_use.host + sign * fp.host, self.in_use.device + sign * fp.device)
+
+    def take(self, pending: "Pending", stop: threading.Event) -> "Ticket | None":
+        """The largest pending unit that fits now, admitted; waits while none does; None when
+        nothing is pending or `stop` is set."""
+        with self._cond:
+            while not stop.is_set():
+                if not pending:
+                    return None
+                item = pending.pop_fitting(self._free())
+                if item is not None:
+                    return self._admitted(*item)
+                self._cond.wait(0.5)
+            return None
+
+    def admit(self, unit: "Unit", fp: Footprint) -> "Ticket":
+        """Admit one unit, waiting until it fits (a Ray actor's units arrive one at a time)."""
+        with self._cond:
+            while not fp.fits(self._free()):
+                self._cond.wait(0.5)
+            return self._admitted(unit, fp)
+
+    def _admitted(self, unit: "Unit", fp: Footprint) -> "Ticket":
+        self._add(fp, +1)
+        self._running += 1
+        self.peak_units = max(self.peak_units, self._running)
+        return Ticket(self, unit, fp)
+
+    def _exchange(self, held: Footprint, wanted: Footprint) -> None:
+        with self._cond:
+            self._add(held, -1)
+            self._cond.notify_all()
+            while not wanted.fits(self._free()):
+                self._cond.wait(0.5)
+            self._add(wanted, +1)
+
+    def _release(self, held: Footprint) -> None:
+        with self._cond:
+            self._add(held, -1)
+            self._running -= 1
+            self._cond.notify_all()
+
+
+class Ticket:
+    """One admitted unit's share of a budget."""
+
+    def __init__(self, budget: MemoryBudget, unit: "Unit", held: Footprint):
+        self.budget, self.unit, self.held = budget, unit, held
+
+    def exchange(self, wanted: Footprint) -> None:
+        """Give back what is held, then wait until `wanted` fits and hold it instead."""
+        self.budget._exchange(self.held, wanted)
+        self.held = wanted
+
+    def release(self) -> None:
+        self.budget._release(self.held)
+        self.held = Footprint(0, 0)
+
+
+class Pending:
+    """Units waiting to run, largest footprint first; `pop_fitting` finds the largest that fits
+    in O(log n) (a 47k-tensor merge asks once per unit)."""
+
+    def __init__(self, items: Sequence[tuple["Unit", Footprint]], key: Callable[[Footprint], int]):
+        self._items = sorted(items, key=lambda item: key(item[1]))  # ascending
+        self._keys = [key(fp) for _, fp in self._items]
+        self._key = key
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def pop_fitting(self, free: Footprint):
+        i = bisect.bisect_right(self._keys, self._key(free)) - 1
+        while i >= 0 and not self._items[i][1].fits(free):  # the other dimension does not fit
+            i -= 1
+        if i < 0:
+            return None
+        del self._keys[i]
+        return self._items.pop(i)
