@@ -141,6 +141,12 @@ class _Recorder:
         if self.driver_syncs:
             manifest.before_save = self._make_durable
         self.count = 0
+        self.partial: dict[str, int] = {}  # bytes of units in flight already shown
+
+    def progress(self, name: str, nbytes: int) -> None:
+        """Part of a unit is done (its share of the unit's bytes)."""
+        self.partial[name] = self.partial.get(name, 0) + nbytes
+        self.bar.add(nbytes)
 
     def __call__(self, result: UnitResult) -> None:
         name = result.name
@@ -151,7 +157,7 @@ class _Recorder:
         self.manifest.record(name, result.sha256,
                              {"seconds": round(result.seconds, 4), "calibration": result.calibration})
         self.count += 1
-        self.bar.advance(self.manifest.units[name]["nbytes"])
+        self.bar.advance(self.manifest.units[name]["nbytes"] - self.partial.pop(name, 0))
         if self.layout.on_recorded(name):
             self.seal()
 
@@ -184,7 +190,7 @@ def _run_pending(plan: Plan, job: Job, executor: Executor, recorder: _Recorder) 
             raise DistSvcError(f"{job.layout.out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
                                f"the disk may be failing. Check it, then rerun the same command.")
         try:
-            executor.run(job, pending, recorder)
+            executor.run(job, pending, recorder, recorder.progress)
         finally:
             manifest.flush()  # keep what finished, whatever stopped the run
 

@@ -6,7 +6,6 @@ import sys
 import time
 from typing import TextIO
 
-from tqdm import tqdm
 
 
 def human_bytes(n: float) -> str:
@@ -23,7 +22,9 @@ def human_seconds(s: float) -> str:
 
 
 class Progress:
-    """Counts output bytes and units; `mode` is 'bar', 'log' or 'off' ('auto': bar on a terminal)."""
+    """Counts output bytes and units; `mode` is 'bar', 'log' or 'off' ('auto': bar on a terminal).
+    Bytes advance within a unit as its blocks are done (`add`), so that a large tensor shows
+    progress; its unit counts when it is recorded (`advance` with the rest of its bytes)."""
 
     def __init__(self, total_bytes: int, total_units: int, done_bytes: int = 0, done_units: int = 0,
                  mode: str = "auto", stream: TextIO | None = None, log_every: float = 5.0):
@@ -38,12 +39,18 @@ class Progress:
         self.log_every = log_every
         self.bar = None
         if mode == "bar":
+            from tqdm import tqdm
+
             self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="merge", file=self.stream, dynamic_ncols=True, smoothing=0.1)
 
     def advance(self, nbytes: int) -> None:
-        self.bytes += nbytes
+        """A unit is done; `nbytes` of its bytes were not `add`ed yet."""
         self.units += 1
+        self.add(nbytes)
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.units}/{self.total_units} tensors", refresh=False)
             self.bar.update(nbytes)

@@ -25,6 +25,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -76,11 +77,14 @@ def setup_process(device: str | torch.device) -> None:
 
 class Worker:
     def __init__(self, job: Job, device: str | torch.device = "cpu", block_elements: int = BLOCK_ELEMENTS,
-                 cache_bytes: int = CACHE_BYTES, sync: bool = True, checkpoints: list | None = None):
+                 cache_bytes: int = CACHE_BYTES, sync: bool = True, checkpoints: list | None = None,
+                 progress: Callable[[str, int], None] | None = None):
         """`sync=False` leaves making the bytes durable to the caller, which must call the
         layout's `make_durable` before it records a unit (the local executor's driver does,
         once per manifest save). `checkpoints`: the merge's inputs, opened once and shared by
-        the workers of a process (their headers parsed once); else this worker opens them."""
+        the workers of a process (their headers parsed once); else this worker opens them.
+        `progress(name, nbytes)`: called as blocks of a unit are done, with their share of the
+        unit's output bytes (a calibrated block counts half in each pass)."""
         self.job = job
         self.device = torch.device(device)
         config = job.config
@@ -97,6 +101,7 @@ class Worker:
         self.sync = sync
         self._vocabulary = None
         self._ticket: Ticket | None = None
+        self._progress = progress
 
     def run(self, unit: Unit, ticket: Ticket | None = None) -> UnitResult:
         """Merge one unit. `ticket`: its admission to a memory budget, which a full-SVD fallback
@@ -122,6 +127,7 @@ class Worker:
     def _plain(self, unit: Unit, writer: UnitWriter) -> None:
         for block in self.reader.blocks(unit):
             writer.write(tensor_bytes(self._output(unit, block, self.reader.read(unit, block))))
+            self._advance(unit, block, 1)
 
     def _calibrated(self, unit: Unit, writer: UnitWriter) -> dict:
         cal = self.job.config.calibration
@@ -138,6 +144,7 @@ class Worker:
             if keep:
                 cache.append((base, merged))
             del taus
+            self._advance(unit, block, 0.5)
         for matrix in (gram.gram, *gram.cross, *(gram.task_grams or ())):
             _finite(matrix, unit, "the calibration's float64 Gram matrices")
         solution = gram.solve()
@@ -166,6 +173,7 @@ class Worker:
                 out[:, block.start:block.stop] = result.T.cpu()
             else:
                 writer.write(tensor_bytes(result))
+            self._advance(unit, block, 0.5)
         if transposed:
             writer.write(tensor_bytes(out))
         return calibration_summary(solution.singular_values, solution.eta, "gram", solution.overlaps)
@@ -193,6 +201,11 @@ class Worker:
         result = calibrate_gram(merged, taus, unit.alpha, cal.side, cal.target)
         writer.write(tensor_bytes(self._finish(base, result.delta, unit)))
         return result.summary()
+
+    def _advance(self, unit: Unit, block: Block, share: float) -> None:
+        if self._progress is not None and unit.shape:
+            length = unit.shape[1] if block.transposed else unit.shape[0]
+            self._progress(unit.name, int(share * unit.nbytes * (block.stop - block.start) / max(length, 1)))
 
     # -- the method on one block -----------------------------------------------------------------
 

@@ -331,3 +331,27 @@ def test_a_union_vocabulary_aligns_embedding_rows_per_token(tmp_path, family):
         expected_shared = b[name] + (f0[name] - b[name]) + (tensors[name][:vocab].double().numpy() - b[name])
         assert np.abs(got[:vocab] - expected_shared).max() < 1e-6
         assert np.array_equal(got[vocab:], extra.double().numpy())
+
+
+def test_progress_advances_within_a_unit_block_by_block(tmp_path, family):
+    """A large tensor shows progress as its blocks are done, not only when it is recorded: the
+    parts add up to no more than the unit's bytes, the rest comes with the unit."""
+    from dist_svc.config import load_config
+    from dist_svc.driver import plan_merge
+    from dist_svc.storage.output import layout_for
+    from dist_svc.worker import Job
+
+    base, fts = family(3)
+    config = load_config(write_config(tmp_path / "m.yaml", base, fts))
+    plan = plan_merge(config)
+    layout = layout_for("safetensors", tmp_path, plan.entries(), config.output.options())
+    layout.prepare({})
+    units = [u for u in plan.units if u.name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight")]
+    parts: dict[str, list[int]] = {}
+    done = []
+    LocalExecutor(threads=1, block_elements=300).run(Job(config, layout), units, done.append,
+                                                     lambda name, n: parts.setdefault(name, []).append(n))
+    for unit in units:
+        assert len(parts[unit.name]) >= 4, unit.name  # many blocks, each reported
+        assert 0.9 * unit.nbytes <= sum(parts[unit.name]) <= unit.nbytes
+    assert {r.name for r in done} == {u.name for u in units}

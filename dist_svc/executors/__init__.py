@@ -34,9 +34,11 @@ class Executor(Protocol):
     def describe(self) -> str:
         """One line: where units run, how many at once, within how much memory."""
 
-    def run(self, job: "Job", units: Sequence["Unit"], on_result: Callable[["UnitResult"], None]) -> None:
-        """Run `units`; call `on_result` in the caller's thread once per finished unit; return
-        when all are done, or raise (DistSvcError for the user's mistakes)."""
+    def run(self, job: "Job", units: Sequence["Unit"], on_result: Callable[["UnitResult"], None],
+            on_progress: Callable[[str, int], None] | None = None) -> None:
+        """Run `units`; call `on_result` in the caller's thread once per finished unit (and, if
+        the executor can, `on_progress(name, nbytes)` as parts of a unit are done); return when
+        all are done, or raise (DistSvcError for the user's mistakes)."""
 
 
 def build_executor(cluster: str | None = None, device: str | None = None, threads: int | None = None,

@@ -92,17 +92,19 @@ class LocalExecutor:
         elif device.type != "cpu":
             raise DistSvcError(f"--device {self.device}: only cpu and cuda devices are supported.")
 
-    def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
+    def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None],
+            on_progress: Callable[[str, int], None] | None = None) -> None:
         import torch
 
         threads = torch.get_num_threads()
         setup_process(self.device)
         try:
-            self._run(job, units, on_result)
+            self._run(job, units, on_result, on_progress)
         finally:
             torch.set_num_threads(threads)  # the process is the caller's again (the Python API)
 
-    def _run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
+    def _run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None],
+             on_progress: Callable[[str, int], None] | None) -> None:
         budget = MemoryBudget(self.budget())
         key = (lambda fp: fp.device) if self.on_gpu else (lambda fp: fp.host)
         pending = Pending([(u, self.footprint(u, job.config)) for u in units], key)
@@ -114,7 +116,8 @@ class LocalExecutor:
         def loop() -> None:
             worker = None
             try:
-                worker = Worker(job, self.device, sync=False, checkpoints=checkpoints, **self.worker_options)
+                worker = Worker(job, self.device, sync=False, checkpoints=checkpoints,
+                                progress=lambda name, nbytes: results.put((name, nbytes)), **self.worker_options)
                 while True:
                     ticket = budget.take(pending, stop)
                     if ticket is None:
@@ -144,6 +147,9 @@ class LocalExecutor:
                 elif isinstance(item, BaseException):
                     error = error or item
                     stop.set()
+                elif isinstance(item, tuple):
+                    if on_progress is not None:
+                        on_progress(*item)
                 elif error is None:
                     on_result(item)
         except BaseException:

@@ -140,7 +140,9 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DistSvcError(f"cannot connect to the Ray cluster at '{address}': {e}. {hint}") from None
 
-    def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None]) -> None:
+    def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None],
+            on_progress: Callable[[str, int], None] | None = None) -> None:
+        """`on_progress` is not called: progress on a cluster advances as units finish."""
         ray = _ray()
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
