@@ -532,17 +532,29 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
     from dist_svc.driver import dry_run
     from dist_svc.executors import build_executor
 
-    workers = build_executor(device=device, threads=threads, memory_limit=memory).threads
+    executor = build_executor(device=device, threads=threads, memory_limit=memory)
+    workers = executor.threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
-                                  output_format=output_format, device=device, workers=workers)
+                                  output_format=output_format, device=executor.device, workers=workers)
+    limit = executor.budget()
+    name, need = est.largest
+    # As many of the largest units as fit at once, at most one per worker: what memory allows.
+    fit = min(workers, limit.host // max(need.host, 1), limit.device // max(need.device, 1) if need.device else workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")
-    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints "
-               f"(probed here at {human_bytes(est.read_rate)}/s)")
+    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints (probed here: "
+               f"{human_bytes(est.read_rate)}/s by one reader, {human_bytes(est.parallel_read_rate)}/s by {workers})")
     click.echo(f"  write       {human_bytes(est.write_bytes)}")
-    click.echo(f"  compute     {est.gram_flops / 1e12:.1f} TFLOP float64 for calibration "
-               f"(probed here at {est.flop_rate / 1e9:.1f} GFLOP/s per worker)")
-    click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} per worker at most, {workers} worker(s)")
-    click.echo(f"  time        about {human_seconds(est.seconds)} ({est.seconds:.1f} s) on this machine with {workers} worker(s)")
+    click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed; "
+               f"{est.gram_flops / 1e12:.1f} TFLOP float64 for calibration at {est.flop_rate / 1e9:.1f} GFLOP/s per worker")
+    click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} for the largest tensor ({name}); "
+               f"{human_bytes(limit.host)} available{f', {human_bytes(limit.device)} on the GPU' if limit.device else ''}: "
+               f"{fit} of those at once")
+    if fit < 1:
+        click.echo(f"  warning     {name} does not fit the memory limit: the merge would be refused. Raise "
+                   f"--memory-limit or use a machine with more memory.")
+    click.echo(f"  time        about {human_seconds(est.seconds)} ({est.seconds:.0f} s) here with {workers} worker(s)")
+    for where, seconds in est.gpu_seconds.items():
+        click.echo(f"              about {human_seconds(seconds)} on {where} (projected from one H100's measured rates)")
     if existing is None:
         click.echo(f"  {out_dir}: a new merge")
     else:

@@ -121,3 +121,15 @@ def test_admission_takes_the_largest_unit_that_fits_what_is_left():
     assert [t.unit for t in (first, second, third)] == ["a", "c", "d"]
     first.release()
     assert budget.take(pending, stop).unit == "b" and budget.peak_units == 3
+
+
+def test_the_dry_run_says_what_fits_and_warns_when_the_largest_tensor_does_not(tmp_path, family):
+    from tests.conftest import run_cli
+
+    root, base, fts = family
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    roomy = run_cli("merge", cfg, tmp_path / "out", "--dry-run", "--memory-limit", "8GiB", "--threads", "2").stdout
+    assert "2 of those at once" in roomy and "warning" not in roomy
+    tight = run_cli("merge", cfg, tmp_path / "out", "--dry-run", "--memory-limit", "1MiB").stdout
+    assert "0 of those at once" in tight and "does not fit the memory limit" in tight
+    assert not (tmp_path / "out").exists()

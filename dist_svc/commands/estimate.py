@@ -1,27 +1,54 @@
-"""`dist-svc merge --dry-run`: the plan in numbers, computed from metadata and two short probes.
+"""`dist-svc merge --dry-run`: the plan in numbers, from metadata and probes of this machine.
 
-Nothing is merged and nothing is written. Bytes and memory are exact consequences of the plan;
-the time is an estimate: the inputs' read rate is probed by reading up to PROBE_BYTES of the
-largest input tensor, the arithmetic rate by one float64 matrix product on the device, and each
-unit costs the larger of its read time and its arithmetic (reads and compute overlap across the
-workers' units).
+Nothing is merged and nothing is written. Bytes and memory are exact consequences of the plan
+(memory: dist_svc.memory's footprints, the largest and whether it fits). The time is a model
+with measured rates, each probed several times (the median counts, and a probe is repeated
+at a larger size while its rounds disagree by more than 20%):
+
+- reading: the inputs' largest tensors read as workers read them, by one worker and by all of
+  them at once (what the storage gives in parallel);
+- the merge of a block: the real method function on blocks of the unit's shape and dtypes,
+  with the widening, the base added back, the rounding to the output dtype and the sha256 of
+  the output (the plain path end to end, per element);
+- calibration: float64 matrix products on one thread (`2 m n^2` flops per Gram, per pass-2
+  projector), and `eigh` at the size of the largest calibrated matrix's smaller side (scaled
+  by n^3 from a probe of at most 1024);
+- per unit: a fixed cost for what every tensor costs however small (opening its writer,
+  recording it, a few small reads), measured on this project's MoE benchmark (docs/benchmarks.md);
+- writing: at the probed read rate (the output is a quarter of the input for K = 3).
+
+A worker does its unit's reads, then its arithmetic; W workers overlap each other. The total
+is the largest of: the workers' summed time divided by W, all bytes at the storage's parallel
+rate, and the longest single unit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from dist_svc.blocks import BLOCK_ELEMENTS
+from dist_svc.calibration import oriented
 from dist_svc.config import MergeConfig
-from dist_svc.plan import Plan
-from dist_svc.storage.types import ITEMSIZE
-from dist_svc.worker import CACHE_BYTES, CPU_INTRA_OP_THREADS
+from dist_svc.memory import Footprint, compute_bytes, unit_footprint
+from dist_svc.methods import Where
+from dist_svc.plan import Plan, Unit
+from dist_svc.storage.types import DTYPES, ITEMSIZE, tensor_bytes
+from dist_svc.worker import CPU_INTRA_OP_THREADS
 
-PROBE_BYTES = 256 << 20
+PROBE_BYTES = 256 << 20  # read per round, at most
+PROBE_ELEMENTS = 1 << 22  # elements of a probe block
+UNIT_OVERHEAD_S = 0.4e-3  # per unit per worker (measured: 47k-tensor MoE, docs/benchmarks.md)
+STABLE = 0.2  # a probe's rounds may disagree by this much
+# One H100 (docs/benchmarks.md): the calibration kernel on an 8192 x 8192 matrix, K = 3, and
+# what a node's disk gave a plain parallel read; for projections onto GPU clusters.
+H100_CALIBRATION_S_8192 = 0.81
+H100_READ_RATE = 1.5e9
 
 
 @dataclass(frozen=True)
@@ -30,78 +57,194 @@ class Estimate:
     calibrated: int
     read_bytes: int
     write_bytes: int
-    worker_memory_bytes: int  # peak of one worker (one unit in flight)
+    largest: tuple[str, Footprint]  # the unit with the largest footprint, and it
     gram_flops: float
-    read_rate: float  # bytes/s, probed
-    flop_rate: float  # float64 flop/s, probed
+    read_rate: float  # bytes/s, one worker, probed
+    parallel_read_rate: float  # bytes/s, every worker at once, probed
+    flop_rate: float  # float64 flop/s of one worker, probed
+    element_seconds: float  # the plain path, per element, probed
     workers: int
     seconds: float
+    gpu_seconds: dict  # "N x 8 GPUs" -> seconds, projected from H100 figures
+
+    @property
+    def worker_memory_bytes(self) -> int:
+        return max(self.largest[1].host, self.largest[1].device)
 
 
 def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers: int) -> Estimate:
     checkpoints = [base, *models]
-    compute_bytes = 8 if config.dtype == "float64" else 4
-    read_bytes = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for u in plan.units for s in u.inputs)
-    flops, memory = 0.0, 0
-    per_unit_seconds = []
-    read_rate, flop_rate = _read_rate(base, models), _flop_rate(device)
+    workers = max(1, workers)
+    on_gpu = device.startswith("cuda")
+    read_one, read_all = _read_rates(checkpoints, workers)
+    flop_rate = _flop_rate(device)
+    element_seconds = _element_seconds(config, plan, checkpoints, device)
+    largest_n = max((min(u.shape) for u in plan.units if u.calibrate), default=0)
+    eigh_seconds = _eigh_seconds(largest_n, device)
+
+    total_read, total_cpu, longest, flops, gpu_cal = 0, 0.0, 0.0, 0.0, 0.0
+    largest = ("", Footprint(0, 0))
     for u in plan.units:
-        k = len(u.fine_tunes)
-        elements = math.prod(u.shape) if u.shape else 1
         unit_read = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for s in u.inputs)
-        unit_flops = 0.0
-        if u.needs == "element" or (u.needs == "row" and len(u.shape) > 1):
-            mem = (len(u.inputs) + 1) * min(elements, BLOCK_ELEMENTS) * compute_bytes
-        else:
-            mem = (len(u.inputs) + 1) * elements * compute_bytes
+        elements = math.prod(u.shape) if u.shape else 1
+        cpu = UNIT_OVERHEAD_S + elements * element_seconds * max(len(u.inputs), 1) / 4
+        reread = 0
         if u.calibrate:
-            m, n = max(u.shape), min(u.shape)
-            grams = k + 1 + (k if config.calibration.side == "row" and u.shape[0] >= u.shape[1]
-                             or config.calibration.side == "column" and u.shape[0] < u.shape[1] else 0)
-            unit_flops = 2.0 * m * n * n * (grams + 1) + 10.0 * n ** 3 + 2.0 * k * n ** 3
-            mem += (grams + 2) * n * n * 8
-            cache = 2 * elements * compute_bytes
-            mem += cache if cache <= CACHE_BYTES else 0
-        flops += unit_flops
-        memory = max(memory, mem)
-        per_unit_seconds.append(max(unit_read / read_rate, unit_flops / flop_rate))
-    # Units run `workers` at a time, largest first; with many units the total divides evenly.
-    seconds = max(sum(per_unit_seconds) / max(workers, 1), max(per_unit_seconds, default=0.0))
-    return Estimate(len(plan.units), sum(u.calibrate for u in plan.units), read_bytes, plan.total_bytes, memory,
-                    flops, read_rate, flop_rate, workers, seconds)
+            unit_flops = _calibration_flops(u, config)
+            n = min(u.shape)
+            cpu += unit_flops / flop_rate + eigh_seconds * (n / largest_n) ** 3
+            if 2 * elements * compute_bytes(config) > (2 << 30):
+                reread = unit_read  # pass 2 reads the inputs again
+            flops += unit_flops
+            gpu_cal += H100_CALIBRATION_S_8192 * (max(u.shape) * n * n) / 8192 ** 3
+        read_s = (unit_read + reread + u.nbytes) / read_one
+        total_read += unit_read + reread + u.nbytes
+        total_cpu += read_s + cpu
+        longest = max(longest, read_s + cpu)
+        fp = unit_footprint(u, config, on_gpu)
+        if max(fp.host, fp.device) > max(largest[1].host, largest[1].device):
+            largest = (u.name, fp)
+    seconds = max(total_cpu / workers, total_read / read_all, longest)
+    gpu_seconds = {f"{nodes} x 8 GPUs": max(total_read / (H100_READ_RATE * nodes), gpu_cal / (8 * nodes))
+                   for nodes in (1, 4)}
+    read_bytes = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for u in plan.units for s in u.inputs)
+    return Estimate(len(plan.units), sum(u.calibrate for u in plan.units), read_bytes, plan.total_bytes, largest,
+                    flops, read_one, read_all, flop_rate, element_seconds, workers, seconds, gpu_seconds)
 
 
-def _read_rate(base, models) -> float:
-    """Bytes/s reading the largest tensor of the first fine-tune (up to PROBE_BYTES of its rows)."""
-    ckpt = models[0] if models else base
-    name, info = max(ckpt.tensors.items(), key=lambda kv: kv[1].nbytes)
-    if not info.shape:
-        return 1e9
-    row_bytes = max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
-    rows = max(1, min(info.shape[0], PROBE_BYTES // row_bytes))
-    start = time.perf_counter()
-    got = ckpt.read(name, rows=slice(0, rows))
-    seconds = time.perf_counter() - start
-    return max(got.numel() * got.element_size(), 1) / max(seconds, 1e-6)
+def _calibration_flops(u: Unit, config: MergeConfig) -> float:
+    m, n = max(u.shape), min(u.shape)
+    f = len(u.fine_tunes)
+    _, side = oriented(u.shape, config.calibration.side)
+    grams = f + 1 + (f if side == "row" else 0)
+    return 2.0 * m * n * n * (grams + 1)  # the Grams, then Wm P in pass 2
+
+
+def _median_until_stable(measure, rounds: int = 3, growths: int = 2) -> float:
+    """The median of `rounds` measurements of `measure(scale)`, repeated at twice the scale
+    while they disagree by more than STABLE (at most `growths` times)."""
+    scale = 1
+    for _ in range(growths + 1):
+        values = [measure(scale) for _ in range(rounds)]
+        middle = statistics.median(values)
+        if middle > 0 and (max(values) - min(values)) / middle <= STABLE:
+            break
+        scale *= 2
+    return middle
+
+
+def _read_rates(checkpoints, workers: int) -> tuple[float, float]:
+    """(bytes/s of one reader, bytes/s of `workers` readers at once), reading row blocks of the
+    fine-tunes' largest tensors (each reader its own range of rows) as workers read them."""
+    targets = sorted(((c, name, info) for c in checkpoints[1:] or checkpoints for name, info in c.tensors.items()
+                      if info.shape and info.nbytes), key=lambda t: -t[2].nbytes)[:workers]
+    if not targets:
+        return 1e9, 1e9
+
+    def read(i: int, readers: int, budget: int) -> int:
+        checkpoint, name, info = targets[i % len(targets)]
+        share = max(1, info.shape[0] // max(1, readers // len(targets) + 1))
+        first = (i // len(targets)) * share
+        rows = max(1, min(share, budget // max(1, info.nbytes // info.shape[0])))
+        got = checkpoint.read(name, rows=slice(first, first + rows))
+        return got.numel() * got.element_size()
+
+    def rate(readers: int):
+        def measure(scale: int) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(readers) as pool:
+                n = sum(pool.map(lambda i: read(i, readers, PROBE_BYTES * scale // (4 * readers)), range(readers)))
+            return n / max(time.perf_counter() - start, 1e-6)
+        return measure
+
+    return _median_until_stable(rate(1)), _median_until_stable(rate(workers))
+
+
+def _element_seconds(config: MergeConfig, plan: Plan, checkpoints, device: str) -> float:
+    """Seconds per output element of the plain path (for 4 inputs; scaled by the inputs a unit
+    has): the largest unit's method on random blocks of its dtypes, end to end."""
+    units = [u for u in plan.units if u.shape]
+    if not units:
+        return 0.0
+    unit = max(units, key=lambda u: math.prod(u.shape))
+    dev = torch.device(device)
+    compute = torch.float64 if config.dtype == "float64" else torch.float32
+    stored = [DTYPES[checkpoints[s.checkpoint].tensors[s.tensor].dtype][0] for s in unit.inputs]
+    method = config.method
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(CPU_INTRA_OP_THREADS)
+    try:
+        per_row = math.prod(unit.shape[1:])
+
+        def measure(scale: int) -> float:
+            rows = max(1, min(unit.shape[0], PROBE_ELEMENTS * scale // max(per_row, 1)))
+            shape = (rows, *unit.shape[1:])
+            elements = math.prod(shape)
+            raw = [torch.randn(shape, device=dev).to(dtype) for dtype in stored]
+            start = time.perf_counter()
+            tensors = [r.to(compute) for r in raw]
+            base = tensors[unit.base] if unit.base is not None else None
+            taus = [t.sub_(base) if base is not None else t for i, t in enumerate(tensors) if i in unit.fine_tunes]
+            where = Where(unit.name, lambda: torch.arange(elements, device=dev).view(shape), unit.base)
+            merged = method.merge(taus if method.operates_on == "deltas" else tensors,
+                                  unit.call_params(method), where)
+            out = (merged if base is None else base + merged).to(DTYPES[unit.out_dtype][0])
+            hashlib.sha256(tensor_bytes(out)).digest()
+            return (time.perf_counter() - start) / elements * 4 / max(len(unit.inputs), 1)
+
+        return _median_until_stable(measure)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _flop_rate(device: str) -> float:
     """float64 flop/s of one worker (on a CPU, one intra-op thread, as workers compute)."""
     dev = torch.device(device)
-    n = 2048 if dev.type == "cuda" else 512
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(CPU_INTRA_OP_THREADS)
     try:
-        a = torch.randn(n, n, dtype=torch.float64, device=dev)
-        a @ a  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        for _ in range(3):
+        def measure(scale: int) -> float:
+            n = (2048 if dev.type == "cuda" else 768) * min(scale, 2)
+            a = torch.randn(n, n, dtype=torch.float64, device=dev)
+            a @ a  # warm-up
+            _sync(dev)
+            start = time.perf_counter()
             a @ a
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return 3 * 2.0 * n ** 3 / (time.perf_counter() - start)
+            _sync(dev)
+            return 2.0 * n ** 3 / (time.perf_counter() - start)
+
+        return _median_until_stable(measure)
     finally:
         torch.set_num_threads(threads)
+
+
+def _eigh_seconds(n: int, device: str) -> float:
+    """Seconds of a float64 eigh at size n (probed at min(n, 1024), scaled by n^3)."""
+    if n <= 0:
+        return 0.0
+    dev = torch.device(device)
+    probe = min(n, 1024)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(CPU_INTRA_OP_THREADS)
+    try:
+        a = torch.randn(probe, probe, dtype=torch.float64, device=dev)
+        g = a @ a.T
+
+        def measure(scale: int) -> float:
+            _sync(dev)
+            start = time.perf_counter()
+            torch.linalg.eigh(g)
+            _sync(dev)
+            return time.perf_counter() - start
+
+        return _median_until_stable(measure, growths=0) * (n / probe) ** 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
