@@ -178,20 +178,33 @@ class GramCalibration:
 
     `solve()` takes the eigendecomposition G = V diag(S^2) V^T and the overlaps
       column side: <a_m, a_i> = <v_r, x_ri>,  ||a_i||^2 = ||x_ri||^2 / S_r^2,  x_ri = C_i^T v_r
-      row side:    <a_m, a_i> = v_r^T C_i v_r, ||a_i||^2 = v_r^T T_i v_r
+      row side:    <a_m, a_i> = v_r^T C_i v_r, ||a_i||^2 = v_r^T T_i v_r = sum over rows of (tau_i V)_r^2
     and returns the projector P = V diag(1/eta) V^T, so that Wm' = Wm P, block by block.
+
+    On the row side the task Grams T_i (K more n x n matrices) are kept only while they take at
+    most TASK_GRAMS_BYTES (`keep_task_grams`); beyond, `needs_projections` is true and the
+    caller feeds the task blocks once more after pass 1 (`add_projections`), which sums the
+    same ||tau_i v_r||^2 from `tau_i V` directly, in (K + 1) n^2 memory instead of (2K + 1) n^2.
     """
 
     def __init__(self, n: int, k: int, alpha: float, side: str = "column", target: int | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", task_grams: bool | None = None):
         if side not in ("column", "row"):
             raise ValueError(f"side must be 'column' or 'row', got {side!r}")
         self.n, self.k, self.alpha, self.side, self.target = n, k, alpha, side, target
         opts = {"dtype": torch.float64, "device": device}
         self.gram = torch.zeros(n, n, **opts)
         self.cross = [torch.zeros(n, n, **opts) for _ in range(k)]
-        self.task_grams = [torch.zeros(n, n, **opts) for _ in range(k)] if side == "row" else None
+        keep = side == "row" and (keep_task_grams(n, k) if task_grams is None else task_grams)
+        self.task_grams = [torch.zeros(n, n, **opts) for _ in range(k)] if keep else None
         self.rows = 0
+        self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # (descending eigenvalues, V)
+        self._projections: list[torch.Tensor] | None = None  # per task, sum of (tau_i V)^2 over rows
+
+    @property
+    def needs_projections(self) -> bool:
+        """Whether the task blocks must be fed again (`add_projections`) before `solve`."""
+        return self.side == "row" and self.task_grams is None
 
     def add(self, merged_rows: torch.Tensor, task_rows: Iterable[torch.Tensor]) -> None:
         wm = merged_rows.to(torch.float64)
@@ -207,11 +220,28 @@ class GramCalibration:
             raise ValueError(f"expected {self.k} task blocks, got {count}")
         self.rows += wm.shape[0]
 
+    def decompose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eigendecomposition of G (descending), once; G itself is then freed."""
+        if self._eigen is None:
+            evals, v = torch.linalg.eigh(self.gram)
+            self._eigen = (evals.flip(0), v.flip(1))
+            self.gram = None
+        return self._eigen
+
+    def add_projections(self, task_rows: Iterable[torch.Tensor]) -> None:
+        """One block of every task vector, after pass 1: accumulates ||tau_i v_r||^2."""
+        _, v = self.decompose()
+        if self._projections is None:
+            self._projections = [torch.zeros(self.n, dtype=torch.float64, device=v.device) for _ in range(self.k)]
+        for i, tau in enumerate(task_rows):
+            self._projections[i] += (tau.to(torch.float64) @ v).square().sum(dim=0)
+
     def solve(self) -> "GramSolution":
         """eta per direction and the projector; `trusted` is False when the spectrum needs the
         full-SVD path for float64-level accuracy (see GRAM_TOLERANCE)."""
-        evals, v = torch.linalg.eigh(self.gram)
-        evals, v = evals.flip(0), v.flip(1)  # descending
+        if self.needs_projections and self._projections is None and self.k:
+            raise ValueError("the row side without task Grams needs add_projections() before solve()")
+        evals, v = self.decompose()
         s = evals.clamp_min(0).sqrt()
         s_max = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
         live = _live(s)
@@ -226,7 +256,8 @@ class GramCalibration:
                 den = (x * x).sum(dim=0) / torch.where(live, s * s, torch.ones_like(s))
             else:
                 num = (v * (self.cross[i] @ v)).sum(dim=0)
-                den = (v * (self.task_grams[i] @ v)).sum(dim=0)
+                den = (v * (self.task_grams[i] @ v)).sum(dim=0) if self.task_grams is not None \
+                    else self._projections[i]
             overlap = num / den.clamp_min(EPS_PROJ)
             overlaps.append(torch.where(live, overlap, torch.zeros_like(overlap)))
             unclamped = overlap.abs() * (1 + rel_err) > self.alpha
@@ -254,6 +285,15 @@ class GramCalibration:
         moving = torch.where(rel_err >= 1, torch.maximum(moving, eta), moving)  # not even a sign is known
         per_direction = s / eta * (moving / eta * rel_err).clamp_max(1.0)
         return float(torch.linalg.norm(per_direction) / torch.linalg.norm(s / eta))
+
+
+TASK_GRAMS_BYTES = 2 << 30  # the row side's K task Grams are kept up to this size
+
+
+def keep_task_grams(n: int, k: int) -> bool:
+    """Whether the row side keeps its task Grams (K n x n float64) rather than a second pass over
+    the task vectors. A function of the shape only, so every executor computes the same bytes."""
+    return k * n * n * 8 <= TASK_GRAMS_BYTES
 
 
 @dataclass(frozen=True)
@@ -285,6 +325,7 @@ def calibrate_gram(
     side: str = "column",
     target: int | None = None,
     block_rows: int | None = None,
+    task_grams: bool | None = None,
 ) -> Calibrated:
     """The Gram path on whole in-memory matrices (fed in blocks of `block_rows`), with the full
     SVD as fallback where the Gram cannot be trusted. The worker streams the same steps from
@@ -294,10 +335,14 @@ def calibrate_gram(
     transpose, gram_side = oriented(merged.shape, side)
     wm = merged.T if transpose else merged
     taus = [t.T if transpose else t for t in task_deltas]
-    cal = GramCalibration(wm.shape[1], len(taus), alpha, gram_side, target, device=merged.device)
+    cal = GramCalibration(wm.shape[1], len(taus), alpha, gram_side, target, device=merged.device,
+                          task_grams=task_grams)
     step = block_rows or wm.shape[0] or 1
     for r0 in range(0, wm.shape[0], step):
         cal.add(wm[r0:r0 + step], [t[r0:r0 + step] for t in taus])
+    if cal.needs_projections:
+        for r0 in range(0, wm.shape[0], step):
+            cal.add_projections([t[r0:r0 + step] for t in taus])
     solution = cal.solve()
     if not solution.trusted:
         fallback = calibrate_singular_values(merged, task_deltas, alpha, side, target)

@@ -11,8 +11,9 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - one block in flight (every path): `b * ((2N + 4) c + s + o)`: every input's block widened,
   the merged block, the method's own temporaries (at most N more), the output block;
 - calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
-  + `F n^2 8` when the calibration needs the task Grams (`T_i`, a wide matrix on its default
-  side) + `7 n^2 8` (eigh's eigenvectors, their flipped copy and workspace, the products of the
+  + `F n^2 8` when the calibration keeps the task Grams (`T_i`: a wide matrix on its default
+  side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
+  + `7 n^2 8` (eigh's eigenvectors, their flipped copy and workspace, the products of the
   overlaps, the projector: measured 6 at n = 1024) + the pass-2 cache
   `2 E c` when it fits `cache_bytes` + `E o` for a wide matrix (its output is assembled whole);
 - the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dist_svc.blocks import BLOCK_ELEMENTS, block_length
-from dist_svc.calibration import oriented
+from dist_svc.calibration import keep_task_grams, oriented
 from dist_svc.storage.types import ITEMSIZE
 
 if TYPE_CHECKING:
@@ -105,10 +106,9 @@ def whole_tensor(unit: "Unit") -> bool:
 
 
 def _grams(unit: "Unit", config: "MergeConfig", fine_tunes: int) -> int:
-    m, n = unit.shape
-    small = min(m, n)
+    small = min(unit.shape)
     transposed, side = oriented(unit.shape, config.calibration.side)
-    task_grams = fine_tunes if side == "row" else 0
+    task_grams = fine_tunes if side == "row" and keep_task_grams(small, fine_tunes) else 0
     return (fine_tunes + 1 + task_grams + 7) * small * small * 8
 
 

@@ -147,6 +147,9 @@ class Worker:
             self._advance(unit, block, 0.5)
         for matrix in (gram.gram, *gram.cross, *(gram.task_grams or ())):
             _finite(matrix, unit, "the calibration's float64 Gram matrices")
+        if gram.needs_projections:  # the row side without task Grams: the task vectors once more
+            for block in blocks:
+                gram.add_projections(self._delta(unit, block, self.reader.read(unit, block))[2])
         solution = gram.solve()
         if not solution.trusted:
             cache.clear()

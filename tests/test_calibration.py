@@ -136,9 +136,11 @@ def test_only_2d_tensors_not_matching_skip_patterns_are_calibrated():
     m=st.integers(1, 24), n=st.integers(1, 24), k=st.integers(1, 6),
     alpha=st.sampled_from([None, 0.1, 0.5, 1.0]), side=st.sampled_from(["column", "row"]),
     seed=st.integers(0, 2**31 - 1), rank=st.sampled_from([None, 1, 2]), block=st.integers(1, 8),
+    task_grams=st.booleans(),
 )
-def test_gram_path_matches_the_reference_to_1e_10(m, n, k, alpha, side, seed, rank, block):
-    """Streamed in row blocks, tall or wide, full rank or LoRA-like rank-deficient."""
+def test_gram_path_matches_the_reference_to_1e_10(m, n, k, alpha, side, seed, rank, block, task_grams):
+    """Streamed in row blocks, tall or wide, full rank or LoRA-like rank-deficient; the row side
+    with its task Grams or with the second pass that replaces them."""
     rng = np.random.default_rng(seed)
     if rank is None:
         taus = [rng.standard_normal((m, n)) for _ in range(k)]
@@ -146,7 +148,8 @@ def test_gram_path_matches_the_reference_to_1e_10(m, n, k, alpha, side, seed, ra
         taus = [rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) for _ in range(k)]
     wm = 0.3 * sum(taus)
     alpha = 1.0 / k if alpha is None else alpha
-    got = calibrate_gram(torch.from_numpy(wm), [torch.from_numpy(t) for t in taus], alpha, side, block_rows=block)
+    got = calibrate_gram(torch.from_numpy(wm), [torch.from_numpy(t) for t in taus], alpha, side, block_rows=block,
+                         task_grams=task_grams)
     assert _rel(got.delta, svc_reference(wm, taus, alpha, side)) <= 1e-10
     assert got.path in ("gram", "svd-fallback")
 

@@ -355,3 +355,20 @@ def test_progress_advances_within_a_unit_block_by_block(tmp_path, family):
         assert len(parts[unit.name]) >= 4, unit.name  # many blocks, each reported
         assert 0.9 * unit.nbytes <= sum(parts[unit.name]) <= unit.nbytes
     assert {r.name for r in done} == {u.name for u in units}
+
+
+def test_wide_matrices_without_task_grams_take_a_second_pass_and_match_the_reference(tmp_path, family, monkeypatch):
+    """Above the task Grams' size limit the row side sums ||tau_i v_r||^2 in one more pass over
+    the inputs (forced here by a limit of 0): the same float64 result, in blocks."""
+    import dist_svc.calibration
+
+    monkeypatch.setattr(dist_svc.calibration, "TASK_GRAMS_BYTES", 0)
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, parameters={"lambda": 0.5}, dtype="float64")
+    report = merge(cfg, tmp_path / "out", executor=LocalExecutor(block_elements=100, cache_bytes=0), progress="off")
+    out = load_output(tmp_path / "out")
+    ref = merge_reference(base, fts, [1.0] * 3, lam=0.5)
+    for name, tensor in out.items():
+        assert ulps_apart(tensor, ref[name]).max() <= 1.0, name
+    wide = [n for n in report.calibration if "k_proj" in n or "down_proj" in n]
+    assert wide and all(report.calibration[n]["path"] == "gram" for n in wide)
