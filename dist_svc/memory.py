@@ -15,7 +15,7 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
   + `7 n^2 8` (eigh's eigenvectors, their flipped copy and workspace, the products of the
   overlaps, the projector: measured 6 at n = 1024) + the pass-2 cache
-  `2 E c` when it fits `cache_bytes` + `E o` for a wide matrix (its output is assembled whole);
+  `2 E c` when it fits `cache_bytes` (a wide matrix's output is written by columns, in place);
 - the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
   taken only when needed (the worker exchanges its streaming footprint for it, waiting until it
   fits: `MemoryBudget.exchange`);
@@ -84,8 +84,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
         compute += _grams(unit, config, f)
         if 2 * elements * c <= cache_bytes:
             compute += 2 * elements * c
-        if transposed:
-            host_only += elements * o  # a wide matrix's output, assembled whole
+
     return _placed(compute, host_only, on_gpu)
 
 

@@ -164,7 +164,9 @@ class Worker:
                 self._ticket.exchange(wanted)
             return self._svd_fallback(unit, writer)
 
-        out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed else None
+        # A wide matrix is produced by columns: written in place where the writer can, else
+        # assembled here.
+        out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed and not writer.columns else None
         for j, block in enumerate(blocks):  # pass 2: Wm' = Wm P, block by block
             if keep:
                 base, merged = cache[j]
@@ -172,12 +174,14 @@ class Worker:
             else:
                 base, merged, _ = self._delta(unit, block, self.reader.read(unit, block))
             result = self._finish(base, solution.apply(merged), unit)
-            if transposed:
+            if out is not None:
                 out[:, block.start:block.stop] = result.T.cpu()
+            elif transposed:
+                writer.write_columns(block.start, block.stop, tensor_bytes(result.T))
             else:
                 writer.write(tensor_bytes(result))
             self._advance(unit, block, 0.5)
-        if transposed:
+        if out is not None:
             writer.write(tensor_bytes(out))
         return calibration_summary(solution.singular_values, solution.eta, "gram", solution.overlaps)
 

@@ -30,9 +30,16 @@ FORMATS = tuple(LAYOUTS)
 
 
 class UnitWriter(Protocol):
-    """One tensor's bytes, in row-major order, arriving in pieces; hashed on the way."""
+    """One tensor's bytes, in row-major order, arriving in pieces; hashed on the way. A writer
+    with `columns` also takes a matrix as ranges of its columns in any order (`write_columns`,
+    each range's rows x width elements row-major), hashing the whole once complete: a wide
+    calibrated matrix is produced by columns, and is then never assembled in memory."""
+
+    columns: bool
 
     def write(self, data) -> None: ...
+
+    def write_columns(self, start: int, stop: int, data) -> None: ...
 
     def close(self) -> str:
         """The tensor is complete: make it durable (if the writer syncs) and return its sha256."""

@@ -91,14 +91,36 @@ def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[
 
 class TensorWriter:
     """Writes one tensor's bytes at its place in a file, in pieces that arrive in order, and
-    hashes them on the way. With `sync`, `close()` makes them durable (fdatasync) before anyone
-    can record them; without, whoever records them must sync the file first."""
+    hashes them on the way; or, for a matrix, ranges of its columns in any order
+    (`write_columns`), hashed when complete by reading the tensor back. With `sync`, `close()`
+    makes them durable (fdatasync) before anyone can record them; without, whoever records them
+    must sync the file first."""
 
-    def __init__(self, path: Path, offset: int, nbytes: int, sync: bool = True):
+    columns = True
+
+    def __init__(self, path: Path, offset: int, nbytes: int, sync: bool = True, shape: tuple[int, ...] = ()):
         self.sync = sync
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY)
-        self.offset, self.end = offset, offset + nbytes
+        self.start, self.offset, self.end = offset, offset, offset + nbytes
+        self.shape = shape
         self.hash = hashlib.sha256()
+        self.columns_written = 0
+
+    def write_columns(self, start: int, stop: int, data) -> None:
+        """Columns start..stop of a matrix, `data` their rows x (stop - start) elements in
+        row-major order: one positional write per row."""
+        rows, cols = self.shape
+        view = memoryview(data).cast("B")
+        width = len(view) // max(rows, 1)
+        item = width // max(stop - start, 1)
+        for r in range(rows):
+            piece = view[r * width:(r + 1) * width]
+            where = self.start + (r * cols + start) * item
+            done = 0
+            while done < len(piece):
+                done += os.pwrite(self.fd, piece[done:], where + done)
+        self.columns_written += stop - start
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -112,12 +134,17 @@ class TensorWriter:
 
     def close(self) -> str:
         try:
-            if self.offset != self.end:
+            by_columns = self.columns_written and self.offset == self.start
+            if by_columns and self.columns_written != self.shape[1]:
+                raise ValueError(f"tensor incomplete: {self.shape[1] - self.columns_written} columns missing")
+            if not by_columns and self.offset != self.end:
                 raise ValueError(f"tensor incomplete: {self.end - self.offset} bytes missing")
             if self.sync:
                 os.fdatasync(self.fd)
         finally:
             os.close(self.fd)
+        if by_columns:  # written out of order: hashed as stored, in order
+            return range_sha256(self.path, self.start, self.end - self.start)
         return self.hash.hexdigest()
 
     def abort(self) -> None:
@@ -156,6 +183,7 @@ class SafetensorsLayout:
     def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
         self.out_dir = Path(out_dir)
         self.shards, self.placements = layout_shards(entries, int(options.get("shard_bytes") or DEFAULT_SHARD_BYTES))
+        self.shapes = {name: tuple(shape) for name, _, shape in entries}
         self._remaining: list[int] = []  # per shard: tensors not yet recorded (after `prepare`)
         self._sealed: list[bool] = []
         self._ready: set[int] = set()  # shards with every tensor recorded, not yet sealed
@@ -250,7 +278,7 @@ class SafetensorsLayout:
 
     def writer(self, name: str, sync: bool) -> TensorWriter:
         place = self.placements[name]
-        return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync)
+        return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync, self.shapes[name])
 
     def make_durable(self, names: Iterable[str]) -> None:
         for k in sorted({self.placements[n].shard for n in names}):

@@ -57,7 +57,11 @@ def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, comp
 class ZarrTensorWriter:
     """One tensor's bytes, in row order, into its array (`name`, an `array_name`): whole chunks
     at a time, so a chunk is never read back or written twice; sha256 of all bytes, as the
-    safetensors writer computes it. Its files are fsynced at close."""
+    safetensors writer computes it; or, for a matrix, ranges of its columns in any order
+    (`write_columns`), hashed when complete by reading the array back. Its files are fsynced at
+    close."""
+
+    columns = True
 
     def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: str):
         self.root = Path(path)
@@ -71,6 +75,13 @@ class ZarrTensorWriter:
         self.next_row = 0
         self.buffer = bytearray()
         self.hash = hashlib.sha256()
+        self.columns_written = 0
+
+    def write_columns(self, start: int, stop: int, data) -> None:
+        rows = self.shape[0]
+        values = np.frombuffer(memoryview(data).cast("B"), dtype=self.stored).reshape(rows, stop - start)
+        self.array[:, start:stop] = values
+        self.columns_written += stop - start
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
@@ -96,6 +107,14 @@ class ZarrTensorWriter:
         self.next_row += rows
 
     def close(self) -> str:
+        if self.columns_written:  # written out of order: hashed as stored, in order
+            if self.columns_written != self.shape[1] or self.next_row:
+                raise RuntimeError(f"tensor '{self.name}': {self.columns_written} of {self.shape[1]} columns written")
+            sync_tree(self.root / self.name)
+            digest = array_sha256(self.root, self.name)
+            if digest is None:
+                raise RuntimeError(f"tensor '{self.name}': cannot be read back")
+            return digest
         expected = self.total_rows if self.shape else 1
         if self.buffer or self.next_row != expected:
             raise RuntimeError(f"tensor '{self.name}': {self.next_row} of {expected} rows written")
