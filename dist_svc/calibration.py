@@ -221,10 +221,10 @@ class GramCalibration:
         self.rows += wm.shape[0]
 
     def decompose(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eigendecomposition of G (descending), once; G itself is then freed."""
+        """The eigendecomposition of G (ascending, as eigh returns it), once; G itself is then
+        freed. Peak memory here: G, its eigenvectors and eigh's workspace (about 2 n^2)."""
         if self._eigen is None:
-            evals, v = torch.linalg.eigh(self.gram)
-            self._eigen = (evals.flip(0), v.flip(1))
+            self._eigen = torch.linalg.eigh(self.gram)
             self.gram = None
         return self._eigen
 
@@ -238,26 +238,21 @@ class GramCalibration:
 
     def solve(self) -> "GramSolution":
         """eta per direction and the projector; `trusted` is False when the spectrum needs the
-        full-SVD path for float64-level accuracy (see GRAM_TOLERANCE)."""
+        full-SVD path for float64-level accuracy (see GRAM_TOLERANCE). Works in ascending order
+        (no copy of V), on column chunks of V (no n x n temporaries), and builds the projector
+        from V scaled in place: at most K + 2 matrices of n x n at once after the eigh."""
         if self.needs_projections and self._projections is None and self.k:
             raise ValueError("the row side without task Grams needs add_projections() before solve()")
         evals, v = self.decompose()
-        s = evals.clamp_min(0).sqrt()
-        s_max = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
-        live = _live(s)
+        s = evals.clamp_min(0).sqrt()  # ascending
+        s_max = s[-1] if s.numel() else torch.zeros((), dtype=s.dtype)
+        live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
         rel_err = EPS64 / torch.where(live, s / s_max, torch.ones_like(s)).square() if s_max > 0 else s
         eta_sum = torch.zeros_like(s)
         moving = torch.zeros_like(s)  # sum over unclamped i of s_ri: how much eta follows the s_ri
         overlaps = []
         for i in range(self.k):
-            if self.side == "column":
-                x = self.cross[i].T @ v  # column r: x_ri = tau_i^T Wm v_r
-                num = (v * x).sum(dim=0)
-                den = (x * x).sum(dim=0) / torch.where(live, s * s, torch.ones_like(s))
-            else:
-                num = (v * (self.cross[i] @ v)).sum(dim=0)
-                den = (v * (self.task_grams[i] @ v)).sum(dim=0) if self.task_grams is not None \
-                    else self._projections[i]
+            num, den = self._overlap_terms(i, v, s, live)
             overlap = num / den.clamp_min(EPS_PROJ)
             overlaps.append(torch.where(live, overlap, torch.zeros_like(overlap)))
             unclamped = overlap.abs() * (1 + rel_err) > self.alpha
@@ -269,12 +264,33 @@ class GramCalibration:
                 moving += torch.where(unclamped, overlap.abs(), torch.zeros_like(overlap))
         count = self.k if self.target is None else 1
         eta = torch.where(live, eta_sum / count, torch.ones_like(eta_sum))  # null space: eta = 1
-        projector = (v / eta) @ v.T
         trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, eta, moving / count, rel_err, live) \
             <= GRAM_TOLERANCE
-        return GramSolution(projector=projector, singular_values=s, eta=eta, trusted=trusted,
-                            overlaps=torch.stack(overlaps) if overlaps else None)
+        scaled = v.mul_(eta.rsqrt())  # V diag(eta)^-1/2, in place: V is not needed after this
+        projector = scaled @ scaled.T
+        self._eigen = None
+        return GramSolution(projector=projector, singular_values=s.flip(0), eta=eta.flip(0), trusted=trusted,
+                            overlaps=torch.stack(overlaps).flip(1) if overlaps else None)
 
+    def _overlap_terms(self, i: int, v: torch.Tensor, s: torch.Tensor, live: torch.Tensor):
+        """<a_m, a_i> and ||a_i||^2 of task i for every direction, a chunk of V's columns at a
+        time."""
+        num, den = torch.empty_like(s), torch.empty_like(s)
+        chunk = max(1, OVERLAP_CHUNK // max(self.n, 1))
+        for j0 in range(0, self.n, chunk):
+            vj = v[:, j0:j0 + chunk]
+            if self.side == "column":
+                x = self.cross[i].T @ vj  # column r: x_ri = tau_i^T Wm v_r
+                num[j0:j0 + chunk] = (vj * x).sum(dim=0)
+                sj = s[j0:j0 + chunk]
+                den[j0:j0 + chunk] = (x * x).sum(dim=0) / torch.where(live[j0:j0 + chunk], sj * sj, torch.ones_like(sj))
+            else:
+                num[j0:j0 + chunk] = (vj * (self.cross[i] @ vj)).sum(dim=0)
+                if self.task_grams is not None:
+                    den[j0:j0 + chunk] = (vj * (self.task_grams[i] @ vj)).sum(dim=0)
+        if self.side == "row" and self.task_grams is None:
+            den = self._projections[i]
+        return num, den
 
     @staticmethod
     def _error_bound(s, eta, moving, rel_err, live) -> float:
@@ -288,6 +304,7 @@ class GramCalibration:
 
 
 TASK_GRAMS_BYTES = 2 << 30  # the row side's K task Grams are kept up to this size
+OVERLAP_CHUNK = 1 << 24  # elements of a temporary while the overlaps are computed
 
 
 def keep_task_grams(n: int, k: int) -> bool:

@@ -13,8 +13,8 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
   + `F n^2 8` when the calibration keeps the task Grams (`T_i`: a wide matrix on its default
   side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
-  + `7 n^2 8` (eigh's eigenvectors, their flipped copy and workspace, the products of the
-  overlaps, the projector: measured 6 at n = 1024) + the pass-2 cache
+  + `3 n^2 8` (eigh's eigenvectors and its workspace, then the projector in G's place)
+  + `3 min(n^2, 16M) 8` (the overlaps' temporaries, column chunks of V) + the pass-2 cache
   `2 E c` when it fits `cache_bytes` (a wide matrix's output is written by columns, in place);
 - the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
   taken only when needed (the worker exchanges its streaming footprint for it, waiting until it
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dist_svc.blocks import BLOCK_ELEMENTS, block_length
-from dist_svc.calibration import keep_task_grams, oriented
+from dist_svc.calibration import OVERLAP_CHUNK, keep_task_grams, oriented
 from dist_svc.storage.types import ITEMSIZE
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def _grams(unit: "Unit", config: "MergeConfig", fine_tunes: int) -> int:
     small = min(unit.shape)
     transposed, side = oriented(unit.shape, config.calibration.side)
     task_grams = fine_tunes if side == "row" and keep_task_grams(small, fine_tunes) else 0
-    return (fine_tunes + 1 + task_grams + 7) * small * small * 8
+    return (fine_tunes + 1 + task_grams + 3) * small * small * 8 + 3 * min(small * small, OVERLAP_CHUNK) * 8
 
 
 def _length(unit: "Unit", transposed: bool) -> int:

@@ -332,3 +332,157 @@ def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, l
                              "bytes_on_disk": on_disk, "tensor_bytes": nbytes})
                 log(f"{label} {cache}: {nbytes / t / 1e9:.2f} GB/s")
     return rows
+
+
+# -- scale: tensors, frontier shapes, estimates, cores ------------------------------------------------
+
+def bench_tensors(workdir, layers: Sequence[int] = (2, 24, 61), k: int = 3, repeats: int = 3,
+                  mergekit: str | None = None, log=print) -> list[dict]:
+    """Cost per tensor as the tensor count grows: Qwen2-MoE-layout models with 256 tiny experts
+    per layer (2 layers: 1.5k tensors, 24: 18.6k, 61: 47k, DeepSeek-V3's count), merged with
+    task arithmetic into 1 MB shards, calibration off and on; then a no-op rerun and `status`
+    of the finished merge. Medians of `repeats`; mergekit on the same YAML when given."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from dist_svc.commands.demo import TinyMoE, make_family, write_config
+
+    workdir = Path(workdir).resolve()
+    rows = []
+    for n_layers in layers:
+        arch = TinyMoE(num_hidden_layers=n_layers, num_experts=256)
+        root = workdir / f"moe-{n_layers}l-k{k}"
+        if not (root / f"ft-{k}").is_dir():
+            log(f"generating {root} ...")
+            make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=4)
+        fts = [root / f"ft-{i + 1}" for i in range(k)]
+        row = {"layers": n_layers, "tensors": len(arch.shapes())}
+        for calibrate in (False, True):
+            config = write_config(root / f"m-{calibrate}.yaml", root / "base", fts, lam=0.3, calibrate=calibrate)
+            out = root / "out"
+            times = []
+            for _ in range(repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                times.append(measure([sys.executable, "-m", "dist_svc.cli", "merge", str(config), str(out),
+                                      "--shard-size", "1MB", "--progress", "off"]))
+            label = "svc" if calibrate else "plain"
+            row[f"{label}_s"] = statistics.median(t["wall_s"] for t in times)
+            row[f"{label}_ms_per_tensor"] = 1e3 * row[f"{label}_s"] / row["tensors"]
+            row[f"{label}_peak_mib"] = statistics.median(t["peak_rss_bytes"] for t in times) / 2**20
+            log(f"{row['tensors']} tensors, calibration {'on' if calibrate else 'off'}: {row[f'{label}_s']:.1f} s")
+            if not calibrate:
+                row["noop_rerun_s"] = statistics.median(
+                    measure([sys.executable, "-m", "dist_svc.cli", "merge", str(config), str(out), "--shard-size",
+                             "1MB", "--progress", "off"])["wall_s"] for _ in range(repeats))
+                row["status_s"] = statistics.median(
+                    measure([sys.executable, "-m", "dist_svc.cli", "status", str(out)])["wall_s"] for _ in range(repeats))
+        if mergekit:
+            config = _bench_config(root, "task_arithmetic", k)
+            out = root / "out-mergekit"
+            shutil.rmtree(out, ignore_errors=True)
+            result = measure([mergekit, str(config), str(out), "--quiet"])
+            row["mergekit_s"] = result["wall_s"]
+            row["mergekit_ms_per_tensor"] = 1e3 * result["wall_s"] / row["tensors"]
+        rows.append(row)
+    return rows
+
+
+def frontier_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of Llama-3.1-405B ("llama-405b") or DeepSeek-V3 ("deepseek-v3":
+    MLA attention, 3 dense layers then 58 MoE layers of 256 routed experts and a shared one)."""
+    out: dict[str, tuple[int, ...]] = {}
+    if name == "llama-405b":
+        h, i, layers, vocab, kv = 16384, 53248, 126, 128256, 1024
+        out["model.embed_tokens.weight"] = (vocab, h)
+        for n in range(layers):
+            p = f"model.layers.{n}."
+            out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                        p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                        p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                        p + "post_attention_layernorm.weight": (h,)})
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (vocab, h)
+        return out
+    if name == "deepseek-v3":
+        h, vocab, layers, experts, moe_i, dense_i = 7168, 129280, 61, 256, 2048, 18432
+        out["model.embed_tokens.weight"] = (vocab, h)
+        for n in range(layers):
+            p = f"model.layers.{n}."
+            out.update({p + "self_attn.q_a_proj.weight": (1536, h), p + "self_attn.q_a_layernorm.weight": (1536,),
+                        p + "self_attn.q_b_proj.weight": (24576, 1536),
+                        p + "self_attn.kv_a_proj_with_mqa.weight": (576, h),
+                        p + "self_attn.kv_a_layernorm.weight": (512,), p + "self_attn.kv_b_proj.weight": (32768, 512),
+                        p + "self_attn.o_proj.weight": (h, 16384), p + "input_layernorm.weight": (h,),
+                        p + "post_attention_layernorm.weight": (h,)})
+            mlps = [p + "mlp."] if n < 3 else [p + "mlp.shared_experts."] + [f"{p}mlp.experts.{e}." for e in range(experts)]
+            width = dense_i if n < 3 else moe_i
+            for q in mlps:
+                out.update({q + "gate_proj.weight": (width, h), q + "up_proj.weight": (width, h),
+                            q + "down_proj.weight": (h, width)})
+            if n >= 3:
+                out[p + "mlp.gate.weight"] = (experts, h)
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (vocab, h)
+        return out
+    raise ValueError(f"unknown model {name!r}")
+
+
+def write_sparse_checkpoint(path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16",
+                            shard_bytes: int = 5 * 10**9) -> None:
+    """A Hugging Face checkpoint whose headers are real and whose data is a hole in a sparse
+    file: planning, the dry run and memory figures see the real model; nothing is stored."""
+    import json
+    from pathlib import Path
+
+    from dist_svc.storage.safetensors_output import layout_shards
+    from dist_svc.storage.types import INDEX_NAME
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards, _ = layout_shards([(n, dtype, s) for n, s in shapes.items()], shard_bytes)
+    weight_map = {}
+    for shard in shards:
+        with open(path / shard.file, "wb") as f:
+            f.write(shard.header)
+            f.truncate(shard.size)
+        weight_map.update({n: shard.file for n in shard.tensors})
+    (path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({"architectures": ["Frontier"], "model_type": "frontier"}))
+
+
+def bench_frontier(workdir, models: Sequence[str] = ("llama-405b", "deepseek-v3"), k: int = 3,
+                   log=print) -> list[dict]:
+    """The dry run of a K-way merge of frontier-size models whose files are headers over holes:
+    tensors, bytes, the largest unit's memory against this machine, and the time, calibration
+    on and off."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    workdir = Path(workdir).resolve()
+    rows = []
+    for name in models:
+        root = workdir / name
+        shapes = frontier_shapes(name)
+        if not (root / f"ft-{k}" / "config.json").is_file():
+            log(f"writing {name}'s headers ({len(shapes)} tensors) x {k + 1} under {root} ...")
+            for d in ["base"] + [f"ft-{i + 1}" for i in range(k)]:
+                write_sparse_checkpoint(root / d, shapes)
+        for calibrate in (True, False):
+            config = root / f"m-{calibrate}.yaml"
+            config.write_text(yaml.safe_dump({
+                "merge_method": "task_arithmetic", "base_model": str(root / "base"),
+                "models": [{"model": str(root / f"ft-{i + 1}")} for i in range(k)],
+                "parameters": {"lambda": 0.3}, "calibrate": calibrate}, sort_keys=False))
+            start = time.perf_counter()
+            proc = __import__("subprocess").run([sys.executable, "-m", "dist_svc.cli", "merge", str(config),
+                                                 str(root / "out"), "--dry-run"], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr)
+            rows.append({"model": name, "calibrate": calibrate, "tensors": len(shapes),
+                         "seconds_to_plan": time.perf_counter() - start, "report": proc.stdout})
+            log(proc.stdout)
+    return rows
