@@ -507,6 +507,84 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
         json_path.write_text(json.dumps(r, indent=1))
 
 
+@bench.command("tensors")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--layers", default="2,24,61", show_default=True,
+              help="MoE layer counts (256 tiny experts each): 1.5k, 18.6k, 47k tensors.")
+@click.option("--repeats", default=3, show_default=True, help="Measured runs (the median is shown).")
+@click.option("--mergekit", default="none", show_default=True, help="mergekit-yaml to compare with, or 'none'.")
+def bench_tensors_cmd(workdir: Path, layers: str, repeats: int, mergekit: str) -> None:
+    """Cost per tensor as the number of tensors grows (MoE-layout models, 1 MB shards), with
+    calibration off and on; a no-op rerun and `status` of the finished merge.
+
+    \b
+    Example:
+      dist-svc bench tensors ./bench-out --layers 2,24,61
+    """
+    from dist_svc.commands.bench import bench_tensors
+
+    rows = bench_tensors(workdir, tuple(int(x) for x in layers.split(",")), repeats=repeats,
+                         mergekit=None if mergekit == "none" else mergekit, log=_say)
+    click.echo(f"{'tensors':>8}{'plain ms/t':>11}{'svc ms/t':>10}{'no-op s':>9}{'status s':>10}{'MiB':>7}"
+               + (f"{'mergekit ms/t':>15}" if mergekit != "none" else ""))
+    for r in rows:
+        click.echo(f"{r['tensors']:>8}{r['plain_ms_per_tensor']:>11.2f}{r['svc_ms_per_tensor']:>10.2f}"
+                   f"{r['noop_rerun_s']:>9.2f}{r['status_s']:>10.2f}{r['plain_peak_mib']:>7.0f}"
+                   + (f"{r['mergekit_ms_per_tensor']:>15.2f}" if mergekit != "none" else ""))
+
+
+@bench.command("frontier")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--models", default="llama-405b,deepseek-v3", show_default=True)
+def bench_frontier_cmd(workdir: Path, models: str) -> None:
+    """Dry runs of a 3-way merge of Llama-3.1-405B- and DeepSeek-V3-shaped models whose files
+    are real headers over holes (sparse files): memory and time as the dry run projects them.
+
+    \b
+    Example:
+      dist-svc bench frontier ./bench-out
+    """
+    from dist_svc.commands.bench import bench_frontier
+
+    bench_frontier(workdir, tuple(models.split(",")), log=lambda line: click.echo(line))
+
+
+@bench.command("estimate")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--repeats", default=1, show_default=True)
+def bench_estimate_cmd(workdir: Path, repeats: int) -> None:
+    """The dry run's time estimate against the measured merge, dense and MoE, calibration off
+    and on.
+
+    \b
+    Example:
+      dist-svc bench estimate ./bench-out
+    """
+    from dist_svc.commands.bench import bench_estimate
+
+    for r in bench_estimate(workdir, repeats=repeats, log=_say):
+        click.echo(f"{r['case']:<6} calibration {'on ' if r['calibrate'] else 'off'} estimated {r['estimated_s']:7.1f} s"
+                   f"  measured {r['measured_s']:7.1f} s  {r['ratio']:.2f}x")
+
+
+@bench.command("scaling")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--threads", default=None, help="Worker counts, e.g. 1,2,4 (default: 1 and every core).")
+@click.option("--repeats", default=3, show_default=True)
+def bench_scaling_cmd(workdir: Path, threads: str | None, repeats: int) -> None:
+    """Speed-up from one worker to every core, and whether the bytes stay the same.
+
+    \b
+    Example:
+      dist-svc bench scaling ./bench-out
+    """
+    from dist_svc.commands.bench import bench_scaling
+
+    rows = bench_scaling(workdir, tuple(int(x) for x in threads.split(",")) if threads else None, repeats, log=_say)
+    for r in rows:
+        click.echo(f"{r['threads']:>3} worker(s) {r['seconds']:7.1f} s  {r['speedup']:.2f}x  same bytes: {r['same_bytes']}")
+
+
 @bench.command("read")
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
 @click.option("--hidden", default=4096, show_default=True, help="Hidden size of the generated model.")

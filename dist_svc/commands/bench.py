@@ -486,3 +486,80 @@ def bench_frontier(workdir, models: Sequence[str] = ("llama-405b", "deepseek-v3"
                          "seconds_to_plan": time.perf_counter() - start, "report": proc.stdout})
             log(proc.stdout)
     return rows
+
+
+def bench_estimate(workdir, cases: Sequence[str] = ("dense", "moe"), repeats: int = 1, log=print) -> list[dict]:
+    """The dry run's time against the merge's measured time on this machine, calibration off
+    and on, for a dense model (~290M parameters) and a MoE (1.5k tiny tensors)."""
+    import shutil
+    from pathlib import Path
+
+    from dist_svc.commands.demo import TinyLlama, TinyMoE, make_family, write_config
+    from dist_svc.driver import dry_run, merge
+
+    workdir = Path(workdir).resolve()
+    archs = {"dense": TinyLlama(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
+                                num_attention_heads=16, num_key_value_heads=4),
+             "moe": TinyMoE(num_hidden_layers=2, num_experts=256)}
+    rows = []
+    for case in cases:
+        root = workdir / f"estimate-{case}"
+        if not (root / "ft-3").is_dir():
+            log(f"generating {root} ...")
+            make_family(root, k=3, arch=archs[case], dtype=torch.bfloat16, shards=2)
+        fts = [root / f"ft-{i + 1}" for i in range(3)]
+        for calibrate in (False, True):
+            config = write_config(root / f"m-{calibrate}.yaml", root / "base", fts, lam=0.3, calibrate=calibrate)
+            out = root / "out"
+            _, est, _ = dry_run(config, out)
+            times = []
+            for _ in range(repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                start = time.perf_counter()
+                merge(config, out, progress="off")
+                times.append(time.perf_counter() - start)
+            measured = statistics.median(times)
+            rows.append({"case": case, "calibrate": calibrate, "estimated_s": est.seconds, "measured_s": measured,
+                         "ratio": est.seconds / measured})
+            log(f"{case}, calibration {'on' if calibrate else 'off'}: estimated {est.seconds:.1f} s, "
+                f"measured {measured:.1f} s ({est.seconds / measured:.2f}x)")
+    return rows
+
+
+def bench_scaling(workdir, threads: Sequence[int] | None = None, repeats: int = 3, log=print) -> list[dict]:
+    """Speed-up from one worker to every core on a dense model (~290M parameters, calibrated),
+    and whether every worker count wrote the same bytes."""
+    import hashlib
+    import os
+    import shutil
+    from pathlib import Path
+
+    from dist_svc.commands.demo import TinyLlama, make_family, write_config
+    from dist_svc.driver import merge
+    from dist_svc.executors import LocalExecutor
+
+    workdir = Path(workdir).resolve()
+    root = workdir / "estimate-dense"
+    if not (root / "ft-3").is_dir():
+        make_family(root, k=3, arch=TinyLlama(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                              num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4),
+                    dtype=torch.bfloat16, shards=2)
+    config = write_config(root / "m-True.yaml", root / "base", [root / f"ft-{i + 1}" for i in range(3)], lam=0.3)
+    threads = threads or sorted({1, os.cpu_count() or 1})
+    rows, digests = [], set()
+    for n in threads:
+        out = root / f"out-{n}"
+        times = []
+        for _ in range(repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            merge(config, out, progress="off", executor=LocalExecutor(threads=n))
+            times.append(time.perf_counter() - start)
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))).hexdigest()
+        digests.add(digest)
+        rows.append({"threads": n, "seconds": statistics.median(times)})
+        log(f"{n} worker(s): {rows[-1]['seconds']:.1f} s")
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+        row["same_bytes"] = len(digests) == 1
+    return rows
