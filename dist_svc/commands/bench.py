@@ -510,7 +510,8 @@ def bench_estimate(workdir, cases: Sequence[str] = ("dense", "moe"), repeats: in
         fts = [root / f"ft-{i + 1}" for i in range(3)]
         for calibrate in (False, True):
             config = write_config(root / f"m-{calibrate}.yaml", root / "base", fts, lam=0.3, calibrate=calibrate)
-            out = root / "out"
+            out = root / f"out-{calibrate}"
+            shutil.rmtree(out, ignore_errors=True)
             _, est, _ = dry_run(config, out)
             times = []
             for _ in range(repeats):
