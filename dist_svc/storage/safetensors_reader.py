@@ -274,17 +274,15 @@ class SafetensorsCheckpoint:
                     raise ValueError("row slices must have step 1")
                 stop = max(start, stop)
             row_bytes = math.prod(shape[1:]) * itemsize
-            buf = bytearray((stop - start) * row_bytes)
+            out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
             stored = self._stored[name]
-            self._pread(stored.file, stored.offset + start * row_bytes, buf)
+            self._pread(stored.file, stored.offset + start * row_bytes, memoryview(out.numpy()))
             out_shape = ((stop - start), *shape[1:]) if shape else ()
-            if not buf:
-                return torch.empty(out_shape, dtype=torch_dtype)
-            return torch.frombuffer(buf, dtype=torch_dtype).reshape(out_shape)
+            return out.view(torch_dtype).reshape(out_shape)
         except OSError as e:
             raise DistSvcError(f"{info.where}: cannot read tensor '{name}': {e.strerror or e}.") from None
 
-    def _pread(self, file: Path, offset: int, buf: bytearray) -> None:
+    def _pread(self, file: Path, offset: int, buf: memoryview) -> None:
         fd = self._fds.get(file)
         if fd is None:
             with self._fds_lock:
