@@ -24,7 +24,7 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   `2 E 8` for the calibrated delta.
 
 On a GPU the blocks, Grams and cache live in device memory; the host holds read and write
-buffers (and a wide matrix's assembled output).
+buffers. Every unit also counts 1 MiB for what it holds besides tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-
 READ_BYTES = 4  # per element read, at most (float32 inputs; bf16 read buffers are half)
 MARGIN = 0.1  # of the machine's memory left to everything else, by default
 MIN_MARGIN = 1 << 30
+UNIT_SLACK = 1 << 20  # whatever a unit holds besides its tensors (the allocator's pages, objects)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def _length(unit: "Unit", transposed: bool) -> int:
 
 
 def _placed(compute: int, host_only: int, on_gpu: bool) -> Footprint:
+    host_only += UNIT_SLACK
     return Footprint(host_only, compute) if on_gpu else Footprint(compute + host_only, 0)
 
 
@@ -163,78 +165,91 @@ def device_budget(device) -> int:
 # -- admission -------------------------------------------------------------------------------------
 
 class MemoryBudget:
-    """Memory shared by units in flight in one process. `take` hands out the largest pending
-    unit that fits what is left (so small units fill in beside a large one), `exchange` lets a
-    running unit trade its footprint for a larger one (waiting until it fits; it holds nothing
-    while it waits, so units waiting on each other cannot deadlock)."""
+    """Memory shared by units in flight in one process: host memory, and each GPU's memory
+    (`devices`: one limit per device; none on a CPU). `take` hands out the largest pending unit
+    that fits what is left on the host and on the taker's device (so small units fill in beside
+    a large one), `exchange` lets a running unit trade its footprint for a larger one (waiting
+    until it fits; it holds nothing while it waits, so units waiting on each other cannot
+    deadlock)."""
 
-    def __init__(self, limit: Footprint):
-        self.limit = limit
-        self.in_use = Footprint(0, 0)
+    def __init__(self, host: int, devices: Sequence[int] = ()):
+        self.host, self.devices = host, list(devices)
+        self._host_used = 0
+        self._device_used = [0] * len(self.devices)
         self.peak_units = 0  # the most units in flight at once
         self._running = 0
         self._cond = threading.Condition()
 
-    def _free(self) -> Footprint:
-        return Footprint(self.limit.host - self.in_use.host, self.limit.device - self.in_use.device)
+    def limit(self, device: int | None = None) -> Footprint:
+        return Footprint(self.host, self.devices[device] if device is not None else 0)
 
-    def _add(self, fp: Footprint, sign: int) -> None:
-        self.in_use = Footprint(self.in_use.host + sign * fp.host, self.in_use.device + sign * fp.device)
+    def _free(self, device: int | None) -> Footprint:
+        used = self._device_used[device] if device is not None else 0
+        return Footprint(self.host - self._host_used, self.limit(device).device - used)
 
-    def take(self, pending: "Pending", stop: threading.Event) -> "Ticket | None":
-        """The largest pending unit that fits now, admitted; waits while none does; None when
-        nothing is pending or `stop` is set."""
+    def _add(self, fp: Footprint, device: int | None, sign: int) -> None:
+        self._host_used += sign * fp.host
+        if device is not None:
+            self._device_used[device] += sign * fp.device
+
+    def take(self, pending: "Pending", stop: threading.Event, device: int | None = None) -> "Ticket | None":
+        """The largest pending unit that fits now (on `device`, if the budget has devices),
+        admitted; waits while none does; None when nothing is pending or `stop` is set."""
         with self._cond:
             while not stop.is_set():
                 if not pending:
                     return None
-                item = pending.pop_fitting(self._free())
+                item = pending.pop_fitting(self._free(device))
                 if item is not None:
-                    return self._admitted(*item)
+                    return self._admitted(*item, device)
                 self._cond.wait(0.5)
             return None
 
-    def admit(self, unit: "Unit", fp: Footprint) -> "Ticket":
+    def admit(self, unit: "Unit", fp: Footprint, device: int | None = None) -> "Ticket":
         """Admit one unit, waiting until it fits (a Ray actor's units arrive one at a time)."""
         with self._cond:
-            while not fp.fits(self._free()):
+            while not fp.fits(self._free(device)):
                 self._cond.wait(0.5)
-            return self._admitted(unit, fp)
+            return self._admitted(unit, fp, device)
 
-    def _admitted(self, unit: "Unit", fp: Footprint) -> "Ticket":
-        self._add(fp, +1)
+    def _admitted(self, unit: "Unit", fp: Footprint, device: int | None) -> "Ticket":
+        self._add(fp, device, +1)
         self._running += 1
         self.peak_units = max(self.peak_units, self._running)
-        return Ticket(self, unit, fp)
+        return Ticket(self, unit, fp, device)
 
-    def _exchange(self, held: Footprint, wanted: Footprint) -> None:
+    def _exchange(self, held: Footprint, wanted: Footprint, device: int | None) -> None:
         with self._cond:
-            self._add(held, -1)
+            self._add(held, device, -1)
             self._cond.notify_all()
-            while not wanted.fits(self._free()):
+            while not wanted.fits(self._free(device)):
                 self._cond.wait(0.5)
-            self._add(wanted, +1)
+            self._add(wanted, device, +1)
 
-    def _release(self, held: Footprint) -> None:
+    def _release(self, held: Footprint, device: int | None) -> None:
         with self._cond:
-            self._add(held, -1)
+            self._add(held, device, -1)
             self._running -= 1
             self._cond.notify_all()
 
 
 class Ticket:
-    """One admitted unit's share of a budget."""
+    """One admitted unit's share of a budget (on one device, when the budget has devices)."""
 
-    def __init__(self, budget: MemoryBudget, unit: "Unit", held: Footprint):
-        self.budget, self.unit, self.held = budget, unit, held
+    def __init__(self, budget: MemoryBudget, unit: "Unit", held: Footprint, device: int | None = None):
+        self.budget, self.unit, self.held, self.device = budget, unit, held, device
+
+    @property
+    def limit(self) -> Footprint:
+        return self.budget.limit(self.device)
 
     def exchange(self, wanted: Footprint) -> None:
         """Give back what is held, then wait until `wanted` fits and hold it instead."""
-        self.budget._exchange(self.held, wanted)
+        self.budget._exchange(self.held, wanted, self.device)
         self.held = wanted
 
     def release(self) -> None:
-        self.budget._release(self.held)
+        self.budget._release(self.held, self.device)
         self.held = Footprint(0, 0)
 
 

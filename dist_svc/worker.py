@@ -173,10 +173,10 @@ class Worker:
             del gram, solution
             if self._ticket is not None:
                 wanted = fallback_footprint(unit, self.job.config, self.device.type == "cuda")
-                if not wanted.fits(self._ticket.budget.limit):
+                if not wanted.fits(self._ticket.limit):
                     raise DistSvcError(f"tensor '{unit.name}' needs its exact SVD ({_gib(wanted)} GiB; the Gram path "
                                        f"cannot resolve its spectrum), more than the memory limit of "
-                                       f"{_gib(self._ticket.budget.limit)} GiB. Raise --memory-limit, or merge it on a "
+                                       f"{_gib(self._ticket.limit)} GiB. Raise --memory-limit, or merge it on a "
                                        f"machine with more memory; the tensors finished so far are kept.")
                 self._ticket.exchange(wanted)
             return self._svd_fallback(unit, writer)

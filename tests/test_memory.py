@@ -115,7 +115,7 @@ def test_admission_takes_the_largest_unit_that_fits_what_is_left():
     gib = 1 << 30
     units = {name: Footprint(size * gib) for name, size in (("a", 6), ("b", 5), ("c", 3), ("d", 1))}
     pending = Pending(list(units.items()), key=lambda fp: fp.host)
-    budget = MemoryBudget(Footprint(10 * gib))
+    budget = MemoryBudget(10 * gib)
     stop = threading.Event()
     first, second, third = (budget.take(pending, stop) for _ in range(3))
     assert [t.unit for t in (first, second, third)] == ["a", "c", "d"]
@@ -133,3 +133,15 @@ def test_the_dry_run_says_what_fits_and_warns_when_the_largest_tensor_does_not(t
     tight = run_cli("merge", cfg, tmp_path / "out", "--dry-run", "--memory-limit", "1MiB").stdout
     assert "0 of those at once" in tight and "does not fit the memory limit" in tight
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_spread_over_several_devices_write_the_same_bytes(tmp_path, family):
+    """The local executor's device groups (one per GPU on a multi-GPU machine), here two groups
+    on the CPU: the workers alternate between them, and the bytes are those of one group."""
+    root, base, fts = family
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    merge(cfg, tmp_path / "one", progress="off", executor=LocalExecutor(threads=1))
+    two = LocalExecutor(devices=["cpu", "cpu"], threads=4)
+    assert "cpu, cpu" in two.describe()
+    merge(cfg, tmp_path / "two", progress="off", executor=two)
+    assert file_bytes(tmp_path / "two") == file_bytes(tmp_path / "one")

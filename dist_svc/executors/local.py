@@ -36,27 +36,33 @@ class LocalExecutor:
     driver_syncs = True
 
     def __init__(self, device: str | None = None, threads: int | None = None, memory_limit: int | None = None,
-                 **worker_options):
-        """`device`: "cuda" when a GPU is present, else "cpu", unless given. `threads`: units in
-        flight at most (default: the CPU's cores, 8 on a GPU). `memory_limit`: bytes of host
-        memory the units in flight may hold (default: what the machine has, minus a margin).
+                 devices: Sequence[str] | None = None, **worker_options):
+        """`device`: "cuda" (every GPU of this machine, a group of workers on each), "cuda:N"
+        (that one), or "cpu"; default: the GPUs when present, else the CPU. `threads`: units in
+        flight at most (default: the CPU's cores; 8 per GPU). `memory_limit`: bytes of host
+        memory the units in flight may hold (default: what the machine has, minus a margin);
+        each GPU's own memory bounds the units on it. `devices` names the devices outright.
         `worker_options` go to `Worker` (block size, pass-2 cache budget)."""
-        if device is None:
-            import torch
+        import torch
 
+        if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.on_gpu = str(device).startswith("cuda")
-        default = GPU_THREADS if self.on_gpu else (os.cpu_count() or 1)
+        if devices is None:
+            count = torch.cuda.device_count() if self.on_gpu and torch.cuda.is_available() else 0
+            devices = [f"cuda:{i}" for i in range(count)] if device == "cuda" and count > 1 else [device]
+        self.devices = list(devices)
+        default = GPU_THREADS * len(self.devices) if self.on_gpu else (os.cpu_count() or 1)
         self.threads = max(1, threads if threads is not None else default)
         self.memory_limit = memory_limit
         self.worker_options = worker_options
         self.peak_units = 0  # the most units that were in flight at once, after `run`
 
     def budget(self) -> Footprint:
-        """The memory units may hold: host (and, on a GPU, device) bytes."""
+        """The memory one unit may hold at most: host bytes, and the smallest GPU's."""
         host = self.memory_limit if self.memory_limit is not None else default_budget()
-        return Footprint(host, device_budget(self.device) if self.on_gpu else 0)
+        return Footprint(host, min(device_budget(d) for d in self.devices) if self.on_gpu else 0)
 
     def footprint(self, unit: Unit, config) -> Footprint:
         return unit_footprint(unit, config, self.on_gpu, **{k: v for k, v in self.worker_options.items()
@@ -72,8 +78,9 @@ class LocalExecutor:
 
     def describe(self) -> str:
         limit = self.budget()
-        gpu = f", {limit.device / 2**30:.1f} GiB of {self.device}" if self.on_gpu else ""
-        return f"local: up to {self.threads} units at once on {self.device}, within {human_bytes(limit.host)}{gpu}"
+        gpu = f", {human_bytes(limit.device)} on each GPU" if self.on_gpu else ""
+        return (f"local: up to {self.threads} units at once on {', '.join(self.devices)}, within "
+                f"{human_bytes(limit.host)}{gpu}")
 
     def connect(self) -> None:
         """The device exists (checked before anything is written)."""
@@ -85,7 +92,7 @@ class LocalExecutor:
             raise DistSvcError(f"--device {self.device!r} is not a device; use cpu, cuda or cuda:N.") from None
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if (device.index or 0) >= count:
+            if not count or (device.index or 0) >= count:
                 raise DistSvcError(f"device {self.device} (--device, --cuda): this machine has {count or 'no'} CUDA "
                                    f"device(s) usable by this torch ({torch.__version__}); nothing was written. Merge "
                                    f"on the CPU (--device cpu), or install a CUDA build of torch on a machine with a GPU.")
@@ -97,7 +104,8 @@ class LocalExecutor:
         import torch
 
         threads = torch.get_num_threads()
-        setup_process(self.device)
+        for device in self.devices:
+            setup_process(device)
         try:
             self._run(job, units, on_result, on_progress)
         finally:
@@ -105,7 +113,8 @@ class LocalExecutor:
 
     def _run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None],
              on_progress: Callable[[str, int], None] | None) -> None:
-        budget = MemoryBudget(self.budget())
+        host = self.budget().host
+        budget = MemoryBudget(host, [device_budget(d) for d in self.devices] if self.on_gpu else [])
         key = (lambda fp: fp.device) if self.on_gpu else (lambda fp: fp.host)
         pending = Pending([(u, self.footprint(u, job.config)) for u in units], key)
         stop = threading.Event()
@@ -113,13 +122,14 @@ class LocalExecutor:
         first, rest = open_inputs(job.config)  # once, shared by every worker thread
         checkpoints = [first, *rest]
 
-        def loop() -> None:
+        def loop(index: int) -> None:
             worker = None
+            slot = index % len(self.devices)  # the workers are spread over the devices
             try:
-                worker = Worker(job, self.device, sync=False, checkpoints=checkpoints,
+                worker = Worker(job, self.devices[slot], sync=False, checkpoints=checkpoints,
                                 progress=lambda name, nbytes: results.put((name, nbytes)), **self.worker_options)
                 while True:
-                    ticket = budget.take(pending, stop)
+                    ticket = budget.take(pending, stop, slot if self.on_gpu else None)
                     if ticket is None:
                         break
                     try:
@@ -133,7 +143,7 @@ class LocalExecutor:
                     worker.close()
                 results.put(None)
 
-        threads = [threading.Thread(target=loop, name=f"dist-svc-worker-{i}", daemon=True)
+        threads = [threading.Thread(target=loop, args=(i,), name=f"dist-svc-worker-{i}", daemon=True)
                    for i in range(min(self.threads, len(units)))]
         for t in threads:
             t.start()

@@ -52,7 +52,8 @@ class MergeActor:
         first, rest = open_inputs(job.config)
         self.checkpoints = [first, *rest]
         on_gpu = self.device == "cuda"
-        self.budget = MemoryBudget(Footprint(memory, device_budget(self.device) if on_gpu else 0))
+        self.budget = MemoryBudget(memory, [device_budget(self.device)] if on_gpu else [])
+        self.device_index = 0 if on_gpu else None
         self.footprint = lambda unit: unit_footprint(unit, job.config, on_gpu, **self.options)
         self.where = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 
@@ -64,7 +65,7 @@ class MergeActor:
         if worker is None:
             worker = self.local.worker = Worker(self.job, self.device, sync=True, checkpoints=self.checkpoints,
                                                 **self.options)
-        ticket = self.budget.admit(unit, self.footprint(unit))
+        ticket = self.budget.admit(unit, self.footprint(unit), self.device_index)
         try:
             return worker.run(unit, ticket)
         finally:
