@@ -503,6 +503,10 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
                f"{'on' if calibrate else 'off'}")
     click.echo(f"  plain parallel read: {r['storage_read_gbps']:.2f} GB/s")
     click.echo(f"  merge:               {r['merge_input_gbps']:.2f} GB/s of input = {100 * r['ratio']:.0f}% of it")
+    total = sum(r["stage_seconds"].values()) or 1.0
+    click.echo("  workers' time:       " + ", ".join(f"{stage} {100 * s / total:.0f}%"
+                                                 for stage, s in sorted(r["stage_seconds"].items(), key=lambda kv: -kv[1]))
+               + f"; limited by {r['limited_by']}")
     if json_path:
         json_path.write_text(json.dumps(r, indent=1))
 

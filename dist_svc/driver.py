@@ -42,6 +42,7 @@ class MergeReport:
     already_complete: bool
     seconds: float
     calibration: dict[str, dict] = field(default_factory=dict)  # tensor -> calibration summary
+    stages: dict[str, float] = field(default_factory=dict)  # seconds the workers spent per stage, summed
 
 
 def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
@@ -94,7 +95,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             # 4. Finish: index and side files, then the manifest says so.
             layout.finish(manifest.recorded, plan.side_files)
             manifest.set_complete(True)
-            return _report(manifest, layout, recorder.count, False, start)
+            return _report(manifest, layout, recorder.count, False, start, recorder.stages)
     except OSError as e:
         raise DistSvcError(_storage_problem(e, out_dir)) from None
 
@@ -141,6 +142,7 @@ class _Recorder:
         if self.driver_syncs:
             manifest.before_save = self._make_durable
         self.count = 0
+        self.stages: dict[str, float] = {}
         self.partial: dict[str, int] = {}  # bytes of units in flight already shown
 
     def progress(self, name: str, nbytes: int) -> None:
@@ -157,6 +159,8 @@ class _Recorder:
         self.manifest.record(name, result.sha256,
                              {"seconds": round(result.seconds, 4), "calibration": result.calibration})
         self.count += 1
+        for stage, seconds in result.stages.items():
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
         self.bar.advance(self.manifest.units[name]["nbytes"] - self.partial.pop(name, 0))
         if self.layout.on_recorded(name):
             self.seal()
@@ -373,10 +377,11 @@ def _is_locked(out_dir: Path) -> bool:
         os.close(fd)
 
 
-def _report(manifest: Manifest, layout: OutputLayout, units_run: int, already: bool, start: float) -> MergeReport:
+def _report(manifest: Manifest, layout: OutputLayout, units_run: int, already: bool, start: float,
+            stages: dict[str, float] | None = None) -> MergeReport:
     calibration = {name: u["calibration"] for name, u in manifest.units.items() if u.get("calibration")}
     return MergeReport(layout.out_dir, manifest.summary(), len(manifest.units), units_run, already,
-                       time.perf_counter() - start, calibration)
+                       time.perf_counter() - start, calibration, stages or {})
 
 
 __all__ = ["merge", "status", "verify", "MergeReport", "MANIFEST_NAME"]

@@ -9,7 +9,8 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 `dtype: float64`), s = 4 bytes per element read, o bytes per output element.
 
 - one block in flight (every path): `b * ((2N + 4) c + s + o)`: every input's block widened,
-  the merged block, the method's own temporaries (at most N more), the output block;
+  the merged block, the method's own temporaries (at most N more), the output block; and the
+  blocks read ahead meanwhile, `READ_AHEAD * b * N (c + s)`;
 - calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
   + `F n^2 8` when the calibration keeps the task Grams (`T_i`: a wide matrix on its default
   side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
@@ -36,7 +37,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from dist_svc.blocks import BLOCK_ELEMENTS, block_length
+from dist_svc.blocks import BLOCK_ELEMENTS, READ_AHEAD, block_length
 from dist_svc.calibration import OVERLAP_CHUNK, keep_task_grams, oriented
 from dist_svc.storage.types import ITEMSIZE
 
@@ -79,7 +80,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
         return _placed(compute, elements * (s + o), on_gpu)
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
-    compute = block * per_element
+    compute = block * (per_element + READ_AHEAD * n_in * (c + s))
     host_only = block * (s + o)
     if unit.calibrate:
         compute += _grams(unit, config, f)

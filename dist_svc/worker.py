@@ -62,6 +62,7 @@ class UnitResult:
     sha256: str
     seconds: float
     calibration: dict | None
+    stages: dict[str, float]  # seconds in "read", "compute", "checksum", "write"
 
 
 def setup_process(device: str | torch.device) -> None:
@@ -124,6 +125,7 @@ class Worker:
         """Merge one unit. `ticket`: its admission to a memory budget, which a full-SVD fallback
         exchanges for that path's larger footprint (dist_svc.memory)."""
         start = time.perf_counter()
+        read_before = self.reader.seconds
         self._ticket = ticket
         writer = self.job.layout.writer(unit.name, self.sync)
         try:
@@ -137,13 +139,16 @@ class Worker:
             writer.abort()
             raise
         digest = writer.close()
-        return UnitResult(unit.name, digest, time.perf_counter() - start, stats)
+        seconds = time.perf_counter() - start
+        stages = {"read": self.reader.seconds - read_before, **writer.seconds}
+        stages["compute"] = max(0.0, seconds - sum(stages.values()))
+        return UnitResult(unit.name, digest, seconds, stats, stages)
 
     # -- the three ways through a unit ---------------------------------------------------------
 
     def _plain(self, unit: Unit, writer: UnitWriter) -> None:
-        for block in self.reader.blocks(unit):
-            writer.write(tensor_bytes(self._output(unit, block, self.reader.read(unit, block))))
+        for block, tensors in self.reader.stream(unit, self.reader.blocks(unit)):
+            writer.write(tensor_bytes(self._output(unit, block, tensors)))
             self._advance(unit, block, 1)
 
     def _calibrated(self, unit: Unit, writer: UnitWriter) -> dict:
@@ -154,8 +159,8 @@ class Worker:
         blocks = self.reader.blocks(unit, transposed)
         keep = 2 * math.prod(unit.shape) * torch.finfo(self.compute_dtype).bits // 8 <= self.cache_bytes
         cache: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for block in blocks:  # pass 1: Grams
-            base, merged, taus = self._delta(unit, block, self.reader.read(unit, block))
+        for block, tensors in self.reader.stream(unit, blocks):  # pass 1: Grams
+            base, merged, taus = self._delta(unit, block, tensors)
             _finite(merged, unit, "the base method's result")
             gram.add(merged, taus)
             if keep:
@@ -165,8 +170,8 @@ class Worker:
         for matrix in (gram.gram, *gram.cross, *(gram.task_grams or ())):
             _finite(matrix, unit, "the calibration's float64 Gram matrices")
         if gram.needs_projections:  # the row side without task Grams: the task vectors once more
-            for block in blocks:
-                gram.add_projections(self._delta(unit, block, self.reader.read(unit, block))[2])
+            for block, tensors in self.reader.stream(unit, blocks):
+                gram.add_projections(self._delta(unit, block, tensors)[2])
         solution = gram.solve()
         if not solution.trusted:
             cache.clear()
@@ -184,12 +189,13 @@ class Worker:
         # A wide matrix is produced by columns: written in place where the writer can, else
         # assembled here.
         out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed and not writer.columns else None
-        for j, block in enumerate(blocks):  # pass 2: Wm' = Wm P, block by block
+        again = ((block, None) for block in blocks) if keep else self.reader.stream(unit, blocks)
+        for j, (block, tensors) in enumerate(again):  # pass 2: Wm' = Wm P, block by block
             if keep:
                 base, merged = cache[j]
                 cache[j] = None  # free as we go
             else:
-                base, merged, _ = self._delta(unit, block, self.reader.read(unit, block))
+                base, merged, _ = self._delta(unit, block, tensors)
             result = self._finish(base, solution.apply(merged), unit)
             if out is not None:
                 out[:, block.start:block.stop] = result.T.cpu()

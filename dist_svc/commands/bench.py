@@ -258,7 +258,7 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
     files = sorted(str(p) for d in [root / "base", *fts] for p in d.glob("*.safetensors"))
     executor = LocalExecutor(device=device, threads=threads)
     cold = drop_page_cache()
-    reads, merges = [], []
+    reads, merges, stages = [], [], []
     for rep in range(repeats):
         drop_page_cache()
         nbytes, seconds = read_bandwidth(files)
@@ -267,13 +267,18 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
         shutil.rmtree(out, ignore_errors=True)
         drop_page_cache()
         start = time.perf_counter()
-        merge(config, out, executor=executor, progress="off", log=lambda *_: None)
+        report = merge(config, out, executor=executor, progress="off", log=lambda *_: None)
         merges.append(nbytes / (time.perf_counter() - start))
+        stages.append(report.stages)
         log(f"round {rep + 1}: storage {reads[-1] / 1e9:.2f} GB/s, merge {merges[-1] / 1e9:.2f} GB/s of input")
     read_bw, merge_bw = statistics.median(reads), statistics.median(merges)
+    # Where the workers' time went (summed over workers, median over rounds), and the stage
+    # that took most of it: what limits the merge.
+    stage_seconds = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[-1]}
     return {"params": sum(math.prod(s) for s in arch.shapes().values()), "k": k, "input_bytes": nbytes,
             "cold_cache": cold, "device": executor.device, "threads": executor.threads, "calibrate": calibrate,
             "storage_read_gbps": read_bw / 1e9, "merge_input_gbps": merge_bw / 1e9, "ratio": merge_bw / read_bw,
+            "stage_seconds": stage_seconds, "limited_by": max(stage_seconds, key=stage_seconds.get) if stage_seconds else None,
             "machine": machine_description(executor.device)}
 
 

@@ -36,6 +36,7 @@ class UnitWriter(Protocol):
     calibrated matrix is produced by columns, and is then never assembled in memory."""
 
     columns: bool
+    seconds: dict[str, float]  # time spent so far: "checksum" and "write"
 
     def write(self, data) -> None: ...
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
@@ -106,10 +107,12 @@ class TensorWriter:
         self.shape = shape
         self.hash = hashlib.sha256()
         self.columns_written = 0
+        self.seconds = {"checksum": 0.0, "write": 0.0}
 
     def write_columns(self, start: int, stop: int, data) -> None:
         """Columns start..stop of a matrix, `data` their rows x (stop - start) elements in
         row-major order: one positional write per row."""
+        began = time.perf_counter()
         rows, cols = self.shape
         view = memoryview(data).cast("B")
         width = len(view) // max(rows, 1)
@@ -121,16 +124,21 @@ class TensorWriter:
             while done < len(piece):
                 done += os.pwrite(self.fd, piece[done:], where + done)
         self.columns_written += stop - start
+        self.seconds["write"] += time.perf_counter() - began
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         if self.offset + len(view) > self.end:
             raise ValueError("more bytes than the tensor's planned size")
+        start = time.perf_counter()
         self.hash.update(view)
+        hashed = time.perf_counter()
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.offset + done)
         self.offset += len(view)
+        self.seconds["checksum"] += hashed - start
+        self.seconds["write"] += time.perf_counter() - hashed
 
     def close(self) -> str:
         try:
@@ -144,7 +152,10 @@ class TensorWriter:
         finally:
             os.close(self.fd)
         if by_columns:  # written out of order: hashed as stored, in order
-            return range_sha256(self.path, self.start, self.end - self.start)
+            start = time.perf_counter()
+            digest = range_sha256(self.path, self.start, self.end - self.start)
+            self.seconds["checksum"] += time.perf_counter() - start
+            return digest
         return self.hash.hexdigest()
 
     def abort(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
 
@@ -76,6 +77,7 @@ class ZarrTensorWriter:
         self.buffer = bytearray()
         self.hash = hashlib.sha256()
         self.columns_written = 0
+        self.seconds = {"checksum": 0.0, "write": 0.0}
 
     def write_columns(self, start: int, stop: int, data) -> None:
         rows = self.shape[0]
@@ -84,8 +86,11 @@ class ZarrTensorWriter:
         self.columns_written += stop - start
 
     def write(self, data) -> None:
+        start = time.perf_counter()
         data = memoryview(data).cast("B")
         self.hash.update(data)
+        hashed = time.perf_counter()
+        self.seconds["checksum"] += hashed - start
         self.buffer += data
         chunk_bytes = self.rows_per_chunk * self.row_bytes
         while len(self.buffer) >= chunk_bytes or (self.buffer and self._rows_buffered() + self.next_row
@@ -93,6 +98,7 @@ class ZarrTensorWriter:
             take = min(len(self.buffer), chunk_bytes)
             self._flush(bytes(self.buffer[:take]))
             del self.buffer[:take]
+        self.seconds["write"] += time.perf_counter() - hashed
 
     def _rows_buffered(self) -> int:
         return len(self.buffer) // max(self.row_bytes, 1)
