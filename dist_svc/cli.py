@@ -481,10 +481,12 @@ def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: 
 @click.option("--threads", default=None, type=int, help="Units in flight at once (default 2 on a CPU, 4 on a GPU).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Measured rounds (the median is shown).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the merge writes (default: beside the inputs, sharing their storage).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the result to this JSON file.")
 def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device: str | None, threads: int | None,
-                         calibrate: bool, repeats: int, json_path: Path | None) -> None:
+                         calibrate: bool, repeats: int, out_dir: Path | None, json_path: Path | None) -> None:
     """End to end: how many input bytes per second a merge consumes, against what the storage
     delivers to a plain parallel reader of the same files, page cache emptied before each (as
     root; otherwise both read from the page cache and the output says so).
@@ -496,7 +498,7 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
     from dist_svc.commands.bench import bench_throughput
 
     r = bench_throughput(workdir, layers=layers, hidden=hidden, intermediate=hidden * 7 // 2, k=k, device=device,
-                         threads=threads, calibrate=calibrate, repeats=repeats, log=_say)
+                         threads=threads, calibrate=calibrate, repeats=repeats, out_dir=out_dir, log=_say)
     cache = "storage (page cache emptied)" if r["cold_cache"] else "page cache (not root: could not empty it)"
     click.echo(f"{r['params'] / 1e9:.2f}B parameters x {k + 1} checkpoints, {human_bytes(r['input_bytes'])} read "
                f"from {cache}, on {r['machine']}, {r['threads']} threads, calibration "

@@ -10,7 +10,8 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 
 - one block in flight (every path): `b * ((2N + 4) c + s + o)`: every input's block widened,
   the merged block, the method's own temporaries (at most N more), the output block; and the
-  blocks read ahead meanwhile, `READ_AHEAD * b * N (c + s)`;
+  blocks read ahead meanwhile, `READ_AHEAD * b * N (c + s)`, and the output blocks waiting to
+  be written, `WRITE_BEHIND * b * o`;
 - calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
   + `F n^2 8` when the calibration keeps the task Grams (`T_i`: a wide matrix on its default
   side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dist_svc.blocks import BLOCK_ELEMENTS, READ_AHEAD, block_length
+
+WRITE_BEHIND = 2  # output blocks waiting for a worker's write thread, at most
 from dist_svc.calibration import OVERLAP_CHUNK, keep_task_grams, oriented
 from dist_svc.storage.types import ITEMSIZE
 
@@ -81,7 +84,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
     compute = block * (per_element + READ_AHEAD * n_in * (c + s))
-    host_only = block * (s + o)
+    host_only = block * (s + o + WRITE_BEHIND * o)
     if unit.calibrate:
         compute += _grams(unit, config, f)
         if 2 * elements * c <= cache_bytes:

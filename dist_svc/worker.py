@@ -22,6 +22,7 @@ Three ways through a unit:
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
-from dist_svc.memory import CACHE_BYTES, Ticket, fallback_footprint, whole_tensor
+from dist_svc.memory import CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, whole_tensor
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
@@ -120,6 +121,7 @@ class Worker:
         self._vocabulary = None
         self._ticket: Ticket | None = None
         self._progress = progress
+        self._writes = _WriteThread()
 
     def run(self, unit: Unit, ticket: Ticket | None = None) -> UnitResult:
         """Merge one unit. `ticket`: its admission to a memory budget, which a full-SVD fallback
@@ -127,7 +129,7 @@ class Worker:
         start = time.perf_counter()
         read_before = self.reader.seconds
         self._ticket = ticket
-        writer = self.job.layout.writer(unit.name, self.sync)
+        writer = _WriteBehind(self.job.layout.writer(unit.name, self.sync), self._writes)
         try:
             if whole_tensor(unit):
                 stats = self._whole(unit, writer)
@@ -288,8 +290,83 @@ class Worker:
         return self._vocabulary
 
     def close(self) -> None:
+        self._writes.stop()
         if self._owns_inputs:
             self.reader.close()
+
+
+class _WriteThread:
+    """A worker's writes and checksums, done on a thread of their own in order, while the worker
+    computes the next block; at most WRITE_BEHIND blocks wait (counted in the footprint)."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_BEHIND)
+        self.thread: threading.Thread | None = None
+
+    def put(self, job) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="dist-svc-write", daemon=True)
+            self.thread.start()
+        self.queue.put(job)
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            job()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+
+class _WriteBehind:
+    """A unit's writer fed through the worker's write thread: `close` waits for its writes and
+    raises what they raised."""
+
+    def __init__(self, writer: UnitWriter, writes: _WriteThread):
+        self.writer, self.writes = writer, writes
+        self.columns, self.seconds = writer.columns, writer.seconds
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.done.set()
+
+    def _submit(self, call) -> None:
+        if self.error is not None:
+            raise self.error
+
+        def job() -> None:
+            try:
+                if self.error is None:
+                    call()
+            except BaseException as e:  # raised in the worker's thread, at its next write or close
+                self.error = e
+
+        self.writes.put(job)
+
+    def write(self, data) -> None:
+        self._submit(lambda: self.writer.write(data))
+
+    def write_columns(self, start: int, stop: int, data) -> None:
+        self._submit(lambda: self.writer.write_columns(start, stop, data))
+
+    def _drain(self) -> None:
+        finished = threading.Event()
+        self.writes.put(finished.set)
+        finished.wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> str:
+        self._drain()
+        return self.writer.close()
+
+    def abort(self) -> None:
+        try:
+            self._drain()
+        except BaseException:
+            pass
+        self.writer.abort()
 
 
 def _gib(fp) -> str:

@@ -235,7 +235,7 @@ def read_bandwidth(files, threads: int = 8, chunk: int = 64 << 20) -> tuple[int,
 
 def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate: int = 14336, k: int = 3,
                      device: str | None = None, threads: int | None = None, calibrate: bool = True,
-                     repeats: int = 3, log=print) -> dict:
+                     repeats: int = 3, out_dir=None, log=print) -> dict:
     """End to end: the merge's input bytes per second against the storage's own read bandwidth,
     measured in the same run on the same files, with the page cache emptied before each (when
     this process may; else both are page-cache reads, and the result says so)."""
@@ -263,7 +263,7 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
         drop_page_cache()
         nbytes, seconds = read_bandwidth(files)
         reads.append(nbytes / seconds)
-        out = root / "out"
+        out = Path(out_dir).resolve() if out_dir else root / "out"
         shutil.rmtree(out, ignore_errors=True)
         drop_page_cache()
         start = time.perf_counter()
