@@ -559,7 +559,7 @@ def bench_scaling(workdir, threads: Sequence[int] | None = None, repeats: int = 
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            merge(config, out, progress="off", executor=LocalExecutor(threads=n))
+            merge(config, out, progress="off", executor=LocalExecutor(device="cpu", threads=n))
             times.append(time.perf_counter() - start)
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))).hexdigest()
         digests.add(digest)
