@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class BlockReader:
         self.read_ahead = read_ahead
         self.seconds = 0.0  # spent waiting for reads
         self._pool: ThreadPoolExecutor | None = None
+        self._streams = threading.local()  # a reading thread's CUDA stream
 
     def stream(self, unit: "Unit", blocks: Sequence[Block]) -> Iterator[tuple[Block, list[torch.Tensor]]]:
         """Every block with its inputs (as `read` gives them), the next `read_ahead` blocks'
@@ -141,13 +143,27 @@ class BlockReader:
         # To the device in the stored dtype, then widened there: `.to(cuda, float32)` of a bf16
         # tensor widens on the CPU first and moves twice the bytes (2 GB/s measured on an H100
         # host), which made it the limit of a GPU merge.
-        tensor = raw.to(self.device).to(self.compute_dtype) if self.device.type == "cuda" \
-            else raw.to(self.compute_dtype)
+        tensor = self._to_device(raw) if self.device.type == "cuda" else raw.to(self.compute_dtype)
         # A NaN or Inf anywhere makes the sum non-finite; only then is each element checked
         # (a finite tensor whose sum overflows is not refused).
         if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise DistSvcError(f"tensor '{name}' in {info.where} contains NaN or Inf values; "
                                f"merging it would spread them. Repair or replace that checkpoint.")
+        return tensor
+
+    def _to_device(self, raw: torch.Tensor) -> torch.Tensor:
+        """Host to GPU on a CUDA stream of this reading thread's own, from pinned memory, so that
+        the copies of blocks read ahead overlap the kernels of the block being computed; the
+        compute stream waits for the copy before it uses the tensor."""
+        streams = self._streams.__dict__
+        if "stream" not in streams:
+            streams["stream"] = torch.cuda.Stream(self.device)
+        stream = streams["stream"]
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            tensor = raw.pin_memory().to(self.device, non_blocking=True).to(self.compute_dtype)
+        consumer.wait_stream(stream)
+        tensor.record_stream(consumer)  # its memory is not reused before the compute stream is done
         return tensor
 
     def close(self) -> None:
