@@ -125,6 +125,17 @@ def _placed(compute: int, host_only: int, on_gpu: bool) -> Footprint:
     return Footprint(host_only, compute) if on_gpu else Footprint(compute + host_only, 0)
 
 
+def too_big(unit: "Unit", need: Footprint, limit: Footprint) -> str:
+    """The refusal of a unit that can never fit `limit`."""
+    from dist_svc.progress import human_bytes
+
+    where = "GPU memory" if need.device > limit.device else "memory"
+    have, want = (limit.device, need.device) if where == "GPU memory" else (limit.host, need.host)
+    return (f"tensor '{unit.name}' {list(unit.shape)} needs about {human_bytes(want)} of {where} to merge, more than "
+            f"the limit of {human_bytes(have)}. Raise the limit (--memory-limit) or use a machine with more; nothing "
+            f"was written.")
+
+
 # -- what the machine has ------------------------------------------------------------------------
 
 def memory_available() -> int:

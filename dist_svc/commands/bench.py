@@ -441,12 +441,13 @@ def write_sparse_checkpoint(path, shapes: dict[str, tuple[int, ...]], dtype: str
     import json
     from pathlib import Path
 
-    from dist_svc.storage.safetensors_output import layout_shards
+    from dist_svc.storage.output import layout_for
     from dist_svc.storage.types import INDEX_NAME
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    shards, _ = layout_shards([(n, dtype, s) for n, s in shapes.items()], shard_bytes)
+    shards = layout_for("safetensors", path, [(n, dtype, s) for n, s in shapes.items()],
+                        {"shard_bytes": shard_bytes}).shards
     weight_map = {}
     for shard in shards:
         with open(path / shard.file, "wb") as f:

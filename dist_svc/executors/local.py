@@ -16,7 +16,7 @@ import threading
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
-from dist_svc.memory import Footprint, MemoryBudget, Pending, default_budget, device_budget, unit_footprint
+from dist_svc.memory import Footprint, MemoryBudget, Pending, default_budget, device_budget, too_big, unit_footprint
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.progress import human_bytes
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
@@ -74,7 +74,7 @@ class LocalExecutor:
         for unit in units:
             need = self.footprint(unit, config)
             if not need.fits(limit):
-                raise DistSvcError(_too_big(unit, need, limit))
+                raise DistSvcError(too_big(unit, need, limit))
 
     def describe(self) -> str:
         limit = self.budget()
@@ -174,11 +174,3 @@ class LocalExecutor:
             self.peak_units = budget.peak_units
         if error is not None:
             raise error
-
-
-def _too_big(unit: Unit, need: Footprint, limit: Footprint) -> str:
-    where = "GPU memory" if need.device > limit.device else "memory"
-    have, want = (limit.device, need.device) if where == "GPU memory" else (limit.host, need.host)
-    return (f"tensor '{unit.name}' {list(unit.shape)} needs about {human_bytes(want)} of {where} to merge, more than "
-            f"the limit of {human_bytes(have)}. Raise the limit (--memory-limit) or use a machine with more; nothing "
-            f"was written.")

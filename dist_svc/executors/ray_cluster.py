@@ -17,7 +17,7 @@ import os
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
-from dist_svc.memory import Footprint, MemoryBudget, device_budget, unit_footprint
+from dist_svc.memory import Footprint, MemoryBudget, device_budget, too_big, unit_footprint
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
 
@@ -104,15 +104,13 @@ class RayExecutor:
 
     def check(self, config, units: Sequence[Unit]) -> None:
         """Every unit fits one actor's memory (checked before anything is written)."""
-        from dist_svc.executors.local import _too_big
-
         _, _, memory = self._layout()
         limit = Footprint(memory, 1 << 62)  # an actor's GPU memory is checked when it starts units
         for unit in units:
             need = unit_footprint(unit, config, False, **({} if self.block_elements is None else
                                                          {"block_elements": self.block_elements}))
             if not need.fits(limit):
-                raise DistSvcError(_too_big(unit, need, limit))
+                raise DistSvcError(too_big(unit, need, limit))
 
     def describe(self) -> str:
         count, resources, memory = self._layout()
