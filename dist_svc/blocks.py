@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.types import Checkpoint
+from dist_svc.storage.types import Adapter, Checkpoint
 
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
 
@@ -59,26 +59,49 @@ class BlockReader:
         """The base block and the task vectors `ft_i - base` of one block, in compute dtype on
         the device, oriented (transposed for a column block)."""
         base = self._read(self.base, name, block)
+        return base, [self._task_vector(model, name, block, base) for model in self.models]
+
+    def _task_vector(self, model: Checkpoint, name: str, block: Block, base: torch.Tensor) -> torch.Tensor:
+        """`model - base` on this block. An adapter's change is exact (a LoRA's scale * B @ A of
+        this block, in float64 rounded once), never a difference of rounded weights."""
+        if isinstance(model, Adapter):
+            rows, cols = self._slices(model.inner.tensors[name], block)
+            delta = model.delta(name, rows, cols, self.compute_dtype)
+            if delta is not None:
+                tau = self._finite(self._to_device(delta.T if block.transposed else delta), name,
+                                   f"the adapter {model.source}")
+                if model.inner is not self.base:  # MODEL+ADAPTER on another model: its own task vector too
+                    tau += self._read(model.inner, name, block).sub_(base)
+                return tau
         # In place: every read is a buffer of its own (readers never hand out file mappings).
-        return base, [self._read(model, name, block).sub_(base) for model in self.models]
+        return self._read(model, name, block).sub_(base)
+
+    @staticmethod
+    def _slices(info, block: Block) -> tuple[slice | None, slice | None]:
+        if not info.shape:
+            return None, None
+        span = slice(block.start, block.stop)
+        return (None, span) if block.transposed else (span, None)
 
     def _read(self, checkpoint: Checkpoint, name: str, block: Block) -> torch.Tensor:
         info = checkpoint.tensors[name]
-        if not info.shape:
-            raw = checkpoint.read(name)
-        elif block.transposed:
-            raw = checkpoint.read(name, cols=slice(block.start, block.stop)).T
-        else:
-            raw = checkpoint.read(name, rows=slice(block.start, block.stop))
+        rows, cols = self._slices(info, block)
+        raw = checkpoint.read(name, rows=rows, cols=cols)
+        return self._finite(self._to_device(raw.T if block.transposed else raw), name, info.where)
+
+    def _to_device(self, raw: torch.Tensor) -> torch.Tensor:
         # To the device in the stored dtype, then widened there: `.to(cuda, float32)` of a bf16
         # tensor widens on the CPU first and moves twice the bytes (2 GB/s measured on an H100
         # host), which made it the limit of a GPU merge.
-        tensor = raw.to(self.device).to(self.compute_dtype) if self.device.type == "cuda" \
+        return raw.to(self.device).to(self.compute_dtype) if self.device.type == "cuda" \
             else raw.to(self.compute_dtype)
+
+    @staticmethod
+    def _finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
         # A NaN or Inf anywhere makes the sum non-finite; only then is each element checked
         # (a finite tensor whose sum overflows is not refused).
         if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-            raise DistSvcError(f"tensor '{name}' in {info.where} contains NaN or Inf values; "
+            raise DistSvcError(f"tensor '{name}' in {where} contains NaN or Inf values; "
                                f"merging it would spread them. Repair or replace that checkpoint.")
         return tensor
 

@@ -189,22 +189,30 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 @click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
               help="safetensors output: largest shard, e.g. 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
-def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str) -> None:
-    """Convert checkpoint SRC (safetensors directory or zarr store) into DST, the other layout.
-    Every tensor is read back and checked after writing; DST appears only when complete, and an
-    existing DST is never overwritten. Config and tokenizer files are copied along.
+@click.option("--trust-pickle", is_flag=True,
+              help="Load a .bin/.pt checkpoint whose pickle needs code (a class of the program that saved it). "
+                   "This RUNS that code: only for files you trust. Merges never do.")
+def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str,
+            trust_pickle: bool) -> None:
+    """Convert checkpoint SRC into DST (safetensors or a zarr store). SRC is any model a merge
+    reads: a safetensors directory, a zarr store, a legacy .bin/.pt state dict, BASE+ADAPTER (a
+    PEFT LoRA adapter merged into its base), a Hub ID or an s3:// (gs://, ...) URL. Every tensor
+    is read back and checked after writing; DST appears only when complete, and an existing DST
+    is never overwritten. Config and tokenizer files are copied along.
 
     \b
     Example:
       dist-svc convert ./llama-ft1 ./llama-ft1.zarr
       dist-svc convert ./llama-ft1 ./llama-ft1.zarr --compression zstd
       dist-svc convert ./merged.zarr ./merged-hf
+      dist-svc convert ./old-model ./old-model-st          # pytorch_model.bin -> safetensors
+      dist-svc convert ./base+./my-lora ./merged-lora      # a LoRA merged into its base
     """
     from dist_svc.commands.convert import convert as run_convert
     from dist_svc.config import parse_size
 
     result = run_convert(src, dst, fmt=fmt, compression=compression, shard_size=parse_size(shard_size),
-                         progress=progress)
+                         progress=progress, trust_pickle=trust_pickle)
     click.echo(f"{dst}: {result['tensors']} tensors, {human_bytes(result['bytes'])}, {result['format']}; "
                f"every tensor read back and verified.")
 

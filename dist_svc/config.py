@@ -47,7 +47,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5
 
 @dataclass(frozen=True)
 class ModelSpec:
-    path: Path
+    path: Path | str  # a local path, or a URL / Hub ID / MODEL+ADAPTER (dist_svc.storage.source_of)
     weight: Any = 1.0  # a number, or a setting: a gradient [a, b, ...] or filtered values (see resolve)
     density: Any = 1.0  # TIES/DARE: the fraction of each task vector kept
     # The model's own settings as written (highest precedence), for per-tensor resolution.
@@ -91,7 +91,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
-    base_model: Path
+    base_model: Path | str
     models: tuple[ModelSpec, ...]
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
@@ -354,9 +354,12 @@ def _calibration(raw: Any, k: int, fail) -> CalibrationSpec:
     return CalibrationSpec(enabled=enabled, alpha=alpha, side=side, target=target, skip=tuple(skip))
 
 
-def _resolve_path(text: str) -> Path:
-    # Like mergekit, model paths are taken relative to the working directory.
-    return Path(text).expanduser().resolve()
+def _resolve_path(text: str) -> Path | str:
+    # Like mergekit, model paths are taken relative to the working directory; URLs, Hub IDs and
+    # MODEL+ADAPTER stay strings (dist_svc.storage.source_of).
+    from dist_svc.storage import source_of
+
+    return source_of(text)
 
 
 def _setting(value: Any, spec, name: str, fail) -> Any:

@@ -75,7 +75,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
             recorder = _Recorder(manifest, layout, executor, bar)
             try:
-                _run_pending(plan, Job(config, layout), executor, recorder)
+                _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
             finally:
                 bar.close()
             # 4. Finish: index and side files, then the manifest says so.
@@ -108,6 +108,8 @@ def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
     """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
     reads nested arrays; a rerun would find its inputs changed)."""
     for path in (config.base_model, *(m.path for m in config.models)):
+        if not isinstance(path, Path):
+            continue  # a URL, a Hub ID or MODEL+ADAPTER: not a local directory to write into
         home = Path(path)
         home = home.parent if home.is_file() else home
         if out_dir == home or out_dir.is_relative_to(home):

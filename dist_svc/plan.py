@@ -17,6 +17,7 @@ from dist_svc.calibration import should_calibrate
 from dist_svc.config import MergeConfig, layer_index, layer_position
 from dist_svc.errors import DistSvcError
 from dist_svc.storage import open_checkpoint
+from dist_svc.storage.hub import pins as hub_pins
 from dist_svc.storage.output import side_files, source_files
 from dist_svc.storage.types import NAME_TO_ST, Checkpoint, tensor_nbytes
 
@@ -52,6 +53,10 @@ class Plan:
     side_files: dict[str, bytes]  # the base's config and tokenizer files, as the output gets them
     fingerprint: str
 
+    def pins(self) -> dict[str, str]:
+        """The commit every Hub model was resolved to: what workers must read."""
+        return hub_pins(self.inputs)
+
     @property
     def total_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
@@ -65,11 +70,12 @@ class Plan:
         return f"{len(self.units)} tensors ({calibrated} calibrated), {self.total_bytes / 2**30:.2f} GiB"
 
 
-def open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    """The base and the models, each a safetensors checkpoint or a zarr store (mixing is fine)."""
-    base = open_checkpoint(config.base_model)
+def open_inputs(config: MergeConfig, pins: dict[str, str] | None = None) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The base and the models, each any checkpoint source (dist_svc.storage; mixing is fine): a
+    LoRA adapter applies to the base. `pins`: the Hub commits the plan resolved (`Plan.pins`)."""
+    base = open_checkpoint(config.base_model, pins=pins)
     try:
-        return base, [open_checkpoint(m.path) for m in config.models]
+        return base, [open_checkpoint(m.path, base=base, pins=pins) for m in config.models]
     except BaseException:
         base.close()
         raise

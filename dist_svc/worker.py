@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,7 @@ class Job:
 
     config: MergeConfig
     layout: OutputLayout
+    pins: dict[str, str] = field(default_factory=dict)  # Hub models: the commits the plan resolved
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Worker:
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.compute_dtype = compute_dtype
-        self.reader = BlockReader(*open_inputs(config), self.device, compute_dtype, block_elements)
+        self.reader = BlockReader(*open_inputs(config, job.pins), self.device, compute_dtype, block_elements)
         self.cache_bytes = cache_bytes
         self.sync = sync
 
