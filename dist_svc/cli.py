@@ -60,9 +60,9 @@ def main() -> None:
               help="Local executor: units in flight at once (default 2 on a CPU, 4 on a GPU).")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
-@click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
+@click.option("--output-format", type=click.Choice(["safetensors", "zarr", "peft"]), default=None,
               help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
-                   "OUT_DIR ends in .zarr.")
+                   "OUT_DIR ends in .zarr. peft: LoRA adapters of the base merged as one PEFT adapter.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
@@ -375,20 +375,54 @@ def bench_throughput_cmd(workdir: Path, layers: int, hidden: int, k: int, device
 @click.option("--hidden", default=4096, show_default=True, help="Hidden size of the generated model.")
 @click.option("--layers", default=2, show_default=True, help="Decoder layers of the generated model.")
 @click.option("--repeats", default=3, show_default=True, help="Timed reads per format (the median is shown).")
-def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> None:
+@click.option("--remote", default=None, metavar="URL",
+              help="Also read the stores from object storage (e.g. s3://bucket/bench; uploaded there once; "
+                   "endpoint and credentials from the environment, e.g. AWS_ENDPOINT_URL).")
+def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int, remote: str | None) -> None:
     """Read rate of one bf16 checkpoint as safetensors, zarr and zarr+zstd, read the way a worker
-    reads (row blocks, one thread), from storage (page cache emptied, as root) and from memory.
+    reads (row blocks, one thread), from storage (page cache emptied, as root) and from memory,
+    and with --remote from object storage.
 
     \b
     Example:
       sudo dist-svc bench read ./bench-out
+      dist-svc bench read ./bench-out --remote s3://my-bucket/bench
     """
     from dist_svc.commands.bench import bench_read
 
-    rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say)
-    click.echo(f"{'format':<13}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
+    rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say, remote=remote)
+    click.echo(f"{'format':<20}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
     for r in rows:
-        click.echo(f"{r['format']:<13}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
+        click.echo(f"{r['format']:<20}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
+
+
+@bench.command("lora")
+@click.option("--scale", default=8, show_default=True,
+              help="Divide each Llama-3-70B dimension by this (1: full size, minutes of float64 on a CPU).")
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of LoRA adapters.")
+@click.option("--rank", default=16, show_default=True, help="Rank of each adapter.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per path (the median is shown).")
+def bench_lora_cmd(scale: int, k: int, rank: int, repeats: int) -> None:
+    """SVC of a merge of K LoRA adapters: the dense float64 Gram path (what a merge of dense
+    checkpoints computes) against the factored path (QRs of the stacked factors, an SVC of size
+    sum(r)), with the difference between their results.
+
+    \b
+    Example:
+      dist-svc bench lora --scale 8
+    """
+    import torch
+
+    from dist_svc.commands.bench import bench_lora, machine_description
+
+    torch.set_num_threads(1)
+    click.echo(f"SVC of K={k} LoRA task vectors of rank {rank}, scale 1/{scale}, median of {repeats}, on "
+               f"{machine_description('cpu')}")
+    click.echo(f"{'matrix':<22}{'shape':>13}{'dense gram (s)':>16}{'factored (s)':>14}{'speed-up':>10}"
+               f"{'difference':>12}")
+    for row in bench_lora(scale=scale, k=k, rank=rank, repeats=repeats):
+        click.echo(f"{row['matrix']:<22}{row['shape']:>13}{row['dense_s']:>16.4f}{row['factored_s']:>14.5f}"
+                   f"{row['speedup']:>9.0f}x{row['difference']:>12.1e}")
 
 
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads) -> None:

@@ -51,6 +51,10 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     start = time.perf_counter()
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     _refuse_inside_inputs(config, out_dir)
+    if config.output.format == "peft":  # LoRA adapters merged as one adapter, in factored form
+        from dist_svc.lowrank import merge_adapters
+
+        return merge_adapters(config, out_dir, log)
     executor = executor or build_executor()
     plan = plan_merge(config)
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "

@@ -20,7 +20,7 @@ from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
 from dist_svc.storage import open_checkpoint, source_of
 from dist_svc.storage.durable import fsync_dir
-from dist_svc.storage.output import FORMATS, layout_for, source_files
+from dist_svc.storage.output import LAYOUTS, layout_for, source_files
 from dist_svc.storage.types import DTYPES, tensor_bytes
 from dist_svc.storage.zarr_format import is_zarr
 
@@ -36,8 +36,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
     "bytes", "format"}."""
     dst = Path(dst).expanduser().resolve()
     fmt = fmt or ("zarr" if is_zarr(dst) else "safetensors")
-    if fmt not in FORMATS:
-        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}.")
+    if fmt not in LAYOUTS:
+        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(LAYOUTS)}.")
     if compression != "none" and fmt != "zarr":
         raise DistSvcError("only zarr output can be compressed; drop --compression or write a .zarr store.")
     if dst.exists():

@@ -65,6 +65,8 @@ class LoraCheckpoint:
         self._check_config(config)
         self.factors: dict[str, Factors] = {}
         self.full: dict[str, str] = {}  # inner tensor -> adapter key of the full tensor replacing it
+        self._base_layers: set[str] = set()  # full tensors saved as an adapted layer's `base_layer`
+        self._same: dict[str, bool] = {}  # base_layer tensors found equal to the inner's
         self._map_keys(config)
         self.tensors: dict[str, TensorInfo] = {
             name: (TensorInfo(name, weights.tensors[self.full[name]].dtype, info.shape, weights.tensors[self.full[name]].where)
@@ -129,6 +131,8 @@ class LoraCheckpoint:
                 target = name[: -len(".base_layer.weight")] + ".weight" if name.endswith(".base_layer.weight") else name
                 self._fits(key, target, self.weights.tensors[key].shape)
                 self.full[target] = key
+                if target != name:
+                    self._base_layers.add(target)
         fan_in_fan_out = bool(config.get("fan_in_fan_out"))
         for module, parts in sorted(modules.items()):
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
@@ -183,11 +187,25 @@ class LoraCheckpoint:
             return base
         return (base.to(torch.float64) + change.reshape(base.shape)).to(base.dtype)
 
+    def replaces(self, name: str) -> bool:
+        """The adapter replaces the tensor whole: a `modules_to_save` tensor, or the base layer of
+        an adapted embedding that PEFT saved with the adapter and that differs from the inner
+        checkpoint's (a resized vocabulary); one PEFT saves unchanged replaces nothing (compared
+        bit for bit once, when first asked)."""
+        if name not in self.full:
+            return False
+        if name not in self._base_layers:
+            return True
+        if name not in self._same:
+            saved, own = self.weights.read(self.full[name]), self.inner.read(name)
+            self._same[name] = saved.dtype == own.dtype and torch.equal(saved, own)
+        return not self._same[name]
+
     def delta(self, name: str, rows: slice | None, cols: slice | None, dtype: torch.dtype) -> torch.Tensor | None:
         """Exactly how the adapter changes the inner checkpoint's block (zeros where it changes
         nothing), computed in float64 and rounded once to `dtype`; None for a tensor the adapter
         replaces whole (its task vector is then read() - base)."""
-        if name in self.full:
+        if self.replaces(name):
             return None
         change = self._change(name, rows, cols)
         if change is None:

@@ -26,7 +26,8 @@ LAYOUTS: dict[str, str] = {
     "safetensors": "dist_svc.storage.safetensors_output:SafetensorsLayout",
     "zarr": "dist_svc.storage.zarr_output:ZarrLayout",
 }
-FORMATS = tuple(LAYOUTS)
+# "peft" is not a layout: a merge of LoRA adapters written as one adapter (dist_svc.lowrank).
+FORMATS = (*LAYOUTS, "peft")
 
 
 class UnitWriter(Protocol):
