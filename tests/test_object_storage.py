@@ -126,3 +126,35 @@ def test_missing_credentials_are_named_with_where_they_come_from(tmp_path, bucke
 def test_an_object_missing_under_a_prefix_is_named(bucket):
     with pytest.raises(DistSvcError, match="no such checkpoint directory"):
         open_checkpoint(f"{bucket}/nothing-here")
+
+
+def test_hub_s3_safetensors_s3_zarr_an_adapter_and_a_bin_in_one_merge_give_the_local_bytes(tmp_path, bucket,
+                                                                                           monkeypatch):
+    """One config naming every kind of source: the base as a Hub ID (from a real cache layout,
+    offline), a fine-tune as safetensors on S3, one as a zarr store on S3, a PEFT LoRA adapter
+    and a legacy pytorch_model.bin. The output is byte for byte the merge of the same models as
+    local safetensors directories (the adapter's dense twin holds base + scale * B @ A exactly)."""
+    from safetensors.torch import load_file
+
+    from tests.test_sources import _exact_family, checkpoint_files, hub_cache
+
+    base, adapters, dense = _exact_family(tmp_path / "family", 4)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_cache(cache, "acme/tiny-base", checkpoint_files(base))
+    on_s3 = upload(dense[0], f"{bucket}/ft-1")
+    convert(dense[1], tmp_path / "ft-2.zarr", progress="off")
+    zarr_on_s3 = upload(tmp_path / "ft-2.zarr", f"{bucket}/ft-2.zarr")
+    as_bin = tmp_path / "ft-4-bin"
+    as_bin.mkdir()
+    torch.save(load_file(str(dense[3] / "model.safetensors")), as_bin / "pytorch_model.bin")
+
+    cfg = tmp_path / "everywhere.yaml"
+    cfg.write_text("merge_method: task_arithmetic\nbase_model: acme/tiny-base\nmodels:\n"
+                   f"  - model: {on_s3}\n  - model: {zarr_on_s3}\n  - model: {adapters[2]}\n  - model: {as_bin}\n"
+                   "parameters: {lambda: 0.5}\n")
+    run_cli("merge", cfg, tmp_path / "everywhere", "--shard-size", "40KB")
+    local = write_config(tmp_path / "local.yaml", base, dense, parameters={"lambda": 0.5})
+    run_cli("merge", local, tmp_path / "local", "--shard-size", "40KB")
+    assert file_bytes(tmp_path / "everywhere") == file_bytes(tmp_path / "local")
