@@ -67,8 +67,8 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             return _report(plan, existing, layout, 0, True, start)
         executor.connect()
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out_dir):
-            manifest = Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)
+        with _exclusive(out_dir), _writing(Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)) \
+                as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(plan, manifest, layout, 0, True, start)
             manifest.set_complete(False)  # something of it is missing: repaired below
@@ -282,6 +282,17 @@ def verify(out_dir: str | Path) -> list[str]:
         problems.insert(0, f"{layout.out_dir}: the merge is not finished ({p['units_done']}/{p['units_total']} "
                            f"tensors); rerun the same `dist-svc merge` command to finish it")
     return problems
+
+
+@contextmanager
+def _writing(manifest: Manifest) -> Iterator[Manifest]:
+    """The manifest this run writes (under the lock): what an earlier run left half done of
+    its bookkeeping is tidied first, and its journal is closed at the end."""
+    manifest.remove_stale_journals()
+    try:
+        yield manifest
+    finally:
+        manifest.close()
 
 
 @contextmanager

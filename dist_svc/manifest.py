@@ -1,15 +1,18 @@
 """The manifest: the plan plus each unit's status and checksum, in the output directory.
 
-Only the driver writes it, and every write replaces the whole file atomically (temp + fsync +
-rename), so a crash at any instant leaves either the previous or the next state. A unit is
-recorded as done only after its bytes are durable (the worker fsynced them, or `before_save`
-does before the manifest says so); its sha256 is what sealing, resuming and `verify` check
-those bytes against.
+It is a snapshot (`dist-svc-manifest.json`: the plan, and the state when it was written) and a
+journal beside it (`.dist-svc-manifest.G.journal`, G the snapshot's generation): every change
+after the snapshot is one appended line, so recording a finished unit costs O(1), whatever the
+size of the model. Only the driver writes either, and reading them back is O(units + records).
 
-Finished units are saved at most every `SAVE_EVERY` seconds (and when a unit is reset, and at
-the end): rewriting the whole file after each of thousands of small tensors would cost more
-than the merge. A crash loses at most the last few seconds of records; those units are simply
-run again, with the same bytes.
+Durability: a unit counts as done once its journal line is on disk, and that line is written
+only after the unit's bytes are durable (`before_save` makes them so first). Records are
+appended in batches, at most every `SAVE_EVERY` seconds, before any shard is sealed, when units
+are reset and at the end: a crash loses at most the last few seconds of records, whose units
+are simply run again, with the same bytes. A torn last line (a crash mid-append) and a line
+whose checksum fails are ignored. When the journal holds as many records as there are units,
+the state is written into a new snapshot (temp + fsync + rename, keeping the replaced one as
+`.dist-svc-manifest.json.prev`) with a new, empty journal: O(1) amortised per unit.
 """
 
 from __future__ import annotations
@@ -18,29 +21,35 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dist_svc import __version__
 from dist_svc.errors import DistSvcError
-from dist_svc.plan import Plan
-from dist_svc.storage.durable import atomic_write, temp_path
+from dist_svc.storage.durable import atomic_write, fsync_dir, temp_path
 from dist_svc.storage.types import MANIFEST_NAME
 
+if TYPE_CHECKING:
+    from dist_svc.plan import Plan
+
 LOCK_NAME = ".dist-svc.lock"
-FORMAT = 2
+FORMAT = 3
 SAVE_EVERY = 2.0  # seconds
+MIN_COMPACT = 1000  # journal records before a new snapshot, at least
 
 
 class Manifest:
     def __init__(self, path: Path, data: dict[str, Any]):
-        self.path = path
+        self.path = path  # the snapshot
         self.data = data
-        self.damage: str | None = None  # why the manifest itself was unusable (its previous copy is in use)
+        self.damage: str | None = None  # why the snapshot itself was unusable (its previous copy is in use)
+        self._journaled = self._replay()  # records in the journal of this generation
         # name -> sha256 of every unit recorded as done: what layouts check stored bytes against.
         self.recorded: dict[str, str] = {n: u["sha256"] for n, u in data["units"].items() if u["done"]}
+        self._pending: list[bytes] = []  # journal lines not yet written
+        self._journal: int | None = None  # its file descriptor, once this process writes
         self._saved_at = time.monotonic()
-        self._dirty = False
         # Called before every save: whatever must be durable before the manifest says so.
         self.before_save: Callable[[], None] = lambda: None
 
@@ -66,7 +75,7 @@ class Manifest:
             return manifest
 
     @classmethod
-    def check(cls, out_dir: Path, plan: Plan, log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
+    def check(cls, out_dir: Path, plan: "Plan", log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
         """Read-only: this plan's manifest in `out_dir` if it is the same merge, None if the
         directory is new or empty; refused (nothing touched) if it holds anything else."""
         manifest_path = out_dir / MANIFEST_NAME
@@ -88,12 +97,12 @@ class Manifest:
         return None
 
     @classmethod
-    def create(cls, out_dir: Path, plan: Plan) -> "Manifest":
+    def create(cls, out_dir: Path, plan: "Plan") -> "Manifest":
         manifest = cls(out_dir / MANIFEST_NAME, _initial(plan))
-        manifest.save()
+        manifest.compact()
         return manifest
 
-    def explain_mismatch(self, plan: Plan) -> str:
+    def explain_mismatch(self, plan: "Plan") -> str:
         old_settings, old_inputs = self.data["settings"], self.data["inputs"]
         diffs = _diff(old_settings, plan.settings, "")
         if diffs:
@@ -134,33 +143,138 @@ class Manifest:
         """Side file -> sha256 of the bytes the output gets."""
         return self.data["side_files"]
 
-    # -- changes -------------------------------------------------------------------------------
+    # -- changes (the driver only) -------------------------------------------------------------
 
     def record(self, name: str, sha256: str, info: dict[str, Any]) -> None:
-        """Mark a unit done; saved within SAVE_EVERY seconds (see the module's docstring)."""
+        """Mark a unit done; on disk within SAVE_EVERY seconds (see the module's docstring)."""
         self.units[name].update(done=True, sha256=sha256, **info)
         self.recorded[name] = sha256
-        self._dirty = True
+        self._append({"unit": name, "sha256": sha256, **info})
         if time.monotonic() - self._saved_at >= SAVE_EVERY:
             self.save()
 
     def reset(self, names: Iterable[str]) -> None:
-        """Units whose bytes are gone or wrong: not done, saved at once."""
+        """Units whose bytes are gone or wrong: not done, on disk at once."""
         names = list(names)
         for name in names:
             self.units[name].update(done=False, sha256=None)
             self.recorded.pop(name, None)
         if names:
+            self._append({"reset": names})
             self.save()
 
     def set_complete(self, complete: bool) -> None:
+        """Complete is written into a fresh snapshot: a finished merge is one file again."""
         if self.data["complete"] != complete:
             self.data["complete"] = complete
-            self.save()
+            if complete:
+                self.compact()
+            else:
+                self._append({"complete": False})
+                self.save()
 
     def flush(self) -> None:
-        if self._dirty:
+        if self._pending:
             self.save()
+
+    def save(self) -> None:
+        """Make every change so far durable: first what `before_save` covers (the units' bytes),
+        then the journal lines; a new snapshot once the journal is as long as the plan."""
+        self.before_save()
+        if self._pending:
+            fd = self._journal_fd()
+            data = b"".join(self._pending)
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+            os.fdatasync(fd)
+            self._journaled += len(self._pending)
+            self._pending.clear()
+        if self._journaled >= max(MIN_COMPACT, len(self.units)):
+            self.compact()
+        self._saved_at = time.monotonic()
+
+    def compact(self) -> None:
+        """Everything into a new snapshot of the next generation, with an empty journal; the
+        journal it replaces is removed once the snapshot is durable."""
+        self.before_save()
+        old = self.journal_path()
+        self.data["generation"] = self.data.get("generation", 0) + 1
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+        if self.path.exists() and self.damage is None:
+            keep = temp_path(prev_path(self.path))
+            keep.unlink(missing_ok=True)
+            os.link(self.path, keep)
+            os.replace(keep, prev_path(self.path))  # made durable by atomic_write's fsync of the directory
+        atomic_write(self.path, json.dumps(self.data, separators=(",", ":")).encode())
+        old.unlink(missing_ok=True)
+        self.damage = None
+        self._pending.clear()
+        self._journaled = 0
+        self._saved_at = time.monotonic()
+
+    def remove_stale_journals(self) -> None:
+        """Journals of older generations (a compaction killed before removing its old journal)."""
+        current = self.journal_path().name
+        for path in self.path.parent.glob(f".{MANIFEST_NAME.removesuffix('.json')}.*.journal"):
+            if path.name != current:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+    # -- the journal -------------------------------------------------------------------------------
+
+    def journal_path(self) -> Path:
+        return self.path.with_name(f".{MANIFEST_NAME.removesuffix('.json')}.{self.data.get('generation', 0)}.journal")
+
+    def _journal_fd(self) -> int:
+        if self._journal is None:
+            path = self.journal_path()
+            created = not path.exists()
+            self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if created:
+                fsync_dir(path.parent)
+        return self._journal
+
+    def _append(self, record: dict[str, Any]) -> None:
+        body = json.dumps(record, separators=(",", ":")).encode()
+        self._pending.append(b"%08x %s\n" % (zlib.crc32(body), body))
+
+    def _replay(self) -> int:
+        """Apply this generation's journal to the snapshot's state; returns the records applied."""
+        try:
+            raw = self.journal_path().read_bytes()
+        except FileNotFoundError:
+            return 0
+        applied = 0
+        for line in raw.split(b"\n")[:-1]:  # the last piece is a torn line, or empty
+            crc, _, body = line.partition(b" ")
+            try:
+                if int(crc, 16) != zlib.crc32(body):
+                    continue
+                record = json.loads(body)
+                self._apply(record)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a damaged line: its unit is simply run again
+            applied += 1
+        return applied
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        if "unit" in record:
+            unit = self.units[record.pop("unit")]
+            if not isinstance(record.get("sha256"), str):
+                raise ValueError("no sha256")
+            unit.update(done=True, **record)
+        elif "reset" in record:
+            for name in record["reset"]:
+                self.units[name].update(done=False, sha256=None)
+        elif "complete" in record:
+            self.data["complete"] = bool(record["complete"])
 
     def progress(self) -> dict[str, int]:
         units = self.units.values()
@@ -170,19 +284,6 @@ class Manifest:
             "bytes_done": sum(u["nbytes"] for u in units if u["done"]),
             "bytes_total": sum(u["nbytes"] for u in units),
         }
-
-    def save(self) -> None:
-        """Atomically replace the manifest, keeping the one it replaces as its previous copy."""
-        self.before_save()
-        if self.path.exists() and self.damage is None:
-            keep = temp_path(prev_path(self.path))
-            keep.unlink(missing_ok=True)
-            os.link(self.path, keep)
-            os.replace(keep, prev_path(self.path))  # made durable by atomic_write's fsync of the directory
-        atomic_write(self.path, json.dumps(self.data, separators=(",", ":")).encode())
-        self.damage = None
-        self._saved_at = time.monotonic()
-        self._dirty = False
 
 
 def prev_path(path: Path) -> Path:
@@ -215,8 +316,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise DistSvcError(f"{path}: manifest format {str(data.get('format'))[:20]} is not one this dist-svc "
                            f"({__version__}) reads; finish the merge with the dist-svc that started it.")
     for key, kind in (("fingerprint", str), ("settings", dict), ("inputs", dict), ("side_files", dict),
-                      ("complete", bool), ("units", dict)):
-        if not isinstance(data.get(key), kind):
+                      ("complete", bool), ("units", dict), ("generation", int)):
+        if not _is(data.get(key), kind):
             raise damaged(f"'{key}' is missing or not a {kind.__name__}")
     output = data["settings"].get("config", {}).get("output") if isinstance(data["settings"].get("config"), dict) else None
     if not isinstance(output, dict) or not isinstance(output.get("format"), str):
@@ -229,9 +330,10 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _initial(plan: Plan) -> dict[str, Any]:
+def _initial(plan: "Plan") -> dict[str, Any]:
     return {
         "format": FORMAT,
+        "generation": 0,
         "version": __version__,
         "fingerprint": plan.fingerprint,
         "settings": plan.settings,

@@ -54,16 +54,20 @@ def file_bytes(out_dir: Path) -> dict[str, bytes]:
     """Every file of a merged output, by name (the manifest and its previous copy aside: they
     record timings)."""
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())
-            if p.is_file() and "dist-svc-manifest.json" not in p.name}
+            if p.is_file() and "dist-svc-manifest" not in p.name}
 
 
 def units_done(out_dir: Path) -> tuple[int, int]:
-    """(units recorded done, total) from a merge's manifest; (0, -1) before it exists."""
+    """(units recorded done, total) from a merge's manifest (snapshot and journal, as a rerun
+    reads them); (0, -1) before it exists."""
+    from dist_svc import DistSvcError
+    from dist_svc.manifest import Manifest
+
     try:
-        units = json.loads((out_dir / "dist-svc-manifest.json").read_text())["units"]
-    except (FileNotFoundError, ValueError, KeyError):
+        manifest = Manifest.load(out_dir)
+    except DistSvcError:
         return 0, -1
-    return sum(u["done"] for u in units.values()), len(units)
+    return len(manifest.recorded), len(manifest.units)
 
 
 def stored_at(out_dir: Path, name: str) -> tuple[Path, int, int, list[str]]:

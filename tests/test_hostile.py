@@ -56,7 +56,7 @@ if _spec:
             _replace(src, dst, *a, **k)
 
         os.replace = replace
-    elif _what == "pwrite":  # pwrite:N -- in the middle of the Nth positional write
+    elif _what == "pwrite":  # pwrite:N -- in the middle of the Nth positional write (tensor bytes)
         _pwrite = os.pwrite
 
         def pwrite(fd, data, offset):
@@ -67,6 +67,27 @@ if _spec:
             return _pwrite(fd, data, offset)
 
         os.pwrite = pwrite
+    elif _what == "write":  # write:N -- in the middle of the Nth append to the manifest's journal
+        _write = os.write
+
+        def write(fd, data):
+            _count[0] += 1
+            if _count[0] == int(_rest):
+                _write(fd, bytes(memoryview(data)[: len(memoryview(data)) // 2]))
+                _die()
+            return _write(fd, data)
+
+        os.write = write
+    elif _what == "fdatasync":  # fdatasync:N -- before the Nth fdatasync (of a shard or the journal)
+        _fdatasync = os.fdatasync
+
+        def fdatasync(fd):
+            _count[0] += 1
+            if _count[0] == int(_rest):
+                _die()
+            return _fdatasync(fd)
+
+        os.fdatasync = fdatasync
 '''
 
 
@@ -118,6 +139,8 @@ def shard_count(reference: dict[str, bytes]) -> int:
     "index",  # every shard sealed, the index not yet written
     "side-file",  # the index written, config.json not yet
     "mid-write",  # in the middle of a tensor's bytes
+    "torn-journal",  # in the middle of appending records to the manifest's journal
+    "before-sync",  # records appended, not yet synced
 ])
 def test_a_kill_at_any_named_point_then_a_rerun_gives_the_uninterrupted_bytes(tmp_path, merged, hook_dir, point):
     cfg, reference = merged
@@ -127,7 +150,9 @@ def test_a_kill_at_any_named_point_then_a_rerun_gives_the_uninterrupted_bytes(tm
                "after-a-seal": "replace:model-*-of-*.safetensors:2:after",
                "index": "replace:model.safetensors.index.json:1:before",
                "side-file": "replace:config.json:1:before",
-               "mid-write": "pwrite:7"}[point]
+               "mid-write": "pwrite:7",
+               "torn-journal": "write:2",
+               "before-sync": "fdatasync:3"}[point]
     out = tmp_path / "out"
     assert killed_merge(hook_dir, cfg, out, kill_at, "--shard-size", "40KB") == -9
     if point in ("last-seal", "index", "side-file"):
@@ -147,10 +172,10 @@ def test_a_randomised_kill_and_rerun_loop_ends_byte_identical(tmp_path, merged, 
     out = tmp_path / "out"
     rng = random.Random(12)
     kills = 0
-    while kills < 12:  # each run killed at a random point of what is left, until one finishes
-        point = rng.choice([f"pwrite:{rng.randint(1, 6)}",
-                            f"replace:model-*-of-*.safetensors:{rng.randint(1, 2)}:{rng.choice(['before', 'after'])}",
-                            f"replace:*dist-svc-manifest.json*:{rng.randint(1, 4)}:{rng.choice(['before', 'after'])}"])
+    while kills < 12:  # each run killed at a random early point of what is left, until one finishes
+        point = rng.choice([f"pwrite:{rng.randint(1, 4)}", "write:1", "fdatasync:1",
+                            f"replace:model-*-of-*.safetensors:1:{rng.choice(['before', 'after'])}",
+                            f"replace:*dist-svc-manifest.json*:1:{rng.choice(['before', 'after'])}"])
         if killed_merge(hook_dir, cfg, out, point, "--shard-size", "40KB") != -9:
             break
         kills += 1
@@ -446,13 +471,15 @@ def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, fa
     base, fts = family(3, arch=SLOW, shards=2)
     cfg = write_config(tmp_path / "m.yaml", base, fts)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while units_done(out)[0] < 2 and time.monotonic() < deadline and proc.poll() is None:
+    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off",
+                             "--shard-size", "1MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while units_done(out)[0] < 1 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "rerun the same command to resume" in stderr and "Traceback" not in stderr
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, stderr
     assert not (out / ".dist-svc.lock").exists()
     assert "stopped" in run_cli("status", out).stdout

@@ -64,8 +64,8 @@ def parse_header(raw: bytes, data_bytes: int, where: str) -> dict[str, Entry]:
         return DistSvcError(f"{where}: {problem}; the file is corrupt or not safetensors. Re-download or re-save it.")
 
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = json.loads(raw, parse_constant=_not_json)  # strict JSON, as safetensors reads it
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise corrupt("the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise corrupt("the safetensors header is not a JSON object")
@@ -106,6 +106,10 @@ def parse_header(raw: bytes, data_bytes: int, where: str) -> dict[str, Entry]:
         raise DistSvcError(f"{where}: the header describes {position} bytes of tensor data but the file has "
                            f"{data_bytes}; it is truncated or has trailing bytes. Re-download or re-save it.")
     return entries
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _is_int(x) -> bool:
