@@ -45,7 +45,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
 @click.option("--shard-size", default=None,
@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True,
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
-def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str | None, progress: str,
+def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | None, progress: str,
           cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
           dry_run: bool) -> None:
     """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
@@ -97,8 +97,8 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def status(out_dir: Path) -> None:
+@click.argument("out_dir")
+def status(out_dir: str) -> None:
     """Show how far the merge in OUT_DIR has come (tensors and bytes done of total).
 
     \b
@@ -122,8 +122,8 @@ def status(out_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def verify(out_dir: Path) -> None:
+@click.argument("out_dir")
+def verify(out_dir: str) -> None:
     """Re-read the merged output in OUT_DIR and check every tensor against the checksum its
     manifest recorded. Exits 1 if anything differs.
 

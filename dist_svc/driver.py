@@ -24,6 +24,8 @@ from dist_svc.executors import Executor, build_executor
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
 from dist_svc.plan import Plan, build_plan, open_inputs
 from dist_svc.progress import Progress
+from dist_svc.storage.location import is_url
+from dist_svc.storage.outdir import RemoteLock, output_dir
 from dist_svc.storage.output import OutputLayout, layout_for
 from dist_svc.storage.zarr_format import is_zarr
 from dist_svc.worker import Job, UnitResult
@@ -33,7 +35,7 @@ MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giv
 
 @dataclass
 class MergeReport:
-    out_dir: Path
+    out_dir: Path | str  # a local directory, or an s3:// URL
     plan_summary: str
     units_total: int
     units_run: int
@@ -66,8 +68,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         if existing is not None and _finished(existing, layout):
             return _report(plan, existing, layout, 0, True, start)
         executor.connect()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out_dir), _writing(Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)) \
+        out = output_dir(out_dir)
+        out.mkdir()
+        with _exclusive(out, log) as held, _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) \
                 as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(plan, manifest, layout, 0, True, start)
@@ -77,7 +80,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             # 3. Run the pending units.
             p = manifest.progress()
             bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-            recorder = _Recorder(manifest, layout, executor, bar)
+            recorder = _Recorder(manifest, layout, executor, bar, held)
             try:
                 _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
             finally:
@@ -112,8 +115,13 @@ def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
     """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
     reads nested arrays; a rerun would find its inputs changed)."""
     for path in (config.base_model, *(m.path for m in config.models)):
-        if not isinstance(path, Path):
-            continue  # a URL, a Hub ID or MODEL+ADAPTER: not a local directory to write into
+        if not isinstance(path, Path):  # a URL, a Hub ID or MODEL+ADAPTER
+            if isinstance(out_dir, str) and (out_dir == path or out_dir.startswith(path.rstrip("/") + "/")):
+                raise DistSvcError(f"{out_dir} is inside the input checkpoint {path}; choose an output location "
+                                   f"outside every input.")
+            continue
+        if not isinstance(out_dir, Path):
+            continue
         home = Path(path)
         home = home.parent if home.is_file() else home
         if out_dir == home or out_dir.is_relative_to(home):
@@ -125,8 +133,10 @@ class _Recorder:
     """Takes each finished unit into the manifest and the output layout (which may seal a shard
     with it), in the driver's thread; advances the progress bar."""
 
-    def __init__(self, manifest: Manifest, layout: OutputLayout, executor: Executor, bar: Progress):
+    def __init__(self, manifest: Manifest, layout: OutputLayout, executor: Executor, bar: Progress,
+                 held: Callable[[], None] = lambda: None):
         self.manifest, self.layout, self.bar = manifest, layout, bar
+        self.held = held  # raises if this run lost the output's lock (object storage)
         self.trusted = executor.results_verified
         self.driver_syncs = executor.driver_syncs
         self.fresh: set[str] = set()  # recorded in this run, hashed as written: no re-reading to seal
@@ -136,6 +146,7 @@ class _Recorder:
         self.count = 0
 
     def __call__(self, result: UnitResult) -> None:
+        self.held()
         name = result.name
         if self.trusted:
             self.fresh.add(name)
@@ -221,8 +232,11 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     return plan, est, existing.progress() if existing is not None else None
 
 
-def local_path(path: str | Path, what: str) -> Path:
-    """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
+def local_path(path: str | Path, what: str) -> Path | str:
+    """A local path made absolute, symlinks resolved (a symlink loop is a clear error); a URL
+    (an s3:// output) stays as it is."""
+    if is_url(str(path)):
+        return str(path).rstrip("/")
     try:
         return Path(path).expanduser().resolve()
     except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
@@ -247,7 +261,7 @@ def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: boo
 def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
     """The manifest of the merge in `out_dir` and its output layout, rebuilt from it."""
     out_dir = local_path(out_dir, "OUT_DIR")
-    manifest = Manifest.load(out_dir)
+    manifest = Manifest.load(output_dir(out_dir))
     fmt, options = manifest.output
     return manifest, layout_for(fmt, out_dir, manifest.entries(), options)
 
@@ -259,7 +273,7 @@ def status(out_dir: str | Path) -> dict:
     info["format"] = layout.format
     info["details"] = layout.state() + ([f"warning: {manifest.damage} (its previous copy was read)"]
                                         if manifest.damage else [])
-    if _is_locked(layout.out_dir):
+    if _is_locked(output_dir(layout.out_dir)):
         info["state"] = "running"
     elif manifest.complete:
         info["state"] = "complete" if _finished(manifest, layout) else "damaged"
@@ -296,10 +310,21 @@ def _writing(manifest: Manifest) -> Iterator[Manifest]:
 
 
 @contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """One run per output directory. The lock dies with its process (kill -9 included); a run
-    that ends in any other way removes the lock file too (after kill -9 it stays, harmless,
-    until the next run)."""
+def _exclusive(out, log: Callable[[str], None] = lambda line: None) -> Iterator[Callable[[], None]]:
+    """One run per output directory. Locally a `flock`: it dies with its process (kill -9
+    included); a run that ends in any other way removes the lock file too (after kill -9 it
+    stays, harmless, until the next run). On object storage a lease (`RemoteLock`): a killed
+    run's lock is taken over once it has not been renewed for the lease. Yields a check that
+    raises if this run lost the lock."""
+    if not out.is_local:
+        lock = RemoteLock(out, LOCK_NAME, log=log)
+        lock.acquire()
+        try:
+            yield lock.check
+        finally:
+            lock.release()
+        return
+    out_dir = out.path
     path = out_dir / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -316,15 +341,17 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
             pass
         os.close(fd)
     try:
-        yield
+        yield lambda: None
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
 
 
-def _is_locked(out_dir: Path) -> bool:
+def _is_locked(out) -> bool:
+    if not out.is_local:
+        return out.info(LOCK_NAME) is not None  # a lease: held, or left by a run killed < a lease ago
     try:
-        fd = os.open(out_dir / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(out.path / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:

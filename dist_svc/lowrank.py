@@ -113,6 +113,9 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
     from dist_svc.storage.types import Adapter, NAME_TO_ST
 
     start = time.perf_counter()
+    if not isinstance(out_dir, Path):
+        raise DistSvcError(f"{out_dir}: a merge of adapters (output format peft) is written to a local directory; "
+                           f"upload the adapter (two small files) afterwards.")
     if config.merge_method not in LINEAR_METHODS:
         raise DistSvcError(f"{config.source}: output format peft needs a method that is linear in the task vectors "
                            f"({', '.join(LINEAR_METHODS)}), so that the merge of LoRA adapters is a LoRA again; "

@@ -158,3 +158,80 @@ def test_hub_s3_safetensors_s3_zarr_an_adapter_and_a_bin_in_one_merge_give_the_l
     local = write_config(tmp_path / "local.yaml", base, dense, parameters={"lambda": 0.5})
     run_cli("merge", local, tmp_path / "local", "--shard-size", "40KB")
     assert file_bytes(tmp_path / "everywhere") == file_bytes(tmp_path / "local")
+
+
+# -- outputs on object storage -----------------------------------------------------------------------
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object of an output on S3 by name (the manifest's own aside, as `file_bytes`)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return {key[len(root) + 1:]: fs.cat_file(key) for key in sorted(fs.find(root, refresh=True))
+            if "dist-svc-manifest" not in key}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_merge_to_s3_equals_the_local_merge_and_verifies(tmp_path, bucket, family, fmt):
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "40KB")
+    result = run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB")
+    assert f"-> {bucket}/merged" in result.stdout
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name and p.name != ".dist-svc.lock"}
+    assert _objects(f"{bucket}/merged") == local
+    assert "verified" in run_cli("verify", f"{bucket}/merged").stdout
+    assert "complete" in run_cli("status", f"{bucket}/merged").stdout
+    assert "already complete" in run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB").stdout
+
+
+def _recorded_on_s3(url: str) -> int:
+    """Units a merge on S3 has recorded (0 before its manifest exists, or while it is replaced)."""
+    from dist_svc.manifest import Manifest
+
+    try:
+        return Manifest.load(url).progress()["units_done"]
+    except (DistSvcError, FileNotFoundError, OSError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def slow_family(tmp_path_factory):
+    """Large enough that kills land mid-merge (as tests/test_cluster.py's model)."""
+    from dist_svc.commands.demo import TinyLlama, make_family
+
+    root = tmp_path_factory.mktemp("s3-family")
+    arch = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2)
+    base, fts = make_family(root, k=3, arch=arch, dtype=torch.float32, shards=2)
+    return base, fts
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, bucket, slow_family, monkeypatch, fmt):
+    import signal
+    import time
+
+    monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "2")  # a killed run's lock is taken over after 2 s
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    out = f"{bucket}/merged"
+    for _ in range(2):  # each run killed once it has recorded more than the one before
+        at_least = _recorded_on_s3(out) + 1
+        proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "1MB",
+                                 "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while _recorded_on_s3(out) < at_least and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()  # still running: killed mid-merge
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = _recorded_on_s3(out)
+    result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
+    assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+    assert 0 < done < 39 + 12 and "verified" in run_cli("verify", out).stdout
