@@ -160,3 +160,32 @@ def upload(local: Path, url: str) -> str:
     else:
         fs.pipe_file(path, Path(local).read_bytes())
     return url
+
+
+# -- a local Ray cluster, one per session ------------------------------------------------------------
+
+# Set before Ray is imported (it reads them at import), the same for every node and driver (the
+# merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
+# on the loopback interface, so the test cluster talks only to this machine.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+RAY_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A head and 2 nodes with one fake GPU each, all on 127.0.0.1, shared by every test that
+    needs Ray. Started after the S3 server, so that its processes (the actors) find the
+    endpoint and credentials in their environment, as a real cluster's nodes would."""
+    ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[test]'")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1",
+        "include_dashboard": False})
+    nodes = [c.add_node(**RAY_NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="dist-svc", log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()

@@ -235,3 +235,51 @@ def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, b
              if p.is_file() and "dist-svc-manifest" not in p.name}
     assert _objects(out) == local
     assert 0 < done < 39 + 12 and "verified" in run_cli("verify", out).stdout
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_ray_merge_with_no_shared_filesystem_reads_and_writes_s3_only(tmp_path, bucket, ray_cluster, slow_family,
+                                                                          fmt):
+    """Every input and the output are on S3: the actors (on two nodes) read their inputs by
+    ranged requests and write their tensors to S3 themselves; no path is shared between nodes.
+    The output equals the local executor's local merge byte for byte."""
+    from tests.test_cluster import _idle
+
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "local.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    urls = [upload(d, f"{bucket}/in/{d.name}") for d in (base, *fts)]
+    remote = write_config(tmp_path / "remote.yaml", urls[0], urls[1:], output={"format": fmt})
+    _idle()
+    out = f"{bucket}/merged"
+    result = run_cli("merge", remote, out, "--shard-size", "1MB", "--progress", "log", "--cluster",
+                     ray_cluster[0].address)
+    assert "2 actor(s) (1 GPU each)" in result.stderr
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+
+
+def test_a_second_run_on_the_same_s3_output_is_refused_while_the_first_holds_its_lease(tmp_path, bucket, family,
+                                                                                       monkeypatch):
+    """A live run's lock (held here, renewed by its thread as a running merge's is) refuses a
+    second run on the same output; once released, the same command merges."""
+    from dist_svc.manifest import LOCK_NAME
+    from dist_svc.storage.outdir import RemoteLock, output_dir
+
+    monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "2")
+    base, fts = family(2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = f"{bucket}/merged"
+    held = RemoteLock(output_dir(out), LOCK_NAME)
+    held.acquire()
+    try:
+        second = run_cli("merge", cfg, out, "--progress", "off", check=False)
+    finally:
+        held.release()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"another dist-svc run is merging into {out}" in second.stderr
+    assert held.lost is None  # the refused run never took it over
+    run_cli("merge", cfg, out, "--progress", "off")
+    assert "verified" in run_cli("verify", out).stdout
+    assert output_dir(out).info(LOCK_NAME) is None  # released at the end
