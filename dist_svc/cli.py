@@ -55,7 +55,8 @@ def main() -> None:
               help="A progress bar on a terminal, plain log lines otherwise.")
 @click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
               help="Run on a Ray cluster: its address, or 'auto' (RAY_ADDRESS, else the local one). "
-                   "Inputs and OUT_DIR must be on storage every node sees.")
+                   "Inputs and OUT_DIR must be on storage every node sees: a shared filesystem, or s3:// "
+                   "(and gs:// inputs).")
 @click.option("--threads", default=None, type=int,
               help="Local executor: units in flight at once (default 2 on a CPU, 4 on a GPU).")
 @click.option("--device", default=None, metavar="DEVICE",
@@ -181,7 +182,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 
 @main.command()
 @click.argument("src")
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "zarr"]), default=None,
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
@@ -192,7 +193,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 @click.option("--trust-pickle", is_flag=True,
               help="Load a .bin/.pt checkpoint whose pickle needs code (a class of the program that saved it). "
                    "This RUNS that code: only for files you trust. Merges never do.")
-def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str,
+def convert(src: str, dst: str, fmt: str | None, compression: str, shard_size: str, progress: str,
             trust_pickle: bool) -> None:
     """Convert checkpoint SRC into DST (safetensors or a zarr store). SRC is any model a merge
     reads: a safetensors directory, a zarr store, a legacy .bin/.pt state dict, BASE+ADAPTER (a

@@ -230,7 +230,7 @@ def _merge_all(config, plan, base, models, out_dtype):
                 taus.append(Factored(torch.zeros(unit.shape[0], 0, dtype=torch.float64),
                                      torch.zeros(unit.shape[1], 0, dtype=torch.float64)))
                 continue
-            a, b = m.weights.read(f.a).to(torch.float64), m.weights.read(f.b).to(torch.float64)
+            a, b = m.factor(f.a), m.factor(f.b)
             # W = scale * B @ A, or its transpose (embeddings, fan_in_fan_out)
             taus.append(Factored(a.T, f.scale * b) if f.transpose else Factored(f.scale * b, a.T))
             if transpose is not None and transpose != f.transpose:

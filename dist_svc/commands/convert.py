@@ -19,6 +19,7 @@ from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
 from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import fsync_dir
 from dist_svc.storage.output import LAYOUTS, layout_for, source_files
 from dist_svc.storage.types import DTYPES, tensor_bytes
@@ -34,6 +35,9 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
     state dict) into `dst` ("zarr" or "safetensors"; by default zarr when `dst` ends in .zarr).
     `trust_pickle` loads a .bin/.pt whose pickle needs code (running it). Returns {"tensors",
     "bytes", "format"}."""
+    if isinstance(dst, str) and is_url(dst):
+        raise DistSvcError(f"{dst}: convert writes a local DST (it renames it into place when complete); convert to "
+                           f"a local directory and upload it, or merge straight to s3://.")
     dst = Path(dst).expanduser().resolve()
     fmt = fmt or ("zarr" if is_zarr(dst) else "safetensors")
     if fmt not in LAYOUTS:

@@ -219,7 +219,7 @@ class LoraCheckpoint:
         if f is None:
             return None
         if f.a is None:  # a bias: scale * lora_B.bias
-            return self._factor(f.b)[rows or slice(None)] * f.scale
+            return self.factor(f.b)[rows or slice(None)] * f.scale
         a, b = self._pair(f)
         rows, cols = rows or slice(None), cols or slice(None)
         if f.transpose:  # W = (B @ A)^T: W[rows, cols] = (B[cols] @ A[:, rows])^T
@@ -229,10 +229,11 @@ class LoraCheckpoint:
     def _pair(self, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of one module in float64, kept while blocks of the same tensor are read."""
         if self._cached is None or self._cached[0] != f.a:
-            self._cached = (f.a, self._factor(f.a), self._factor(f.b))
+            self._cached = (f.a, self.factor(f.a), self.factor(f.b))
         return self._cached[1], self._cached[2]
 
-    def _factor(self, key: str) -> torch.Tensor:
+    def factor(self, key: str) -> torch.Tensor:
+        """One stored factor (A, B or a bias) in float64, refused if not finite."""
         t = self.weights.read(key).to(torch.float64)
         if not torch.isfinite(t).all():
             raise DistSvcError(f"{self.weights.tensors[key].where}: LoRA factor {quote(key)} contains NaN or Inf "
