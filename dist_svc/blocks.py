@@ -4,18 +4,26 @@ move to the compute device.
 A tensor is streamed in blocks of rows (of columns, for a wide matrix calibrated on its smaller
 side), never loaded whole unless a method needs it so. Each block of each input is read into
 memory of its own, checked for NaN/Inf, moved to the device in its stored dtype and widened
-there to the compute dtype; task vectors `ft_i - base` are formed in place.
+there to the compute dtype. Each input is read under its own name in its own checkpoint (a
+frankenmerge's output layer 30 may be layer 12 of one model). An input that is an adapter of the
+unit's base (a LoRA) also gives its exact change from the base (`Inputs.deltas`: scale * B @ A
+of the block, in float64 rounded once), which the worker uses as its task vector instead of a
+difference of rounded weights.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.types import Adapter, Checkpoint
+
+if TYPE_CHECKING:
+    from dist_svc.plan import Unit
 
 BLOCK_ELEMENTS = 1 << 23  # ~8M elements (32 MiB in float32) per input block
 
@@ -30,16 +38,20 @@ class Block:
 
 
 class BlockReader:
-    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device,
-                 compute_dtype: torch.dtype, block_elements: int = BLOCK_ELEMENTS):
-        self.base, self.models = base, models
+    """Reads the inputs of units: `checkpoints` are the merge's, in the config's order; a unit
+    names, per input, the checkpoint and the tensor's name there."""
+
+    def __init__(self, checkpoints: list[Checkpoint], device: torch.device, compute_dtype: torch.dtype,
+                 block_elements: int = BLOCK_ELEMENTS):
+        self.checkpoints = checkpoints
         self.device = device
         self.compute_dtype = compute_dtype
         self.block_elements = block_elements
 
-    def blocks(self, name: str, shape: tuple[int, ...], transposed: bool = False) -> list[Block]:
+    def blocks(self, unit: "Unit", transposed: bool = False) -> list[Block]:
         """Blocks of about `block_elements`, aligned to the inputs' stored chunks (zarr), so that
         each chunk is read once."""
+        shape = unit.shape
         if not shape:
             return [Block(0, 1, False)]
         length = shape[1] if transposed else shape[0]
@@ -47,7 +59,8 @@ class BlockReader:
             return [Block(0, length, transposed)]
         per_index = math.prod(shape) // length
         step = max(1, self.block_elements // max(per_index, 1))
-        extent = max(c.chunk_extent(name, 1 if transposed else 0) for c in (self.base, *self.models))
+        extent = max(self.checkpoints[s.checkpoint].chunk_extent(s.tensor, 1 if transposed else 0)
+                     for s in unit.inputs)
         step = max(extent, step // extent * extent)
         return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)]
 
@@ -55,39 +68,48 @@ class BlockReader:
     def whole(shape: tuple[int, ...]) -> Block:
         return Block(0, shape[0] if shape else 1, False)
 
-    def inputs(self, name: str, block: Block) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The base block and the task vectors `ft_i - base` of one block, in compute dtype on
-        the device, oriented (transposed for a column block)."""
-        base = self._read(self.base, name, block)
-        return base, [self._task_vector(model, name, block, base) for model in self.models]
+    def read(self, unit: "Unit", block: Block | None) -> "Inputs":
+        """Every input's block (`None`: the whole tensor, whatever its length in each input), in
+        compute dtype on the device, oriented (transposed for a column block); each in memory of
+        its own (readers never hand out file mappings), so callers may change them in place. An
+        adapter of the base input gives its exact change (`deltas`) and, as its weights, the base
+        block plus that change (the base is not read twice)."""
+        base = unit.base
+        base_source = unit.inputs[base] if base is not None else None
+        tensors: list[torch.Tensor | None] = []
+        deltas: dict[int, torch.Tensor] = {}
+        for i, s in enumerate(unit.inputs):
+            checkpoint = self.checkpoints[s.checkpoint]
+            if (base_source is not None and i != base and isinstance(checkpoint, Adapter)
+                    and checkpoint.inner is self.checkpoints[base_source.checkpoint] and s.tensor == base_source.tensor):
+                delta = self._delta(checkpoint, s.tensor, block)
+                if delta is not None:
+                    deltas[i] = delta
+                    tensors.append(None)
+                    continue
+            tensors.append(self._read(checkpoint, s.tensor, block))
+        for i, delta in deltas.items():
+            tensors[i] = tensors[base] + delta
+        return Inputs(tensors, deltas)
 
-    def _task_vector(self, model: Checkpoint, name: str, block: Block, base: torch.Tensor) -> torch.Tensor:
-        """`model - base` on this block. An adapter's change is exact (a LoRA's scale * B @ A of
-        this block, in float64 rounded once), never a difference of rounded weights."""
-        if isinstance(model, Adapter):
-            rows, cols = self._slices(model.inner.tensors[name], block)
-            delta = model.delta(name, rows, cols, self.compute_dtype)
-            if delta is not None:
-                tau = self._finite(self._to_device(delta.T if block.transposed else delta), name,
-                                   f"the adapter {model.source}")
-                if model.inner is not self.base:  # MODEL+ADAPTER on another model: its own task vector too
-                    tau += self._read(model.inner, name, block).sub_(base)
-                return tau
-        # In place: every read is a buffer of its own (readers never hand out file mappings).
-        return self._read(model, name, block).sub_(base)
+    def _delta(self, adapter: Adapter, name: str, block: Block | None) -> torch.Tensor | None:
+        shape = adapter.inner.tensors[name].shape
+        span = None if block is None or not shape else slice(block.start, block.stop)
+        transposed = block is not None and block.transposed and bool(shape)
+        delta = adapter.delta(name, None if transposed else span, span if transposed else None, self.compute_dtype)
+        if delta is None:
+            return None
+        return self._finite(self._to_device(delta.T if transposed else delta), name, f"the adapter {adapter.source}")
 
-    @staticmethod
-    def _slices(info, block: Block) -> tuple[slice | None, slice | None]:
-        if not info.shape:
-            return None, None
-        span = slice(block.start, block.stop)
-        return (None, span) if block.transposed else (span, None)
-
-    def _read(self, checkpoint: Checkpoint, name: str, block: Block) -> torch.Tensor:
+    def _read(self, checkpoint: Checkpoint, name: str, block: Block | None) -> torch.Tensor:
         info = checkpoint.tensors[name]
-        rows, cols = self._slices(info, block)
-        raw = checkpoint.read(name, rows=rows, cols=cols)
-        return self._finite(self._to_device(raw.T if block.transposed else raw), name, info.where)
+        if not info.shape or block is None:
+            raw = checkpoint.read(name)
+        elif block.transposed:
+            raw = checkpoint.read(name, cols=slice(block.start, block.stop)).T
+        else:
+            raw = checkpoint.read(name, rows=slice(block.start, block.stop))
+        return self._finite(self._to_device(raw), name, info.where)
 
     def _to_device(self, raw: torch.Tensor) -> torch.Tensor:
         # To the device in the stored dtype, then widened there: `.to(cuda, float32)` of a bf16
@@ -106,9 +128,17 @@ class BlockReader:
         return tensor
 
     def close(self) -> None:
-        self.base.close()
-        for m in self.models:
-            m.close()
+        for c in self.checkpoints:
+            c.close()
+
+
+class Inputs(list):
+    """A unit's input blocks (weights), and by position the exact changes of the inputs that are
+    adapters of its base (their task vectors)."""
+
+    def __init__(self, tensors: list[torch.Tensor], deltas: dict[int, torch.Tensor]):
+        super().__init__(tensors)
+        self.deltas = deltas
 
 
 def flat_indices(shape: tuple[int, ...], block: Block, device: torch.device) -> torch.Tensor:

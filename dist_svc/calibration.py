@@ -49,23 +49,45 @@ def calibration_summary(singular_values: torch.Tensor, eta: torch.Tensor, path: 
                         overlaps: torch.Tensor | None = None, top: int = SUMMARY_TOP) -> dict:
     """Small, JSON-able facts for the manifest and `dist-svc inspect`: the top singular values of
     the base method's delta before and after calibration, the overlap coefficients s_ri of the top
-    directions (one list per direction, one value per task), and eta's range over live directions."""
+    directions (one list per direction, one value per task), eta's range and quantiles over live
+    directions, and what calibration did to the whole spectrum: the norm ratio
+    ||Wm'||_F / ||Wm||_F and, before and after, the share of the delta's energy (squared
+    Frobenius norm) in the directions it shrank (eta > 1: held more than once, the shared part)
+    and in those it grew (eta < 1: task-specific). Values keep 7 significant digits: plenty for
+    a report, half the bytes of a float's repr."""
     s = singular_values.double().cpu()
     eta = eta.double().cpu()
     after = s / eta
     live = _live(s)
     eta_live = eta[live]
+    before_energy, after_energy = float(s.square().sum()), float(after.square().sum())
+
+    def shares(mask: torch.Tensor) -> list[float]:
+        if not before_energy:
+            return [0.0, 0.0]
+        return [round(float(s[mask].square().sum()) / before_energy, 6),
+                round(float(after[mask].square().sum()) / after_energy, 6) if after_energy else 0.0]
+
+    quantiles = torch.quantile(eta_live, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)) \
+        if eta_live.numel() else torch.ones(5, dtype=torch.float64)
     return {
         "path": path,
         "rank": int(live.sum()),
-        "sigma_before": [float(x) for x in s[:top]],
-        "sigma_after": [float(x) for x in after[:top]],
+        "sigma_before": _rounded(s[:top]),
+        "sigma_after": _rounded(after[:top]),
         "eta_max": float(eta_live.max()) if eta_live.numel() else 1.0,
         "eta_min": float(eta_live.min()) if eta_live.numel() else 1.0,
         "eta_mean": float(eta_live.mean()) if eta_live.numel() else 1.0,
-        "overlaps": [] if overlaps is None else
-        [[round(float(x), 6) for x in col] for col in overlaps.double().cpu()[:, :top].T],
+        "eta_quantiles": _rounded(quantiles),  # 0, 10, 50, 90, 100 %
+        "norm_ratio": (after_energy / before_energy) ** 0.5 if before_energy else 1.0,
+        "shrunk": shares(live & (eta > 1 + 1e-9)),  # [share before, share after]
+        "grown": shares(live & (eta < 1 - 1e-9)),
+        "overlaps": [] if overlaps is None else [_rounded(col) for col in overlaps.double().cpu()[:, :top].T],
     }
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [float(f"{x:.7g}") for x in values.tolist()]
 
 
 def should_calibrate(name: str, shape: Sequence[int], skip: Sequence[str]) -> bool:

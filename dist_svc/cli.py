@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from dist_svc.errors import DistSvcError
-from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.progress import human_bytes, human_seconds
 
 
@@ -43,14 +42,88 @@ def main() -> None:
     """Merge fine-tunes of one base model, with Singular Value Calibration, resumably."""
 
 
+# mergekit-yaml's flags that change nothing in dist-svc: accepted, each said in one line, and why.
+_MERGEKIT_NO_OPS = {
+    "lazy_unpickle": "dist-svc reads safetensors with positional reads and unpickles nothing",
+    "trust_remote_code": "dist-svc runs no model code",
+    "low_cpu_memory": "dist-svc streams tensors in blocks: memory does not grow with the model",
+    "read_to_gpu": "with --cuda (--device cuda) inputs go to the GPU as they are read",
+    "multi_gpu": "--cluster runs a merge on several GPUs",
+    "clone_tensors": "every output tensor is written once, in place",
+    "async_write": "workers write their tensors in place as they finish",
+    "write_threads": "workers write their tensors in place as they finish",
+    "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
+    "transformers_cache": "dist-svc reads local checkpoints only",
+    "lora_merge_cache": "dist-svc merges full checkpoints, not LoRA adapters",
+    "lora_merge_dtype": "dist-svc merges full checkpoints, not LoRA adapters",
+}
+
+
+def _mergekit_options(f):
+    """mergekit-yaml's flags (mergekit 0.1.5's MergeOptions), with their meaning in dist-svc
+    (docs/methods.md has the table)."""
+    flags = [
+        click.option("--cuda/--no-cuda", default=None, help="mergekit: compute on the GPU (--device cuda)."),
+        click.option("--copy-tokenizer/--no-copy-tokenizer", default=None,
+                     help="Write the donor's tokenizer files (default: yes, as mergekit)."),
+        click.option("--random-seed", type=int, default=None, help="The seed of DARE's and DELLA's random drops."),
+        click.option("--allow-crimes/--no-allow-crimes", default=None,
+                     help="Merge models whose config.json names different architectures."),
+        click.option("-v", "verbosity", count=True, help="Log lines and the plan instead of a progress bar."),
+        click.option("--quiet/--no-quiet", default=None, help="No progress output."),
+        click.option("-j", "--num-threads", type=int, default=None, help="mergekit's CPU threads: units in flight."),
+        click.option("--gpu-rich", is_flag=True, default=None, help="mergekit: --cuda and more; here --cuda."),
+        click.option("--safe-serialization/--no-safe-serialization", default=None,
+                     help="Always safetensors (or zarr): --no-safe-serialization is refused."),
+        click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=None,
+                     help="Refused: use `tokenizer_source` to merge different vocabularies."),
+    ]
+    for name, why in _MERGEKIT_NO_OPS.items():
+        flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
+        if name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype"):
+            flags.append(click.option(f"--{flag}", default=None, help=help_text))
+        elif name == "write_threads":
+            flags.append(click.option(f"--{flag}", type=int, default=None, help=help_text))
+        else:
+            flags.append(click.option(f"--{flag}/--no-{flag}", default=None, help=help_text))
+    for flag in reversed(flags):
+        f = flag(f)
+    return f
+
+
+def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, progress: str) -> tuple:
+    """(device, threads, progress, config options) from mergekit's flags; says what changes
+    nothing, refuses what dist-svc cannot do."""
+    if mk["safe_serialization"] is False:
+        raise DistSvcError("--no-safe-serialization: dist-svc writes safetensors (or zarr) only, never pickles.")
+    if mk["unsafe_truncate_embeddings"]:
+        raise DistSvcError("--unsafe-truncate-embeddings is not supported: it cuts every vocabulary to the smallest "
+                           "and assumes the token ids agree. Set `tokenizer_source: base` (or union) in the config to "
+                           "merge the embeddings token by token.")
+    for name, why in _MERGEKIT_NO_OPS.items():
+        if mk[name] is not None and mk[name] is not False:
+            _say(f"note: --{name.replace('_', '-')} changes nothing here: {why}.")
+    if mk["cuda"] or mk["gpu_rich"]:
+        device = device or "cuda"  # the executor checks the device before anything is written
+    threads = threads if threads is not None else mk["num_threads"]
+    if mk["quiet"]:
+        progress = "off"
+    elif mk["verbosity"] and progress == "auto":
+        progress = "log"
+    options = {"copy_tokenizer": mk["copy_tokenizer"], "allow_crimes": mk["allow_crimes"],
+               "random_seed": mk["random_seed"]}
+    return device, threads, progress, options
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir")
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
-@click.option("--shard-size", default=None,
-              help="Largest output shard, e.g. 5GB, 500MB, 2GiB (5B means 5 billion bytes, as in mergekit); "
-                   "default: the config's `output: {shard_size: ...}`, else 5GB.")
+@click.option("--shard-size", "--out-shard-size", "shard_size", default=None,
+              help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB, 5B (5 billion, as mergekit's "
+                   "--out-shard-size, whose writer counts bytes); default: the config's `output: {shard_size: ...}`, "
+                   "else 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True,
               help="A progress bar on a terminal, plain log lines otherwise.")
 @click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
@@ -64,37 +137,61 @@ def main() -> None:
 @click.option("--output-format", type=click.Choice(["safetensors", "zarr", "peft"]), default=None,
               help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
                    "OUT_DIR ends in .zarr. peft: LoRA adapters of the base merged as one PEFT adapter.")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A config of several YAML documents (stages): where the named stages go "
+                   "(default: OUT_DIR.stages next to OUT_DIR).")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
+@_mergekit_options
 def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | None, progress: str,
           cluster: str | None, threads: int | None, device: str | None, output_format: str | None,
-          dry_run: bool) -> None:
-    """Merge the models of CONFIG (a mergekit-style YAML) into OUT_DIR.
+          intermediate_dir: Path | None, dry_run: bool, **mergekit_flags) -> None:
+    """Merge the models of CONFIG (a mergekit YAML) into OUT_DIR.
 
     OUT_DIR gets a Hugging Face checkpoint (sharded safetensors + index, config and tokenizer
     files of the base). Rerun the same command to resume an interrupted merge: finished tensors
-    are kept, and the result is byte-identical to an uninterrupted run.
+    are kept, and the result is byte-identical to an uninterrupted run. A CONFIG of several YAML
+    documents (mergekit-multimerge's stages) runs stage by stage. mergekit-yaml's flags are
+    accepted with their meaning (docs/methods.md); `dist-svc mergekit-yaml` is this command.
 
     \b
     Example:
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged
       dist-svc merge mergekit.yaml ./merged --no-calibrate --shard-size 2GB
+      dist-svc mergekit-yaml mergekit.yaml ./merged --cuda --out-shard-size 1B --lazy-unpickle
       dist-svc merge configs/llama3-70b-ta-svc.yaml /shared/merged --cluster auto
       dist-svc merge configs/zarr-ta-svc.yaml ./merged.zarr      # a zarr v3 store
       dist-svc merge configs/llama3-70b-ta-svc.yaml ./merged --dry-run
     """
-    from dist_svc.driver import merge as run_merge
     from dist_svc.executors import build_executor
+    from dist_svc.stages import load_stages, merge_stages
+    from dist_svc.storage.outdir import output_dir
 
+    device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
+    stages = load_stages(config, out_dir, intermediate_dir, calibrate)
+    if progress != "off":
+        for stage in stages:
+            for note in stage.config.notes:
+                _say(f"note: {note}")
     if dry_run:
-        _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads)
+        for stage in stages:
+            if len(stages) > 1:
+                click.echo(f"stage {stage.name or 'final'} -> {stage.out_dir}")
+            if any(not output_dir(s.out_dir).exists() for s in stages if s.name in stage.needs):
+                click.echo(f"  reads stage(s) {', '.join(stage.needs)}, not merged yet: no plan before they are")
+                continue
+            _print_dry_run(stage.config.with_options(**options), stage.out_dir, None, shard_size, output_format,
+                           device, threads)
         return
 
     executor = build_executor(cluster=cluster, device=device, threads=threads, log=_say)
-    report = run_merge(config, out_dir, calibrate=calibrate, shard_size=shard_size, progress=progress,
-                       executor=executor, output_format=output_format, log=_say)
-    _print_report(report)
+    for report in merge_stages(stages, lambda c: c.with_options(**options), log=_say, shard_size=shard_size,
+                               progress=progress, executor=executor, output_format=output_format):
+        _print_report(report)
+
+
+main.add_command(merge, name="mergekit-yaml")
 
 
 @main.command()
@@ -157,10 +254,11 @@ def verify(out_dir: str) -> None:
               help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
 def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
     """Show what calibration did to the merge in OUT_DIR (finished or in progress): per matrix,
-    the top singular values of the base method's delta before and after calibration, and the
-    overlap coefficients s_ri (copies of task i in direction r). Writes a PNG (a heat map of
-    over-accumulation per layer and module, and the spectra of chosen matrices) and the table as
-    JSON and CSV. Nothing in OUT_DIR is changed.
+    the norm of the merged delta after / before, the share of its energy in directions held more
+    than once (shrunk) and in task-specific ones (grown), eta over the whole spectrum, the top
+    singular values before and after and the overlap coefficients s_ri (copies of task i in
+    direction r). Writes a PNG (heat maps per layer and module, eta per matrix, the spectra of
+    chosen matrices) and the table as JSON and CSV. Nothing in OUT_DIR is changed.
 
     \b
     Example:
@@ -171,12 +269,19 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 
     prefix = prefix or Path(f"{out_dir.resolve().name}-spectra")
     result = run_inspect(out_dir, prefix, patterns, top)
-    click.echo(f"{result['count']} calibrated matrices. Strongest over-accumulation "
-               f"(top singular value before -> after calibration):")
+    o = result["overall"]
+    click.echo(f"{result['count']} calibrated matrices" + (f", {result['unchanged']} of them unchanged by the "
+                                                          f"fine-tunes (a zero delta)" if result["unchanged"] else "") + ".")
+    if o["matrices"]:
+        click.echo(f"Over the whole spectra: the merged updates' energy in directions held more than once "
+                   f"(eta > 1) {100 * o['shrunk'][0]:.0f}% -> {100 * o['shrunk'][1]:.0f}% after calibration, in "
+                   f"task-specific ones (eta < 1) {100 * o['grown'][0]:.0f}% -> {100 * o['grown'][1]:.0f}%; "
+                   f"median norm ratio {o['norm_ratio_median']:.2f} ({o['amplified']} of {o['matrices']} grew).")
+        click.echo("Strongest over-accumulation (top singular value before -> after calibration):")
     for r in result["strongest"]:
         overlap = ", ".join(f"{x:.2f}" for x in r["overlaps"][0]) if r["overlaps"] else "-"
         click.echo(f"  {r['tensor']:<48} {r['sigma_before'][0]:.4g} -> {r['sigma_after'][0]:.4g} "
-                   f"({r['top_ratio']:.2f}x; s_1i = {overlap})")
+                   f"({r['top_ratio']:.2f}x; s_1i = {overlap}; norm x{r['norm_ratio']:.2f})")
     click.echo("wrote " + ", ".join(str(p) for p in result["paths"].values()))
 
 
@@ -187,7 +292,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="zarr output: compress chunks with zstd.")
-@click.option("--shard-size", default=str(DEFAULT_SHARD_BYTES), show_default=True,
+@click.option("--shard-size", default="5GB", show_default=True,
               help="safetensors output: largest shard, e.g. 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
 @click.option("--trust-pickle", is_flag=True,
@@ -222,19 +327,23 @@ def convert(src: str, dst: str, fmt: str | None, compression: str, shard_size: s
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"))
 @click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes to generate.")
 @click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")
-def demo(workdir: Path, k: int, layers: int) -> None:
+@click.option("--methods", default=None, metavar="M1,M2|all",
+              help="Also merge the family with these methods (calibrated) and compare what calibration did "
+                   "to each: the over-accumulation before and after.")
+def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
     """Generate a small Llama-layout base and K fine-tunes in WORKDIR, then merge them with
     task arithmetic + calibration, and show what calibration did.
 
-    Nothing is downloaded. Rerunning reuses the generated models and the finished merge.
+    Nothing is downloaded. Rerunning reuses the generated models and the finished merges.
 
     \b
     Example:
       dist-svc demo ./demo-out
+      dist-svc demo ./demo-out --methods all      # every method with a base model, side by side
     """
     import torch
 
-    from dist_svc.commands.demo import TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import DEMO_METHODS, TinyLlama, make_family, write_config
     from dist_svc.driver import merge as run_merge
 
     workdir = workdir.resolve()
@@ -259,6 +368,31 @@ def demo(workdir: Path, k: int, layers: int) -> None:
                    f"(sigma {worst[1]['sigma_before'][0]:.4f} -> {worst[1]['sigma_after'][0]:.4f}).")
     click.echo(f"\nConfig: {config}\nMerged model: {report.out_dir}")
     click.echo(f"See the spectra: dist-svc inspect {report.out_dir}")
+    if methods:
+        names = list(DEMO_METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
+        unknown = [m for m in names if m not in DEMO_METHODS]
+        if unknown:
+            raise DistSvcError(f"--methods: {', '.join(unknown)} not among {', '.join(DEMO_METHODS)}.")
+        _demo_methods(workdir, inputs / "base", ft_dirs, names)
+
+
+def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[str]) -> None:
+    from dist_svc.commands.demo import calibration_effect, write_method_config
+    from dist_svc.driver import merge as run_merge
+
+    click.echo(f"\nCalibration on each method's merge of the same family (K={len(ft_dirs)}; "
+               f"energy: mean share of each merged delta's squared norm):")
+    click.echo(f"{'method':<18}{'sigma_1 /':>10}{'norm':>7}{'held > once (eta>1)':>21}{'task-specific (eta<1)':>23}")
+    click.echo(f"{'':<18}{'before/after':>10}{'ratio':>7}{'before -> after':>21}{'before -> after':>23}")
+    for name in names:
+        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs)
+        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}", shard_size="4MB").calibration)
+        if not effect["matrices"]:
+            click.echo(f"{name:<18}  (nothing calibrated)")
+            continue
+        click.echo(f"{name:<18}{effect['top_ratio']:>9.2f}x{effect['norm_ratio']:>7.2f}"
+                   f"{100 * effect['shrunk'][0]:>12.0f}% -> {100 * effect['shrunk'][1]:.0f}%"
+                   f"{100 * effect['grown'][0]:>14.0f}% -> {100 * effect['grown'][1]:.0f}%")
 
 
 @main.group()
@@ -311,20 +445,26 @@ def bench_calibration_cmd(scale: int, k: int, repeats: int, device: str, json_pa
 @click.option("--repeats", default=3, show_default=True, help="Measured runs per tool (the median is shown).")
 @click.option("--mergekit", default="mergekit-yaml", show_default=True,
               help="mergekit's command to compare with; 'none' to run dist-svc alone.")
-def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: str) -> None:
+@click.option("--method", default="task_arithmetic", show_default=True,
+              help="The merge method both run (ties, della, ...; settings as in `dist-svc demo --methods`).")
+def bench_merge_cmd(workdir: Path, layers: str, k: int, repeats: int, mergekit: str, method: str) -> None:
     """Wall time and peak memory of dist-svc against mergekit on the same mergekit YAML and
-    inputs (task arithmetic, calibration off), for several model sizes generated in WORKDIR.
+    inputs (calibration off), for several model sizes generated in WORKDIR.
 
     \b
     Example:
       pip install mergekit==0.1.5   # in another environment; pass its mergekit-yaml
       dist-svc bench merge ./bench-out --mergekit /path/to/venv/bin/mergekit-yaml
+      dist-svc bench merge ./bench-out --method ties --layers 20
     """
     from dist_svc.commands.bench import bench_merge
+    from dist_svc.commands.demo import DEMO_METHODS
 
+    if method not in DEMO_METHODS:
+        raise DistSvcError(f"--method: {method!r} is not one of {', '.join(DEMO_METHODS)}.")
     sizes = tuple(int(x) for x in layers.split(","))
     rows = bench_merge(workdir, layers=sizes, k=k, repeats=repeats,
-                       mergekit=None if mergekit == "none" else mergekit, log=_say)
+                       mergekit=None if mergekit == "none" else mergekit, method=method, log=_say)
     click.echo(f"{'layers':>6}{'params':>8}{'dist-svc s':>12}{'MiB':>7}" +
                (f"{'mergekit s':>12}{'MiB':>7}{'time':>8}{'memory':>8}{'same bytes':>12}" if mergekit != "none" else ""))
     for r in rows:

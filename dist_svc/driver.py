@@ -16,19 +16,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from dist_svc.config import MergeConfig, load_config, parse_size
 from dist_svc.errors import DistSvcError
-from dist_svc.executors import Executor, build_executor
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
-from dist_svc.plan import Plan, build_plan, open_inputs
-from dist_svc.progress import Progress
+from dist_svc.storage.durable import local_path
 from dist_svc.storage.location import is_url
 from dist_svc.storage.outdir import RemoteLock, output_dir
 from dist_svc.storage.output import OutputLayout, layout_for
-from dist_svc.storage.zarr_format import is_zarr
-from dist_svc.worker import Job, UnitResult
+
+if TYPE_CHECKING:
+    from dist_svc.config import MergeConfig
+    from dist_svc.executors import Executor
+    from dist_svc.plan import Plan
+    from dist_svc.progress import Progress
+    from dist_svc.worker import Job, UnitResult
 
 MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giving up
 
@@ -50,6 +52,12 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     """Merge into `out_dir`, resuming whatever an earlier run finished. The output is HF
     safetensors shards (of at most `shard_size`), or a zarr v3 store when `output_format` (else
     the config's `output:`, else an `out_dir` ending in .zarr) says so."""
+    # The pipeline (and torch) is imported here, not with this module: `status` and `verify`
+    # need only the manifest and the output layout.
+    from dist_svc.executors import build_executor
+    from dist_svc.progress import Progress
+    from dist_svc.worker import Job
+
     start = time.perf_counter()
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     _refuse_inside_inputs(config, out_dir)
@@ -57,6 +65,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         from dist_svc.lowrank import merge_adapters
 
         return merge_adapters(config, out_dir, log)
+    done = _already_complete(config, out_dir, start)
+    if done is not None:
+        return done
     executor = executor or build_executor()
     plan = plan_merge(config)
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
@@ -66,14 +77,14 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         # 1. Open the output, or refuse it, before anything is written.
         existing = Manifest.check(out_dir, plan, log)
         if existing is not None and _finished(existing, layout):
-            return _report(plan, existing, layout, 0, True, start)
+            return _report(existing, layout, 0, True, start)
         executor.connect()
         out = output_dir(out_dir)
         out.mkdir()
         with _exclusive(out, log) as held, _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) \
                 as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
-                return _report(plan, manifest, layout, 0, True, start)
+                return _report(manifest, layout, 0, True, start)
             manifest.set_complete(False)  # something of it is missing: repaired below
             # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
             manifest.reset(layout.prepare(manifest.recorded))
@@ -88,7 +99,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             # 4. Finish: index and side files, then the manifest says so.
             layout.finish(manifest.recorded, plan.side_files)
             manifest.set_complete(True)
-            return _report(plan, manifest, layout, recorder.count, False, start)
+            return _report(manifest, layout, recorder.count, False, start)
     except OSError as e:
         raise DistSvcError(_storage_problem(e, out_dir)) from None
 
@@ -114,7 +125,7 @@ def _storage_problem(e: OSError, out_dir: Path) -> str:
 def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
     """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
     reads nested arrays; a rerun would find its inputs changed)."""
-    for path in (config.base_model, *(m.path for m in config.models)):
+    for path in config.checkpoints:
         if not isinstance(path, Path):  # a URL, a Hub ID or MODEL+ADAPTER
             if isinstance(out_dir, str) and (out_dir == path or out_dir.startswith(path.rstrip("/") + "/")):
                 raise DistSvcError(f"{out_dir} is inside the input checkpoint {path}; choose an output location "
@@ -193,6 +204,32 @@ def _run_pending(plan: Plan, job: Job, executor: Executor, recorder: _Recorder) 
             manifest.flush()  # keep what finished, whatever stopped the run
 
 
+def _already_complete(config: MergeConfig, out_dir: Path, start: float) -> MergeReport | None:
+    """The report of a finished merge of this config and these inputs in `out_dir`, checked
+    without planning: the inputs' identities (headers hashed, not parsed) give the plan's
+    fingerprint, and the output layout is rebuilt from the manifest. None for anything else:
+    the full path decides (and explains a refusal)."""
+    from dist_svc.plan import fingerprint, input_identities, open_inputs, plan_settings
+
+    if output_dir(out_dir).size(MANIFEST_NAME) is None:
+        return None
+    try:
+        manifest, layout = open_output(out_dir)
+    except DistSvcError:
+        return None
+    if not manifest.complete or manifest.damage:
+        return None
+    first, rest = open_inputs(config, identity_only=True)
+    try:
+        inputs = input_identities([first, *rest])
+    finally:
+        for checkpoint in (first, *rest):
+            checkpoint.close()
+    if fingerprint(plan_settings(config), inputs) != manifest.data["fingerprint"] or not _finished(manifest, layout):
+        return None
+    return _report(manifest, layout, 0, True, start)
+
+
 def _finished(manifest: Manifest, layout: OutputLayout) -> bool:
     """Complete, and nothing of it missing (a damaged manifest is repaired by a run)."""
     return (manifest.complete and manifest.damage is None
@@ -201,6 +238,8 @@ def _finished(manifest: Manifest, layout: OutputLayout) -> bool:
 
 def plan_merge(config: MergeConfig) -> Plan:
     """The plan, from the inputs' metadata (the inputs are closed again)."""
+    from dist_svc.plan import build_plan, open_inputs
+
     base, models = open_inputs(config)
     try:
         return build_plan(config, base, models)
@@ -215,6 +254,7 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     """The plan, its estimate (dist_svc.commands.estimate) and what `out_dir` holds of it
     already (its progress, or None for a fresh start), without merging or writing anything."""
     from dist_svc.commands.estimate import estimate
+    from dist_svc.plan import build_plan, open_inputs
 
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     base, models = open_inputs(config)
@@ -232,15 +272,12 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     return plan, est, existing.progress() if existing is not None else None
 
 
-def local_path(path: str | Path, what: str) -> Path | str:
-    """A local path made absolute, symlinks resolved (a symlink loop is a clear error); a URL
-    (an s3:// output) stays as it is."""
+def out_path(path: str | Path) -> Path | str:
+    """OUT_DIR as a run uses it: a local path made absolute (symlinks resolved; a loop is a
+    clear error), or a URL (an s3:// output) as it is."""
     if is_url(str(path)):
         return str(path).rstrip("/")
-    try:
-        return Path(path).expanduser().resolve()
-    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
-        raise DistSvcError(f"{what} {path}: cannot be resolved ({e}); fix the symlink or choose another path.") from None
+    return local_path(path, "OUT_DIR")
 
 
 def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
@@ -248,6 +285,9 @@ def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: boo
     """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
     output when OUT_DIR ends in .zarr and neither the flag nor the config says otherwise) and
     OUT_DIR as an absolute path."""
+    from dist_svc.config import load_config, parse_size
+    from dist_svc.storage.zarr_format import is_zarr
+
     if isinstance(config, (str, Path)):
         config = load_config(config, calibrate)
     else:
@@ -255,12 +295,12 @@ def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: boo
     if output_format is None and not config.output.given and is_zarr(out_dir):
         output_format = "zarr"
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    return config.with_output(output_format, shard_bytes), local_path(out_dir, "OUT_DIR")
+    return config.with_output(output_format, shard_bytes), out_path(out_dir)
 
 
 def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
     """The manifest of the merge in `out_dir` and its output layout, rebuilt from it."""
-    out_dir = local_path(out_dir, "OUT_DIR")
+    out_dir = out_path(out_dir)
     manifest = Manifest.load(output_dir(out_dir))
     fmt, options = manifest.output
     return manifest, layout_for(fmt, out_dir, manifest.entries(), options)
@@ -363,10 +403,9 @@ def _is_locked(out) -> bool:
         os.close(fd)
 
 
-def _report(plan: Plan, manifest: Manifest, layout: OutputLayout, units_run: int, already: bool,
-            start: float) -> MergeReport:
+def _report(manifest: Manifest, layout: OutputLayout, units_run: int, already: bool, start: float) -> MergeReport:
     calibration = {name: u["calibration"] for name, u in manifest.units.items() if u.get("calibration")}
-    return MergeReport(layout.out_dir, plan.summary(), len(plan.units), units_run, already,
+    return MergeReport(layout.out_dir, manifest.summary(), len(manifest.units), units_run, already,
                        time.perf_counter() - start, calibration)
 
 

@@ -40,11 +40,11 @@ import torch
 
 from dist_svc.calibration import calibrate_singular_values
 from dist_svc.errors import DistSvcError
-from dist_svc.methods import METHODS, ModelParams, Where
+from dist_svc.methods import METHODS, Where
 
 # Methods whose merge is linear in the task vectors (sum_i c_i tau_i): only these keep a merge
 # of low-rank task vectors low rank.
-LINEAR_METHODS = ("task_arithmetic", "linear")
+LINEAR_METHODS = ("task_arithmetic",)
 RECORD_NAME = "dist-svc-adapter-merge.json"  # the fingerprint and checksums of a finished adapter merge
 
 
@@ -79,15 +79,18 @@ def merge_factored(taus: Sequence[Factored], coefficients: Sequence[float], cali
     return Factored(q_l @ result.delta, q_r), result.summary()
 
 
-def linear_coefficients(method_name: str, params: dict, models: Sequence[dict], tensor: str) -> list[float]:
-    """c_i of a linear method (`merged = sum_i c_i tau_i`), from the method itself: its merge of
-    one-hot task vectors, so that lambda, weights and normalisation mean what they mean there."""
+def linear_coefficients(method_name: str, unit) -> list[float]:
+    """c_i of a linear method on task vectors (`merged = sum_i c_i tau_i`, one per fine-tune of
+    the unit), from the method itself: its merge of one-hot task vectors, so that lambda, weights
+    and normalisation mean what they mean there."""
     method = METHODS[method_name]
-    per_model = [ModelParams(**m) for m in models]
+    params = unit.call_params(method)
+    where = Where(unit.name, lambda: torch.zeros((), dtype=torch.int64), unit.base)
+    k = len(unit.fine_tunes)
     out = []
-    for i in range(len(models)):
-        one_hot = [torch.tensor(1.0 if j == i else 0.0, dtype=torch.float64) for j in range(len(models))]
-        out.append(float(method.merge(one_hot, per_model, params, Where(tensor, lambda: torch.zeros((), dtype=torch.int64)))))
+    for i in range(k):
+        one_hot = [torch.tensor(1.0 if j == i else 0.0, dtype=torch.float64) for j in range(k)]
+        out.append(float(method.merge(one_hot, params, where)))
     return out
 
 
@@ -120,6 +123,9 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
         raise DistSvcError(f"{config.source}: output format peft needs a method that is linear in the task vectors "
                            f"({', '.join(LINEAR_METHODS)}), so that the merge of LoRA adapters is a LoRA again; "
                            f"'{config.merge_method}' is not. Write safetensors or zarr output instead.")
+    if config.base != 0 or not config.whole_models:
+        raise DistSvcError(f"{config.source}: output format peft merges whole LoRA adapters of a base_model; "
+                           f"this config has {'no base_model' if config.base is None else 'slices'}.")
     base, models = open_inputs(config)
     try:
         for model in models:
@@ -193,23 +199,28 @@ def _merge_all(config, plan, base, models, out_dtype):
     """Per tensor of the base: factored (every adapter changes it by factors, or not at all),
     dense (some adapter replaces it whole: modules_to_save), or unchanged (skipped)."""
     cal = config.calibration
-    alpha = cal.resolved_alpha(config.k)
     tensors: dict[str, torch.Tensor] = {}  # output key -> tensor
     saved: list[str] = []  # tensors the output adapter holds whole (modules_to_save)
     modules: dict[str, dict] = {}  # module -> {rank, transpose, embedding, bias}
     calibration: dict[str, dict] = {}
+    checkpoints = [base, *models]
     for unit in plan.units:
         name = unit.name
-        factors = [m.factors.get(name) for m in models]
-        full = [m.replaces(name) for m in models]
+        if unit.base is None or unit.inputs[unit.base].checkpoint != 0 or any(s.tensor != name for s in unit.inputs):
+            raise DistSvcError(f"tensor '{name}': output format peft merges each tensor of the adapters with the "
+                               f"base's own; this plan maps it differently.")
+        adapters = [checkpoints[unit.inputs[i].checkpoint] for i in unit.fine_tunes]  # the method's order
+        factors = [m.factors.get(name) for m in adapters]
+        full = [m.replaces(name) for m in adapters]
         if not any(factors) and not any(full):
             continue  # no adapter changes it: the base's own
-        coefficients = linear_coefficients(config.merge_method, unit.params, unit.models, name)
+        coefficients = linear_coefficients(config.merge_method, unit)
+        alpha = unit.alpha
         if any(full) or len(unit.shape) != 2:
             # modules_to_save, a bias, a vector: merged densely (they are small or rare)
             base_t = base.read(name).to(torch.float64)
             taus = [m.read(name).to(torch.float64) - base_t if full[i] else
-                    m.delta(name, None, None, torch.float64) for i, m in enumerate(models)]
+                    m.delta(name, None, None, torch.float64) for i, m in enumerate(adapters)]
             merged = sum(c * t for c, t in zip(coefficients, taus))
             if unit.calibrate:
                 result = calibrate_singular_values(merged, taus, alpha, cal.side, cal.target)
@@ -225,7 +236,7 @@ def _merge_all(config, plan, base, models, out_dtype):
             continue
         taus = []
         transpose = None
-        for i, (m, f) in enumerate(zip(models, factors)):
+        for i, (m, f) in enumerate(zip(adapters, factors)):
             if f is None:
                 taus.append(Factored(torch.zeros(unit.shape[0], 0, dtype=torch.float64),
                                      torch.zeros(unit.shape[1], 0, dtype=torch.float64)))

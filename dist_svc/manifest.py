@@ -147,6 +147,16 @@ class Manifest:
         """(name, dtype, shape) of every output tensor, in plan order (Plan.entries)."""
         return [(name, u["dtype"], tuple(u["shape"])) for name, u in self.units.items()]
 
+    def summary(self) -> str:
+        """As `Plan.summary` says it."""
+        units = self.units.values()
+        total = sum(u["nbytes"] for u in units)
+        return f"{len(self.units)} tensors ({sum(u['calibrate'] for u in units)} calibrated), {total / 2**30:.2f} GiB"
+
+    def merged_with(self, name: str) -> dict[str, Any]:
+        """The parameters unit `name` is merged with (the method's and each model's)."""
+        return self.data["merged_with"][self.units[name]["merged_with"]]
+
     @property
     def side_files(self) -> dict[str, str]:
         """Side file -> sha256 of the bytes the output gets."""
@@ -302,7 +312,7 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
         raise DistSvcError(f"{path}: manifest format {str(data.get('format'))[:20]} is not one this dist-svc "
                            f"({__version__}) reads; finish the merge with the dist-svc that started it.")
     for key, kind in (("fingerprint", str), ("settings", dict), ("inputs", dict), ("side_files", dict),
-                      ("complete", bool), ("units", dict), ("generation", int)):
+                      ("complete", bool), ("units", dict), ("generation", int), ("merged_with", list)):
         if not _is(data.get(key), kind):
             raise damaged(f"'{key}' is missing or not a {kind.__name__}")
     output = data["settings"].get("config", {}).get("output") if isinstance(data["settings"].get("config"), dict) else None
@@ -317,6 +327,15 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
 
 
 def _initial(plan: "Plan") -> dict[str, Any]:
+    # What each unit is merged with, as a table of the distinct settings (most merges have one,
+    # gradients one per layer) and an index per unit: a 47k-tensor MoE's manifest stays small.
+    settings: dict[str, int] = {}
+    units = {}
+    for u in plan.units:
+        key = json.dumps(u.merged_with(), sort_keys=True)
+        index = settings.setdefault(key, len(settings))
+        units[u.name] = {"shape": list(u.shape), "dtype": u.out_dtype, "calibrate": u.calibrate, "nbytes": u.nbytes,
+                         "merged_with": index, "done": False, "sha256": None}
     return {
         "format": FORMAT,
         "generation": 0,
@@ -325,12 +344,9 @@ def _initial(plan: "Plan") -> dict[str, Any]:
         "settings": plan.settings,
         "inputs": plan.inputs,
         "side_files": {name: hashlib.sha256(data).hexdigest() for name, data in plan.side_files.items()},
+        "merged_with": [json.loads(key) for key in settings],
         "complete": False,
-        "units": {
-            u.name: {"shape": list(u.shape), "dtype": u.out_dtype, "calibrate": u.calibrate, "nbytes": u.nbytes,
-                     "merged_with": u.merged_with(), "done": False, "sha256": None}
-            for u in plan.units
-        },
+        "units": units,
     }
 
 

@@ -2,16 +2,21 @@
 
 Every executor runs this same code (in-process for the local executor, inside an actor for the
 Ray executor), so every executor produces the same bytes. A worker reads the blocks it needs
-(dist_svc.blocks), computes the base method and the calibration, writes the result through the
+(dist_svc.blocks), computes the method and the calibration, writes the result through the
 output layout's writer, and returns the checksum. Tensors never travel back to the driver.
 
+A method works on task vectors (`x_i - base`, giving the merged delta; output `base + delta`) or
+on the inputs' weights (giving the merged weights; the delta `merged - base` where calibrated).
 Three ways through a unit:
-- not calibrated: one pass, block by block: task vectors -> base method -> base + delta -> write;
-- calibrated: pass 1 accumulates the float64 Grams of every block (`GramCalibration`); then one
-  eigh; pass 2 applies the projector to each block's merged delta and writes it. Pass 2 takes the
-  blocks from pass 1 when they fit in `cache_bytes`, else reads them again. A spectrum the Gram
-  cannot resolve to float64 accuracy is recomputed by full SVD (recorded as "svd-fallback");
-- methods that are not element-wise read every task's whole tensor.
+- not calibrated: one pass, block by block: inputs -> method -> output -> write;
+- calibrated: pass 1 accumulates the float64 Grams of every block's merged delta and task
+  vectors (`GramCalibration`); then one eigh; pass 2 applies the projector to each block's
+  merged delta and writes `base + delta'`. Pass 2 takes the blocks from pass 1 when they fit in
+  `cache_bytes`, else reads them again. A spectrum the Gram cannot resolve to float64 accuracy
+  is recomputed by full SVD (recorded as "svd-fallback");
+- whole tensors, for methods that need them (and for row-local ones where rows cannot be read:
+  a 1-D tensor, or a wide matrix calibrated through its columns), and for vocabulary tensors,
+  which are aligned token by token first (dist_svc.vocab).
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
+from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, Inputs, flat_indices
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
 from dist_svc.config import MergeConfig
 from dist_svc.errors import DistSvcError
-from dist_svc.methods import METHODS, ModelParams, Where
-from dist_svc.plan import Unit, open_inputs
+from dist_svc.methods import Where
+from dist_svc.plan import Unit, open_inputs, side_file_reader
 from dist_svc.storage.output import OutputLayout, UnitWriter
 from dist_svc.storage.types import DTYPES, ST_TO_NAME, tensor_bytes
 
@@ -79,19 +84,21 @@ class Worker:
         self.job = job
         self.device = torch.device(device)
         config = job.config
-        self.method = METHODS[config.merge_method]
+        self.method = config.method
         # Half-precision compute is promoted: bf16 task vectors lose most of their bits.
         compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
         self.compute_dtype = compute_dtype
-        self.reader = BlockReader(*open_inputs(config, job.pins), self.device, compute_dtype, block_elements)
+        first, rest = open_inputs(config, pins=job.pins)
+        self.reader = BlockReader([first, *rest], self.device, compute_dtype, block_elements)
         self.cache_bytes = cache_bytes
         self.sync = sync
+        self._vocabulary = None
 
     def run(self, unit: Unit) -> UnitResult:
         start = time.perf_counter()
         writer = self.job.layout.writer(unit.name, self.sync)
         try:
-            if not self.method.elementwise:
+            if self._whole_tensor(unit):
                 stats = self._whole(unit, writer)
             elif unit.calibrate:
                 stats = self._calibrated(unit, writer)
@@ -103,26 +110,30 @@ class Worker:
         digest = writer.close()
         return UnitResult(unit.name, digest, time.perf_counter() - start, stats)
 
+    def _whole_tensor(self, unit: Unit) -> bool:
+        if unit.needs == "tensor":
+            return True
+        if unit.needs == "row":  # blocks of rows hold whole rows, column blocks do not
+            return len(unit.shape) < 2 or (unit.calibrate and oriented(unit.shape, "column")[0])
+        return False
+
     # -- the three ways through a unit ---------------------------------------------------------
 
     def _plain(self, unit: Unit, writer: UnitWriter) -> None:
-        for block in self.reader.blocks(unit.name, unit.shape):
-            base, taus = self.reader.inputs(unit.name, block)
-            merged = self._merge(unit, block, taus)
-            writer.write(tensor_bytes(self._finish(base, merged, unit)))
+        for block in self.reader.blocks(unit):
+            writer.write(tensor_bytes(self._output(unit, block, self.reader.read(unit, block))))
 
     def _calibrated(self, unit: Unit, writer: UnitWriter) -> dict:
         cal = self.job.config.calibration
-        k = self.job.config.k
         transposed, side = oriented(unit.shape, cal.side)
         n = unit.shape[0] if transposed else unit.shape[1]
-        gram = GramCalibration(n, k, cal.resolved_alpha(k), side, cal.target, device=self.device)
-        blocks = self.reader.blocks(unit.name, unit.shape, transposed)
+        gram = GramCalibration(n, len(unit.fine_tunes), unit.alpha, side, cal.target, device=self.device)
+        blocks = self.reader.blocks(unit, transposed)
         keep = 2 * math.prod(unit.shape) * torch.finfo(self.compute_dtype).bits // 8 <= self.cache_bytes
         cache: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for block in blocks:  # pass 1: Grams
-            base, taus = self.reader.inputs(unit.name, block)
-            merged = _finite(self._merge(unit, block, taus), unit, "the base method's result")
+            base, merged, taus = self._delta(unit, block, self.reader.read(unit, block))
+            _finite(merged, unit, "the base method's result")
             gram.add(merged, taus)
             if keep:
                 cache.append((base, merged))
@@ -140,8 +151,7 @@ class Worker:
                 base, merged = cache[j]
                 cache[j] = None  # free as we go
             else:
-                base, taus = self.reader.inputs(unit.name, block)
-                merged = self._merge(unit, block, taus)
+                base, merged, _ = self._delta(unit, block, self.reader.read(unit, block))
             result = self._finish(base, solution.apply(merged), unit)
             if transposed:
                 out[:, block.start:block.stop] = result.T.cpu()
@@ -153,37 +163,79 @@ class Worker:
 
     def _svd_fallback(self, unit: Unit, writer: UnitWriter) -> dict:
         cal = self.job.config.calibration
-        whole = self.reader.whole(unit.shape)
-        base, taus = self.reader.inputs(unit.name, whole)
-        merged = self._merge(unit, whole, taus)
-        result = calibrate_singular_values(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
+        block = self.reader.whole(unit.shape)
+        base, merged, taus = self._delta(unit, block, self._inputs_whole(unit))
+        result = calibrate_singular_values(merged, taus, unit.alpha, cal.side, cal.target)
         writer.write(tensor_bytes(self._finish(base, result.delta, unit)))
         return calibration_summary(result.singular_values, result.eta, "svd-fallback", result.overlaps)
 
     def _whole(self, unit: Unit, writer: UnitWriter) -> dict | None:
-        """Methods that need whole tensors (every task at once)."""
-        whole = self.reader.whole(unit.shape)
-        base, taus = self.reader.inputs(unit.name, whole)
-        merged = _finite(self._merge(unit, whole, taus), unit, "the base method's result")
-        stats = None
-        if unit.calibrate:
-            for matrix in (merged, *taus):  # the Grams' entries are bounded by these squared norms
-                _finite(torch.linalg.norm(matrix.double()).square(), unit, "the calibration's float64 Gram matrices")
-            cal = self.job.config.calibration
-            result = calibrate_gram(merged, taus, cal.resolved_alpha(self.job.config.k), cal.side, cal.target)
-            merged, stats = result.delta, result.summary()
-        writer.write(tensor_bytes(self._finish(base, merged, unit)))
-        return stats
+        """Methods that need whole tensors (every input at once)."""
+        block = self.reader.whole(unit.shape)
+        tensors = self._inputs_whole(unit)
+        if not unit.calibrate:
+            writer.write(tensor_bytes(self._output(unit, block, tensors)))
+            return None
+        cal = self.job.config.calibration
+        base, merged, taus = self._delta(unit, block, tensors)
+        _finite(merged, unit, "the base method's result")
+        for matrix in (merged, *taus):  # the Grams' entries are bounded by these squared norms
+            _finite(torch.linalg.norm(matrix.double()).square(), unit, "the calibration's float64 Gram matrices")
+        result = calibrate_gram(merged, taus, unit.alpha, cal.side, cal.target)
+        writer.write(tensor_bytes(self._finish(base, result.delta, unit)))
+        return result.summary()
 
-    def _merge(self, unit: Unit, block: Block, taus: list[torch.Tensor]) -> torch.Tensor:
-        where = Where(unit.name, lambda: flat_indices(unit.shape, block, self.device))
-        return self.method.merge(taus, [ModelParams(**m) for m in unit.models], unit.params, where)
+    # -- the method on one block -----------------------------------------------------------------
 
-    def _finish(self, base: torch.Tensor, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
+    def _inputs_whole(self, unit: Unit) -> list[torch.Tensor]:
+        tensors = self.reader.read(unit, None)
+        if unit.vocabulary:
+            from dist_svc.vocab import align
+
+            tensors = align(self.vocabulary, tensors, [s.checkpoint for s in unit.inputs])
+        return tensors
+
+    def _merge(self, unit: Unit, block: Block, tensors: list[torch.Tensor]) -> torch.Tensor:
+        where = Where(unit.name, lambda: flat_indices(unit.shape, block, self.device), unit.base)
+        return self.method.merge(tensors, unit.call_params(self.method), where)
+
+    def _output(self, unit: Unit, block: Block, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The merged block, uncalibrated, in the output dtype."""
+        if self.method.operates_on == "weights":
+            return _finite(self._merge(unit, block, tensors).to(DTYPES[unit.out_dtype][0]), unit,
+                           f"the merged tensor in {ST_TO_NAME[unit.out_dtype]}")
+        base, delta, _ = self._delta(unit, block, tensors)
+        return self._finish(base, delta, unit)
+
+    def _delta(self, unit: Unit, block: Block, tensors: list[torch.Tensor]
+               ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+        """(base, merged delta, task vectors) of one block; base None (zero) for a tensor
+        without a base, whose "task vectors" are then the weights."""
+        base = None if unit.base is None else tensors[unit.base]
+        exact = tensors.deltas if isinstance(tensors, Inputs) else {}  # adapters of the base: their change
+        if self.method.operates_on == "weights":
+            merged = self._merge(unit, block, tensors)
+            return base, merged - base, [exact[i] if i in exact else tensors[i] - base for i in unit.fine_tunes]
+        # In place: every read is a buffer of its own, and methods never change their inputs.
+        taus = [exact[i] if i in exact else tensors[i] if base is None else tensors[i].sub_(base)
+                for i in unit.fine_tunes]
+        return base, self._merge(unit, block, taus), taus
+
+    def _finish(self, base: torch.Tensor | None, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
         """base + delta in the wider of the two dtypes, rounded once to the output dtype; never
         written if it is not finite (a merge that overflows is refused, not recorded)."""
-        return _finite((base.to(delta.dtype) + delta).to(DTYPES[unit.out_dtype][0]), unit,
-                       f"the merged tensor in {ST_TO_NAME[unit.out_dtype]}")
+        out = delta if base is None else base.to(delta.dtype) + delta
+        return _finite(out.to(DTYPES[unit.out_dtype][0]), unit, f"the merged tensor in {ST_TO_NAME[unit.out_dtype]}")
+
+    @property
+    def vocabulary(self):
+        """The merge's output vocabulary (dist_svc.vocab), built once per worker from the
+        checkpoints' tokenizer files, exactly as the planner built it."""
+        if self._vocabulary is None:
+            from dist_svc.vocab import build_vocabulary
+
+            self._vocabulary = build_vocabulary(self.job.config, side_file_reader(self.reader.checkpoints))
+        return self._vocabulary
 
     def close(self) -> None:
         self.reader.close()
@@ -193,7 +245,7 @@ def _finite(tensor: torch.Tensor, unit: Unit, what: str) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         settings = ", ".join(f"{k}={v!r}" for k, v in unit.params.items() if isinstance(v, (int, float))
                              and not isinstance(v, bool))
-        per_model = "; ".join(", ".join(f"{k}={v:g}" for k, v in m.items()) for m in unit.models)
+        per_model = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.items()) for m in unit.models)
         raise DistSvcError(f"tensor '{unit.name}': {what} is not finite (it overflows) with {settings or 'the defaults'} "
                            f"and per model [{per_model}]. Lower lambda or the weights; inputs and finished "
                            f"tensors are untouched.")

@@ -418,6 +418,8 @@ def test_paths_that_cannot_be_output_directories_are_refused_clearly(tmp_path, f
     refused(run_cli("merge", cfg, tmp_path / "loop-a", check=False), "loop-a")
     refused(run_cli("status", tmp_path / "loop-a", check=False), "loop-a")
     refused(run_cli("verify", tmp_path / "loop-a", check=False), "loop-a")
+    looped = write_config(tmp_path / "loop.yaml", base, [tmp_path / "loop-a"])
+    refused(run_cli("merge", looped, tmp_path / "out", check=False), "loop-a", "cannot be resolved")
     refused(run_cli("merge", cfg, base / "merged", check=False), "inside the input")
     refused(run_cli("convert", base, base / "copy.zarr", check=False), "inside")
     assert not (base / "merged").exists()
@@ -458,7 +460,7 @@ def test_the_device_is_checked_before_anything_is_written(tmp_path, family):
         pytest.skip("this machine has a GPU")
     base, fts = family(1)
     refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--device", "cuda",
-                    check=False), "--device cuda", "no CUDA device")
+                    check=False), "device cuda (--device", "no CUDA device")
     assert not (tmp_path / "out").exists()
 
 

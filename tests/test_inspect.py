@@ -39,7 +39,54 @@ def test_inspect_writes_a_picture_and_a_table_of_what_calibration_did(tmp_path, 
     chosen = run_cli("inspect", tmp_path / "merged", "--tensors", "*layers.1.*", "--out", tmp_path / "l1")
     assert (tmp_path / "l1.png").is_file() and "wrote" in chosen.stdout
     missing = run_cli("inspect", tmp_path / "merged", "--tensors", "*nothing*", check=False)
-    assert missing.returncode == 2 and "no calibrated matrix matches" in missing.stderr
+    assert missing.returncode == 2 and "no calibrated matrix with a non-zero delta matches" in missing.stderr
+    # The whole spectrum, not sigma_1 alone: the shared directions' share of the energy falls.
+    assert all(r["shrunk"][1] < r["shrunk"][0] and r["norm_ratio"] < 1 for r in table)
+    assert all(len(r["eta_quantiles"]) == 5 and r["eta_quantiles"][0] <= r["eta_quantiles"][4] for r in table)
+
+
+def test_where_calibration_mostly_amplifies_inspect_says_so(tmp_path, family):
+    """An average (lambda = 1/K) holds each task-specific direction once over K: calibration
+    with alpha = 1/K grows those back, so most updates grow; the report says so instead of
+    calling it over-accumulation undone."""
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, parameters={"lambda": 1 / 3})
+    merge(cfg, tmp_path / "avg", progress="off")
+    proc = run_cli("inspect", tmp_path / "avg", "--out", tmp_path / "avg-report")
+    table = json.loads((tmp_path / "avg-report.json").read_text())["matrices"]
+    grew = sum(r["norm_ratio"] > 1 for r in table)
+    assert grew > len(table) / 2 and all(r["eta_quantiles"][2] < 1 for r in table)
+    assert f"({grew} of {len(table)} grew)" in proc.stdout
+
+
+def test_bert_style_modules_keep_their_full_names_and_zero_deltas_are_counted_not_plotted(tmp_path):
+    """MiniLM-style names: attention.output.dense, intermediate.dense and output.dense are three
+    rows, not one "dense"; a matrix no fine-tune changed is reported as unchanged, never among
+    the strongest with an empty panel."""
+    import torch
+
+    from dist_svc.commands.demo import write_hf_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    names = [f"bert.encoder.layer.{i}.{m}.weight" for i in range(2)
+             for m in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+    base = {n: torch.randn(16, 16, generator=gen) for n in names}
+    write_hf_checkpoint(tmp_path / "base", base)
+    for k in range(2):
+        ft = {n: t + (0 if "query" in n else 0.1) * torch.randn(16, 16, generator=gen) for n, t in base.items()}
+        write_hf_checkpoint(tmp_path / f"ft-{k}", ft)
+    cfg = write_config(tmp_path / "m.yaml", tmp_path / "base", [tmp_path / "ft-0", tmp_path / "ft-1"])
+    merge(cfg, tmp_path / "merged-0.2", progress="off")
+    proc = run_cli("inspect", tmp_path / "merged-0.2", cwd=tmp_path)
+    # OUT_DIR's dots are kept: merged-0.2-spectra.png, not merged-0.png
+    assert {p.name for p in tmp_path.glob("merged-0.2-spectra.*")} == {
+        "merged-0.2-spectra.png", "merged-0.2-spectra.json", "merged-0.2-spectra.csv"}
+    table = json.loads((tmp_path / "merged-0.2-spectra.json").read_text())["matrices"]
+    assert {r["module"] for r in table} == {"attention.self.query", "attention.output.dense", "intermediate.dense",
+                                           "output.dense"}
+    assert "2 of them unchanged by the fine-tunes" in proc.stdout
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  bert.")]
+    assert listed and not any("query" in name for name in listed)
 
 
 def test_dry_run_prints_the_plan_in_numbers_and_writes_nothing(tmp_path, family):
@@ -67,3 +114,15 @@ def test_dry_run_prints_the_plan_in_numbers_and_writes_nothing(tmp_path, family)
 def test_every_example_config_is_valid(path):
     config = load_config(path)
     assert config.k == 3
+
+
+def test_demo_compares_what_calibration_does_to_each_method(tmp_path):
+    """Task arithmetic counts the family's shared update K times (calibration shrinks it);
+    an average holds each task's own update 1/K times (calibration grows it); SLERP of one
+    fine-tune with its base (K = 1, alpha = 1) is left as it is."""
+    proc = run_cli("demo", tmp_path / "demo", "--layers", "2", "--methods", "task_arithmetic,linear,slerp,ties")
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[-4:]}
+    assert set(rows) == {"task_arithmetic", "linear", "slerp", "ties"}
+    norm = {m: float(r[2]) for m, r in rows.items()}
+    assert norm["task_arithmetic"] < 0.7 and norm["linear"] > 1.3 and norm["slerp"] == 1.0
+    assert int(rows["task_arithmetic"][3][:-1]) > 80 and rows["linear"][3] == "0%"  # energy held more than once

@@ -17,7 +17,9 @@ from tests.conftest import file_bytes, run_cli, write_config
 from tests.contracts import ExecutorContract
 from dist_svc.methods.random import stream_key, uniform
 from tests.reference import (
-    iso_c_reference, load_checkpoint, load_output, merge_reference, star_reference, ties_reference, tsv_reference,
+    breadcrumbs_prune_reference, gta_reference, iso_c_reference, karcher_reference, linear_reference, load_checkpoint,
+    load_output, merge_reference, model_stock_reference, nuslerp_reference, sce_reference, slerp_reference,
+    star_reference, ties_reference, tsv_reference,
 )
 
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -175,31 +177,71 @@ def _dare_ties_reference(densities, seed):
     return method
 
 
-@pytest.mark.parametrize("method, params, model_params, reference, alpha", [
+def _della_reference(density, epsilon, seed):
+    """MAGPRUNE from its definition: rank in the row (ties: lower index first), keep probability
+    density - epsilon + 2 epsilon rank / (n - 1), kept entries divided by it; the random numbers
+    are dist-svc's counter-based ones (methods.random)."""
+    def method(name, taus):
+        out = []
+        for i, t in enumerate(taus):
+            rows = t.reshape(1, -1) if t.ndim < 2 else t
+            n = rows.shape[1]
+            rank = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1) / max(n - 1, 1)
+            p = density - epsilon + 2 * epsilon * (rank if n > 1 else 0.5)
+            u = uniform(stream_key(seed, name, i), torch.arange(rows.size).view(rows.shape)).numpy()
+            out.append(np.where(u < p, rows / p, 0.0).reshape(t.shape))
+        return gta_reference(out, [1.0] * len(taus), 1.0, normalize=True, consensus=True)
+    return method
+
+
+# (method, parameters, each fine-tune's parameters, the reference, alpha: None = 1/K, False = no
+# calibration; `weights=` marks references on weights: (name, base, fine-tunes) -> merged weights)
+CALIBRATED = [
     ("ties", {"density": 0.5, "lambda": 0.8}, [{}, {"density": 0.3}, {}],
      lambda n, t: ties_reference(t, [1] * 3, [0.5, 0.3, 0.5], 0.8), None),
     ("dare_ties", {"density": 0.6, "seed": 11}, [{}, {}, {}], _dare_ties_reference([0.6] * 3, 11), None),
+    ("della", {"density": 0.6, "epsilon": 0.2, "seed": 4}, [{}, {}, {}], _della_reference(0.6, 0.2, 4), None),
+    ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.05}, [{}, {}, {}],
+     lambda n, t: gta_reference([breadcrumbs_prune_reference(x, 0.7, 0.05) for x in t], [1] * 3, consensus=True),
+     None),
+    ("sce", {"select_topk": 0.5}, [{}, {}, {}], lambda n, t: sce_reference(t, 0.5), None),
     ("tsv", {"lambda": 0.9}, [{}, {}, {}], lambda n, t: tsv_reference(t, 0.9), 1.0),
     # Iso-C's spectrum is flat, so its singular directions are not unique and calibrating it
     # depends on the basis an SVD picks (docs/calibration.md): checked with calibration off.
     ("iso_c", {}, [{}, {}, {}], lambda n, t: iso_c_reference(t), False),
     ("star", {"eta": 0.5}, [{}, {}, {}],
      lambda n, t: star_reference(t, eta=0.5) if t[0].ndim == 2 else np.mean(t, 0), None),
-])
+    # Methods on weights, with base_model: the calibrated delta is merged - base.
+    ("linear", {"weight": 1.0}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}],
+     ("weights", lambda n, b, x: linear_reference([*x, b], [1.0, 0.5, 2.0, 1.0])), None),
+    ("model_stock", {}, [{}, {}, {}], ("weights", lambda n, b, x: model_stock_reference(b, x)), None),
+    ("karcher", {}, [{}, {}, {}], ("weights", lambda n, b, x: karcher_reference([*x, b])), None),
+    ("slerp", {"t": 0.4}, [{}], ("weights", lambda n, b, x: slerp_reference(0.4, b, x[0])), None),
+    ("nuslerp", {}, [{"weight": 1.0}, {"weight": 3.0}], lambda n, t: nuslerp_reference(0.75, t[0], t[1]), None),
+]
+
+
+@pytest.mark.parametrize("method, params, model_params, reference, alpha", CALIBRATED, ids=[c[0] for c in CALIBRATED])
 def test_every_method_with_calibration_equals_its_float64_reference(tmp_path, family, method, params, model_params,
                                                                       reference, alpha):
+    """SVC needs only the merged delta (merged - base) and the task vectors: it applies to every
+    method with a base model, streamed or not."""
     base, fts = family(3)
+    fts = fts[:len(model_params)]
     cfg = {"merge_method": method, "base_model": str(base), "dtype": "float64", "parameters": params,
            "models": [{"model": str(f), "parameters": p} for f, p in zip(fts, model_params)],
            "calibrate": alpha is not False}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     report = merge(tmp_path / "m.yaml", tmp_path / "out", shard_size="40KB", progress="off",
-                   executor=LocalExecutor(block_elements=300))  # small blocks: DARE's masks must not depend on them
+                   executor=LocalExecutor(block_elements=300))  # small blocks: random drops must not depend on them
     out = load_output(tmp_path / "out")
-    ref = merge_reference(base, fts, [1.0] * 3, method=reference, alpha=alpha or None, calibrate=alpha is not False)
+    on_weights = isinstance(reference, tuple)
+    ref = merge_reference(base, fts, [1.0] * len(fts), alpha=alpha or None, calibrate=alpha is not False,
+                          method=None if on_weights else reference, weights_method=reference[1] if on_weights else None)
     for name, tensor in out.items():
         err = np.abs(tensor.numpy().astype(np.float64) - ref[name])
-        # float64 all the way, one rounding to float32 (SVD-based methods: 1e-12 of the delta more).
+        # float64 all the way, one rounding to float32 (SVD-based and iterative methods: 1e-12 of
+        # the delta more).
         tol = np.spacing(np.abs(ref[name]).astype(np.float32)) + 1e-12 * np.abs(ref[name]).max()
         assert (err <= tol).all(), f"{method} {name}: {err.max():.3g}"
     assert bool(report.calibration) == (alpha is not False)
@@ -233,3 +275,59 @@ def test_a_matrix_the_gram_cannot_resolve_is_merged_by_full_svd_and_recorded(tmp
 class TestLocalExecutor(ExecutorContract):
     def executor(self):
         return LocalExecutor(threads=2, block_elements=300)  # units in flight, blocks small
+
+
+def test_a_frankenmerge_renames_and_repeats_layers(tmp_path, family):
+    """Output layer o of a slice [a, b) is layer a + o - first of its source, under the output's
+    name; overlapping slices repeat layers; embeddings come from the first slice, the final norm
+    and LM head from the last; config.json counts the output's layers."""
+    base, fts = family(2)
+    cfg = tmp_path / "franken.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 2], "parameters": {"scale": 0.5}}]},
+        {"sources": [{"model": str(fts[0]), "layer_range": [1, 2]}]}]}))
+    merge(cfg, tmp_path / "out", progress="off")
+    out, a, b = load_output(tmp_path / "out"), load_checkpoint(fts[0]), load_checkpoint(fts[1])
+    q = "self_attn.q_proj.weight"
+    assert np.array_equal(out[f"model.layers.0.{q}"].numpy(), a[f"model.layers.0.{q}"])
+    assert np.array_equal(out[f"model.layers.1.{q}"].numpy(), a[f"model.layers.1.{q}"])
+    assert np.array_equal(out[f"model.layers.2.{q}"].numpy(), (0.5 * b[f"model.layers.1.{q}"]).astype(np.float32))
+    assert np.array_equal(out[f"model.layers.3.{q}"].numpy(), a[f"model.layers.1.{q}"])  # repeated
+    assert np.array_equal(out["model.embed_tokens.weight"].numpy(), a["model.embed_tokens.weight"])
+    assert np.array_equal(out["lm_head.weight"].numpy(), a["lm_head.weight"])
+    assert len([n for n in out if n.endswith(q)]) == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_a_union_vocabulary_aligns_embedding_rows_per_token(tmp_path, family):
+    """A fine-tune that learnt two tokens of its own: the output vocabulary is the base's plus
+    those, config.json says so, and each token's row follows the tokenizer: shared tokens are
+    merged as usual, the new ones are the fine-tune's rows (mergekit's rule: a token only one
+    model has takes that model's row in every model, so its merged delta is zero)."""
+    from dist_svc.commands.demo import write_hf_checkpoint, write_tokenizer
+
+    base, fts = family(2)
+    tensors = {n: torch.from_numpy(a.astype(np.float32)) for n, a in load_checkpoint(fts[1]).items()}
+    extra = torch.randn(2, tensors["lm_head.weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], extra])
+    config = json.loads((base / "config.json").read_text())
+    vocab = config["vocab_size"]
+    write_hf_checkpoint(tmp_path / "chat", tensors, 1, {**config, "vocab_size": vocab + 2})
+    write_tokenizer(tmp_path / "chat", vocab + 2, ("<|im_start|>", "<|im_end|>"))
+    cfg = write_config(tmp_path / "m.yaml", base, [fts[0], tmp_path / "chat"], tokenizer_source="union",
+                       calibrate=False)
+    merge(cfg, tmp_path / "out", progress="off")
+    out = load_output(tmp_path / "out")
+    b, f0 = load_checkpoint(base), load_checkpoint(fts[0])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == vocab + 2
+    tokenizer = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    ids = {a["content"]: a["id"] for a in tokenizer["added_tokens"]}
+    assert ids["<|im_start|>"] == vocab and ids["<|im_end|>"] == vocab + 1
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        got = out[name].double().numpy()
+        assert got.shape[0] == vocab + 2
+        expected_shared = b[name] + (f0[name] - b[name]) + (tensors[name][:vocab].double().numpy() - b[name])
+        assert np.abs(got[:vocab] - expected_shared).max() < 1e-6
+        assert np.array_equal(got[vocab:], extra.double().numpy())

@@ -98,6 +98,25 @@ def test_a_different_config_for_the_same_out_dir_is_refused_and_nothing_is_touch
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir()} == before
 
 
+def test_every_parameter_of_every_model_is_part_of_the_merge_it_resumes(tmp_path, family):
+    """A per-model parameter with a plain value (breadcrumbs' gamma of the second model) decides
+    the bytes as much as a global one: changed, the rerun is refused, naming it."""
+    base, fts = family(3)
+    models = [{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.5, "density": 0.8, "gamma": 0.02}]
+    cfg = write_config(tmp_path / "a.yaml", base, fts[:2], merge_method="breadcrumbs")
+    import yaml
+
+    raw = yaml.safe_load(cfg.read_text())
+    for entry, params in zip(raw["models"], models):
+        entry["parameters"] = params
+    cfg.write_text(yaml.safe_dump(raw))
+    run_cli("merge", cfg, tmp_path / "out")
+    raw["models"][1]["parameters"]["gamma"] = 0.05
+    cfg.write_text(yaml.safe_dump(raw))
+    result = run_cli("merge", cfg, tmp_path / "out", check=False)
+    assert result.returncode == 2 and "'sources.models[1].parameters.gamma' was 0.02, now 0.05" in result.stderr
+
+
 def test_changed_inputs_for_the_same_out_dir_are_refused(tmp_path, family):
     base, fts = family(2)
     cfg = write_config(tmp_path / "m.yaml", base, fts)

@@ -46,8 +46,8 @@ def test_a_url_in_a_config_is_not_turned_into_a_local_directory(tmp_path):
     cfg = parse_config({"merge_method": "task_arithmetic", "base_model": "s3://bucket/base",
                         "models": [{"model": "s3://bucket/ft"}, {"model": "org/ft@v2"}]})
     assert cfg.base_model == "s3://bucket/base"
-    assert [m.path for m in cfg.models] == ["s3://bucket/ft", "hf://org/ft@v2"]
-    assert cfg.fingerprint_dict()["models"][0]["model"] == "s3://bucket/ft"
+    assert cfg.checkpoints == ("s3://bucket/base", "s3://bucket/ft", "hf://org/ft@v2")
+    assert cfg.fingerprint_dict()["sources"]["models[0]"]["model"] == "s3://bucket/ft"
 
 
 # -- legacy .bin / .pt -------------------------------------------------------------------------------

@@ -100,10 +100,14 @@ def measure(command: list[str]) -> dict:
 
 
 def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: int = 3,
-                mergekit: str | None = "mergekit-yaml", hidden: int = 1024, log=print) -> list[dict]:
-    """dist-svc against mergekit on the same mergekit YAML and inputs (task arithmetic, calibration
-    off, float32 compute, bf16 output): medians of wall time and peak RSS, per model size. Models
-    are generated (and kept) under `workdir`; ~300M parameters at 20 layers with the defaults."""
+                mergekit: str | None = "mergekit-yaml", hidden: int = 1024, method: str = "task_arithmetic",
+                log=print) -> list[dict]:
+    """dist-svc against mergekit on the same mergekit YAML and inputs (`method`, calibration off,
+    float32 compute, bf16 output): medians of wall time and peak RSS, per model size. Task
+    arithmetic runs with lambda 0.3; other methods with the demo's settings
+    (dist_svc.commands.demo.DEMO_METHODS: TIES and DARE at density 0.5, DELLA at 0.5 +- 0.1, ...).
+    Models are generated (and kept) under `workdir`; ~300M parameters at 20 layers with the
+    defaults."""
     import shutil
     import sys
     from pathlib import Path
@@ -120,10 +124,7 @@ def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: 
             log(f"generating {root} ...")
             make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=2)
         params = sum(math.prod(s) for s in arch.shapes().values())
-        config = root / "mergekit.yaml"
-        models = "".join(f"  - model: {root / f'ft-{i + 1}'}\n    parameters:\n      weight: 1.0\n" for i in range(k))
-        config.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n{models}"
-                          f"parameters:\n  lambda: 0.3\ndtype: float32\nout_dtype: bfloat16\n")
+        config = _bench_config(root, method, k)
         tools = {"dist-svc": [sys.executable, "-m", "dist_svc.cli", "merge", str(config), None,
                               "--no-calibrate", "--progress", "off"]}
         if mergekit:
@@ -142,10 +143,32 @@ def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: 
         for name, results in runs.items():
             row[f"{name}_wall_s"] = statistics.median(r["wall_s"] for r in results)
             row[f"{name}_peak_rss_mib"] = statistics.median(r["peak_rss_bytes"] for r in results) / 2**20
-        if mergekit:
-            row["same_output"] = _same_tensors(root / "out-dist-svc", root / "out-mergekit")
+        if mergekit:  # random methods draw other numbers than mergekit's (docs/methods.md)
+            from dist_svc.methods import METHODS
+
+            row["same_output"] = None if METHODS[method].random else _same_tensors(root / "out-dist-svc",
+                                                                                   root / "out-mergekit")
         rows.append(row)
     return rows
+
+
+def _bench_config(root, method: str, k: int):
+    """The mergekit YAML both tools run."""
+    import yaml
+
+    from dist_svc.commands.demo import DEMO_METHODS
+
+    fts = [root / f"ft-{i + 1}" for i in range(k)]
+    if method == "task_arithmetic":
+        params, own, count = {"lambda": 0.3}, {"weight": 1.0}, None
+    else:
+        params, own, count = DEMO_METHODS[method]
+    config = {"merge_method": method, "base_model": str(root / "base"),
+              "models": [{"model": str(f), **({"parameters": own} if own else {})} for f in fts[:count]],
+              **({"parameters": params} if params else {}), "dtype": "float32", "out_dtype": "bfloat16"}
+    path = root / f"mergekit-{method}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def _same_tensors(a, b) -> bool:

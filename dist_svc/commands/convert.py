@@ -22,7 +22,7 @@ from dist_svc.storage import open_checkpoint, source_of
 from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import fsync_dir
 from dist_svc.storage.output import LAYOUTS, layout_for, source_files
-from dist_svc.storage.types import DTYPES, tensor_bytes
+from dist_svc.storage.types import ITEMSIZE, tensor_bytes
 from dist_svc.storage.zarr_format import is_zarr
 
 BLOCK_BYTES = 64 << 20
@@ -99,7 +99,7 @@ def _blocks(source, name: str):
     if len(info.shape) == 0:
         yield source.read(name)
         return
-    row_bytes = max(1, math.prod(info.shape[1:]) * DTYPES[info.dtype][1])
+    row_bytes = max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
     step = max(1, BLOCK_BYTES // row_bytes)
     for r0 in range(0, info.shape[0], step):
         yield source.read(name, rows=slice(r0, r0 + step))

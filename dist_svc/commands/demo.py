@@ -57,6 +57,50 @@ class TinyLlama:
         }
 
 
+@dataclass(frozen=True)
+class TinyMoE:
+    """A Qwen2-MoE-layout model with many small experts: thousands of tensors of a few KiB,
+    where per-tensor costs (bookkeeping, scheduling, small I/O) dominate a merge."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    moe_intermediate_size: int = 32
+    num_experts: int = 16
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        h, i, e = self.hidden_size, self.moe_intermediate_size, self.num_experts
+        kv = h // self.num_attention_heads * self.num_key_value_heads
+        out = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            out.update({
+                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate.weight": (e, h),
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            })
+            for x in range(e):
+                q = f"{p}mlp.experts.{x}."
+                out.update({q + "gate_proj.weight": (i, h), q + "up_proj.weight": (i, h), q + "down_proj.weight": (h, i)})
+        out["model.norm.weight"] = (h,)
+        out["lm_head.weight"] = (self.vocab_size, h)
+        return out
+
+    def hf_config(self, dtype: torch.dtype) -> dict:
+        return {
+            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "moe_intermediate_size": self.moe_intermediate_size, "num_experts": self.num_experts,
+            "num_experts_per_tok": 2, "shared_expert_intermediate_size": 0,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
 def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: int = 1,
                         config: dict | None = None) -> None:
     """Save `tensors` as a Hugging Face checkpoint: `shards` files with an index (or a single
@@ -84,18 +128,21 @@ def write_hf_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: in
             {"bos_token_id": config.get("bos_token_id", 1), "eos_token_id": config.get("eos_token_id", 2)}, indent=2))
 
 
-def write_tokenizer(path: Path, vocab_size: int) -> None:
+def write_tokenizer(path: Path, vocab_size: int, added: tuple[str, ...] = ()) -> None:
     """A real (word-level) Hugging Face fast tokenizer of `vocab_size` tokens: `<unk>`, `<s>`,
-    `</s>`, then `w3`, `w4`, ... so the generated checkpoints are complete models."""
+    `</s>`, then `w3`, `w4`, ..., and last the special tokens `added` (as a fine-tune that
+    learnt a chat format has), so the generated checkpoints are complete models."""
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size - len(added))})
+    extra = {tok: vocab_size - len(added) + i for i, tok in enumerate(added)}
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, tok in enumerate(specials)],
+                          "normalized": False, "special": True} for tok, i in {**vocab, **extra}.items()
+                         if tok in specials or tok in extra],
         "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        "decoder": None, "model": {"type": "WordLevel", "vocab": {**vocab, **extra}, "unk_token": "<unk>"},
     }
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
     (path / "tokenizer_config.json").write_text(json.dumps({
@@ -153,3 +200,56 @@ def write_config(path: Path, base_dir: Path, ft_dirs: list[Path], lam: float = 1
     lines += ["parameters:", f"  lambda: {lam}", "dtype: float32", f"calibrate: {str(calibrate).lower()}", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+# What each method's merge of the demo family is written as (a mergekit config with a base model,
+# so that it can be calibrated): its parameters and, per fine-tune, its own.
+DEMO_METHODS: dict[str, tuple[dict, dict, int | None]] = {
+    # method: (parameters, each fine-tune's parameters, how many fine-tunes (None: all))
+    "task_arithmetic": ({}, {"weight": 1.0}, None),
+    "ties": ({}, {"weight": 1.0, "density": 0.5}, None),
+    "dare_ties": ({}, {"weight": 1.0, "density": 0.5}, None),
+    "dare_linear": ({}, {"weight": 1.0, "density": 0.5}, None),
+    "breadcrumbs": ({}, {"weight": 1.0, "density": 0.8, "gamma": 0.02}, None),
+    "breadcrumbs_ties": ({}, {"weight": 1.0, "density": 0.8, "gamma": 0.02}, None),
+    "della": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, None),
+    "della_linear": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, None),
+    "sce": ({"select_topk": 0.5}, {}, None),
+    "linear": ({"weight": 1.0}, {"weight": 1.0}, None),
+    "model_stock": ({}, {}, None),
+    "karcher": ({}, {}, None),
+    "slerp": ({"t": 0.5}, {}, 1),
+    "nuslerp": ({}, {"weight": 1.0}, 2),
+    "tsv": ({}, {}, None),
+    "iso_c": ({}, {}, None),
+    "star": ({}, {}, None),
+}
+
+
+def write_method_config(path: Path, method: str, base_dir: Path, ft_dirs: list[Path]) -> Path:
+    import yaml
+
+    params, own, count = DEMO_METHODS[method]
+    config = {"merge_method": method, "base_model": str(base_dir), "dtype": "float32",
+              "models": [{"model": str(d), **({"parameters": own} if own else {})} for d in ft_dirs[:count]]}
+    if params:
+        config["parameters"] = params
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def calibration_effect(calibration: dict[str, dict]) -> dict:
+    """A merge's calibration in a few numbers: the median ratio of the top singular value
+    before / after, the median norm ratio, and the mean share of each merged delta's energy in
+    directions held more than once (eta > 1) and in task-specific ones (eta < 1), before and
+    after."""
+    import statistics
+
+    rows = [c for c in calibration.values() if c["rank"] > 0]
+    if not rows:
+        return {"matrices": 0}
+    return {"matrices": len(rows),
+            "top_ratio": statistics.median(c["sigma_before"][0] / c["sigma_after"][0] for c in rows),
+            "norm_ratio": statistics.median(c["norm_ratio"] for c in rows),
+            "shrunk": [statistics.fmean(c["shrunk"][i] for c in rows) for i in (0, 1)],
+            "grown": [statistics.fmean(c["grown"][i] for c in rows) for i in (0, 1)]}

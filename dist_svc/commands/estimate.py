@@ -17,9 +17,8 @@ import torch
 
 from dist_svc.blocks import BLOCK_ELEMENTS
 from dist_svc.config import MergeConfig
-from dist_svc.methods import METHODS
 from dist_svc.plan import Plan
-from dist_svc.storage.types import DTYPES
+from dist_svc.storage.types import ITEMSIZE
 from dist_svc.worker import CACHE_BYTES, CPU_INTRA_OP_THREADS
 
 PROBE_BYTES = 256 << 20
@@ -40,21 +39,21 @@ class Estimate:
 
 
 def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers: int) -> Estimate:
-    k = config.k
-    elementwise = METHODS[config.merge_method].elementwise
+    checkpoints = [base, *models]
     compute_bytes = 8 if config.dtype == "float64" else 4
-    read_bytes = sum(c.tensors[u.name].nbytes for u in plan.units for c in (base, *models))
+    read_bytes = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for u in plan.units for s in u.inputs)
     flops, memory = 0.0, 0
     per_unit_seconds = []
     read_rate, flop_rate = _read_rate(base, models), _flop_rate(device)
     for u in plan.units:
+        k = len(u.fine_tunes)
         elements = math.prod(u.shape) if u.shape else 1
-        unit_read = sum(c.tensors[u.name].nbytes for c in (base, *models))
+        unit_read = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for s in u.inputs)
         unit_flops = 0.0
-        if not elementwise:
-            mem = (k + 2) * elements * compute_bytes
+        if u.needs == "element" or (u.needs == "row" and len(u.shape) > 1):
+            mem = (len(u.inputs) + 1) * min(elements, BLOCK_ELEMENTS) * compute_bytes
         else:
-            mem = (k + 2) * min(elements, BLOCK_ELEMENTS) * compute_bytes
+            mem = (len(u.inputs) + 1) * elements * compute_bytes
         if u.calibrate:
             m, n = max(u.shape), min(u.shape)
             grams = k + 1 + (k if config.calibration.side == "row" and u.shape[0] >= u.shape[1]
@@ -78,7 +77,7 @@ def _read_rate(base, models) -> float:
     name, info = max(ckpt.tensors.items(), key=lambda kv: kv[1].nbytes)
     if not info.shape:
         return 1e9
-    row_bytes = max(1, math.prod(info.shape[1:]) * DTYPES[info.dtype][1])
+    row_bytes = max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
     rows = max(1, min(info.shape[0], PROBE_BYTES // row_bytes))
     start = time.perf_counter()
     got = ckpt.read(name, rows=slice(0, rows))

@@ -1,11 +1,14 @@
 """`dist-svc inspect`: what calibration did to a merge, from its manifest.
 
-For every calibrated matrix the manifest holds the top singular values of the base method's
-delta before and after calibration, the overlap coefficients s_ri of those directions (how many
-copies of task i's projection direction r holds) and eta's range. This module turns them into
-a table (JSON and CSV) and one picture: a heat map of over-accumulation per layer and module
-(the top singular value's before/after ratio), and the spectra of the matrices where it was
-strongest (or of the ones asked for).
+For every calibrated matrix the manifest holds the top singular values of the merged delta
+before and after calibration, the overlap coefficients s_ri of those directions (how many
+copies of task i's projection direction r holds), eta's quantiles over the whole spectrum, the
+norm ratio ||Wm'|| / ||Wm||, and the share of the delta's energy in the directions calibration
+shrank (eta > 1: held more than once, the shared part) and grew (eta < 1: task-specific). This
+module turns them into a table (JSON and CSV) and one picture: per layer and module, the norm
+ratio and the over-counted share; eta's distribution in every matrix; and the spectra of the
+matrices where over-accumulation was strongest (or of the ones asked for). Matrices the
+fine-tunes left unchanged (a zero delta) are counted, not plotted.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
+import re
 from pathlib import Path
 
-from dist_svc.config import layer_index
+from dist_svc.config import layer_index, split_layer
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import Manifest
-
-
 
 def spectra_table(out_dir: str | Path) -> list[dict]:
     """One row per calibrated matrix that is done, in plan order."""
@@ -30,52 +32,80 @@ def spectra_table(out_dir: str | Path) -> list[dict]:
         if not unit["done"] or not cal:
             continue
         before, after = cal["sigma_before"], cal["sigma_after"]
-        layer = layer_index(name)
         rows.append({
-            "tensor": name, "layer": layer, "module": _module(name),
+            "tensor": name, "layer": layer_index(name), "module": module_name(name),
             "shape": unit["shape"], "path": cal["path"], "rank": cal["rank"],
             "top_ratio": before[0] / after[0] if after and after[0] > 0 else 1.0,
+            "norm_ratio": cal.get("norm_ratio", 1.0), "shrunk": cal.get("shrunk", [0.0, 0.0]),
+            "grown": cal.get("grown", [0.0, 0.0]), "eta_quantiles": cal.get("eta_quantiles", [1.0] * 5),
             "eta_max": cal["eta_max"], "eta_mean": cal["eta_mean"], "eta_min": cal["eta_min"],
             "sigma_before": before, "sigma_after": after, "overlaps": cal.get("overlaps", []),
         })
     return rows
 
 
-def _module(name: str) -> str:
-    parts = [p for p in name.split(".") if p not in ("weight", "bias")]
-    return parts[-1] if parts else name
+def module_name(name: str) -> str:
+    """What a tensor is within its layer, every part of its name after the layer's index (BERT's
+    attention.output.dense and output.dense stay apart); outside the layers, the whole name."""
+    split = split_layer(name)
+    rest = split[2][1:] if split else name
+    return re.sub(r"\.(weight|bias)$", "", rest)
+
+
+def output_paths(prefix: str | Path) -> dict[str, Path]:
+    """PREFIX.json, .csv, .png, appended (a prefix like `merged-0.2-spectra` keeps its dots)."""
+    prefix = Path(prefix)
+    return {ext: prefix.with_name(f"{prefix.name}.{ext}") for ext in ("json", "csv", "png")}
 
 
 def inspect(out_dir: str | Path, prefix: str | Path, patterns: tuple[str, ...] = (), top: int = 6) -> dict:
-    """Write PREFIX.json, PREFIX.csv and PREFIX.png; returns the paths and the strongest rows."""
+    """Write PREFIX.json, PREFIX.csv and PREFIX.png; returns the paths, the strongest rows and
+    what the whole merge's calibration did."""
     rows = spectra_table(out_dir)
     if not rows:
         raise DistSvcError(f"{out_dir}: no calibrated matrix is finished yet (or calibration was off); "
                            f"nothing to inspect. Run or resume the merge with calibration on.")
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    strongest = sorted(rows, key=lambda r: -r["top_ratio"])
+    changed = [r for r in rows if r["rank"] > 0]
+    strongest = sorted(changed, key=lambda r: -r["top_ratio"])
     if patterns:
-        chosen = [r for r in rows if any(fnmatch.fnmatchcase(r["tensor"], p) for p in patterns)]
+        chosen = [r for r in changed if any(fnmatch.fnmatchcase(r["tensor"], p) for p in patterns)]
         if not chosen:
-            raise DistSvcError(f"no calibrated matrix matches {', '.join(patterns)}; "
+            raise DistSvcError(f"no calibrated matrix with a non-zero delta matches {', '.join(patterns)}; "
                                f"names look like {rows[0]['tensor']}.")
         chosen = chosen[:max(top, 1) * 4]
     else:
         chosen = strongest[:top]
-    paths = {"json": prefix.with_suffix(".json"), "csv": prefix.with_suffix(".csv"), "png": prefix.with_suffix(".png")}
+    paths = output_paths(prefix)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps({"out_dir": str(out_dir), "matrices": rows}, indent=1))
-    k = len(rows[0]["overlaps"][0]) if rows[0]["overlaps"] else 0
+    k = max((len(r["overlaps"][0]) for r in rows if r["overlaps"]), default=0)
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["tensor", "layer", "module", "path", "rank", "sigma1_before", "sigma1_after", "top_ratio",
-                    "eta_max", "eta_mean", "eta_min"] + [f"overlap1_task{i}" for i in range(k)])
+                    "norm_ratio", "shrunk_before", "shrunk_after", "grown_before", "grown_after", "eta_min", "eta_p10",
+                    "eta_median", "eta_p90", "eta_max"] + [f"overlap1_task{i}" for i in range(k)])
         for r in rows:
             w.writerow([r["tensor"], r["layer"], r["module"], r["path"], r["rank"], r["sigma_before"][0],
-                        r["sigma_after"][0], r["top_ratio"], r["eta_max"], r["eta_mean"], r["eta_min"]]
-                       + (r["overlaps"][0] if r["overlaps"] else []))
-    _plot(rows, chosen, paths["png"], str(out_dir))
-    return {"paths": paths, "strongest": strongest[:top], "count": len(rows)}
+                        r["sigma_after"][0], r["top_ratio"], r["norm_ratio"], *r["shrunk"], *r["grown"],
+                        *r["eta_quantiles"]] + (r["overlaps"][0] if r["overlaps"] else []))
+    _plot(changed, chosen, paths["png"], str(out_dir))
+    return {"paths": paths, "strongest": strongest[:top], "count": len(rows), "unchanged": len(rows) - len(changed),
+            "overall": overall(changed)}
+
+
+def overall(rows: list[dict]) -> dict:
+    """The merge as a whole: the delta's energy in over-counted and in task-specific directions,
+    before and after calibration (weighted by each matrix's energy, which the table does not hold:
+    the mean of the matrices' shares), and the median norm ratio."""
+    if not rows:
+        return {"matrices": 0}
+    import statistics
+
+    return {"matrices": len(rows),
+            "norm_ratio_median": statistics.median(r["norm_ratio"] for r in rows),
+            "shrunk": [statistics.fmean(r["shrunk"][i] for r in rows) for i in (0, 1)],
+            "grown": [statistics.fmean(r["grown"][i] for r in rows) for i in (0, 1)],
+            "amplified": sum(r["norm_ratio"] > 1 for r in rows)}
 
 
 def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
@@ -85,40 +115,63 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
         raise DistSvcError("dist-svc inspect draws with matplotlib, which is missing from this "
                            "environment: pip install matplotlib.") from None
     matplotlib.use("Agg")
+    import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
     import numpy as np
 
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
-    modules = sorted({r["module"] for r in rows})
+    modules = sorted({r["module"] for r in rows if r["layer"] is not None})
     cols = max(1, min(3, len(chosen)))
     spectra_rows = -(-len(chosen) // cols)
-    fig = plt.figure(figsize=(5 * cols + 1, 4 + 3.2 * spectra_rows), dpi=100)
-    grid = fig.add_gridspec(1 + spectra_rows, cols, height_ratios=[1.3] + [1] * spectra_rows)
+    fig = plt.figure(figsize=(5 * cols + 2, 9.5 + 3.2 * spectra_rows), dpi=100)
+    grid = fig.add_gridspec(3 + spectra_rows, cols, height_ratios=[1.3, 1.3, 1.1] + [1] * spectra_rows)
 
-    heat = fig.add_subplot(grid[0, :])
-    if layers:
-        data = np.full((len(modules), len(layers)), np.nan)
-        for r in rows:
-            if r["layer"] is not None:
-                data[modules.index(r["module"]), layers.index(r["layer"])] = r["top_ratio"]
-        im = heat.imshow(data, aspect="auto", cmap="magma", interpolation="nearest")
-        heat.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        heat.set_yticks(range(len(modules)), modules, fontsize=8)
-        heat.set_xlabel("layer")
-        fig.colorbar(im, ax=heat, label="sigma_1 before / after")
-    else:
-        names = [r["tensor"] for r in rows]
-        heat.bar(range(len(rows)), [r["top_ratio"] for r in rows])
-        heat.set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
-        heat.set_ylabel("sigma_1 before / after")
-    heat.set_title(f"Spectral over-accumulation undone by calibration: {title}", fontsize=10)
+    def heat(ax, value, label, norm, cmap, heading):
+        if layers:
+            data = np.full((len(modules), len(layers)), np.nan)
+            for r in rows:
+                if r["layer"] is not None:
+                    data[modules.index(r["module"]), layers.index(r["layer"])] = value(r)
+            im = ax.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+            ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+            ax.set_yticks(range(len(modules)), modules, fontsize=8)
+            ax.set_xlabel("layer")
+        else:
+            im = ax.scatter(range(len(rows)), [value(r) for r in rows], c=[value(r) for r in rows], cmap=cmap, norm=norm)
+            ax.set_xticks(range(len(rows)), [r["tensor"] for r in rows], rotation=90, fontsize=6)
+        fig.colorbar(im, ax=ax, label=label)
+        ax.set_title(heading, fontsize=9)
+
+    ratios = [r["norm_ratio"] for r in rows]
+    spread = max(max(ratios) / 1.0, 1.0 / min(ratios), 1.05)
+    heat(fig.add_subplot(grid[0, :]), lambda r: r["norm_ratio"], "||calibrated|| / ||merged||",
+         mcolors.LogNorm(1 / spread, spread), "RdBu_r",
+         f"What calibration did to each merged update of {title}: its norm after / before "
+         f"(blue < 1: over-accumulation undone; red > 1: task-specific directions grown)")
+    heat(fig.add_subplot(grid[1, :]), lambda r: r["shrunk"][0], "share of energy", mcolors.Normalize(0, 1), "magma",
+         "Share of each merged update's energy in directions held more than once (eta > 1), before calibration")
+
+    ax = fig.add_subplot(grid[2, :])
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["norm_ratio"])
+    q = np.array([rows[i]["eta_quantiles"] for i in order])
+    x = np.arange(len(order))
+    ax.fill_between(x, q[:, 0], q[:, 4], color="tab:gray", alpha=0.25, step="mid", label="eta min..max")
+    ax.fill_between(x, q[:, 1], q[:, 3], color="tab:blue", alpha=0.35, step="mid", label="eta 10%..90%")
+    ax.plot(x, q[:, 2], ".", color="tab:blue", markersize=3, label="eta median")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("matrix (by norm ratio)", fontsize=8)
+    ax.set_ylabel("eta (divides sigma_r)", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("The whole spectrum: eta per singular direction, every matrix (> 1 shrinks, < 1 grows)", fontsize=9)
 
     for i, r in enumerate(chosen):
-        ax = fig.add_subplot(grid[1 + i // cols, i % cols])
+        ax = fig.add_subplot(grid[3 + i // cols, i % cols])
         x = np.arange(1, len(r["sigma_before"]) + 1)
-        ax.semilogy(x, r["sigma_before"], "o-", label="base method", color="tab:red", markersize=4)
+        ax.semilogy(x, r["sigma_before"], "o-", label="merged", color="tab:red", markersize=4)
         ax.semilogy(x, r["sigma_after"], "s-", label="calibrated", color="tab:blue", markersize=4)
-        ax.set_title(f"{r['tensor']}\neta max {r['eta_max']:.2f}", fontsize=8)
+        ax.set_title(f"{r['tensor']}\nnorm x{r['norm_ratio']:.2f}, eta {r['eta_min']:.2f}..{r['eta_max']:.2f}",
+                     fontsize=8)
         ax.set_xlabel("singular direction", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:

@@ -40,9 +40,17 @@ def build_executor(cluster: str | None = None, device: str | None = None, thread
         from dist_svc.executors.ray_cluster import RayExecutor
 
         return RayExecutor(address=None if cluster == "auto" else cluster, log=log)
+    from dist_svc.executors.local import LocalExecutor
+
     return LocalExecutor(device=device, threads=threads)
 
 
-from dist_svc.executors.local import LocalExecutor  # noqa: E402  (the embedded default)
+def __getattr__(name: str):
+    if name == "LocalExecutor":  # the embedded default, importable from here (it imports torch)
+        from dist_svc.executors.local import LocalExecutor
+
+        return LocalExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Executor", "LocalExecutor", "build_executor"]

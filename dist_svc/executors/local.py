@@ -55,9 +55,9 @@ class LocalExecutor:
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if (device.index or 0) >= count:
-                raise DistSvcError(f"--device {self.device}: this machine has {count or 'no'} CUDA device(s) "
-                                   f"usable by this torch ({torch.__version__}); use --device cpu, or install a "
-                                   f"CUDA build of torch on a machine with a GPU.")
+                raise DistSvcError(f"device {self.device} (--device, --cuda): this machine has {count or 'no'} CUDA "
+                                   f"device(s) usable by this torch ({torch.__version__}); nothing was written. Merge "
+                                   f"on the CPU (--device cpu), or install a CUDA build of torch on a machine with a GPU.")
         elif device.type != "cpu":
             raise DistSvcError(f"--device {self.device}: only cpu and cuda devices are supported.")
 

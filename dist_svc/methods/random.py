@@ -11,13 +11,16 @@ import torch
 _M32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32), on int64 tensors holding values < 2^32."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32), in place on int64 tensors holding values < 2^32 (`tmp`:
+    scratch of the same shape). In place because each pass over a fresh tensor would allocate,
+    and fault in, a block's worth of memory: the hash is most of DARE's and DELLA's time."""
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp).mul_(0x7FEB352D).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 15, out=tmp)
+    x.bitwise_xor_(tmp).mul_(0x846CA68B).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
 
 
 def stream_key(seed: int, name: str, task: int) -> tuple[int, int]:
@@ -28,8 +31,12 @@ def stream_key(seed: int, name: str, task: int) -> tuple[int, int]:
 def uniform(key: tuple[int, int], indices: torch.Tensor) -> torch.Tensor:
     """Uniform numbers in [0, 1) (float64, 2^-32 resolution), one per flat element index."""
     lo, hi = key
-    idx = indices.to(torch.int64)
-    x = _mix32(((idx & _M32) ^ lo) & _M32)
-    x = _mix32(x ^ ((idx >> 32) & _M32) ^ hi)
-    x = _mix32(x ^ lo)
-    return x.to(torch.float64) * (1.0 / 4294967296.0)
+    x = indices.to(torch.int64, copy=True)
+    tmp = torch.empty_like(x)
+    high = (x >> 32).bitwise_and_(_M32) if x.numel() and int(x.max()) >> 32 else None
+    _mix32_(x.bitwise_and_(_M32).bitwise_xor_(lo), tmp)
+    if high is not None:
+        x.bitwise_xor_(high)
+    _mix32_(x.bitwise_xor_(hi), tmp)
+    _mix32_(x.bitwise_xor_(lo), tmp)
+    return x.to(torch.float64).mul_(1.0 / 4294967296.0)

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from dist_svc.methods.base import LAMBDA, WEIGHT, Param, register
+
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor P Q^T of x = P S Q^T: the closest matrix with orthonormal columns
@@ -82,3 +84,32 @@ def star(deltas: Sequence[torch.Tensor], lam: float = 1.0, eta: float = 0.4) -> 
         kept = s[:rank] * (nuclear / s[:rank].sum())
         out.append((u[:, :rank] * kept) @ vh[:rank])
     return torch.stack(out).mean(dim=0) * lam
+
+
+# -- registrations: task vectors are weighted (w_i tau_i) before the method -----------------------
+
+def _weighted(deltas, p):
+    return [d * w if w != 1.0 else d for d, w in zip(deltas, p["weight"])]
+
+
+@register("tsv", LAMBDA, WEIGHT, needs="tensor", alpha_is_one=True, reference="https://arxiv.org/abs/2412.00081")
+def tsv_merge(deltas, p, where):
+    return tsv(_weighted(deltas, p), lam=p["lambda"])
+
+
+@register("iso_c", LAMBDA, WEIGHT, needs="tensor", reference="https://arxiv.org/abs/2502.04959")
+def iso_c_merge(deltas, p, where):
+    return iso_c(_weighted(deltas, p), lam=p["lambda"])
+
+
+@register("iso_cts", LAMBDA, WEIGHT, Param("common_fraction", 0.8, float, 0.0, 1.0, low_inclusive=True,
+                                           doc="share of the rank given to the common subspace"),
+          needs="tensor", reference="https://arxiv.org/abs/2502.04959")
+def iso_cts_merge(deltas, p, where):
+    return iso_cts(_weighted(deltas, p), lam=p["lambda"], common_fraction=p["common_fraction"])
+
+
+@register("star", LAMBDA, WEIGHT, Param("eta", 0.4, float, 0.0, 1.0, doc="share of each task's nuclear norm kept"),
+          needs="tensor", reference="https://arxiv.org/abs/2502.10339")
+def star_merge(deltas, p, where):
+    return star(_weighted(deltas, p), lam=p["lambda"], eta=p["eta"])

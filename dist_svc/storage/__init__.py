@@ -35,16 +35,19 @@ def source_of(text: str) -> Path | str:
         return text.rstrip("/")
     if hub.is_hub_id(text):
         return hub.canonical(text)
-    return local.resolve()
+    from dist_svc.storage.durable import local_path
+
+    return local_path(text)
 
 
 def open_checkpoint(source: str | Path, base: "Checkpoint | None" = None, pins: "Mapping[str, str] | None" = None,
-                    trust_pickle: bool = False) -> "Checkpoint":
+                    trust_pickle: bool = False, identity_only: bool = False) -> "Checkpoint":
     """The reader for a checkpoint source (see `source_of`). A PEFT adapter named alone applies to
     `base` (the merge's base model); `MODEL+ADAPTER` applies to MODEL (`base` itself when MODEL
     is the base). `pins`: the commit each Hub model must be read at (the plan's, `hub.pins`). The output of a
     dist-svc merge that has not finished is refused, whatever its format: some of its tensors
-    are not written yet."""
+    are not written yet. With `identity_only`, a reader may skip what `identity()` and
+    `side_file()` do not need (a rerun of a finished merge checks only those)."""
     from dist_svc.errors import DistSvcError
     from dist_svc.storage import hub
     from dist_svc.storage.location import LocalLocation, location
@@ -52,7 +55,8 @@ def open_checkpoint(source: str | Path, base: "Checkpoint | None" = None, pins: 
     text = str(source)
     if isinstance(source, str) and "+" in text and not Path(text).exists():
         model, adapter = text.split("+", 1)
-        inner = base if base is not None and model == base.source else open_checkpoint(model, pins=pins)
+        inner = base if base is not None and model == base.source else \
+            open_checkpoint(model, pins=pins, identity_only=identity_only)
         return open_checkpoint(adapter, base=inner, pins=pins)
 
     extra = None
@@ -76,15 +80,16 @@ def open_checkpoint(source: str | Path, base: "Checkpoint | None" = None, pins: 
         weights_file = next((f for f in WEIGHT_FILES if loc.is_file(f)), None)
         if weights_file is None:
             raise DistSvcError(f"{loc}: a PEFT adapter config without its weights ({' or '.join(WEIGHT_FILES)}).")
-        weights = open_checkpoint(loc.child(weights_file).url if not loc.is_local else loc.path / weights_file)
-        return LoraCheckpoint(loc, base, weights, source=text, extra_identity=extra)
+        weights = open_checkpoint(loc.child(weights_file).url if not loc.is_local else loc.path / weights_file,
+                                  identity_only=identity_only)
+        return LoraCheckpoint(loc, base, weights, source=text, extra_identity=extra, identity_only=identity_only)
     if kind == "torch":
         from dist_svc.storage.torch_reader import TorchCheckpoint
 
         return TorchCheckpoint(text, loc, source=text, extra_identity=extra, trust_pickle=trust_pickle)
     from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
 
-    return SafetensorsCheckpoint(text, loc, source=text, extra_identity=extra)
+    return SafetensorsCheckpoint(text, loc, source=text, extra_identity=extra, identity_only=identity_only)
 
 
 def checkpoint_format(loc) -> str:

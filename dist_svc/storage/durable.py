@@ -13,6 +13,16 @@ from pathlib import Path
 HASH_PIECE = 64 << 20
 
 
+def local_path(path: str | Path, what: str = "path") -> Path:
+    """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
+    from dist_svc.errors import DistSvcError
+
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a loop
+        raise DistSvcError(f"{what} {path}: cannot be resolved ({e}); fix the symlink or choose another path.") from None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data`, durably. The temp file is `.NAME.tmp` beside it."""
     tmp = temp_path(path)

@@ -52,7 +52,10 @@ class Factors:
 
 
 class LoraCheckpoint:
-    def __init__(self, loc, inner: Checkpoint, weights: Checkpoint, source: str, extra_identity: dict | None = None):
+    def __init__(self, loc, inner: Checkpoint, weights: Checkpoint, source: str, extra_identity: dict | None = None,
+                 identity_only: bool = False):
+        """`identity_only`: only what `identity()` and `side_file()` need (the inner checkpoint and
+        the weights may then hold no tensors; nothing is matched against them)."""
         self.loc, self.inner, self.weights = loc, inner, weights
         self.source = source
         raw = loc.read_bytes(CONFIG_NAME)
@@ -62,12 +65,13 @@ class LoraCheckpoint:
         except (TypeError, ValueError, AssertionError):
             raise DistSvcError(f"{loc.where(CONFIG_NAME)}: not a valid PEFT adapter config (a JSON object).") from None
         self.config = config
-        self._check_config(config)
         self.factors: dict[str, Factors] = {}
         self.full: dict[str, str] = {}  # inner tensor -> adapter key of the full tensor replacing it
         self._base_layers: set[str] = set()  # full tensors saved as an adapted layer's `base_layer`
         self._same: dict[str, bool] = {}  # base_layer tensors found equal to the inner's
-        self._map_keys(config)
+        if not identity_only:
+            self._check_config(config)
+            self._map_keys(config)
         self.tensors: dict[str, TensorInfo] = {
             name: (TensorInfo(name, weights.tensors[self.full[name]].dtype, info.shape, weights.tensors[self.full[name]].where)
                    if name in self.full else info)

@@ -80,7 +80,7 @@ class LocalDir:
     def size(self, name: str) -> int | None:
         try:
             return (self.path / name).stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def range_sha256(self, name: str, offset: int, nbytes: int) -> str | None:

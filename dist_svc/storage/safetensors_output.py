@@ -28,7 +28,7 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 from dist_svc.storage.durable import atomic_write, fsync_dir, range_sha256, sync_file
 from dist_svc.storage.output import Entry, side_file_problems
-from dist_svc.storage.types import DTYPES, INDEX_NAME, tensor_nbytes
+from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -79,7 +79,7 @@ def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[
     shards: list[ShardLayout] = []
     placements: dict[str, Placement] = {}
     for k, group in enumerate(groups):
-        ordered = sorted(group, key=lambda e: -DTYPES[e[1]][1])  # stable: keeps plan order per dtype
+        ordered = sorted(group, key=lambda e: -ITEMSIZE[e[1]])  # stable: keeps plan order per dtype
         header: dict = {"__metadata__": {"format": "pt"}}
         position = 0
         for name, dtype, shape in ordered:

@@ -14,21 +14,20 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.location import HEADER_PROBE, MAP_WINDOW, check_index, discover, location, storage_errors  # noqa: F401
 from dist_svc.storage.location import quote as _quote
-from dist_svc.storage.types import DTYPES, INDEX_NAME, TensorInfo, natural_key
+from dist_svc.storage.types import DTYPES, INDEX_NAME, ITEMSIZE, TensorInfo, natural_key
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
-@dataclass(frozen=True)
-class _Stored:
+class _Stored(NamedTuple):
     """Where a tensor's bytes are: its file (`LocalFile` or `RemoteFile`) and the offset of its
     first byte."""
 
@@ -42,12 +41,11 @@ MAX_DIM = 1 << 40
 MAX_RANK = 16
 # Every dtype safetensors knows: a tensor of one of these that dist-svc cannot merge is named as
 # unsupported; anything else is a corrupt header.
-SAFETENSORS_DTYPES = set(DTYPES) | {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3",
+SAFETENSORS_DTYPES = set(ITEMSIZE) | {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3",
                                     "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One tensor as a safetensors header describes it (offsets relative to the data area)."""
 
     dtype: str
@@ -73,35 +71,45 @@ def parse_header(raw: bytes, data_bytes: int, where: str) -> dict[str, Entry]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("its '__metadata__' is not a JSON object of strings")
     entries: dict[str, Entry] = {}
-    for name, entry in header.items():
+    spans = []
+    for name, entry in header.items():  # a hot loop at tens of thousands of tensors: plain checks
         if name == "__metadata__":
             continue
-        shown = _quote(name)
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise corrupt(f"tensor {shown} has a malformed header entry (expected dtype, shape, data_offsets)")
+        if type(entry) is not dict or "dtype" not in entry or "shape" not in entry or "data_offsets" not in entry:
+            raise corrupt(f"tensor {_quote(name)} has a malformed header entry (expected dtype, shape, data_offsets)")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise corrupt(f"tensor {shown} has dtype {_quote(dtype)}, which safetensors does not define")
-        if dtype not in DTYPES:
-            raise DistSvcError(f"{where}: tensor {shown} has dtype {dtype}, which dist-svc cannot merge "
-                               f"(supported: {', '.join(DTYPES)}). Remove it from the checkpoint or convert it.")
-        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
-            raise corrupt(f"tensor {shown} has shape {_quote(shape)}; expected a list of at most {MAX_RANK} "
+        itemsize = ITEMSIZE.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
+            if type(dtype) is not str or dtype not in SAFETENSORS_DTYPES:
+                raise corrupt(f"tensor {_quote(name)} has dtype {_quote(dtype)}, which safetensors does not define")
+            raise DistSvcError(f"{where}: tensor {_quote(name)} has dtype {dtype}, which dist-svc cannot merge "
+                               f"(supported: {', '.join(ITEMSIZE)}). Remove it from the checkpoint or convert it.")
+        if type(shape) is not list or len(shape) > MAX_RANK:
+            raise corrupt(f"tensor {_quote(name)} has shape {_quote(shape)}; expected a list of at most {MAX_RANK} "
                           f"integers from 0 to 2^40")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise corrupt(f"tensor {shown} has data_offsets {_quote(offsets)}; expected [begin, end] integers")
+        count = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                raise corrupt(f"tensor {_quote(name)} has shape {_quote(shape)}; expected a list of at most "
+                              f"{MAX_RANK} integers from 0 to 2^40")
+            count *= d
+        if type(offsets) is not list or len(offsets) != 2:
+            raise corrupt(f"tensor {_quote(name)} has data_offsets {_quote(offsets)}; expected [begin, end] integers")
         begin, end = offsets
-        if end - begin != math.prod(shape) * DTYPES[dtype][1]:
-            raise corrupt(f"tensor {shown} has offsets {begin}..{end} that do not match its shape {shape} "
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            raise corrupt(f"tensor {_quote(name)} has data_offsets {_quote(offsets)}; expected [begin, end] integers")
+        if end - begin != count * itemsize:
+            raise corrupt(f"tensor {_quote(name)} has offsets {begin}..{end} that do not match its shape {shape} "
                           f"and dtype {dtype}")
         entries[name] = Entry(dtype, tuple(shape), begin, end)
+        spans.append((begin, end, name))
+    spans.sort()
     position = 0
-    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if e.begin != position:
-            problem = "overlaps the previous tensor" if e.begin < position else "leaves a gap before it"
-            raise corrupt(f"tensor {_quote(name)} {problem} (offset {e.begin}, expected {position})")
-        position = e.end
+    for begin, end, name in spans:
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
+            raise corrupt(f"tensor {_quote(name)} {problem} (offset {begin}, expected {position})")
+        position = end
     if position != data_bytes:
         raise DistSvcError(f"{where}: the header describes {position} bytes of tensor data but the file has "
                            f"{data_bytes}; it is truncated or has trailing bytes. Re-download or re-save it.")
@@ -112,14 +120,11 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def read_header(file) -> tuple[dict[str, Entry], int, dict]:
-    """The validated tensors of one safetensors file (a `LocalFile` or `RemoteFile`), the offset
-    of its data, and what identifies the file cheaply (see `SafetensorsCheckpoint.identity`).
-    A remote file costs one request when the header fits in HEADER_PROBE bytes."""
+def read_header(file, parse: bool = True) -> tuple[dict[str, Entry], int, dict]:
+    """The validated tensors of one safetensors file (a `LocalFile` or `RemoteFile`; none unless
+    `parse`), the offset of its data, and what identifies the file cheaply (see
+    `SafetensorsCheckpoint.identity`). A remote file costs one request when the header fits in
+    HEADER_PROBE bytes."""
     try:
         size = file.size
         if size < 8:
@@ -132,7 +137,7 @@ def read_header(file) -> tuple[dict[str, Entry], int, dict]:
         raw = probe[8:8 + n] if 8 + n <= len(probe) else probe[8:] + file.read(len(probe), 8 + n - len(probe))
     except OSError as e:
         raise DistSvcError(f"cannot read {file.where}: {e.strerror or e}.") from None
-    entries = parse_header(raw, size - 8 - n, file.where)
+    entries = parse_header(raw, size - 8 - n, file.where) if parse else {}
     identity = {**file.identity(), "header_sha256": hashlib.sha256(raw).hexdigest()}
     return entries, 8 + n, identity
 
@@ -142,7 +147,10 @@ class SafetensorsCheckpoint:
     files are (`dist_svc.storage.location`): local files by positional reads, objects by ranged
     reads of just the bytes asked for."""
 
-    def __init__(self, path: str | Path, loc=None, source: str | None = None, extra_identity: dict | None = None):
+    def __init__(self, path: str | Path, loc=None, source: str | None = None, extra_identity: dict | None = None,
+                 identity_only: bool = False):
+        """`identity_only`: read the headers for `identity()` (and the side files), without
+        parsing them: what a rerun checks before it says "already complete"."""
         self.loc = loc if loc is not None else location(path)
         self.source = source or str(path)
         self.path = self.loc.path  # local checkpoints only (None for remote ones)
@@ -151,6 +159,10 @@ class SafetensorsCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._stored: dict[str, _Stored] = {}
         self._identity = [extra_identity] if extra_identity else []
+        if identity_only:
+            with storage_errors(self.loc, str(self.loc)):
+                self._identity += [read_header(file, parse=False)[2] for file in self.files]
+            return
         with storage_errors(self.loc, str(self.loc)):
             for file in self.files:
                 entries, data_start, identity = read_header(file)

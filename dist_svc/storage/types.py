@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, runtime_checkable
+import re
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# Floating-point dtypes that can be merged (safetensors codes), with their torch dtype and size.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-}
-TORCH_TO_ST = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+# Floating-point dtypes that can be merged (safetensors codes) and their size in bytes. Their
+# torch dtypes are `DTYPES` (code -> (torch dtype, size)) and `TORCH_TO_ST`, made on first use:
+# what only plans, checks or reports (`status`, `verify`) never imports torch.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_NAME = {code: name for name, code in NAME_TO_ST.items()}
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face checkpoint's index
@@ -29,9 +26,9 @@ SIDE_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor as its checkpoint describes it, before any of its data is read."""
+class TensorInfo(NamedTuple):
+    """A tensor as its checkpoint describes it, before any of its data is read (a tuple: a
+    checkpoint may describe tens of thousands)."""
 
     name: str
     dtype: str  # safetensors code: F32, BF16, ...
@@ -44,7 +41,17 @@ class TensorInfo:
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * DTYPES[dtype][1]
+    return math.prod(shape) * ITEMSIZE[dtype]
+
+
+def __getattr__(name: str):
+    if name in ("DTYPES", "TORCH_TO_ST"):
+        import torch
+
+        dtypes = {code: (getattr(torch, ST_TO_NAME[code]), size) for code, size in ITEMSIZE.items()}
+        globals().update(DTYPES=dtypes, TORCH_TO_ST={t: code for code, (t, _) in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -92,15 +99,18 @@ class Adapter(Protocol):
         the tensor is replaced whole (its change is then `read() - inner`)."""
 
 
+_PIECES = re.compile(r"\.|[^.\s]+")
+
+
 def natural_key(name: str) -> list:
-    """Sort key with numbers compared as numbers, so layers stay together and in order."""
-    parts = []
-    for piece in name.replace(".", " . ").split():
-        parts.append((0, int(piece), "") if piece.isdigit() else (1, 0, piece))
-    return parts
+    """Sort key with numbers compared as numbers, so layers stay together and in order: the
+    name's pieces between dots (and the dots), a piece of digits before any other."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in _PIECES.findall(name)]
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     """A tensor's raw bytes in row-major order, as both layouts store them (on the CPU)."""
+    import torch
+
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
     return memoryview(flat.numpy())

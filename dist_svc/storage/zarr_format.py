@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.types import DTYPES, SIDE_FILES
+from dist_svc.storage.types import ITEMSIZE, SIDE_FILES
 
 # config.json, the tokenizer and the manifest live next to the arrays; zarr need not say so.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
@@ -82,7 +82,7 @@ def chunk_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
         return ()
     if len(shape) == 2:
         return (max(1, min(shape[0], TILE)), max(1, min(shape[1], TILE)))
-    row_bytes = math.prod(shape[1:]) * DTYPES[dtype][1]
+    row_bytes = math.prod(shape[1:]) * ITEMSIZE[dtype]
     return (max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1))), *shape[1:])
 
 
