@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +57,7 @@ class LocalFile:
         self.where = str(path)
         self._fd: int | None = None
         self._stat = None
+        self._lock = threading.Lock()  # workers (threads) of one process share a checkpoint
 
     def stat(self) -> os.stat_result:
         if self._stat is None:
@@ -80,12 +82,16 @@ class LocalFile:
         return bytes(buf)
 
     def read_into(self, offset: int, buf) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._fd
+        if fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                fd = self._fd
         view = memoryview(buf).cast("B")
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
                 raise OSError(f"unexpected end of file at byte {offset + done}; the file was truncated")
             done += n
@@ -106,9 +112,10 @@ class LocalFile:
         return out
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class LocalLocation:
@@ -187,6 +194,7 @@ class RemoteFile:
         self.where = loc.protocol_url(key)
         self._info = info
         self._scratch: tuple[int, int, LocalFile, str] | None = None  # (offset, nbytes, file, dir)
+        self._lock = threading.Lock()  # one scratch copy at a time (threads share a checkpoint)
 
     @property
     def info(self) -> dict:
@@ -229,6 +237,10 @@ class RemoteFile:
             view[start - offset:end - offset] = part
 
     def read_columns(self, offset: int, shape: tuple[int, ...], itemsize: int, rows: range, cols: range) -> np.ndarray:
+        with self._lock:
+            return self._columns(offset, shape, itemsize, rows, cols)
+
+    def _columns(self, offset: int, shape: tuple[int, ...], itemsize: int, rows: range, cols: range) -> np.ndarray:
         nbytes = math.prod(shape) * itemsize
         if self._scratch is None or self._scratch[:2] != (offset, nbytes):
             self._drop_scratch()
@@ -249,7 +261,8 @@ class RemoteFile:
             self._scratch = None
 
     def close(self) -> None:
-        self._drop_scratch()
+        with self._lock:
+            self._drop_scratch()
 
 
 class RemoteLocation:

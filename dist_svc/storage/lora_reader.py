@@ -232,9 +232,10 @@ class LoraCheckpoint:
 
     def _pair(self, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of one module in float64, kept while blocks of the same tensor are read."""
-        if self._cached is None or self._cached[0] != f.a:
-            self._cached = (f.a, self.factor(f.a), self.factor(f.b))
-        return self._cached[1], self._cached[2]
+        cached = self._cached  # one read: threads of one process share a checkpoint
+        if cached is None or cached[0] != f.a:
+            cached = self._cached = (f.a, self.factor(f.a), self.factor(f.b))
+        return cached[1], cached[2]
 
     def factor(self, key: str) -> torch.Tensor:
         """One stored factor (A, B or a bias) in float64, refused if not finite."""

@@ -218,12 +218,10 @@ class SafetensorsCheckpoint:
                         raise ValueError("row slices must have step 1")
                     stop = max(start, stop)
                 row_bytes = math.prod(shape[1:]) * itemsize
-                buf = bytearray((stop - start) * row_bytes)
-                stored.file.read_into(stored.offset + start * row_bytes, buf)
+                out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+                stored.file.read_into(stored.offset + start * row_bytes, memoryview(out.numpy()))
             out_shape = ((stop - start), *shape[1:]) if shape else ()
-            if not buf:
-                return torch.empty(out_shape, dtype=torch_dtype)
-            return torch.frombuffer(buf, dtype=torch_dtype).reshape(out_shape)
+            return out.view(torch_dtype).reshape(out_shape)
         except OSError as e:
             raise DistSvcError(f"{info.where}: cannot read tensor '{name}': {e.strerror or e}.") from None
 
