@@ -5,7 +5,10 @@ A tensor is streamed in blocks of rows (of columns, for a wide matrix calibrated
 side), never loaded whole unless a method needs it so. Each block of each input is read into
 memory of its own, checked for NaN/Inf, moved to the device in its stored dtype and widened
 there to the compute dtype. Each input is read under its own name in its own checkpoint (a
-frankenmerge's output layer 30 may be layer 12 of one model).
+frankenmerge's output layer 30 may be layer 12 of one model). An input that is an adapter of the
+unit's base (a LoRA) also gives its exact change from the base (`Inputs.deltas`: scale * B @ A
+of the block, in float64 rounded once), which the worker uses as its task vector instead of a
+difference of rounded weights.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.types import Checkpoint
+from dist_svc.storage.types import Adapter, Checkpoint
 
 if TYPE_CHECKING:
     from dist_svc.plan import Unit
@@ -88,8 +91,8 @@ class BlockReader:
         def submit() -> None:
             block = next(todo, None)
             if block is not None:
-                ahead.append((block, [self._pool.submit(self._read, self.checkpoints[s.checkpoint], s.tensor, block)
-                                      for s in unit.inputs]))
+                ahead.append((block, [self._pool.submit(self._fetch, unit, i, block)
+                                      for i in range(len(unit.inputs))]))
 
         try:
             for _ in range(self.read_ahead + 1):
@@ -97,7 +100,7 @@ class BlockReader:
             while ahead:
                 block, futures = ahead.popleft()
                 start = time.perf_counter()
-                tensors = [f.result() for f in futures]
+                tensors = self._assemble(unit, [f.result() for f in futures])
                 self.seconds += time.perf_counter() - start
                 submit()
                 yield block, tensors
@@ -123,14 +126,46 @@ class BlockReader:
     def whole(shape: tuple[int, ...]) -> Block:
         return Block(0, shape[0] if shape else 1, False)
 
-    def read(self, unit: "Unit", block: Block | None) -> list[torch.Tensor]:
+    def read(self, unit: "Unit", block: Block | None) -> "Inputs":
         """Every input's block (`None`: the whole tensor, whatever its length in each input), in
         compute dtype on the device, oriented (transposed for a column block); each in memory of
-        its own (readers never hand out file mappings), so callers may change them in place."""
+        its own (readers never hand out file mappings), so callers may change them in place. An
+        adapter of the base input gives its exact change (`deltas`) and, as its weights, the base
+        block plus that change (the base is not read twice)."""
         start = time.perf_counter()
-        tensors = [self._read(self.checkpoints[s.checkpoint], s.tensor, block) for s in unit.inputs]
+        inputs = self._assemble(unit, [self._fetch(unit, i, block) for i in range(len(unit.inputs))])
         self.seconds += time.perf_counter() - start
-        return tensors
+        return inputs
+
+    def _fetch(self, unit: "Unit", i: int, block: Block | None) -> tuple[bool, torch.Tensor]:
+        """Input i's block: (True, its exact change) for an adapter of the unit's base, else
+        (False, its weights)."""
+        s = unit.inputs[i]
+        checkpoint = self.checkpoints[s.checkpoint]
+        base = unit.inputs[unit.base] if unit.base is not None else None
+        if (base is not None and i != unit.base and isinstance(checkpoint, Adapter)
+                and checkpoint.inner is self.checkpoints[base.checkpoint] and s.tensor == base.tensor):
+            delta = self._delta(checkpoint, s.tensor, block)
+            if delta is not None:
+                return True, delta
+        return False, self._read(checkpoint, s.tensor, block)
+
+    @staticmethod
+    def _assemble(unit: "Unit", fetched: list[tuple[bool, torch.Tensor]]) -> "Inputs":
+        deltas = {i: t for i, (is_delta, t) in enumerate(fetched) if is_delta}
+        tensors = [t for _, t in fetched]
+        for i, delta in deltas.items():
+            tensors[i] = tensors[unit.base] + delta
+        return Inputs(tensors, deltas)
+
+    def _delta(self, adapter: Adapter, name: str, block: Block | None) -> torch.Tensor | None:
+        shape = adapter.inner.tensors[name].shape
+        span = None if block is None or not shape else slice(block.start, block.stop)
+        transposed = block is not None and block.transposed and bool(shape)
+        delta = adapter.delta(name, None if transposed else span, span if transposed else None, self.compute_dtype)
+        if delta is None:
+            return None
+        return self._finite(self._to_device(delta.T if transposed else delta), name, f"the adapter {adapter.source}")
 
     def _read(self, checkpoint: Checkpoint, name: str, block: Block | None) -> torch.Tensor:
         info = checkpoint.tensors[name]
@@ -140,21 +175,16 @@ class BlockReader:
             raw = checkpoint.read(name, cols=slice(block.start, block.stop)).T
         else:
             raw = checkpoint.read(name, rows=slice(block.start, block.stop))
-        # To the device in the stored dtype, then widened there: `.to(cuda, float32)` of a bf16
-        # tensor widens on the CPU first and moves twice the bytes (2 GB/s measured on an H100
-        # host), which made it the limit of a GPU merge.
-        tensor = self._to_device(raw) if self.device.type == "cuda" else raw.to(self.compute_dtype)
-        # A NaN or Inf anywhere makes the sum non-finite; only then is each element checked
-        # (a finite tensor whose sum overflows is not refused).
-        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-            raise DistSvcError(f"tensor '{name}' in {info.where} contains NaN or Inf values; "
-                               f"merging it would spread them. Repair or replace that checkpoint.")
-        return tensor
+        return self._finite(self._to_device(raw), name, info.where)
 
     def _to_device(self, raw: torch.Tensor) -> torch.Tensor:
-        """Host to GPU on a CUDA stream of this reading thread's own, from pinned memory, so that
-        the copies of blocks read ahead overlap the kernels of the block being computed; the
-        compute stream waits for the copy before it uses the tensor."""
+        """In the compute dtype on the device. To a GPU in the stored dtype, then widened there
+        (`.to(cuda, float32)` of a bf16 tensor widens on the CPU first and moves twice the
+        bytes: 2 GB/s measured on an H100 host), from pinned memory on a CUDA stream of this
+        reading thread's own, so that the copies of blocks read ahead overlap the kernels of the
+        block being computed; the compute stream waits for the copy before it uses the tensor."""
+        if self.device.type != "cuda":
+            return raw.to(self.compute_dtype)
         streams = self._streams.__dict__
         if "stream" not in streams:
             streams["stream"] = torch.cuda.Stream(self.device)
@@ -166,11 +196,29 @@ class BlockReader:
         tensor.record_stream(consumer)  # its memory is not reused before the compute stream is done
         return tensor
 
+    @staticmethod
+    def _finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+        # A NaN or Inf anywhere makes the sum non-finite; only then is each element checked
+        # (a finite tensor whose sum overflows is not refused).
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+            raise DistSvcError(f"tensor '{name}' in {where} contains NaN or Inf values; "
+                               f"merging it would spread them. Repair or replace that checkpoint.")
+        return tensor
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         for c in self.checkpoints:
             c.close()
+
+
+class Inputs(list):
+    """A unit's input blocks (weights), and by position the exact changes of the inputs that are
+    adapters of its base (their task vectors)."""
+
+    def __init__(self, tensors: list[torch.Tensor], deltas: dict[int, torch.Tensor]):
+        super().__init__(tensors)
+        self.deltas = deltas
 
 
 def flat_indices(shape: tuple[int, ...], block: Block, device: torch.device) -> torch.Tensor:

@@ -117,7 +117,7 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Turn Singular Value Calibration on or off (overrides the config's `calibrate:`).")
 @click.option("--shard-size", "--out-shard-size", "shard_size", default=None,
@@ -128,7 +128,8 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
               help="A progress bar on a terminal, plain log lines otherwise.")
 @click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
               help="Run on a Ray cluster: its address, or 'auto' (RAY_ADDRESS, else the local one). "
-                   "Inputs and OUT_DIR must be on storage every node sees.")
+                   "Inputs and OUT_DIR must be on storage every node sees: a shared filesystem, or s3:// "
+                   "(and gs:// inputs).")
 @click.option("--threads", default=None, type=int,
               help="Local executor: units in flight at most (default: the CPU's cores; 8 on a GPU); the memory "
                    "limit decides how many fit at once.")
@@ -137,9 +138,9 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
                    "machine has, minus 10% (at least 1 GiB). A unit starts only when it fits.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
-@click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default=None,
+@click.option("--output-format", type=click.Choice(["safetensors", "zarr", "peft"]), default=None,
               help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
-                   "OUT_DIR ends in .zarr.")
+                   "OUT_DIR ends in .zarr. peft: LoRA adapters of the base merged as one PEFT adapter.")
 @click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A config of several YAML documents (stages): where the named stages go "
                    "(default: OUT_DIR.stages next to OUT_DIR).")
@@ -147,7 +148,7 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
               help="Print the plan in numbers (tensors, bytes, memory per worker, estimated time) and stop; "
                    "nothing is merged or written.")
 @_mergekit_options
-def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str | None, progress: str,
+def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | None, progress: str,
           cluster: str | None, threads: int | None, memory_limit: str | None, device: str | None,
           output_format: str | None, intermediate_dir: Path | None, dry_run: bool, **mergekit_flags) -> None:
     """Merge the models of CONFIG (a mergekit YAML) into OUT_DIR.
@@ -170,6 +171,7 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
     from dist_svc.config import parse_size
     from dist_svc.executors import build_executor
     from dist_svc.stages import load_stages, merge_stages
+    from dist_svc.storage.outdir import output_dir
 
     device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
     memory = None if memory_limit is None else parse_size(memory_limit)
@@ -182,7 +184,7 @@ def merge(config: Path, out_dir: Path, calibrate: bool | None, shard_size: str |
         for stage in stages:
             if len(stages) > 1:
                 click.echo(f"stage {stage.name or 'final'} -> {stage.out_dir}")
-            if any(not s.out_dir.exists() for s in stages if s.name in stage.needs):
+            if any(not output_dir(s.out_dir).exists() for s in stages if s.name in stage.needs):
                 click.echo(f"  reads stage(s) {', '.join(stage.needs)}, not merged yet: no plan before they are")
                 continue
             _print_dry_run(stage.config.with_options(**options), stage.out_dir, None, shard_size, output_format,
@@ -199,8 +201,8 @@ main.add_command(merge, name="mergekit-yaml")
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def status(out_dir: Path) -> None:
+@click.argument("out_dir")
+def status(out_dir: str) -> None:
     """Show how far the merge in OUT_DIR has come (tensors and bytes done of total).
 
     \b
@@ -224,8 +226,8 @@ def status(out_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def verify(out_dir: Path) -> None:
+@click.argument("out_dir")
+def verify(out_dir: str) -> None:
     """Re-read the merged output in OUT_DIR and check every tensor against the checksum its
     manifest recorded. Exits 1 if anything differs.
 
@@ -291,7 +293,7 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 
 @main.command()
 @click.argument("src")
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "zarr"]), default=None,
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
@@ -299,22 +301,30 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
 @click.option("--shard-size", default="5GB", show_default=True,
               help="safetensors output: largest shard, e.g. 5GB.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
-def convert(src: str, dst: Path, fmt: str | None, compression: str, shard_size: str, progress: str) -> None:
-    """Convert checkpoint SRC (safetensors directory or zarr store) into DST, the other layout.
-    Every tensor is read back and checked after writing; DST appears only when complete, and an
-    existing DST is never overwritten. Config and tokenizer files are copied along.
+@click.option("--trust-pickle", is_flag=True,
+              help="Load a .bin/.pt checkpoint whose pickle needs code (a class of the program that saved it). "
+                   "This RUNS that code: only for files you trust. Merges never do.")
+def convert(src: str, dst: str, fmt: str | None, compression: str, shard_size: str, progress: str,
+            trust_pickle: bool) -> None:
+    """Convert checkpoint SRC into DST (safetensors or a zarr store). SRC is any model a merge
+    reads: a safetensors directory, a zarr store, a legacy .bin/.pt state dict, BASE+ADAPTER (a
+    PEFT LoRA adapter merged into its base), a Hub ID or an s3:// (gs://, ...) URL. Every tensor
+    is read back and checked after writing; DST appears only when complete, and an existing DST
+    is never overwritten. Config and tokenizer files are copied along.
 
     \b
     Example:
       dist-svc convert ./llama-ft1 ./llama-ft1.zarr
       dist-svc convert ./llama-ft1 ./llama-ft1.zarr --compression zstd
       dist-svc convert ./merged.zarr ./merged-hf
+      dist-svc convert ./old-model ./old-model-st          # pytorch_model.bin -> safetensors
+      dist-svc convert ./base+./my-lora ./merged-lora      # a LoRA merged into its base
     """
     from dist_svc.commands.convert import convert as run_convert
     from dist_svc.config import parse_size
 
     result = run_convert(src, dst, fmt=fmt, compression=compression, shard_size=parse_size(shard_size),
-                         progress=progress)
+                         progress=progress, trust_pickle=trust_pickle)
     click.echo(f"{dst}: {result['tensors']} tensors, {human_bytes(result['bytes'])}, {result['format']}; "
                f"every tensor read back and verified.")
 
@@ -596,20 +606,54 @@ def bench_scaling_cmd(workdir: Path, threads: str | None, repeats: int) -> None:
 @click.option("--hidden", default=4096, show_default=True, help="Hidden size of the generated model.")
 @click.option("--layers", default=2, show_default=True, help="Decoder layers of the generated model.")
 @click.option("--repeats", default=3, show_default=True, help="Timed reads per format (the median is shown).")
-def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int) -> None:
+@click.option("--remote", default=None, metavar="URL",
+              help="Also read the stores from object storage (e.g. s3://bucket/bench; uploaded there once; "
+                   "endpoint and credentials from the environment, e.g. AWS_ENDPOINT_URL).")
+def bench_read_cmd(workdir: Path, hidden: int, layers: int, repeats: int, remote: str | None) -> None:
     """Read rate of one bf16 checkpoint as safetensors, zarr and zarr+zstd, read the way a worker
-    reads (row blocks, one thread), from storage (page cache emptied, as root) and from memory.
+    reads (row blocks, one thread), from storage (page cache emptied, as root) and from memory,
+    and with --remote from object storage.
 
     \b
     Example:
       sudo dist-svc bench read ./bench-out
+      dist-svc bench read ./bench-out --remote s3://my-bucket/bench
     """
     from dist_svc.commands.bench import bench_read
 
-    rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say)
-    click.echo(f"{'format':<13}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
+    rows = bench_read(workdir, hidden=hidden, layers=layers, repeats=repeats, log=_say, remote=remote)
+    click.echo(f"{'format':<20}{'cache':>6}{'GB/s':>8}{'on disk':>12}")
     for r in rows:
-        click.echo(f"{r['format']:<13}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
+        click.echo(f"{r['format']:<20}{r['cache']:>6}{r['gbps']:>8.2f}{human_bytes(r['bytes_on_disk']):>12}")
+
+
+@bench.command("lora")
+@click.option("--scale", default=8, show_default=True,
+              help="Divide each Llama-3-70B dimension by this (1: full size, minutes of float64 on a CPU).")
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of LoRA adapters.")
+@click.option("--rank", default=16, show_default=True, help="Rank of each adapter.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per path (the median is shown).")
+def bench_lora_cmd(scale: int, k: int, rank: int, repeats: int) -> None:
+    """SVC of a merge of K LoRA adapters: the dense float64 Gram path (what a merge of dense
+    checkpoints computes) against the factored path (QRs of the stacked factors, an SVC of size
+    sum(r)), with the difference between their results.
+
+    \b
+    Example:
+      dist-svc bench lora --scale 8
+    """
+    import torch
+
+    from dist_svc.commands.bench import bench_lora, machine_description
+
+    torch.set_num_threads(1)
+    click.echo(f"SVC of K={k} LoRA task vectors of rank {rank}, scale 1/{scale}, median of {repeats}, on "
+               f"{machine_description('cpu')}")
+    click.echo(f"{'matrix':<22}{'shape':>13}{'dense gram (s)':>16}{'factored (s)':>14}{'speed-up':>10}"
+               f"{'difference':>12}")
+    for row in bench_lora(scale=scale, k=k, rank=rank, repeats=repeats):
+        click.echo(f"{row['matrix']:<22}{row['shape']:>13}{row['dense_s']:>16.4f}{row['factored_s']:>14.5f}"
+                   f"{row['speedup']:>9.0f}x{row['difference']:>12.1e}")
 
 
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads, memory=None) -> None:

@@ -27,6 +27,7 @@ import yaml
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, Method, Param
 from dist_svc.methods.base import as_bool, show
+from dist_svc.storage import source_of
 from dist_svc.storage.durable import local_path
 from dist_svc.storage.output import FORMATS as OUTPUT_FORMATS
 
@@ -132,7 +133,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
-    checkpoints: tuple[Path, ...]  # every model the merge reads: the base first when there is one
+    checkpoints: tuple[Path | str, ...]  # every model the merge reads (a URL, Hub ID or MODEL+ADAPTER stays a str)
     base: int | None  # index of base_model in `checkpoints` (0), or None
     slices: tuple[SliceSpec, ...]
     whole_models: bool = True  # written as `models:` (one slice of whole models)
@@ -434,17 +435,14 @@ def _no_base_for_calibration(source: str, method: str | None, how: str) -> str:
             f"(`calibrate: false`, --no-calibrate) to run {method or 'this method'} without one.")
 
 
-def _model_path(text: Any, name: str, problems: _Problems) -> Path | None:
+def _model_path(text: Any, name: str, problems: _Problems) -> Path | str | None:
     if not isinstance(text, str) or not text.strip():
         problems.add(name, f"expected a model's path (got {show(text)}).")
         return None
-    if "+" in text and not Path(text).expanduser().exists():
-        problems.add(name, f"{show(text)} names a LoRA adapter (MODEL+ADAPTER); dist-svc merges full checkpoints. "
-                           f"Merge the adapter into its model first (peft's merge_and_unload) and name that directory.")
-        return None
-    # Like mergekit, model paths are taken relative to the working directory.
+    # Like mergekit, model paths are taken relative to the working directory; URLs, Hub IDs and
+    # MODEL+ADAPTER stay strings (dist_svc.storage.source_of).
     try:
-        return local_path(text)
+        return source_of(text)
     except DistSvcError as e:
         problems.add(name, str(e))
         return None

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
 from dist_svc.storage.durable import local_path
+from dist_svc.storage.location import is_url
+from dist_svc.storage.outdir import RemoteLock, output_dir
 from dist_svc.storage.output import OutputLayout, layout_for
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giv
 
 @dataclass
 class MergeReport:
-    out_dir: Path
+    out_dir: Path | str  # a local directory, or an s3:// URL
     plan_summary: str
     units_total: int
     units_run: int
@@ -60,6 +62,10 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     start = time.perf_counter()
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     _refuse_inside_inputs(config, out_dir)
+    if config.output.format == "peft":  # LoRA adapters merged as one adapter, in factored form
+        from dist_svc.lowrank import merge_adapters
+
+        return merge_adapters(config, out_dir, log)
     done = _already_complete(config, out_dir, start)
     if done is not None:
         return done
@@ -76,8 +82,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
         executor.connect()
         executor.check(config, plan.units)
         log(executor.describe())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out_dir), _writing(Manifest.check(out_dir, plan, log) or Manifest.create(out_dir, plan)) \
+        out = output_dir(out_dir)
+        out.mkdir()
+        with _exclusive(out, log) as held, _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) \
                 as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(manifest, layout, 0, True, start)
@@ -87,9 +94,9 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             # 3. Run the pending units.
             p = manifest.progress()
             bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-            recorder = _Recorder(manifest, layout, executor, bar)
+            recorder = _Recorder(manifest, layout, executor, bar, held)
             try:
-                _run_pending(plan, Job(config, layout), executor, recorder)
+                _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
             finally:
                 bar.close()
             # 4. Finish: index and side files, then the manifest says so.
@@ -105,8 +112,8 @@ def _storage_problem(e: OSError, out_dir: Path) -> str:
     where = e.filename or out_dir
     what = e.strerror or str(e)
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        hint = (f"Free space (or choose another OUT_DIR), then rerun the same command: it resumes where it "
-                f"stopped, keeping every tensor already written.")
+        hint = ("Free space (or choose another OUT_DIR), then rerun the same command: it resumes where it "
+                "stopped, keeping every tensor already written.")
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         hint = f"{out_dir} must be on storage this process may write; choose another output directory."
     elif e.errno == errno.ENOTDIR:
@@ -122,6 +129,13 @@ def _refuse_inside_inputs(config: MergeConfig, out_dir: Path) -> None:
     """OUT_DIR inside a model's directory would become part of that checkpoint (a zarr store
     reads nested arrays; a rerun would find its inputs changed)."""
     for path in config.checkpoints:
+        if not isinstance(path, Path):  # a URL, a Hub ID or MODEL+ADAPTER
+            if isinstance(out_dir, str) and (out_dir == path or out_dir.startswith(path.rstrip("/") + "/")):
+                raise DistSvcError(f"{out_dir} is inside the input checkpoint {path}; choose an output location "
+                                   f"outside every input.")
+            continue
+        if not isinstance(out_dir, Path):
+            continue
         home = Path(path)
         home = home.parent if home.is_file() else home
         if out_dir == home or out_dir.is_relative_to(home):
@@ -133,8 +147,10 @@ class _Recorder:
     """Takes each finished unit into the manifest and the output layout (which may seal a shard
     with it), in the driver's thread; advances the progress bar."""
 
-    def __init__(self, manifest: Manifest, layout: OutputLayout, executor: Executor, bar: Progress):
+    def __init__(self, manifest: Manifest, layout: OutputLayout, executor: Executor, bar: Progress,
+                 held: Callable[[], None] = lambda: None):
         self.manifest, self.layout, self.bar = manifest, layout, bar
+        self.held = held  # raises if this run lost the output's lock (object storage)
         self.trusted = executor.results_verified
         self.driver_syncs = executor.driver_syncs
         self.fresh: set[str] = set()  # recorded in this run, hashed as written: no re-reading to seal
@@ -151,6 +167,7 @@ class _Recorder:
         self.bar.add(nbytes)
 
     def __call__(self, result: UnitResult) -> None:
+        self.held()
         name = result.name
         if self.trusted:
             self.fresh.add(name)
@@ -206,7 +223,7 @@ def _already_complete(config: MergeConfig, out_dir: Path, start: float) -> Merge
     the full path decides (and explains a refusal)."""
     from dist_svc.plan import fingerprint, input_identities, open_inputs, plan_settings
 
-    if not (out_dir / MANIFEST_NAME).is_file():
+    if output_dir(out_dir).size(MANIFEST_NAME) is None:
         return None
     try:
         manifest, layout = open_output(out_dir)
@@ -267,6 +284,14 @@ def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate:
     return plan, est, existing.progress() if existing is not None else None
 
 
+def out_path(path: str | Path) -> Path | str:
+    """OUT_DIR as a run uses it: a local path made absolute (symlinks resolved; a loop is a
+    clear error), or a URL (an s3:// output) as it is."""
+    if is_url(str(path)):
+        return str(path).rstrip("/")
+    return local_path(path, "OUT_DIR")
+
+
 def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
            output_format: str | None, shard_size: str | int | None = None) -> tuple[MergeConfig, Path]:
     """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
@@ -282,13 +307,13 @@ def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: boo
     if output_format is None and not config.output.given and is_zarr(out_dir):
         output_format = "zarr"
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    return config.with_output(output_format, shard_bytes), local_path(out_dir, "OUT_DIR")
+    return config.with_output(output_format, shard_bytes), out_path(out_dir)
 
 
 def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
     """The manifest of the merge in `out_dir` and its output layout, rebuilt from it."""
-    out_dir = local_path(out_dir, "OUT_DIR")
-    manifest = Manifest.load(out_dir)
+    out_dir = out_path(out_dir)
+    manifest = Manifest.load(output_dir(out_dir))
     fmt, options = manifest.output
     return manifest, layout_for(fmt, out_dir, manifest.entries(), options)
 
@@ -300,7 +325,7 @@ def status(out_dir: str | Path) -> dict:
     info["format"] = layout.format
     info["details"] = layout.state() + ([f"warning: {manifest.damage} (its previous copy was read)"]
                                         if manifest.damage else [])
-    if _is_locked(layout.out_dir):
+    if _is_locked(output_dir(layout.out_dir)):
         info["state"] = "running"
     elif manifest.complete:
         info["state"] = "complete" if _finished(manifest, layout) else "damaged"
@@ -337,10 +362,21 @@ def _writing(manifest: Manifest) -> Iterator[Manifest]:
 
 
 @contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """One run per output directory. The lock dies with its process (kill -9 included); a run
-    that ends in any other way removes the lock file too (after kill -9 it stays, harmless,
-    until the next run)."""
+def _exclusive(out, log: Callable[[str], None] = lambda line: None) -> Iterator[Callable[[], None]]:
+    """One run per output directory. Locally a `flock`: it dies with its process (kill -9
+    included); a run that ends in any other way removes the lock file too (after kill -9 it
+    stays, harmless, until the next run). On object storage a lease (`RemoteLock`): a killed
+    run's lock is taken over once it has not been renewed for the lease. Yields a check that
+    raises if this run lost the lock."""
+    if not out.is_local:
+        lock = RemoteLock(out, LOCK_NAME, log=log)
+        lock.acquire()
+        try:
+            yield lock.check
+        finally:
+            lock.release()
+        return
+    out_dir = out.path
     path = out_dir / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -357,15 +393,17 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
             pass
         os.close(fd)
     try:
-        yield
+        yield lambda: None
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
 
 
-def _is_locked(out_dir: Path) -> bool:
+def _is_locked(out) -> bool:
+    if not out.is_local:
+        return out.info(LOCK_NAME) is not None  # a lease: held, or left by a run killed < a lease ago
     try:
-        fd = os.open(out_dir / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(out.path / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:

@@ -5,6 +5,11 @@ journal beside it (`.dist-svc-manifest.G.journal`, G the snapshot's generation):
 after the snapshot is one appended line, so recording a finished unit costs O(1), whatever the
 size of the model. Only the driver writes either, and reading them back is O(units + records).
 
+On object storage (an s3:// OUT_DIR, dist_svc.storage.outdir) the snapshot is an object and the
+journal a series of objects, one per save (`.dist-svc-manifest.G.journal.00000007`), each
+created only if absent: a second run writing the same merge fails at its first write instead of
+interleaving records, and every new snapshot is conditional on the one it replaces.
+
 Durability: a unit counts as done once its journal line is on disk, and that line is written
 only after the unit's bytes are durable (`before_save` makes them so first). Records are
 appended in batches, at most every `SAVE_EVERY` seconds, before any shard is sealed, when units
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dist_svc import __version__
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.durable import atomic_write, fsync_dir, temp_path
+from dist_svc.storage.durable import temp_path
+from dist_svc.storage.outdir import LocalDir, ObjectDir, output_dir
 from dist_svc.storage.types import MANIFEST_NAME
 
 if TYPE_CHECKING:
@@ -40,15 +45,15 @@ MIN_COMPACT = 1000  # journal records before a new snapshot, at least
 
 
 class Manifest:
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path = path  # the snapshot
+    def __init__(self, out: "LocalDir | ObjectDir", data: dict[str, Any]):
+        self.out = out  # where the snapshot and the journal are
+        self.path = out.where(MANIFEST_NAME)  # the snapshot, for messages
         self.data = data
         self.damage: str | None = None  # why the snapshot itself was unusable (its previous copy is in use)
         self._journaled = self._replay()  # records in the journal of this generation
         # name -> sha256 of every unit recorded as done: what layouts check stored bytes against.
         self.recorded: dict[str, str] = {n: u["sha256"] for n, u in data["units"].items() if u["done"]}
         self._pending: list[bytes] = []  # journal lines not yet written
-        self._journal: int | None = None  # its file descriptor, once this process writes
         self._saved_at = time.monotonic()
         # Called before every save: whatever must be durable before the manifest says so.
         self.before_save: Callable[[], None] = lambda: None
@@ -56,49 +61,53 @@ class Manifest:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, out_dir: Path, log: Callable[[str], None] = lambda line: None) -> "Manifest":
+    def load(cls, out_dir: "Path | str | LocalDir | ObjectDir",
+             log: Callable[[str], None] = lambda line: None) -> "Manifest":
         """The manifest in `out_dir`. If it is damaged (edited by hand, or its disk lost bits), its
         previous copy (kept at every save) is used: what was recorded since is run again."""
-        path = out_dir / MANIFEST_NAME
-        if not path.exists() and not prev_path(path).exists():
-            raise DistSvcError(f"{out_dir}: no dist-svc merge here ({MANIFEST_NAME} is missing).")
+        out = _out(out_dir)
+        snapshot, previous = out.read(MANIFEST_NAME), out.read(PREV_NAME)
+        if snapshot is None and previous is None:
+            raise DistSvcError(f"{out}: no dist-svc merge here ({MANIFEST_NAME} is missing).")
         try:
-            return cls(path, _read(path))
+            return cls(out, _read(snapshot, out.where(MANIFEST_NAME)))
         except DistSvcError as damage:
             try:
-                manifest = cls(path, _read(prev_path(path)))
+                manifest = cls(out, _read(previous, out.where(PREV_NAME)))
             except DistSvcError:
                 raise DistSvcError(f"{damage} Its previous copy is unusable too, so what this directory holds "
-                                   f"cannot be trusted: delete {out_dir} to start over.") from None
+                                   f"cannot be trusted: delete {out} to start over.") from None
             manifest.damage = str(damage)
             log(f"warning: {damage} Using its previous copy; tensors recorded since then are merged again.")
             return manifest
 
     @classmethod
-    def check(cls, out_dir: Path, plan: "Plan", log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
+    def check(cls, out_dir: "Path | str | LocalDir | ObjectDir", plan: "Plan",
+              log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
         """Read-only: this plan's manifest in `out_dir` if it is the same merge, None if the
         directory is new or empty; refused (nothing touched) if it holds anything else."""
-        manifest_path = out_dir / MANIFEST_NAME
-        if manifest_path.exists() or prev_path(manifest_path).exists():
-            manifest = cls.load(out_dir, log)
+        out = _out(out_dir)
+        names = out.names()
+        if MANIFEST_NAME in names or PREV_NAME in names:
+            manifest = cls.load(out, log)
             if manifest.data["fingerprint"] != plan.fingerprint:
                 raise DistSvcError(
-                    f"{out_dir} holds a different merge ({manifest.explain_mismatch(plan)}). Nothing was changed. "
-                    f"Use a new output directory, or delete {out_dir} to start this merge over.")
+                    f"{out} holds a different merge ({manifest.explain_mismatch(plan)}). Nothing was changed. "
+                    f"Use a new output directory, or delete {out} to start this merge over.")
             return manifest
-        if out_dir.exists() and not out_dir.is_dir():
-            raise DistSvcError(f"{out_dir} exists and is not a directory. Choose another output directory.")
-        ours = {LOCK_NAME, temp_path(manifest_path).name}  # a first save killed midway
-        others = [p.name for p in out_dir.iterdir() if p.name not in ours] if out_dir.exists() else []
+        if out.is_local and out.path.exists() and not out.path.is_dir():
+            raise DistSvcError(f"{out} exists and is not a directory. Choose another output directory.")
+        ours = {LOCK_NAME, temp_path(Path(MANIFEST_NAME)).name}  # a first save killed midway
+        others = [n for n in names if n not in ours]
         if others:
             raise DistSvcError(
-                f"{out_dir} is not empty and holds no dist-svc merge (found {', '.join(sorted(others)[:3])}"
+                f"{out} is not empty and holds no dist-svc merge (found {', '.join(sorted(others)[:3])}"
                 f"{', ...' if len(others) > 3 else ''}). Nothing was changed. Choose a new or empty output directory.")
         return None
 
     @classmethod
-    def create(cls, out_dir: Path, plan: "Plan") -> "Manifest":
-        manifest = cls(out_dir / MANIFEST_NAME, _initial(plan))
+    def create(cls, out_dir: "Path | str | LocalDir | ObjectDir", plan: "Plan") -> "Manifest":
+        manifest = cls(_out(out_dir), _initial(plan))
         manifest.compact()
         return manifest
 
@@ -192,12 +201,7 @@ class Manifest:
         then the journal lines; a new snapshot once the journal is as long as the plan."""
         self.before_save()
         if self._pending:
-            fd = self._journal_fd()
-            data = b"".join(self._pending)
-            done = 0
-            while done < len(data):
-                done += os.write(fd, data[done:])
-            os.fdatasync(fd)
+            self.out.journal_append(self.journal_name(), b"".join(self._pending))
             self._journaled += len(self._pending)
             self._pending.clear()
         if self._journaled >= max(MIN_COMPACT, len(self.units)):
@@ -208,18 +212,12 @@ class Manifest:
         """Everything into a new snapshot of the next generation, with an empty journal; the
         journal it replaces is removed once the snapshot is durable."""
         self.before_save()
-        old = self.journal_path()
+        old = self.journal_name()
         self.data["generation"] = self.data.get("generation", 0) + 1
-        if self._journal is not None:
-            os.close(self._journal)
-            self._journal = None
-        if self.path.exists() and self.damage is None:
-            keep = temp_path(prev_path(self.path))
-            keep.unlink(missing_ok=True)
-            os.link(self.path, keep)
-            os.replace(keep, prev_path(self.path))  # made durable by atomic_write's fsync of the directory
-        atomic_write(self.path, json.dumps(self.data, separators=(",", ":")).encode())
-        old.unlink(missing_ok=True)
+        self.out.journal_close(old)
+        self.out.replace(MANIFEST_NAME, json.dumps(self.data, separators=(",", ":")).encode(),
+                         keep=PREV_NAME if self.damage is None else None)
+        self.out.journal_remove(old)
         self.damage = None
         self._pending.clear()
         self._journaled = 0
@@ -227,29 +225,18 @@ class Manifest:
 
     def remove_stale_journals(self) -> None:
         """Journals of older generations (a compaction killed before removing its old journal)."""
-        current = self.journal_path().name
-        for path in self.path.parent.glob(f".{MANIFEST_NAME.removesuffix('.json')}.*.journal"):
-            if path.name != current:
-                path.unlink(missing_ok=True)
+        current = self.journal_name()
+        for name in self.out.journals(f".{MANIFEST_NAME.removesuffix('.json')}.*.journal"):
+            if name != current:
+                self.out.journal_remove(name)
 
     def close(self) -> None:
-        if self._journal is not None:
-            os.close(self._journal)
-            self._journal = None
+        self.out.journal_close()
 
     # -- the journal -------------------------------------------------------------------------------
 
-    def journal_path(self) -> Path:
-        return self.path.with_name(f".{MANIFEST_NAME.removesuffix('.json')}.{self.data.get('generation', 0)}.journal")
-
-    def _journal_fd(self) -> int:
-        if self._journal is None:
-            path = self.journal_path()
-            created = not path.exists()
-            self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            if created:
-                fsync_dir(path.parent)
-        return self._journal
+    def journal_name(self) -> str:
+        return f".{MANIFEST_NAME.removesuffix('.json')}.{self.data.get('generation', 0)}.journal"
 
     def _append(self, record: dict[str, Any]) -> None:
         body = json.dumps(record, separators=(",", ":")).encode()
@@ -257,10 +244,7 @@ class Manifest:
 
     def _replay(self) -> int:
         """Apply this generation's journal to the snapshot's state; returns the records applied."""
-        try:
-            raw = self.journal_path().read_bytes()
-        except FileNotFoundError:
-            return 0
+        raw = self.out.journal_read(self.journal_name())
         applied = 0
         for line in raw.split(b"\n")[:-1]:  # the last piece is a torn line, or empty
             crc, _, body = line.partition(b" ")
@@ -296,9 +280,11 @@ class Manifest:
         }
 
 
-def prev_path(path: Path) -> Path:
-    """Where the manifest's previous copy is kept."""
-    return path.with_name(f".{path.name}.prev")
+PREV_NAME = f".{MANIFEST_NAME}.prev"  # the manifest's previous copy
+
+
+def _out(out_dir) -> "LocalDir | ObjectDir":
+    return out_dir if isinstance(out_dir, (LocalDir, ObjectDir)) else output_dir(out_dir)
 
 
 _UNIT_KEYS = {"shape": list, "dtype": str, "nbytes": int, "done": bool}
@@ -309,16 +295,16 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(raw: bytes | None, path: str) -> dict[str, Any]:
     """A manifest's data, checked for everything the driver, status and verify rely on."""
     def damaged(problem: str) -> DistSvcError:
         return DistSvcError(f"{path}: the manifest is damaged ({problem}).")
 
+    if raw is None:
+        raise damaged("missing")
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise damaged("missing") from None
-    except (OSError, ValueError, RecursionError) as e:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
         raise damaged(f"unreadable: {str(e)[:100]}") from None
     if not isinstance(data, dict):
         raise damaged("not a JSON object")

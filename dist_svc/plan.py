@@ -29,6 +29,7 @@ from dist_svc.config import MergeConfig, SliceSpec, SourceSpec, layer_position, 
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import Method
 from dist_svc.storage import open_checkpoint
+from dist_svc.storage.hub import pins as hub_pins
 from dist_svc.storage.output import side_files, source_files
 from dist_svc.storage.types import NAME_TO_ST, SIDE_FILES, Checkpoint, natural_key, tensor_nbytes
 
@@ -101,6 +102,10 @@ class Plan:
     side_files: dict[str, bytes]  # config and tokenizer files, as the output gets them
     fingerprint: str
 
+    def pins(self) -> dict[str, str]:
+        """The commit every Hub model was resolved to: what workers must read."""
+        return hub_pins(self.inputs)
+
     @property
     def total_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
@@ -114,14 +119,17 @@ class Plan:
         return f"{len(self.units)} tensors ({calibrated} calibrated), {self.total_bytes / 2**30:.2f} GiB"
 
 
-def open_inputs(config: MergeConfig, identity_only: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
+def open_inputs(config: MergeConfig, identity_only: bool = False,
+                pins: dict[str, str] | None = None) -> tuple[Checkpoint, list[Checkpoint]]:
     """Every checkpoint of the merge, in the config's order (the base first when there is one),
-    as (first, rest); each a safetensors checkpoint or a zarr store (mixing is fine). With
-    `identity_only`, readers may skip what `identity()` and `side_file()` do not need."""
+    as (first, rest); each any checkpoint source (dist_svc.storage; mixing is fine): a LoRA
+    adapter applies to the base. With `identity_only`, readers may skip what `identity()` and
+    `side_file()` do not need. `pins`: the Hub commits the plan resolved (`Plan.pins`)."""
     opened: list[Checkpoint] = []
     try:
         for path in config.checkpoints:
-            opened.append(open_checkpoint(path, identity_only))
+            base = opened[0] if opened and config.base is not None else None
+            opened.append(open_checkpoint(path, base=base, pins=pins, identity_only=identity_only))
     except BaseException:
         for c in opened:
             c.close()
@@ -236,11 +244,15 @@ def _stored_files(checkpoint: Checkpoint) -> frozenset:
     of each (of a safetensors checkpoint's files, of a zarr store's directory)."""
     import os
 
-    paths = getattr(checkpoint, "files", None) or [getattr(checkpoint, "path", checkpoint.source)]
+    files = getattr(checkpoint, "files", None) or [getattr(checkpoint, "path", None)]
     keys = set()
-    for path in paths:
-        st = os.stat(path)
-        keys.add((st.st_dev, st.st_ino))
+    for file in files:
+        path = file if isinstance(file, (str, os.PathLike)) else getattr(file, "path", None)  # a LocalFile's Path
+        if path is not None and os.path.exists(path):
+            st = os.stat(path)
+            keys.add((st.st_dev, st.st_ino))
+        else:  # on object storage, or not a file of its own (an adapter): its name
+            keys.add(str(getattr(file, "where", None) or checkpoint.source))
     return frozenset(keys)
 
 

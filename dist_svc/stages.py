@@ -23,12 +23,25 @@ from dist_svc.storage.durable import local_path
 class Stage:
     name: str | None
     config: MergeConfig
-    out_dir: Path
+    out_dir: Path | str  # a local directory, or an s3:// URL
     needs: tuple[str, ...]  # stages whose outputs it reads
 
 
-def default_intermediate_dir(out_dir: str | Path) -> Path:
-    out_dir = local_path(out_dir, "OUT_DIR")
+def _place(path: str | Path, what: str) -> Path | str:
+    """A local path made absolute, or a URL (object storage) as it is."""
+    from dist_svc.storage.location import is_url
+
+    return str(path).rstrip("/") if is_url(str(path)) else local_path(path, what)
+
+
+def _within(folder: Path | str, name: str) -> Path | str:
+    return folder / name if isinstance(folder, Path) else f"{folder}/{name}"
+
+
+def default_intermediate_dir(out_dir: str | Path) -> Path | str:
+    out_dir = _place(out_dir, "OUT_DIR")
+    if isinstance(out_dir, str):
+        return f"{out_dir}.stages"
     return out_dir.parent / f"{out_dir.name}.stages"
 
 
@@ -36,8 +49,8 @@ def load_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | P
                 calibrate: bool | None = None) -> list[Stage]:
     """The stages of a config file, in the order they run (one stage for a one-document file)."""
     documents = read_documents(path)
-    out_dir = local_path(out_dir, "OUT_DIR")
-    intermediate = local_path(intermediate_dir, "INTERMEDIATE_DIR") if intermediate_dir else \
+    out_dir = _place(out_dir, "OUT_DIR")
+    intermediate = _place(intermediate_dir, "INTERMEDIATE_DIR") if intermediate_dir else \
         default_intermediate_dir(out_dir)
     names: list[str | None] = []
     for i, doc in enumerate(documents):
@@ -51,7 +64,7 @@ def load_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | P
         raise DistSvcError(f"{path}: {names.count(None)} documents have no `name`; only the final merge may go "
                            f"without one (as mergekit-multimerge requires).")
     final = names.index(None) if None in names else len(documents) - 1
-    outputs = {name: (out_dir if i == final else intermediate / name) for i, name in enumerate(names)
+    outputs = {name: (out_dir if i == final else _within(intermediate, name)) for i, name in enumerate(names)
                if name is not None}
     stages = []
     for i, (doc, name) in enumerate(zip(documents, names)):
@@ -60,7 +73,7 @@ def load_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | P
         where = f"{path}" + (f" (stage {name!r})" if len(documents) > 1 and name else
                              " (the final merge)" if len(documents) > 1 else "")
         stages.append(Stage(name, parse_config(doc, source=where, calibrate=calibrate),
-                            out_dir if i == final else intermediate / name, tuple(sorted(used))))
+                            out_dir if i == final else _within(intermediate, name), tuple(sorted(used))))
     return _ordered(stages, str(path))
 
 

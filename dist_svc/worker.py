@@ -25,12 +25,12 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
+from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, Inputs, flat_indices
 from dist_svc.memory import CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, whole_tensor
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
@@ -55,6 +55,7 @@ class Job:
 
     config: MergeConfig
     layout: OutputLayout
+    pins: dict[str, str] = field(default_factory=dict)  # Hub models: the commits the plan resolved
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Worker:
         self.compute_dtype = compute_dtype
         self._owns_inputs = checkpoints is None
         if checkpoints is None:
-            first, rest = open_inputs(config)
+            first, rest = open_inputs(config, pins=job.pins)
             checkpoints = [first, *rest]
         self.reader = BlockReader(checkpoints, self.device, compute_dtype, block_elements)
         self.cache_bytes = cache_bytes
@@ -266,11 +267,13 @@ class Worker:
         """(base, merged delta, task vectors) of one block; base None (zero) for a tensor
         without a base, whose "task vectors" are then the weights."""
         base = None if unit.base is None else tensors[unit.base]
+        exact = tensors.deltas if isinstance(tensors, Inputs) else {}  # adapters of the base: their change
         if self.method.operates_on == "weights":
             merged = self._merge(unit, block, tensors)
-            return base, merged - base, [tensors[i] - base for i in unit.fine_tunes]
+            return base, merged - base, [exact[i] if i in exact else tensors[i] - base for i in unit.fine_tunes]
         # In place: every read is a buffer of its own, and methods never change their inputs.
-        taus = [tensors[i] if base is None else tensors[i].sub_(base) for i in unit.fine_tunes]
+        taus = [exact[i] if i in exact else tensors[i] if base is None else tensors[i].sub_(base)
+                for i in unit.fine_tunes]
         return base, self._merge(unit, block, taus), taus
 
     def _finish(self, base: torch.Tensor | None, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
@@ -328,8 +331,6 @@ class _WriteBehind:
         self.writer, self.writes = writer, writes
         self.columns, self.seconds = writer.columns, writer.seconds
         self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.done.set()
 
     def _submit(self, call) -> None:
         if self.error is not None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -80,3 +79,112 @@ def stored_at(out_dir: Path, name: str) -> tuple[Path, int, int, list[str]]:
     partial = layout.partial(place.shard)
     path = partial if partial.exists() else layout.final(place.shard)
     return path, place.offset, place.nbytes, list(layout.shards[place.shard].tensors)
+
+
+# -- object storage: a real S3 API on 127.0.0.1 ------------------------------------------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "dist-svc-test", "AWS_SECRET_ACCESS_KEY": "dist-svc-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in a process of its own on 127.0.0.1, for the whole session (stopped by
+    its pid at the end). Endpoint and credentials reach every client, subprocesses and Ray
+    actors included, the usual way: AWS_ENDPOINT_URL and AWS_ACCESS_KEY_ID in the environment."""
+    import socket
+    import time
+
+    pytest.importorskip("moto", reason="object storage tests need moto[server]: pip install -e '.[test]'")
+    pytest.importorskip("s3fs", reason="object storage tests need s3fs: pip install -e '.[test]'")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+            time.sleep(0.05)
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A new, empty bucket for one test: s3://NAME."""
+    import re
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{free_port()}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+def upload(local: Path, url: str) -> str:
+    """Copy a local checkpoint (directory or file) to object storage; returns the URL."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if Path(local).is_dir():
+        for f in sorted(Path(local).rglob("*")):
+            if f.is_file():
+                fs.pipe_file(f"{path}/{f.relative_to(local).as_posix()}", f.read_bytes())
+    else:
+        fs.pipe_file(path, Path(local).read_bytes())
+    return url
+
+
+# -- a local Ray cluster, one per session ------------------------------------------------------------
+
+# Set before Ray is imported (it reads them at import), the same for every node and driver (the
+# merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
+# on the loopback interface, so the test cluster talks only to this machine.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+RAY_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A head and 2 nodes with one fake GPU each, all on 127.0.0.1, shared by every test that
+    needs Ray. Started after the S3 server, so that its processes (the actors) find the
+    endpoint and credentials in their environment, as a real cluster's nodes would."""
+    ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[test]'")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1",
+        "include_dashboard": False})
+    nodes = [c.add_node(**RAY_NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="dist-svc", log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()

@@ -111,6 +111,7 @@ class OutputLayoutContract:
         assert layout.prepare(recorded) == []
         for name, t in tensors.items():
             writer = layout.writer(name, sync=False)
+            assert isinstance(writer.columns, bool) and {"checksum", "write"} <= set(writer.seconds)
             data = _bits(t)
             half = len(data) // 2
             writer.write(data[:half])

@@ -250,8 +250,16 @@ def test_vocabularies_of_different_sizes_without_a_tokenizer_setting_say_what_to
              "tokenizer_source: union")
 
 
-def test_the_chat_templates_named_in_the_config_are_the_ones_shipped():
-    from dist_svc.chat_templates import TEMPLATES
-    from dist_svc.config import CHAT_TEMPLATE_NAMES
+def test_the_chat_templates_a_config_may_name_are_the_ones_mergekit_ships():
+    """Named templates are read from the installed mergekit (its text, its licence)."""
+    pytest.importorskip("mergekit", reason="mergekit is not installed: pip install -e '.[test,compat]'")
+    from importlib.resources import files
 
-    assert set(TEMPLATES) == set(CHAT_TEMPLATE_NAMES)
+    from dist_svc.config import CHAT_TEMPLATE_NAMES
+    from dist_svc.vocab import chat_template_text
+
+    shipped = {p.name.removesuffix(".jinja") for p in files("mergekit._data.chat_templates").iterdir()
+               if p.name.endswith(".jinja")}
+    assert set(CHAT_TEMPLATE_NAMES) == shipped
+    for name in CHAT_TEMPLATE_NAMES:
+        assert chat_template_text(name, []) == (files("mergekit._data.chat_templates") / f"{name}.jinja").read_text()

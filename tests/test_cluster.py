@@ -13,36 +13,20 @@ import pytest
 import torch
 
 from dist_svc.commands.demo import TinyLlama
-from tests.conftest import file_bytes, run_cli, units_done, write_config
+from tests.conftest import RAY_NODE, file_bytes, run_cli, units_done, write_config
 from tests.contracts import ExecutorContract
-
-# Set before Ray is imported (it reads them at import), the same for every node and driver (the
-# merge subprocesses inherit them): no token auth for this throwaway cluster, and every address
-# on the loopback interface, so the test cluster talks only to this machine.
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install -e '.[test]'")
 
 # Large enough that kills land mid-merge (~0.1-0.3 s per matrix with calibration).
 MODEL = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2)
-NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1",
-        "include_dashboard": False})
-    nodes = [c.add_node(**NODE) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="dist-svc", log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    """The session's local cluster (tests/conftest.py: head + 2 nodes with one fake GPU each)."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +156,7 @@ def test_a_node_removed_mid_merge_still_finishes_identically(tmp_path, cluster, 
     try:
         log = _finish(proc)
     finally:
-        nodes[nodes.index(victim)] = c.add_node(**NODE)  # the node back, for the tests after this one
+        nodes[nodes.index(victim)] = c.add_node(**RAY_NODE)  # the node back, for the tests after this one
         c.wait_for_nodes()
     assert "an actor died" in log
     assert file_bytes(out) == model[1]

@@ -36,7 +36,8 @@ def test_output_layouts_are_named_only_by_the_layout_registry():
 
 
 def test_checkpoint_readers_are_named_only_by_open_checkpoint():
-    for reader in ("dist_svc.storage.zarr_reader", "dist_svc.storage.safetensors_reader"):
+    for reader in ("dist_svc.storage.zarr_reader", "dist_svc.storage.safetensors_reader",
+                   "dist_svc.storage.torch_reader", "dist_svc.storage.lora_reader"):
         assert _references(reader) == {"dist_svc.storage"}, reader
 
 

@@ -282,10 +282,44 @@ def bench_throughput(workdir, layers: int = 4, hidden: int = 4096, intermediate:
             "machine": machine_description(executor.device)}
 
 
-def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, log=print) -> list[dict]:
+def bench_lora(scale: int = 8, k: int = 3, rank: int = 16, repeats: int = 3, seed: int = 0) -> list[dict]:
+    """SVC of a merge of K LoRA task vectors (rank `rank` each) on Llama-3-70B's shapes divided
+    by `scale`: the dense float64 Gram path on the m x n task vectors (what a merge of dense
+    checkpoints computes) against the factored path (dist_svc.lowrank: QRs of the stacked
+    factors and an SVC of the sum(r) x sum(r) core), with the factored result's distance from
+    the dense one."""
+    from dist_svc.lowrank import Factored, merge_factored
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, m, n in LLAMA3_70B_SHAPES:
+        m, n = m // scale, n // scale
+        shared = torch.randn(m, rank // 2, generator=gen, dtype=torch.float64)
+        taus = [Factored(torch.cat([shared, torch.randn(m, rank - rank // 2, generator=gen, dtype=torch.float64)], 1)
+                         * 1e-2, torch.randn(n, rank, generator=gen, dtype=torch.float64) * 1e-2) for _ in range(k)]
+        coefficients = [0.3] * k
+        alpha = 1.0 / k
+
+        def dense():
+            full = [t.dense() for t in taus]
+            return calibrate_gram(sum(c * t for c, t in zip(coefficients, full)), full, alpha).delta
+
+        t_dense, d_dense = _timed(dense, torch.device("cpu"), repeats)
+        t_factored, result = _timed(lambda: merge_factored(taus, coefficients, True, alpha)[0], torch.device("cpu"),
+                                    repeats)
+        error = float(torch.linalg.norm(result.dense() - d_dense) / torch.linalg.norm(d_dense))
+        rows.append({"matrix": name, "shape": f"{m}x{n}", "k": k, "rank": rank, "dense_s": t_dense,
+                     "factored_s": t_factored, "speedup": t_dense / t_factored, "difference": error})
+    return rows
+
+
+def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, log=print,
+               remote: str | None = None) -> list[dict]:
     """Read rate of one checkpoint stored three ways (safetensors, zarr, zarr + zstd), read as a
     worker reads it: every tensor in row blocks of 8M elements, one thread, into torch tensors.
-    Page cache emptied before each read when this process may (else "warm" only)."""
+    Page cache emptied before each read when this process may (else "warm" only). With
+    `remote` (a URL such as s3://bucket/prefix; endpoint and credentials from the environment),
+    the same stores are uploaded there once and read back from it too."""
     import shutil
     from pathlib import Path
 
@@ -319,7 +353,24 @@ def bench_read(workdir, hidden: int = 4096, layers: int = 2, repeats: int = 3, l
 
     rows = []
     nbytes = sum(p.stat().st_size for p in stores["safetensors"].glob("*.safetensors"))
+    if remote:
+        for label, path in list(stores.items()):
+            url = f"{remote.rstrip('/')}/{root.name}/{Path(path).name}"
+            _upload_once(Path(path), url, log)
+            stores[f"{label} remote"] = url
     for label, path in stores.items():
+        if isinstance(path, str):  # remote: no page cache of ours to empty, and none to warm
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                read_all(path)
+                times.append(time.perf_counter() - start)
+            t = statistics.median(times)
+            rows.append({"format": label, "cache": "-", "seconds": t, "gbps": nbytes / t / 1e9,
+                         "bytes_on_disk": sum(p.stat().st_size for p in stores[label.removesuffix(" remote")].rglob("*")
+                                              if p.is_file()), "tensor_bytes": nbytes})
+            log(f"{label}: {nbytes / t / 1e9:.2f} GB/s")
+            continue
         on_disk = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
         for cache in ("cold", "warm"):
             times = []
@@ -570,3 +621,16 @@ def bench_scaling(workdir, threads: Sequence[int] | None = None, repeats: int = 
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
         row["same_bytes"] = len(digests) == 1
     return rows
+
+
+def _upload_once(local, url: str, log) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{root}/.complete"):
+        return
+    log(f"uploading {local} to {url} ...")
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{root}/{f.relative_to(local).as_posix()}")
+    fs.pipe_file(f"{root}/.complete", b"")

@@ -18,9 +18,10 @@ from typing import Callable
 from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
-from dist_svc.storage import open_checkpoint
+from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import fsync_dir
-from dist_svc.storage.output import FORMATS, layout_for, source_files
+from dist_svc.storage.output import LAYOUTS, layout_for, source_files
 from dist_svc.storage.types import ITEMSIZE, tensor_bytes
 from dist_svc.storage.zarr_format import is_zarr
 
@@ -28,23 +29,28 @@ BLOCK_BYTES = 64 << 20
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compression: str = "none",
-            shard_size: int = DEFAULT_SHARD_BYTES, progress: str = "auto",
+            shard_size: int = DEFAULT_SHARD_BYTES, progress: str = "auto", trust_pickle: bool = False,
             log: Callable[[str], None] = lambda s: None) -> dict:
-    """Convert checkpoint `src` into `dst` ("zarr" or "safetensors"; by default zarr when `dst`
-    ends in .zarr). Returns {"tensors", "bytes", "format"}."""
+    """Convert checkpoint `src` (any source: a local path, a URL, a Hub ID, BASE+ADAPTER, a .bin
+    state dict) into `dst` ("zarr" or "safetensors"; by default zarr when `dst` ends in .zarr).
+    `trust_pickle` loads a .bin/.pt whose pickle needs code (running it). Returns {"tensors",
+    "bytes", "format"}."""
+    if isinstance(dst, str) and is_url(dst):
+        raise DistSvcError(f"{dst}: convert writes a local DST (it renames it into place when complete); convert to "
+                           f"a local directory and upload it, or merge straight to s3://.")
     dst = Path(dst).expanduser().resolve()
     fmt = fmt or ("zarr" if is_zarr(dst) else "safetensors")
-    if fmt not in FORMATS:
-        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(FORMATS)}.")
+    if fmt not in LAYOUTS:
+        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(LAYOUTS)}.")
     if compression != "none" and fmt != "zarr":
         raise DistSvcError("only zarr output can be compressed; drop --compression or write a .zarr store.")
     if dst.exists():
         raise DistSvcError(f"{dst} already exists; dist-svc never overwrites. Choose a new destination or remove it.")
-    src_dir = Path(src).expanduser().resolve()
-    if dst.is_relative_to(src_dir):
-        raise DistSvcError(f"{dst} is inside the checkpoint being converted ({src_dir}); write it elsewhere.")
-    source = open_checkpoint(src)
-    recorded_before = _recorded_checksums(src_dir)
+    src = source_of(src) if isinstance(src, str) else Path(src).expanduser().resolve()
+    if isinstance(src, Path) and dst.is_relative_to(src):
+        raise DistSvcError(f"{dst} is inside the checkpoint being converted ({src}); write it elsewhere.")
+    source = open_checkpoint(src, trust_pickle=trust_pickle)
+    recorded_before = _recorded_checksums(src) if isinstance(src, Path) and src.is_dir() else {}
     names = source.order()
     total = sum(info.nbytes for info in source.tensors.values())
     tmp = dst.with_name(f".{dst.name}.converting-{os.getpid()}")

@@ -38,7 +38,7 @@ from dist_svc.config import MergeConfig
 from dist_svc.memory import Footprint, compute_bytes, unit_footprint
 from dist_svc.methods import Where
 from dist_svc.plan import Plan, Unit
-from dist_svc.storage.types import DTYPES, ITEMSIZE, tensor_bytes
+from dist_svc.storage.types import DTYPES, tensor_bytes
 from dist_svc.worker import CPU_INTRA_OP_THREADS
 
 PROBE_BYTES = 256 << 20  # read per round, at most

@@ -119,7 +119,7 @@ class LocalExecutor:
         pending = Pending([(u, self.footprint(u, job.config)) for u in units], key)
         stop = threading.Event()
         results: queue.Queue = queue.Queue()
-        first, rest = open_inputs(job.config)  # once, shared by every worker thread
+        first, rest = open_inputs(job.config, pins=job.pins)  # once, shared by every worker thread
         checkpoints = [first, *rest]
 
         def loop(index: int) -> None:

@@ -49,7 +49,7 @@ class MergeActor:
         setup_process(self.device)
         self.options = {} if block_elements is None else {"block_elements": block_elements}
         self.local = threading.local()
-        first, rest = open_inputs(job.config)
+        first, rest = open_inputs(job.config, pins=job.pins)
         self.checkpoints = [first, *rest]
         on_gpu = self.device == "cuda"
         self.budget = MemoryBudget(memory, [device_budget(self.device)] if on_gpu else [])

@@ -26,7 +26,8 @@ LAYOUTS: dict[str, str] = {
     "safetensors": "dist_svc.storage.safetensors_output:SafetensorsLayout",
     "zarr": "dist_svc.storage.zarr_output:ZarrLayout",
 }
-FORMATS = tuple(LAYOUTS)
+# "peft" is not a layout: a merge of LoRA adapters written as one adapter (dist_svc.lowrank).
+FORMATS = (*LAYOUTS, "peft")
 
 
 class UnitWriter(Protocol):
@@ -124,13 +125,20 @@ def _with_dtype(config_bytes: bytes, dtype: str) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def side_file_problems(out_dir: Path, side_files: Mapping[str, str], deep: bool) -> list[str]:
-    """Side files of a local output that are missing or (`deep`) not as written."""
+def side_file_problems(out_dir, side_files: Mapping[str, str], deep: bool) -> list[str]:
+    """Side files of an output (a local directory or an `OutputDir`) that are missing or
+    (`deep`) not as written."""
+    from dist_svc.storage.outdir import output_dir
+
+    folder = out_dir if hasattr(out_dir, "is_local") else output_dir(out_dir)
     out = []
     for name, digest in side_files.items():
-        path = out_dir / name
-        if not path.is_file():
-            out.append(f"{path}: missing")
-        elif deep and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            out.append(f"{path}: not the file the merge wrote (changed since)")
+        if (folder.size(name) if not deep else 0) is None:
+            out.append(f"{folder.where(name)}: missing")
+        elif deep:
+            data = folder.read(name)
+            if data is None:
+                out.append(f"{folder.where(name)}: missing")
+            elif hashlib.sha256(data).hexdigest() != digest:
+                out.append(f"{folder.where(name)}: not the file the merge wrote (changed since)")
     return out

@@ -7,6 +7,14 @@ in any order, from any process or node that sees the directory. Once all of a sh
 are recorded and their bytes verify against their checksums, the file is fsynced and renamed to
 NAME: a file under a shard's final name is always complete. The index and the side files
 (config, tokenizer) are written last, each via temp file + fsync + rename.
+
+On object storage (an s3:// OUT_DIR, `ObjectSafetensorsLayout`) there is no writing in place:
+each tensor is staged as an object of its own (`.dist-svc-staging/SHARD/TENSOR`, written by
+whichever worker or node computed it, hashed on the way), and sealing a shard streams its header
+and its tensors' staged objects, in order and each checked against its recorded sha256, into
+one multipart upload of the shard, whose completion makes it appear whole under its final
+name; the staged objects are deleted then. A killed run leaves staged objects (kept: their
+tensors are recorded) and at most an unfinished upload (invisible, aborted by the next run).
 """
 
 from __future__ import annotations
@@ -191,6 +199,16 @@ def index_bytes(shards: Sequence[ShardLayout], placements: Mapping[str, Placemen
 class SafetensorsLayout:
     format: ClassVar[str] = "safetensors"
 
+    def __new__(cls, out_dir, entries: Sequence[Entry], options: Mapping):
+        from dist_svc.storage.location import is_url
+
+        if cls is SafetensorsLayout and is_url(str(out_dir)):
+            return super().__new__(ObjectSafetensorsLayout)
+        return super().__new__(cls)
+
+    def __getnewargs__(self):
+        return (self.out_dir, [], {})
+
     def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
         self.out_dir = Path(out_dir)
         self.shards, self.placements = layout_shards(entries, int(options.get("shard_bytes") or DEFAULT_SHARD_BYTES))
@@ -340,3 +358,241 @@ class SafetensorsLayout:
     def state(self) -> list[str]:
         sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
         return [f"shards  {sealed}/{len(self.shards)} written"]
+
+
+STAGING = ".dist-svc-staging"
+PART_BYTES = 16 << 20  # parts of a shard's multipart upload (S3: at least 5 MiB but the last)
+
+
+class ObjectSafetensorsLayout(SafetensorsLayout):
+    """Sharded safetensors on object storage: tensors staged as objects, shards assembled from
+    them when sealed (see the module's docstring)."""
+
+    def __init__(self, out_dir: str, entries: Sequence[Entry], options: Mapping):
+        from dist_svc.storage.outdir import output_dir
+
+        super().__init__(Path("."), entries, options)
+        self.out_dir = str(out_dir)
+        self.out = output_dir(self.out_dir)
+
+    def staged(self, name: str) -> str:
+        place = self.placements[name]
+        return f"{STAGING}/{self.shards[place.shard].file}/{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+
+    def _is_sealed(self, k: int) -> bool:
+        shard = self.shards[k]
+        if self.out.size(shard.file) != shard.size:
+            return False
+        return self.out.read_range(shard.file, 0, len(shard.header)) == shard.header
+
+    # -- the driver's side ----------------------------------------------------------------------
+
+    def prepare(self, recorded: Mapping[str, str]) -> list[str]:
+        """Unfinished uploads of shards (a seal killed midway) are aborted. A sealed shard stays
+        sealed if every tensor in it is recorded; otherwise (a forged or rolled-back manifest) it
+        is deleted and its tensors run again. In an unsealed shard, a recorded tensor whose
+        staged object is missing or of the wrong size runs again."""
+        self._abort_uploads()
+        staged = {n: int(info["size"]) for n, info in self.out.list(STAGING).items()}
+        redo: list[str] = []
+        self._remaining, self._sealed, self._ready = [], [], set()
+        for k, shard in enumerate(self.shards):
+            unrecorded = sum(name not in recorded for name in shard.tensors)
+            if self._is_sealed(k):
+                if not unrecorded:
+                    self._remaining.append(0)
+                    self._sealed.append(True)
+                    # a seal killed after the upload, before its staged tensors were deleted
+                    self.out.delete_many([self.staged(n) for n in shard.tensors if self.staged(n) in staged])
+                    continue
+                self.out.delete(shard.file)
+                lost = [name for name in shard.tensors if name in recorded]
+                redo += lost
+                unrecorded += len(lost)
+            else:
+                for name in shard.tensors:
+                    if name in recorded and staged.get(self.staged(name)) != self.placements[name].nbytes:
+                        redo.append(name)
+                        unrecorded += 1
+            self._remaining.append(unrecorded)
+            self._sealed.append(False)
+            if not unrecorded:
+                self._ready.add(k)
+        return redo
+
+    def _abort_uploads(self) -> None:
+        out = self.out
+        prefix = out.prefix + "/" if out.prefix else ""
+        uploads = out.call(out.fs.call_s3, "list_multipart_uploads", Bucket=out.bucket, Prefix=prefix,
+                           what=out.url).get("Uploads") or []
+        for upload in uploads:
+            out.call(out.fs.call_s3, "abort_multipart_upload", Bucket=out.bucket, Key=upload["Key"],
+                     UploadId=upload["UploadId"], what=out.url)
+
+    def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        """Assemble each ready shard from its staged tensors, each checked against its recorded
+        sha256 on the way (a damaged one stops that shard's upload and is run again)."""
+        damaged: list[str] = []
+        for k in sorted(self._ready):
+            self._ready.discard(k)
+            bad = self._assemble(k, recorded)
+            if bad:
+                self._remaining[k] += len(bad)
+                damaged += bad
+                continue
+            self._sealed[k] = True
+            self.out.delete_many([self.staged(n) for n in self.shards[k].tensors])
+        return damaged
+
+    def _assemble(self, k: int, recorded: Mapping[str, str]) -> list[str]:
+        out = self.out
+        shard = self.shards[k]
+        key = out.key(shard.file).partition("/")[2]
+        upload = out.call(out.fs.call_s3, "create_multipart_upload", Bucket=out.bucket, Key=key,
+                          what=out.where(shard.file))["UploadId"]
+        parts: list[dict] = []
+        buffer = bytearray(shard.header)
+
+        def flush(last: bool = False) -> None:
+            while len(buffer) >= PART_BYTES or (last and buffer):
+                piece = bytes(buffer[:PART_BYTES])
+                del buffer[:PART_BYTES]
+                number = len(parts) + 1
+                etag = out.call(out.fs.call_s3, "upload_part", Bucket=out.bucket, Key=key, UploadId=upload,
+                                PartNumber=number, Body=piece, what=out.where(shard.file))["ETag"]
+                parts.append({"PartNumber": number, "ETag": etag})
+
+        try:
+            bad = []
+            for name in sorted(shard.tensors, key=lambda n: self.placements[n].offset):
+                place = self.placements[name]
+                digest = hashlib.sha256()
+                size = out.size(self.staged(name))
+                if size != place.nbytes:
+                    bad.append(name)
+                    continue
+                for start in range(0, place.nbytes, PART_BYTES):
+                    data = out.read_range(self.staged(name), start, min(start + PART_BYTES, place.nbytes))
+                    digest.update(data)
+                    buffer += data
+                    flush()
+                if digest.hexdigest() != recorded[name]:
+                    bad.append(name)
+            if bad:
+                raise _Damaged(bad)
+            flush(last=True)
+            out.call(out.fs.call_s3, "complete_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload,
+                     MultipartUpload={"Parts": parts}, what=out.where(shard.file))
+            return []
+        except _Damaged as e:
+            out.call(out.fs.call_s3, "abort_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload,
+                     what=out.url)
+            return e.names
+        except BaseException:
+            try:
+                out.fs.call_s3("abort_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload)
+            except Exception:
+                pass  # the next run aborts it
+            raise
+
+    def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
+        self.out.delete_many(list(self.out.list(STAGING + "/")))  # whatever a killed run left
+        self.out.write(INDEX_NAME, index_bytes(self.shards, self.placements))
+        for name, data in side_files.items():
+            self.out.write(name, data)
+
+    # -- any process -----------------------------------------------------------------------------
+
+    def writer(self, name: str, sync: bool) -> "ObjectTensorWriter":
+        return ObjectTensorWriter(self.out, self.staged(name), self.placements[name].nbytes)
+
+    def make_durable(self, names: Iterable[str]) -> None:
+        pass  # an uploaded object is durable
+
+    def stored_sha256(self, name: str) -> str | None:
+        place = self.placements[name]
+        if self.out.size(self.staged(name)) == place.nbytes:
+            return self.out.range_sha256(self.staged(name), 0, place.nbytes)
+        return self.out.range_sha256(self.shards[place.shard].file, place.offset, place.nbytes)
+
+    # -- checking ----------------------------------------------------------------------------------
+
+    def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
+        out = []
+        for k, shard in enumerate(self.shards):
+            where = self.out.where(shard.file)
+            size = self.out.size(shard.file)
+            if size is None:
+                staged = self.out.list(f"{STAGING}/{shard.file}")
+                out.append(f"{where}: {'still being written (tensors staged)' if staged else 'missing'}")
+                continue
+            if size != shard.size:
+                out.append(f"{where}: {size} bytes, planned {shard.size} (truncated or extended)")
+                continue
+            if self.out.read_range(shard.file, 0, len(shard.header)) != shard.header:
+                out.append(f"{where}: its header is not the planned one")
+                continue
+            if deep:
+                for name in shard.tensors:
+                    place = self.placements[name]
+                    if name not in recorded:
+                        out.append(f"{where}: tensor '{name}' is not recorded as merged")
+                    elif self.out.range_sha256(shard.file, place.offset, place.nbytes) != recorded[name]:
+                        out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted)")
+        index = self.out.read(INDEX_NAME)
+        if index is None:
+            out.append(f"{self.out.where(INDEX_NAME)}: missing")
+        elif index != index_bytes(self.shards, self.placements):
+            out.append(f"{self.out.where(INDEX_NAME)}: does not map every tensor to its shard as planned")
+        return out + side_file_problems(self.out, side_files, deep)
+
+    def state(self) -> list[str]:
+        sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
+        return [f"shards  {sealed}/{len(self.shards)} written"]
+
+
+class _Damaged(Exception):
+    def __init__(self, names: list[str]):
+        self.names = names
+
+
+class ObjectTensorWriter:
+    """One tensor's bytes uploaded as one object (multipart when large), hashed on the way; the
+    object exists only once `close` has uploaded all of it."""
+
+    columns = False  # an object is uploaded in order, once
+
+    def __init__(self, out, name: str, nbytes: int):
+        self.out, self.name, self.nbytes = out, name, nbytes
+        self.file = out.writer(name)
+        self.written = 0
+        self.hash = hashlib.sha256()
+        self.seconds = {"checksum": 0.0, "write": 0.0}
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self.written + len(view) > self.nbytes:
+            raise ValueError("more bytes than the tensor's planned size")
+        start = time.perf_counter()
+        self.hash.update(view)
+        hashed = time.perf_counter()
+        self.out.call(self.file.write, view, what=self.out.where(self.name))
+        self.written += len(view)
+        self.seconds["checksum"] += hashed - start
+        self.seconds["write"] += time.perf_counter() - hashed
+
+    def close(self) -> str:
+        if self.written != self.nbytes:
+            self.abort()
+            raise ValueError(f"tensor incomplete: {self.nbytes - self.written} bytes missing")
+        self.out.call(self.file.close, what=self.out.where(self.name))
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        """The upload is abandoned: its parts are deleted and the object never appears (also
+        not when the file object is garbage-collected, which would otherwise commit it)."""
+        try:
+            self.file.discard()
+        except Exception:
+            pass  # parts already uploaded stay invisible: an unfinished upload is no object
+        self.file.closed = True

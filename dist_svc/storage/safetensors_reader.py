@@ -13,26 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.location import HEADER_PROBE, MAP_WINDOW, check_index, discover, location, storage_errors  # noqa: F401
+from dist_svc.storage.location import quote as _quote
 from dist_svc.storage.types import DTYPES, INDEX_NAME, ITEMSIZE, TensorInfo, natural_key
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-MAP_WINDOW = 32 * 1024 * 1024  # bytes of a tensor mapped at once by a column read
 
 
 class _Stored(NamedTuple):
-    """Where a tensor's bytes are: its file and the offset of its first byte."""
+    """Where a tensor's bytes are: its file (`LocalFile` or `RemoteFile`) and the offset of its
+    first byte."""
 
-    file: Path
+    file: object
     offset: int
 
 
@@ -121,119 +120,60 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def _quote(value, limit: int = 80) -> str:
-    """A value from a file, quoted for a message and cut short: crafted input must not be able
-    to make an error message huge."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(cut)"
-
-
-def read_header(path: Path, parse: bool = True) -> tuple[dict[str, Entry], int, dict]:
-    """The validated tensors of one safetensors file (none unless `parse`), the offset of its
-    data, and what identifies the file cheaply (see `SafetensorsCheckpoint.identity`), from one
-    open."""
+def read_header(file, parse: bool = True) -> tuple[dict[str, Entry], int, dict]:
+    """The validated tensors of one safetensors file (a `LocalFile` or `RemoteFile`; none unless
+    `parse`), the offset of its data, and what identifies the file cheaply (see
+    `SafetensorsCheckpoint.identity`). A remote file costs one request when the header fits in
+    HEADER_PROBE bytes."""
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise DistSvcError(f"{path}: not a safetensors file (only {size} bytes). Re-download or re-save it.")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER or 8 + n > size:
-                raise DistSvcError(f"{path}: invalid safetensors header length {n} for a file of {size} bytes; "
-                                   f"the file is truncated or not safetensors. Re-download or re-save it.")
-            raw = f.read(n)
+        size = file.size
+        if size < 8:
+            raise DistSvcError(f"{file.where}: not a safetensors file (only {size} bytes). Re-download or re-save it.")
+        probe = file.read(0, min(size, HEADER_PROBE))
+        (n,) = struct.unpack("<Q", probe[:8])
+        if n > MAX_HEADER or 8 + n > size:
+            raise DistSvcError(f"{file.where}: invalid safetensors header length {n} for a file of {size} bytes; "
+                               f"the file is truncated or not safetensors. Re-download or re-save it.")
+        raw = probe[8:8 + n] if 8 + n <= len(probe) else probe[8:] + file.read(len(probe), 8 + n - len(probe))
     except OSError as e:
-        raise DistSvcError(f"cannot read {path}: {e.strerror}.") from None
-    entries = parse_header(raw, size - 8 - n, str(path)) if parse else {}
-    identity = {"file": path.name, "size": size, "mtime_ns": st.st_mtime_ns,
-                "header_sha256": hashlib.sha256(raw).hexdigest()}
+        raise DistSvcError(f"cannot read {file.where}: {e.strerror or e}.") from None
+    entries = parse_header(raw, size - 8 - n, file.where) if parse else {}
+    identity = {**file.identity(), "header_sha256": hashlib.sha256(raw).hexdigest()}
     return entries, 8 + n, identity
 
 
-def _weight_map(index: Path) -> dict[str, str]:
-    """An index's tensor -> shard file map, each shard a plain file name beside the index."""
-    try:
-        weight_map = json.loads(index.read_bytes())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise DistSvcError(f"{index}: not a valid index (expected a JSON object with 'weight_map').") from None
-    if not isinstance(weight_map, dict):
-        raise DistSvcError(f"{index}: 'weight_map' is {type(weight_map).__name__}, not a mapping of tensor names "
-                           f"to shard files; the index is corrupt. Re-download or re-save the checkpoint.")
-    for name, fname in weight_map.items():
-        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
-            raise DistSvcError(f"{index}: tensor {_quote(name)} is mapped to {_quote(fname)}, which is not the "
-                               f"name of a shard file beside the index; the index is corrupt.")
-    return weight_map
-
-
 class SafetensorsCheckpoint:
-    """One checkpoint: its tensors (from headers alone) and row-slice reads of each."""
+    """One checkpoint: its tensors (from headers alone) and row-slice reads of each, wherever its
+    files are (`dist_svc.storage.location`): local files by positional reads, objects by ranged
+    reads of just the bytes asked for."""
 
-    def __init__(self, path: str | Path, identity_only: bool = False):
+    def __init__(self, path: str | Path, loc=None, source: str | None = None, extra_identity: dict | None = None,
+                 identity_only: bool = False):
         """`identity_only`: read the headers for `identity()` (and the side files), without
         parsing them: what a rerun checks before it says "already complete"."""
-        self.source = str(path)
-        self.path = Path(path)
-        self.files = self._discover()
+        self.loc = loc if loc is not None else location(path)
+        self.source = source or str(path)
+        self.path = self.loc.path  # local checkpoints only (None for remote ones)
+        names, weight_map = discover(self.loc, INDEX_NAME, "model.safetensors", (".safetensors",), "safetensors")
+        self.files = [self.loc.file(n) for n in names]
         self.tensors: dict[str, TensorInfo] = {}
         self._stored: dict[str, _Stored] = {}
-        self._identity = []
-        self._fds: dict[Path, int] = {}
-        self._fds_lock = threading.Lock()  # workers of one process share a checkpoint
+        self._identity = [extra_identity] if extra_identity else []
         if identity_only:
-            self._identity = [read_header(file, parse=False)[2] for file in self.files]
+            with storage_errors(self.loc, str(self.loc)):
+                self._identity += [read_header(file, parse=False)[2] for file in self.files]
             return
-        for file in self.files:
-            entries, data_start, identity = read_header(file)
-            self._identity.append(identity)
-            for name, entry in entries.items():
-                if name in self.tensors:
-                    raise DistSvcError(f"{self.path}: tensor {_quote(name)} is stored twice "
-                                       f"({self._stored[name].file.name} and {file.name}).")
-                self.tensors[name] = TensorInfo(name, entry.dtype, entry.shape, str(file))
-                self._stored[name] = _Stored(file, data_start + entry.begin)
-        self._check_index()
-
-    def _discover(self) -> list[Path]:
-        p = self.path
-        if p.is_file() and p.suffix == ".safetensors":
-            return [p]
-        if not p.is_dir():
-            raise DistSvcError(f"{p}: no such checkpoint directory. dist-svc reads local checkpoints; "
-                               f"download hub models first (e.g. `huggingface-cli download ID --local-dir DIR`).")
-        index = p / INDEX_NAME
-        if index.is_file():
-            weight_map = _weight_map(index)
-            self._weight_map = weight_map
-            files = sorted({p / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise DistSvcError(f"{index} names shard {f.name}, which is missing from {p}.")
-            return files
-        self._weight_map = None
-        single = p / "model.safetensors"
-        if single.is_file():
-            return [single]
-        files = sorted(p.glob("*.safetensors"))
-        if not files:
-            raise DistSvcError(f"{p}: no safetensors files (expected {INDEX_NAME} with shards, or model.safetensors).")
-        return files
-
-    def _check_index(self) -> None:
-        weight_map = getattr(self, "_weight_map", None)
-        if weight_map is None:
-            return
-        for name, fname in weight_map.items():
-            info = self.tensors.get(name)
-            if info is None or self._stored[name].file.name != fname:
-                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor {_quote(name)} is mapped to {fname}, "
-                                   f"but that file does not hold it. The index and shards disagree.")
-        for name in self.tensors:
-            if name not in weight_map:
-                raise DistSvcError(f"{self.path / INDEX_NAME}: tensor {_quote(name)} is in "
-                                   f"{self._stored[name].file.name} but not in the index.")
+        with storage_errors(self.loc, str(self.loc)):
+            for file in self.files:
+                entries, data_start, identity = read_header(file)
+                self._identity.append(identity)
+                for name, entry in entries.items():
+                    if name in self.tensors:
+                        raise DistSvcError(f"{self.loc}: tensor {_quote(name)} is stored twice "
+                                           f"({self._stored[name].file.name} and {file.name}).")
+                    self.tensors[name] = TensorInfo(name, entry.dtype, entry.shape, file.where)
+                    self._stored[name] = _Stored(file, data_start + entry.begin)
+        check_index(weight_map, {n: s.file.name for n, s in self._stored.items()}, self.loc.where(INDEX_NAME))
 
     def chunk_extent(self, name: str, axis: int) -> int:
         """Any block of rows or columns is read without waste here (see `ZarrCheckpoint`)."""
@@ -241,96 +181,70 @@ class SafetensorsCheckpoint:
 
     def order(self) -> list[str]:
         """Tensor names file by file, in natural order within a file ("layers.10" after "layers.9")."""
-        position = {file: i for i, file in enumerate(self.files)}
-        return sorted(self.tensors, key=lambda n: (position[self._stored[n].file], natural_key(n)))
+        position = {id(file): i for i, file in enumerate(self.files)}
+        return sorted(self.tensors, key=lambda n: (position[id(self._stored[n].file)], natural_key(n)))
 
     def identity(self) -> list[dict]:
-        """What identifies the inputs cheaply: each file's name, size, modification time and
-        header hash. Hashing every byte of a 70B model's inputs at each start is not affordable;
-        a file rewritten in place gets a new modification time. Taken when the headers were read."""
+        """What identifies the inputs cheaply: each file's name, size, modification time (an
+        object's version on object storage) and header hash. Hashing every byte of a 70B model's
+        inputs at each start is not affordable; a file rewritten in place gets a new modification
+        time. Taken when the headers were read."""
         return list(self._identity)
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """The tensor, or a range of its rows and/or columns, in its stored dtype, in memory this
         call allocates; nothing else is read.
 
-        Rows are one contiguous byte range, read with preadv straight into the tensor's buffer.
-        Columns are strided: they are copied out of short-lived mappings of at most MAP_WINDOW
-        bytes. Either way no file pages stay mapped, so the process's memory grows by the slice
-        read, not by the tensor or the amount of data read (a long-lived mmap would keep every
-        page touched resident).
+        Rows are one contiguous byte range, read straight into the tensor's buffer (`preadv`
+        locally; concurrent ranged requests remotely). Columns are strided: locally they are
+        copied out of short-lived mappings of at most MAP_WINDOW bytes, remotely out of a local
+        scratch copy of the tensor. Either way no file pages stay mapped, so the process's memory
+        grows by the slice read, not by the tensor or the amount of data read (a long-lived mmap
+        would keep every page touched resident).
         """
         info = self.tensors[name]
         torch_dtype, itemsize = DTYPES[info.dtype]
         shape = info.shape
+        stored = self._stored[name]
         try:
-            if cols is not None:
-                return self._read_columns(info, self._stored[name], rows or slice(None), cols)
-            if rows is None or not shape:
-                start, stop = 0, (shape[0] if shape else 1)
-            else:
-                start, stop, step = rows.indices(shape[0])
-                if step != 1:
-                    raise ValueError("row slices must have step 1")
-                stop = max(start, stop)
-            row_bytes = math.prod(shape[1:]) * itemsize
-            out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
-            stored = self._stored[name]
-            self._pread(stored.file, stored.offset + start * row_bytes, memoryview(out.numpy()))
+            with storage_errors(self.loc, info.where):
+                if cols is not None:
+                    return self._read_columns(info, stored, rows or slice(None), cols)
+                if rows is None or not shape:
+                    start, stop = 0, (shape[0] if shape else 1)
+                else:
+                    start, stop, step = rows.indices(shape[0])
+                    if step != 1:
+                        raise ValueError("row slices must have step 1")
+                    stop = max(start, stop)
+                row_bytes = math.prod(shape[1:]) * itemsize
+                out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+                stored.file.read_into(stored.offset + start * row_bytes, memoryview(out.numpy()))
             out_shape = ((stop - start), *shape[1:]) if shape else ()
             return out.view(torch_dtype).reshape(out_shape)
         except OSError as e:
             raise DistSvcError(f"{info.where}: cannot read tensor '{name}': {e.strerror or e}.") from None
 
-    def _pread(self, file: Path, offset: int, buf: memoryview) -> None:
-        fd = self._fds.get(file)
-        if fd is None:
-            with self._fds_lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        view = memoryview(buf)
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"unexpected end of file at byte {offset + done}; the file was truncated")
-            done += n
-
     def _read_columns(self, info: TensorInfo, stored: _Stored, rows: slice, cols: slice) -> torch.Tensor:
-        """Strided reads: copied out of mappings of at most MAP_WINDOW bytes of whole rows at a
-        time, each unmapped before the next, so the pages mapped at any moment stay bounded."""
         torch_dtype, itemsize = DTYPES[info.dtype]
-        np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
-        m = info.shape[0]
-        row_bytes = math.prod(info.shape[1:]) * itemsize
-        r0, r1, step = rows.indices(m)
+        r0, r1, step = rows.indices(info.shape[0])
         if step != 1:
             raise ValueError("row slices must have step 1")
-        r1 = max(r0, r1)
         c0, c1, cstep = cols.indices(info.shape[1])
         if cstep != 1:
             raise ValueError("column slices must have step 1")
-        out = np.empty((r1 - r0, max(c1 - c0, 0), *info.shape[2:]), dtype=np_dtype)
-        per_window = max(1, MAP_WINDOW // max(row_bytes, 1))
-        for start in range(r0, r1, per_window):
-            stop = min(start + per_window, r1)
-            window = np.memmap(stored.file, dtype=np_dtype, mode="r", offset=stored.offset + start * row_bytes,
-                               shape=(stop - start, *info.shape[1:]))
-            out[start - r0:stop - r0] = window[:, c0:c1]
-            del window  # unmapped here
+        out = stored.file.read_columns(stored.offset, info.shape, itemsize, range(r0, max(r0, r1)),
+                                       range(c0, max(c0, c1)))
         return torch.from_numpy(out).view(torch_dtype)
 
     def checksum(self, name: str) -> str | None:
         return None
 
     def side_file(self, name: str) -> bytes | None:
-        path = (self.path if self.path.is_dir() else self.path.parent) / name
-        return path.read_bytes() if path.is_file() else None
+        folder = self.loc if self.loc.is_dir() else self.loc.parent()
+        return folder.read_bytes(name)
 
     def close(self) -> None:
-        with self._fds_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        for file in self.files:
+            file.close()
 

@@ -87,6 +87,18 @@ class Checkpoint(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class Adapter(Protocol):
+    """A checkpoint stored as a change of another one (`inner`), such as a LoRA adapter: the
+    change of any block is known exactly, without forming the changed weights."""
+
+    inner: Checkpoint
+
+    def delta(self, name: str, rows: slice | None, cols: slice | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The block's change from `inner` in `dtype` (zeros where nothing changes), or None when
+        the tensor is replaced whole (its change is then `read() - inner`)."""
+
+
 _PIECES = re.compile(r"\.|[^.\s]+")
 
 

@@ -2,7 +2,10 @@
 
 The group and every array's metadata are created before any worker writes; a worker writes its
 tensor's array (one writer per tensor, so concurrent workers in any process never share a
-chunk) and fsyncs its files before it reports. There are no shards to seal: a resume re-hashes
+chunk) and fsyncs its files before it reports. The store may be a local directory or a prefix on
+object storage (an s3:// OUT_DIR, through zarr's fsspec store): there every chunk is one object,
+put whole by the worker that computed its tensor, so actors on nodes that share no filesystem
+write one store together. There are no shards to seal: a resume re-hashes
 the tensors an earlier run recorded and redoes the ones that differ. The store's format is in
 dist_svc.storage.zarr_format.
 """
@@ -18,21 +21,22 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dist_svc.storage.durable import atomic_write, sync_file, sync_tree
+from dist_svc.storage.outdir import output_dir
 from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.zarr_format import (
     DTYPE_ATTR, ORDER_ATTR, SHA_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
 )
 
 
-def create_group(path: Path, order: list[str]) -> None:
-    """The root group of an output store (kept if it exists), with the tensors' order."""
-    group = zarr_module().open_group(store=str(path), mode="a", zarr_format=3)
+def create_group(store, order: list[str]) -> None:
+    """The root group of an output store (kept if it exists), with the tensors' order. `store`:
+    a local path, or a zarr store (`OutputDir.zarr_store`)."""
+    group = zarr_module().open_group(store=store, mode="a", zarr_format=3)
     if group.attrs.get(ORDER_ATTR) != order:
         group.attrs[ORDER_ATTR] = order
 
 
-def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, compression: str = "none") -> None:
+def create_array(store, name: str, shape: tuple[int, ...], dtype: str, compression: str = "none") -> None:
     """The metadata of array `name` (an `array_name`) for a tensor (replaced if it exists with
     other metadata)."""
     zarr = zarr_module()
@@ -44,13 +48,13 @@ def create_array(path: Path, name: str, shape: tuple[int, ...], dtype: str, comp
 
         compressors = [ZstdCodec(level=3)]
     try:
-        existing = zarr.open_array(store=str(path), path=name, mode="r")
+        existing = zarr.open_array(store=store, path=name, mode="r")
     except Exception:  # none yet (zarr's error types for "absent" vary by version)
         existing = None
     if (existing is not None and tuple(existing.shape) == tuple(shape) and str(existing.dtype) == stored
             and tuple(existing.chunks) == chunks and existing.attrs.get(DTYPE_ATTR) == attr):
         return
-    zarr.create_array(store=str(path), name=name, shape=shape, chunks=chunks, dtype=stored,
+    zarr.create_array(store=store, name=name, shape=shape, chunks=chunks, dtype=stored,
                       compressors=compressors, fill_value=0, attributes={DTYPE_ATTR: attr},
                       config={"write_empty_chunks": True}, overwrite=True, zarr_format=3)
 
@@ -64,12 +68,12 @@ class ZarrTensorWriter:
 
     columns = True
 
-    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: str):
-        self.root = Path(path)
+    def __init__(self, out, name: str, shape: tuple[int, ...], dtype: str):
+        self.out = out  # an OutputDir
         self.name = name
         self.shape = shape
         self.stored = np.dtype(STORED[dtype][0])
-        self.array = zarr_module().open_array(store=str(self.root), path=name, mode="r+")
+        self.array = zarr_module().open_array(store=out.zarr_store(), path=name, mode="r+")
         self.row_bytes = (math.prod(shape[1:]) if shape else 1) * self.stored.itemsize
         self.rows_per_chunk = self.array.chunks[0] if shape else 1
         self.total_rows = shape[0] if shape else 1
@@ -116,26 +120,26 @@ class ZarrTensorWriter:
         if self.columns_written:  # written out of order: hashed as stored, in order
             if self.columns_written != self.shape[1] or self.next_row:
                 raise RuntimeError(f"tensor '{self.name}': {self.columns_written} of {self.shape[1]} columns written")
-            sync_tree(self.root / self.name)
-            digest = array_sha256(self.root, self.name)
+            self.out.sync(self.name)
+            digest = array_sha256(self.out.zarr_store(read_only=True), self.name)
             if digest is None:
                 raise RuntimeError(f"tensor '{self.name}': cannot be read back")
             return digest
         expected = self.total_rows if self.shape else 1
         if self.buffer or self.next_row != expected:
             raise RuntimeError(f"tensor '{self.name}': {self.next_row} of {expected} rows written")
-        sync_tree(self.root / self.name)
+        self.out.sync(self.name)
         return self.hash.hexdigest()
 
     def abort(self) -> None:
         self.buffer.clear()
 
 
-def array_sha256(path: Path, name: str, block_bytes: int = 64 << 20) -> str | None:
+def array_sha256(store, name: str, block_bytes: int = 64 << 20) -> str | None:
     """sha256 of one stored tensor's bytes in row order (None when it cannot be read); `name`
     is its `array_name`."""
     try:
-        array = zarr_module().open_array(store=str(path), path=name, mode="r")
+        array = zarr_module().open_array(store=store, path=name, mode="r")
         digest = hashlib.sha256()
         if not array.shape:
             digest.update(np.ascontiguousarray(array[()]).tobytes())
@@ -152,27 +156,29 @@ def array_sha256(path: Path, name: str, block_bytes: int = 64 << 20) -> str | No
 class ZarrLayout:
     format: ClassVar[str] = "zarr"
 
-    def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: Path | str, entries: Sequence[Entry], options: Mapping):
+        self.out = output_dir(out_dir)
+        self.out_dir = self.out.path if self.out.is_local else self.out.url
         # tensor -> (array name, dtype, shape); an impossible name is refused here, before writing
         self.entries = {name: (array_name(name), dtype, tuple(shape)) for name, dtype, shape in entries}
         self.compression = options.get("compression") or "none"
 
     def prepare(self, recorded: Mapping[str, str]) -> list[str]:
-        create_group(self.out_dir, list(self.entries))
+        store = self.out.zarr_store()
+        create_group(store, list(self.entries))
         for array, dtype, shape in self.entries.values():
-            create_array(self.out_dir, array, shape, dtype, self.compression)
+            create_array(store, array, shape, dtype, self.compression)
         return [name for name, digest in recorded.items() if self.stored_sha256(name) != digest]
 
     def writer(self, name: str, sync: bool) -> ZarrTensorWriter:
         array, dtype, shape = self.entries[name]
-        return ZarrTensorWriter(self.out_dir, array, shape, dtype)  # always syncs its own files
+        return ZarrTensorWriter(self.out, array, shape, dtype)  # always syncs its own files
 
     def make_durable(self, names: Iterable[str]) -> None:
         pass  # writers sync at close
 
     def stored_sha256(self, name: str) -> str | None:
-        return array_sha256(self.out_dir, self.entries[name][0])
+        return array_sha256(self.out.zarr_store(read_only=True), self.entries[name][0])
 
     def on_recorded(self, name: str) -> bool:
         return False
@@ -184,33 +190,45 @@ class ZarrLayout:
         """Each array records its tensor's checksum (a reader or `convert` can check the store
         on its own), then the side files."""
         for name, (array, _, _) in self.entries.items():
-            meta_path = self.out_dir / array / "zarr.json"
-            meta = json.loads(meta_path.read_bytes())
+            meta = json.loads(self.out.read(f"{array}/zarr.json"))
             if meta.setdefault("attributes", {}).get(SHA_ATTR) != recorded[name]:
                 meta["attributes"][SHA_ATTR] = recorded[name]
-                atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+                self.out.write(f"{array}/zarr.json", json.dumps(meta, indent=2).encode())
         for name, data in side_files.items():
-            atomic_write(self.out_dir / name, data)
-        sync_file(self.out_dir / "zarr.json")
+            self.out.write(name, data)
+        self.out.sync("zarr.json")
 
     def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
         out = []
-        if not (self.out_dir / "zarr.json").is_file():
-            return [f"{self.out_dir / 'zarr.json'}: missing (not a zarr store)"]
+        if self.out.size("zarr.json") is None:
+            return [f"{self.out.where('zarr.json')}: missing (not a zarr store)"]
         zarr = zarr_module()
+        store = self.out.zarr_store(read_only=True)
+        chunks = self._chunk_counts()
         for name, (array, _, _) in self.entries.items():
-            where = self.out_dir / array
+            where = self.out.where(array)
             try:
-                expected = zarr.open_array(store=str(self.out_dir), path=array, mode="r").nchunks
+                expected = zarr.open_array(store=store, path=array, mode="r").nchunks
             except Exception:
                 out.append(f"{where}: tensor '{name}' is missing")
                 continue
-            count = chunk_files(where)[0]
+            count = chunks(array)
             if count < expected:
                 out.append(f"{where}: tensor '{name}' has {count} of its {expected} chunk files")
             elif deep and (name not in recorded or self.stored_sha256(name) != recorded[name]):
                 out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted or not merged)")
-        return out + side_file_problems(self.out_dir, side_files, deep)
+        return out + side_file_problems(self.out, side_files, deep)
+
+    def _chunk_counts(self):
+        """array -> its chunk files (one listing of the whole store on object storage)."""
+        if self.out.is_local:
+            return lambda array: chunk_files(self.out.path / array)[0]
+        counts: dict[str, int] = {}
+        for key in self.out.list(""):
+            array, sep, rest = key.partition("/")
+            if sep and (rest == "c" or rest.startswith("c/")):
+                counts[array] = counts.get(array, 0) + 1
+        return lambda array: counts.get(array, 0)
 
     def state(self) -> list[str]:
         return []

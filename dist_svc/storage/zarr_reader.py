@@ -2,12 +2,15 @@
 
 `ZarrCheckpoint` implements `Checkpoint` (dist_svc.storage.types): tensors from metadata alone,
 `read(name, rows, cols)` reading only the chunks the slice covers, and an identity for the
-fingerprint. The store's layout is described in dist_svc.storage.zarr_format.
+fingerprint. The store may be a local directory or a prefix on object storage
+(dist_svc.storage.location), which zarr reads through its own fsspec store. The store's layout
+is described in dist_svc.storage.zarr_format.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +18,10 @@ import numpy as np
 import torch
 
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.location import location, storage_errors
 from dist_svc.storage.types import TensorInfo, natural_key
 from dist_svc.storage.zarr_format import (
-    DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, chunk_files, tensor_name, zarr_module,
+    DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, tensor_name, zarr_module,
 )
 
 
@@ -25,30 +29,35 @@ from dist_svc.storage.zarr_format import (
 class _Array:
     info: TensorInfo
     array: object  # zarr.Array
-    root: Path  # its directory
+    key: str  # its directory in the store
     bf16: bool
     complete: bool  # written by dist-svc: every chunk file must exist (zarr reads a missing one as zeros)
 
 
 class ZarrCheckpoint:
-    """One checkpoint stored as a zarr v3 group in a local directory."""
+    """One checkpoint stored as a zarr v3 group, in a local directory or on object storage."""
 
-    def __init__(self, path: str | Path):
-        self.source = str(path)
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise DistSvcError(f"{self.path}: no zarr v3 store here (no zarr.json). Convert a safetensors "
-                               f"checkpoint with `dist-svc convert SRC {self.path}`, or check the path.")
+    def __init__(self, path: str | Path, loc=None, source: str | None = None, extra_identity: dict | None = None):
+        self.loc = loc if loc is not None else location(path)
+        self.source = source or str(path)
+        self.path = self.loc.path  # local stores only (None for remote ones)
+        self._extra_identity = extra_identity
+        self._chunk_keys: dict[str, set[str]] = {}  # remote stores: each array's chunk objects, listed once
+        if not self.loc.is_file("zarr.json"):
+            raise DistSvcError(f"{self.loc}: no zarr v3 store here (no zarr.json). Convert a safetensors "
+                               f"checkpoint with `dist-svc convert SRC {self.loc}`, or check the path.")
         zarr = zarr_module()
         try:
-            group = zarr.open_group(store=str(self.path), mode="r")
+            group = zarr.open_group(store=self.loc.zarr_store(), mode="r")
             members = {}
             for path, node in group.members(max_depth=None):  # nested groups too (Flax-style names)
                 if isinstance(node, zarr.Array):
                     members[tensor_name(path)] = (path, node)
             recorded = group.attrs.get(ORDER_ATTR)
+        except DistSvcError:
+            raise
         except Exception as e:  # zarr raises many kinds for a store it cannot parse
-            raise DistSvcError(f"{self.path}: cannot open as a zarr v3 group ({type(e).__name__}: {str(e)[:200]}). "
+            raise DistSvcError(f"{self.loc}: cannot open as a zarr v3 group ({type(e).__name__}: {str(e)[:200]}). "
                                f"Check the path, or convert the checkpoint again.") from None
         self.tensors: dict[str, TensorInfo] = {}
         self._arrays: dict[str, _Array] = {}
@@ -59,15 +68,15 @@ class ZarrCheckpoint:
             stored = str(array.dtype)
             code = FROM_ATTR.get(attr) if attr is not None else FROM_NUMPY.get(stored)
             if code is None or STORED[code][0] != stored:
-                raise DistSvcError(f"{self.path}: tensor '{name}' is stored as {stored}"
+                raise DistSvcError(f"{self.loc}: tensor '{name}' is stored as {stored}"
                                    f"{f' with {DTYPE_ATTR} {attr!r}' if attr else ''}, which dist-svc cannot "
                                    f"merge (supported: float64, float32, float16, and bfloat16 as uint16 with "
                                    f"{DTYPE_ATTR}: bfloat16). Convert it, or remove it from the store.")
-            info = TensorInfo(name, code, tuple(int(d) for d in array.shape), str(self.path / path))
+            info = TensorInfo(name, code, tuple(int(d) for d in array.shape), self.loc.where(path))
             self.tensors[name] = info
-            self._arrays[name] = _Array(info, array, self.path / path, code == "BF16", DTYPE_ATTR in array.attrs)
+            self._arrays[name] = _Array(info, array, path, code == "BF16", DTYPE_ATTR in array.attrs)
         if not self.tensors:
-            raise DistSvcError(f"{self.path}: the zarr group holds no arrays; is this a checkpoint?")
+            raise DistSvcError(f"{self.loc}: the zarr group holds no arrays; is this a checkpoint?")
         self._identity: list[dict] | None = None  # taken by the planner only (workers need none)
 
     def _ordered(self, members: dict, recorded) -> list[str]:
@@ -83,26 +92,33 @@ class ZarrCheckpoint:
         elif not set(recorded) <= set(members):
             problem = f"names {next(n for n in recorded if n not in members)[:80]!r}, which the store lacks"
         if problem:
-            raise DistSvcError(f"{self.path}: the group attribute {ORDER_ATTR} {problem}; the store's metadata is "
+            raise DistSvcError(f"{self.loc}: the group attribute {ORDER_ATTR} {problem}; the store's metadata is "
                                f"corrupt or an array was removed. Convert the checkpoint again.")
         listed = set(recorded)
         return recorded + sorted((n for n in members if n not in listed), key=natural_key)
 
     def _take_identity(self) -> list[dict]:
         """Per array: its metadata's hash, its chunk files' count, total size and newest
-        modification time. A store dist-svc wrote must have every chunk: a missing one (zarr
-        would read it as zeros) is refused here, before anything is merged."""
-        out = []
-        for name, entry in self._arrays.items():
-            root = entry.root
-            count, size, newest = chunk_files(root)
-            expected = entry.array.nchunks
-            if entry.complete and count < expected:
-                raise DistSvcError(f"{self.path}: tensor '{name}' has {count} of its {expected} chunk files; "
-                                   f"the store is incomplete (an interrupted copy?). Convert or copy it again.")
-            out.append({"array": name, "shape": list(entry.info.shape), "dtype": entry.info.dtype,
-                        "metadata_sha256": hashlib.sha256((root / "zarr.json").read_bytes()).hexdigest(),
-                        "size": size, "mtime_ns": newest, "chunks": count})
+        modification time (on object storage: a hash of the chunk objects' versions). A store
+        dist-svc wrote must have every chunk: a missing one (zarr would read it as zeros) is
+        refused here, before anything is merged."""
+        out = [self._extra_identity] if self._extra_identity else []
+        with storage_errors(self.loc, str(self.loc)):
+            for name, entry in self._arrays.items():
+                chunks = list(self.loc.walk(f"{entry.key}/c"))
+                count, size = len(chunks), sum(c[1] for c in chunks)
+                expected = entry.array.nchunks
+                if entry.complete and count < expected:
+                    raise DistSvcError(f"{self.loc}: tensor '{name}' has {count} of its {expected} chunk files; "
+                                       f"the store is incomplete (an interrupted copy?). Convert or copy it again.")
+                if self.loc.is_local:
+                    version = {"mtime_ns": max((c[2] for c in chunks), default=0)}
+                else:
+                    version = {"versions_sha256": hashlib.sha256(json.dumps(chunks).encode()).hexdigest()}
+                meta = self.loc.read_bytes(f"{entry.key}/zarr.json") or b""
+                out.append({"array": name, "shape": list(entry.info.shape), "dtype": entry.info.dtype,
+                            "metadata_sha256": hashlib.sha256(meta).hexdigest(), "size": size, **version,
+                            "chunks": count})
         return out
 
     def identity(self) -> list[dict]:
@@ -128,8 +144,12 @@ class ZarrCheckpoint:
             self._check_chunks(entry, selection)
         try:
             data = np.array(entry.array[selection], order="C", copy=True)  # 0-d stays 0-d
+        except DistSvcError:
+            raise
         except Exception as e:
-            raise DistSvcError(f"{self.path}: cannot read tensor '{name}' ({type(e).__name__}: {e}); "
+            if not self.loc.is_local and not isinstance(e, (ValueError, TypeError)):
+                raise self.loc.problem(e, entry.info.where) from None
+            raise DistSvcError(f"{self.loc}: cannot read tensor '{name}' ({type(e).__name__}: {e}); "
                                f"a chunk is corrupt or truncated. Convert or copy the store again.") from None
         tensor = torch.from_numpy(data)
         return tensor.view(torch.bfloat16) if entry.bf16 else tensor
@@ -148,10 +168,21 @@ class ZarrCheckpoint:
             chunk = array.chunks[axis]
             ranges.append(range(start // chunk, (stop - 1) // chunk + 1))
         encode = array.metadata.chunk_key_encoding.encode_chunk_key
+        if self.loc.is_local:
+            def present(key: str) -> bool:
+                return (self.loc.path / entry.key / key).is_file()
+        else:
+            if entry.key not in self._chunk_keys:
+                with storage_errors(self.loc, entry.info.where):
+                    self._chunk_keys[entry.key] = {f"c/{k}" if k else "c" for k, _, _ in self.loc.walk(f"{entry.key}/c")}
+            keys = self._chunk_keys[entry.key]
+
+            def present(key: str) -> bool:
+                return key in keys
         for coords in itertools.product(*ranges):
             key = encode(tuple(coords))
-            if not (entry.root / key).is_file():
-                raise DistSvcError(f"{self.path}: tensor '{entry.info.name}' is missing its chunk {key} "
+            if not present(key):
+                raise DistSvcError(f"{self.loc}: tensor '{entry.info.name}' is missing its chunk {key} "
                                    f"(zarr would read zeros there); the store is incomplete (an unfinished "
                                    f"merge or copy?). Finish or convert it again.")
 
@@ -162,8 +193,7 @@ class ZarrCheckpoint:
         return value if isinstance(value, str) else None
 
     def side_file(self, name: str) -> bytes | None:
-        path = self.path / name
-        return path.read_bytes() if path.is_file() else None
+        return self.loc.read_bytes(name)
 
     def close(self) -> None:
         pass

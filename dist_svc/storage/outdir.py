@@ -1,0 +1,437 @@
+"""Where a merge's output goes: a local directory, or a prefix on object storage (s3://).
+
+`OutputDir` is what the manifest, the run's lock and the output layouts write through; two
+implementations keep the same promises in their own terms:
+
+| promise | local directory (`LocalDir`) | object storage (`ObjectDir`) |
+| --- | --- | --- |
+| a file appears whole or not at all | temp file + fsync + rename + fsync of the directory | a PUT (or a completed multipart upload) is atomic |
+| durable once written | fsync / fdatasync | acknowledged by the service |
+| the manifest's journal | one file, appended (O_APPEND + fdatasync) | one object per save (`NAME.00000007`), created only if absent (`If-None-Match: *`) |
+| one writer at a time | `flock`, released by the kernel when the process dies | conditional writes: the journal's next segment and every new snapshot are conditional puts, so a second writer fails at its first write; and a lease lock (`RemoteLock`) |
+
+Only local paths are `Path`s; an object-storage output is named by its URL throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from dist_svc.errors import DistSvcError
+from dist_svc.storage.durable import HASH_PIECE, atomic_write, fsync_dir, range_sha256, sync_tree
+from dist_svc.storage.location import RemoteLocation, is_url
+
+SEGMENT = re.compile(r"\.(\d{8})$")
+
+
+def output_dir(out: str | Path) -> "LocalDir | ObjectDir":
+    if isinstance(out, str) and is_url(out):
+        return ObjectDir(out)
+    return LocalDir(Path(out))
+
+
+class LocalDir:
+    is_local = True
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.url = str(self.path)
+        self._journals: dict[str, int] = {}
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __reduce__(self):
+        return (LocalDir, (self.path,))
+
+    def where(self, name: str = "") -> str:
+        return str(self.path / name) if name else self.url
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def is_dir(self) -> bool:
+        return self.path.is_dir()
+
+    def mkdir(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.path / name).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        atomic_write(self.path / name, data)
+
+    def delete(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def size(self, name: str) -> int | None:
+        try:
+            return (self.path / name).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def range_sha256(self, name: str, offset: int, nbytes: int) -> str | None:
+        return range_sha256(self.path / name, offset, nbytes)
+
+    def sync(self, prefix: str) -> None:
+        sync_tree(self.path / prefix)
+
+    def zarr_store(self, read_only: bool = False):
+        return str(self.path)
+
+    # -- the manifest's snapshot and journal ----------------------------------------------------
+
+    def replace(self, name: str, data: bytes, keep: str | None = None) -> None:
+        """`name` becomes `data`, durably; the file it replaces is kept as `keep`."""
+        from dist_svc.storage.durable import temp_path
+
+        path = self.path / name
+        if keep and path.exists():
+            held = temp_path(self.path / keep)
+            held.unlink(missing_ok=True)
+            os.link(path, held)
+            os.replace(held, self.path / keep)  # made durable by atomic_write's fsync of the directory
+        atomic_write(path, data)
+
+    def journal_read(self, name: str) -> bytes:
+        return self.read(name) or b""
+
+    def journal_append(self, name: str, data: bytes) -> None:
+        fd = self._journals.get(name)
+        if fd is None:
+            path = self.path / name
+            created = not path.exists()
+            fd = self._journals[name] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if created:
+                fsync_dir(self.path)
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fdatasync(fd)
+
+    def journal_remove(self, name: str) -> None:
+        self.journal_close(name)
+        self.delete(name)
+
+    def journal_close(self, name: str | None = None) -> None:
+        for key in [name] if name else list(self._journals):
+            fd = self._journals.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+
+    def journals(self, pattern: str) -> list[str]:
+        return sorted(p.name for p in self.path.glob(pattern))
+
+
+class ObjectDir:
+    """A prefix on object storage (S3 and S3-compatible services: conditional writes are
+    needed for the single-writer rule)."""
+
+    is_local = False
+    path = None
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.loc = RemoteLocation(self.url)
+        self.protocol = self.loc.protocol
+        if self.protocol not in ("s3", "s3a"):
+            raise DistSvcError(f"{self.url}: merge outputs on object storage are written to s3:// (and S3-compatible "
+                               f"services through AWS_ENDPOINT_URL), whose conditional writes keep one run per "
+                               f"output; write to a local directory, or to s3://.")
+        self.fs = self.loc.fs
+        self.root = self.loc.root
+        self.bucket, _, self.prefix = self.root.partition("/")
+        self._segments: dict[str, int] = {}  # journal -> next segment number
+        self._seen: dict[str, str] = {}  # object -> ETag this process wrote it with (`replace`)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __reduce__(self):
+        return (ObjectDir, (self.url,))
+
+    def key(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def where(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def call(self, fn, *args, what: str | None = None, **kwargs):
+        return self.loc.call(fn, *args, what=what or self.url, **kwargs)
+
+    def _s3(self, op: str, name: str, **kwargs):
+        return self.call(self.fs.call_s3, op, Bucket=self.bucket, Key=self.key(name).partition("/")[2],
+                         what=self.where(name), **kwargs)
+
+    def exists(self) -> bool:
+        return bool(self.names())
+
+    def is_dir(self) -> bool:
+        return self.exists()
+
+    def mkdir(self) -> None:
+        self.call(self.fs.info, self.bucket, what=f"{self.protocol}://{self.bucket}")  # the bucket must exist
+
+    def names(self) -> list[str]:
+        """The objects and "directories" directly under the prefix."""
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
+        except FileNotFoundError as e:
+            if "bucket does not exist" in str(e).lower():
+                raise self.loc.problem(e, self.url) from None
+            return []
+        except Exception as e:
+            raise self.loc.problem(e, self.url) from None
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != self.root)
+
+    def info(self, name: str) -> dict | None:
+        try:
+            return self.fs.info(self.key(name), refresh=True)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self.loc.problem(e, self.where(name)) from None
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.key(name))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self.loc.problem(e, self.where(name)) from None
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        return self.call(self.fs.cat_file, self.key(name), start=start, end=stop, what=self.where(name))
+
+    def write(self, name: str, data: bytes) -> None:
+        self._s3("put_object", name, Body=data)
+
+    def create(self, name: str, data: bytes) -> str | None:
+        """Write `name` only if no object has that name (If-None-Match: *): its ETag, or None if
+        one has."""
+        try:
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+                                   IfNoneMatch="*")["ETag"]
+        except FileExistsError:
+            return None
+        except Exception as e:
+            if _precondition(e):
+                return None
+            raise self.loc.problem(e, self.where(name)) from None
+
+    def replace_if(self, name: str, data: bytes, etag: str) -> str | None:
+        """Write `name` only if it is still the object with `etag` (If-Match): the new ETag, or
+        None if it is not."""
+        try:
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+                                   IfMatch=etag)["ETag"]
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            if _precondition(e):
+                return None
+            raise self.loc.problem(e, self.where(name)) from None
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.key(name))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self.loc.problem(e, self.where(name)) from None
+
+    def delete_many(self, names: list[str]) -> None:
+        if names:
+            self.call(self.fs.rm, [self.key(n) for n in names], what=self.url)
+
+    def list(self, prefix: str) -> dict[str, dict]:
+        """Every object whose name (relative to this directory) starts with `prefix`."""
+        try:
+            found = self.fs.find(self.root, prefix=prefix, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:
+            raise self.loc.problem(e, self.where(prefix)) from None
+        return {k[len(self.root) + 1:]: v for k, v in found.items() if k.startswith(self.root + "/")}
+
+    def size(self, name: str) -> int | None:
+        info = self.info(name)
+        return None if info is None else int(info["size"])
+
+    def range_sha256(self, name: str, offset: int, nbytes: int) -> str | None:
+        digest = hashlib.sha256()
+        size = self.size(name)
+        if size is None or size < offset + nbytes:
+            return None
+        for start in range(offset, offset + nbytes, HASH_PIECE):
+            digest.update(self.read_range(name, start, min(start + HASH_PIECE, offset + nbytes)))
+        return digest.hexdigest()
+
+    def sync(self, prefix: str) -> None:
+        pass  # an acknowledged PUT is durable
+
+    def zarr_store(self, read_only: bool = False):
+        return self.loc.zarr_store(read_only=read_only)
+
+    def writer(self, name: str):
+        """A file-like object that uploads `name` (multipart for large objects); the object
+        appears only when it is closed, whole."""
+        return self.call(self.fs.open, self.key(name), "wb", block_size=16 << 20, what=self.where(name))
+
+    # -- the manifest's snapshot and journal ----------------------------------------------------
+
+    def replace(self, name: str, data: bytes, keep: str | None = None) -> None:
+        """`name` becomes `data`; the object it replaces is kept as `keep`. Conditional on the
+        object being the one this process last saw (If-Match), or absent: a second writer is
+        found here, not silently overwritten."""
+        seen = self._seen.get(name)
+        if seen is None:
+            info = self.info(name)
+            seen = info["ETag"] if info is not None else None
+        if seen is None:
+            etag = self.create(name, data)
+        else:
+            if keep:
+                self._s3("copy_object", keep, CopySource={"Bucket": self.bucket,
+                                                          "Key": self.key(name).partition("/")[2]})
+            etag = self.replace_if(name, data, seen)
+        if etag is None:
+            raise _second_writer(self.where(name))
+        self._seen[name] = etag
+
+    def journal_read(self, name: str) -> bytes:
+        segments = sorted((int(m.group(1)), n) for n in self.list(name + ".") if (m := SEGMENT.search(n))
+                          and n.startswith(name + "."))
+        self._segments[name] = (segments[-1][0] + 1) if segments else 0
+        return b"".join(self.read(n) or b"" for _, n in segments)
+
+    def journal_append(self, name: str, data: bytes) -> None:
+        if name not in self._segments:
+            self.journal_read(name)
+        number = self._segments[name]
+        if self.create(f"{name}.{number:08d}", data) is None:
+            raise _second_writer(self.where(name))
+        self._segments[name] = number + 1
+
+    def journal_remove(self, name: str) -> None:
+        self.delete_many([n for n in self.list(name + ".") if SEGMENT.search(n)])
+        self._segments.pop(name, None)
+
+    def journal_close(self, name: str | None = None) -> None:
+        pass
+
+    def journals(self, pattern: str) -> list[str]:
+        import fnmatch
+
+        return sorted({SEGMENT.sub("", n) for n in self.list("") if "/" not in n and SEGMENT.search(n)
+                       and fnmatch.fnmatch(SEGMENT.sub("", n), pattern)})
+
+
+def _precondition(e: BaseException) -> bool:
+    text = str(e)
+    return "pre-condition" in text or "PreconditionFailed" in text or "412" in text
+
+
+def _second_writer(where: str) -> DistSvcError:
+    return DistSvcError(f"{where}: another dist-svc run wrote to this merge at the same time (a conditional write "
+                        f"failed). Only one run may write an output; let the other finish (see `dist-svc status`), "
+                        f"then rerun the same command if needed.")
+
+
+class RemoteLock:
+    """One run per output on object storage, where no lock dies with its process: a lease.
+
+    The lock is an object (`.dist-svc.lock`) created only if absent; while the run holds it, a
+    thread rewrites it every LEASE / 4 seconds, each time conditional on its last version. A run
+    that finds the lock watches it: if it changes, its holder is alive and the run is refused; if
+    it stays the same for LEASE seconds, its holder is gone (killed) and the run takes it over
+    (conditional on that same version, so two runs taking over a dead one cannot both win). No
+    clocks are compared. A holder that fails to renew (it lost the lease) stops at its next
+    record (`check`)."""
+
+    def __init__(self, out: ObjectDir, name: str, lease: float | None = None, log=lambda line: None):
+        self.out, self.name = out, name
+        self.lease = lease if lease is not None else float(os.environ.get("DIST_SVC_LOCK_LEASE", "10"))
+        self.log = log
+        self.token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+        self.etag: str | None = None
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        waited = False
+        while True:
+            self.etag = self.out.create(self.name, self.token + b" 0")
+            if self.etag:
+                break
+            info = self.out.info(self.name)
+            if info is None:
+                continue  # released meanwhile
+            seen = info["ETag"]
+            if not waited:
+                self.log(f"{self.out.where(self.name)}: a lock is held; waiting up to {self.lease:g} s to see whether "
+                         f"its run is alive")
+                waited = True
+            deadline = time.monotonic() + self.lease
+            alive = False
+            while time.monotonic() < deadline:
+                time.sleep(min(0.5, self.lease / 8))
+                now = self.out.info(self.name)
+                if now is None or now["ETag"] != seen:
+                    alive = now is not None
+                    break
+            if alive:
+                raise DistSvcError(f"another dist-svc run is merging into {self.out.url} (its lock "
+                                   f"{self.out.where(self.name)} is renewed); wait for it to finish (see "
+                                   f"`dist-svc status {self.out.url}`).")
+            if self.out.info(self.name) is None:
+                continue
+            self.etag = self.out.replace_if(self.name, self.token + b" 0", seen)
+            if self.etag:
+                self.log(f"{self.out.where(self.name)}: took over the lock of a run that stopped")
+                break
+        self._thread = threading.Thread(target=self._renew, name="dist-svc-lock", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        beat = 0
+        while not self._stop.wait(self.lease / 4):
+            beat += 1
+            try:
+                etag = self.out.replace_if(self.name, self.token + b" %d" % beat, self.etag)
+                if etag is None:
+                    self.lost = "another run took the lock over"
+                    return
+                self.etag = etag
+            except DistSvcError as e:
+                self.lost = str(e)
+                return
+
+    def check(self) -> None:
+        if self.lost:
+            raise DistSvcError(f"{self.out.url}: this run lost its lock ({self.lost}); it stops here. Rerun the same "
+                               f"command when no other run writes to it.")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.lost and (self.out.read(self.name) or b"").startswith(self.token):
+            self.out.delete(self.name)
+
+    def held(self) -> bool:
+        return self.out.info(self.name) is not None

@@ -1,0 +1,285 @@
+"""Checkpoints on object storage, against a real S3 API (moto's server, on 127.0.0.1, started and
+stopped by the session's `s3_server` fixture): safetensors by ranged reads, zarr through zarr's
+own fsspec store, and the failures a user meets (no credentials, no bucket, no endpoint), each
+one paragraph with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_svc import DistSvcError
+from dist_svc.commands.convert import convert
+from dist_svc.commands.demo import write_hf_checkpoint
+from dist_svc.storage import open_checkpoint
+from tests.conftest import S3_ENV, file_bytes, free_port, run_cli, upload, write_config
+from tests.contracts import CheckpointContract
+
+
+class TestS3Safetensors(CheckpointContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path, tensors, side_files):
+        write_hf_checkpoint(tmp_path / "src", tensors, shards=2)
+        for name, data in side_files.items():
+            (tmp_path / "src" / name).write_bytes(data)
+        url = upload(tmp_path / "src", f"{self.bucket}/{tmp_path.name}/model")
+        return open_checkpoint(url)
+
+
+class TestS3Zarr(CheckpointContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path, tensors, side_files):
+        write_hf_checkpoint(tmp_path / "src", tensors)
+        for name, data in side_files.items():
+            (tmp_path / "src" / name).write_bytes(data)
+        convert(tmp_path / "src", tmp_path / "m.zarr", compression="zstd", progress="off")
+        return open_checkpoint(upload(tmp_path / "m.zarr", f"{self.bucket}/{tmp_path.name}/m.zarr"))
+
+
+def test_a_row_slice_fetches_the_header_then_only_its_own_bytes_in_concurrent_parts(tmp_path, bucket, monkeypatch):
+    from dist_svc.storage import location
+
+    big = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(3))  # 16 MiB in float32
+    write_hf_checkpoint(tmp_path / "src", {"w": big, "b": big[0].clone()})
+    ckpt = open_checkpoint(upload(tmp_path / "src", f"{bucket}/big"))
+    requests = []
+    fs = ckpt.files[0].loc.fs
+    real = fs.cat_ranges
+
+    def counted(paths, starts, ends, **kw):
+        requests.append(list(zip(starts, ends)))
+        return real(paths, starts, ends, **kw)
+
+    monkeypatch.setattr(fs, "cat_ranges", counted)
+    rows = ckpt.read("w", rows=slice(1000, 3000))  # 2000 rows: 8 000 000 bytes
+    assert torch.equal(rows, big[1000:3000])
+    assert len(requests) == 1  # one call, its parts in flight together
+    parts = requests[0]
+    assert sum(e - s for s, e in parts) == 2000 * 1024 * 4  # exactly the slice, nothing more
+    assert len(parts) == -(-2000 * 1024 * 4 // location.PART_BYTES)
+
+
+def test_a_merge_of_remote_inputs_equals_the_local_merge_byte_for_byte(tmp_path, bucket, family):
+    base, fts = family(3)
+    run_cli("merge", write_config(tmp_path / "local.yaml", base, fts), tmp_path / "local", "--shard-size", "40KB")
+    convert(fts[1], tmp_path / "ft-2.zarr", progress="off")
+    remote = [upload(base, f"{bucket}/base"), upload(fts[0], f"{bucket}/ft-1"),
+              upload(tmp_path / "ft-2.zarr", f"{bucket}/ft-2.zarr"), str(fts[2])]
+    cfg = write_config(tmp_path / "remote.yaml", remote[0], remote[1:])
+    run_cli("merge", cfg, tmp_path / "remote", "--shard-size", "40KB")
+    assert file_bytes(tmp_path / "remote") == file_bytes(tmp_path / "local")
+    inputs = json.loads((tmp_path / "remote" / "dist-svc-manifest.json").read_text())["inputs"]
+    assert set(inputs) == {f"{bucket}/base", f"{bucket}/ft-1", f"{bucket}/ft-2.zarr", str(fts[2])}
+    assert "version" in inputs[f"{bucket}/base"]["tensors"][0]  # objects are identified by their ETag
+
+
+def _refused(result: subprocess.CompletedProcess, out, *needles: str) -> None:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len([x for x in result.stderr.splitlines() if x.startswith("error: ")]) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_a_bucket_that_does_not_exist_is_named(tmp_path, s3_server, family):
+    base, fts = family(1)
+    cfg = write_config(tmp_path / "m.yaml", base, ["s3://no-such-bucket-here/ft"])
+    _refused(run_cli("merge", cfg, tmp_path / "out", check=False), tmp_path / "out",
+             "s3://no-such-bucket-here/ft", "bucket does not exist")
+
+
+def test_an_endpoint_that_does_not_answer_is_named_quickly(tmp_path, bucket, family, monkeypatch):
+    import time
+
+    base, fts = family(1)
+    cfg = write_config(tmp_path / "m.yaml", base, [f"{bucket}/ft"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    start = time.monotonic()
+    _refused(run_cli("merge", cfg, tmp_path / "out", check=False), tmp_path / "out",
+             f"{bucket}/ft", "cannot be reached", "AWS_ENDPOINT_URL")
+    assert time.monotonic() - start < 60
+
+
+def test_missing_credentials_are_named_with_where_they_come_from(tmp_path, bucket, family):
+    base, fts = family(1)
+    upload(fts[0], f"{bucket}/ft")
+    cfg = write_config(tmp_path / "m.yaml", base, [f"{bucket}/ft"])
+    env = {k: v for k, v in os.environ.items() if k not in S3_ENV or k == "AWS_DEFAULT_REGION"}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    _refused(result, tmp_path / "out", f"{bucket}/ft", "no credentials", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+
+
+def test_an_object_missing_under_a_prefix_is_named(bucket):
+    with pytest.raises(DistSvcError, match="no such checkpoint directory"):
+        open_checkpoint(f"{bucket}/nothing-here")
+
+
+def test_hub_s3_safetensors_s3_zarr_an_adapter_and_a_bin_in_one_merge_give_the_local_bytes(tmp_path, bucket,
+                                                                                           monkeypatch):
+    """One config naming every kind of source: the base as a Hub ID (from a real cache layout,
+    offline), a fine-tune as safetensors on S3, one as a zarr store on S3, a PEFT LoRA adapter
+    and a legacy pytorch_model.bin. The output is byte for byte the merge of the same models as
+    local safetensors directories (the adapter's dense twin holds base + scale * B @ A exactly)."""
+    from safetensors.torch import load_file
+
+    from tests.test_sources import _exact_family, checkpoint_files, hub_cache
+
+    base, adapters, dense = _exact_family(tmp_path / "family", 4)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_cache(cache, "acme/tiny-base", checkpoint_files(base))
+    on_s3 = upload(dense[0], f"{bucket}/ft-1")
+    convert(dense[1], tmp_path / "ft-2.zarr", progress="off")
+    zarr_on_s3 = upload(tmp_path / "ft-2.zarr", f"{bucket}/ft-2.zarr")
+    as_bin = tmp_path / "ft-4-bin"
+    as_bin.mkdir()
+    torch.save(load_file(str(dense[3] / "model.safetensors")), as_bin / "pytorch_model.bin")
+
+    cfg = tmp_path / "everywhere.yaml"
+    cfg.write_text("merge_method: task_arithmetic\nbase_model: acme/tiny-base\nmodels:\n"
+                   f"  - model: {on_s3}\n  - model: {zarr_on_s3}\n  - model: {adapters[2]}\n  - model: {as_bin}\n"
+                   "parameters: {lambda: 0.5}\n")
+    run_cli("merge", cfg, tmp_path / "everywhere", "--shard-size", "40KB")
+    local = write_config(tmp_path / "local.yaml", base, dense, parameters={"lambda": 0.5})
+    run_cli("merge", local, tmp_path / "local", "--shard-size", "40KB")
+    assert file_bytes(tmp_path / "everywhere") == file_bytes(tmp_path / "local")
+
+
+# -- outputs on object storage -----------------------------------------------------------------------
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object of an output on S3 by name (the manifest's own aside, as `file_bytes`)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return {key[len(root) + 1:]: fs.cat_file(key) for key in sorted(fs.find(root, refresh=True))
+            if "dist-svc-manifest" not in key}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_merge_to_s3_equals_the_local_merge_and_verifies(tmp_path, bucket, family, fmt):
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "40KB")
+    result = run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB")
+    assert f"-> {bucket}/merged" in result.stdout
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name and p.name != ".dist-svc.lock"}
+    assert _objects(f"{bucket}/merged") == local
+    assert "verified" in run_cli("verify", f"{bucket}/merged").stdout
+    assert "complete" in run_cli("status", f"{bucket}/merged").stdout
+    assert "already complete" in run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB").stdout
+
+
+def _recorded_on_s3(url: str) -> int:
+    """Units a merge on S3 has recorded (0 before its manifest exists, or while it is replaced)."""
+    from dist_svc.manifest import Manifest
+
+    try:
+        return Manifest.load(url).progress()["units_done"]
+    except (DistSvcError, FileNotFoundError, OSError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def slow_family(tmp_path_factory):
+    """Large enough that kills land mid-merge (as tests/test_cluster.py's model)."""
+    from dist_svc.commands.demo import TinyLlama, make_family
+
+    root = tmp_path_factory.mktemp("s3-family")
+    arch = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2)
+    base, fts = make_family(root, k=3, arch=arch, dtype=torch.float32, shards=2)
+    return base, fts
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, bucket, slow_family, monkeypatch, fmt):
+    import signal
+    import time
+
+    monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "2")  # a killed run's lock is taken over after 2 s
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    out = f"{bucket}/merged"
+    for _ in range(2):  # each run killed once it has recorded more than the one before
+        at_least = _recorded_on_s3(out) + 1
+        proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "1MB",
+                                 "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while _recorded_on_s3(out) < at_least and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()  # still running: killed mid-merge
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = _recorded_on_s3(out)
+    result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
+    assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+    assert 0 < done < 39 + 12 and "verified" in run_cli("verify", out).stdout
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_a_ray_merge_with_no_shared_filesystem_reads_and_writes_s3_only(tmp_path, bucket, ray_cluster, slow_family,
+                                                                          fmt):
+    """Every input and the output are on S3: the actors (on two nodes) read their inputs by
+    ranged requests and write their tensors to S3 themselves; no path is shared between nodes.
+    The output equals the local executor's local merge byte for byte."""
+    from tests.test_cluster import _idle
+
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "local.yaml", base, fts, output={"format": fmt})
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    urls = [upload(d, f"{bucket}/in/{d.name}") for d in (base, *fts)]
+    remote = write_config(tmp_path / "remote.yaml", urls[0], urls[1:], output={"format": fmt})
+    _idle()
+    out = f"{bucket}/merged"
+    result = run_cli("merge", remote, out, "--shard-size", "1MB", "--progress", "log", "--cluster",
+                     ray_cluster[0].address)
+    assert "2 actor(s) (1 GPU each)" in result.stderr
+    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+
+
+def test_a_second_run_on_the_same_s3_output_is_refused_while_the_first_holds_its_lease(tmp_path, bucket, family,
+                                                                                       monkeypatch):
+    """A live run's lock (held here, renewed by its thread as a running merge's is) refuses a
+    second run on the same output; once released, the same command merges."""
+    from dist_svc.manifest import LOCK_NAME
+    from dist_svc.storage.outdir import RemoteLock, output_dir
+
+    monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "2")
+    base, fts = family(2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = f"{bucket}/merged"
+    held = RemoteLock(output_dir(out), LOCK_NAME)
+    held.acquire()
+    try:
+        second = run_cli("merge", cfg, out, "--progress", "off", check=False)
+    finally:
+        held.release()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"another dist-svc run is merging into {out}" in second.stderr
+    assert held.lost is None  # the refused run never took it over
+    run_cli("merge", cfg, out, "--progress", "off")
+    assert "verified" in run_cli("verify", out).stdout
+    assert output_dir(out).info(LOCK_NAME) is None  # released at the end
