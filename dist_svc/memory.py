@@ -23,10 +23,14 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   fits: `MemoryBudget.exchange`);
 - a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: the int64 indices
   a sort or top-k over the tensor takes), plus, calibrated, the Grams and workspace above and
-  `2 E 8` for the calibrated delta.
+  `3 E 8`: the calibrated delta and its product in float64, and the float64 copy of one
+  matrix that bounds its Gram entries (the finite check).
 
 On a GPU the blocks, Grams and cache live in device memory; the host holds read and write
-buffers. Every unit also counts 1 MiB for what it holds besides tensors.
+buffers. Every unit also counts 1 MiB for what it holds besides tensors, and 1/16 of its
+tensors' bytes for the allocator: memory one thread frees (a read-ahead or write-behind thread,
+an intra-op thread) goes back to that thread's arena and is not at once reused by another, so
+the resident peak runs above the live bytes (measured up to ~9% over them under load).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-
 READ_BYTES = 4  # per element read, at most (float32 inputs; bf16 read buffers are half)
 MARGIN = 0.1  # of the machine's memory left to everything else, by default
 MIN_MARGIN = 1 << 30
-UNIT_SLACK = 1 << 20  # whatever a unit holds besides its tensors (the allocator's pages, objects)
+UNIT_SLACK = 1 << 20  # whatever a unit holds besides its tensors (objects, small buffers)
+ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     if whole_tensor(unit):
         compute = elements * (per_element + 8)
         if unit.calibrate:
-            compute += _grams(unit, config, f) + 2 * elements * 8
+            compute += _grams(unit, config, f) + 3 * elements * 8
         return _placed(compute, elements * (s + o), on_gpu)
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
@@ -121,7 +126,9 @@ def _length(unit: "Unit", transposed: bool) -> int:
 
 
 def _placed(compute: int, host_only: int, on_gpu: bool) -> Footprint:
-    host_only += UNIT_SLACK
+    if not on_gpu:
+        compute += compute // ARENA_SHARE
+    host_only += host_only // ARENA_SHARE + UNIT_SLACK
     return Footprint(host_only, compute) if on_gpu else Footprint(compute + host_only, 0)
 
 
