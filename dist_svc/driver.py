@@ -173,7 +173,7 @@ class _Recorder:
             self.fresh.add(name)
         if self.driver_syncs:
             self.unsynced.add(name)  # before `record`, which may save and so sync
-        self.manifest.record(name, result.sha256,
+        self.manifest.record(name, result.checksum,
                              {"seconds": round(result.seconds, 4), "calibration": result.calibration})
         self.count += 1
         for stage, seconds in result.stages.items():
@@ -336,7 +336,7 @@ def status(out_dir: str | Path) -> dict:
 
 def verify(out_dir: str | Path) -> list[str]:
     """Re-read a merge's output and check it against its manifest: every tensor's bytes against
-    their sha256, and every file the output must have. Returns the problems found (empty: the
+    their checksums, and every file the output must have. Returns the problems found (empty: the
     output is whole and as written)."""
     manifest, layout = open_output(out_dir)
     problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dist_svc import __version__
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.checksum import is_digest
 from dist_svc.storage.durable import temp_path
 from dist_svc.storage.outdir import LocalDir, ObjectDir, output_dir
 from dist_svc.storage.types import MANIFEST_NAME
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from dist_svc.plan import Plan
 
 LOCK_NAME = ".dist-svc.lock"
-FORMAT = 3
+FORMAT = 4  # 4: units record a named checksum ("blake3:..."), no longer a bare sha256
 SAVE_EVERY = 2.0  # seconds
 MIN_COMPACT = 1000  # journal records before a new snapshot, at least
 
@@ -51,8 +52,8 @@ class Manifest:
         self.data = data
         self.damage: str | None = None  # why the snapshot itself was unusable (its previous copy is in use)
         self._journaled = self._replay()  # records in the journal of this generation
-        # name -> sha256 of every unit recorded as done: what layouts check stored bytes against.
-        self.recorded: dict[str, str] = {n: u["sha256"] for n, u in data["units"].items() if u["done"]}
+        # name -> checksum of every unit recorded as done: what layouts check stored bytes against.
+        self.recorded: dict[str, str] = {n: u["checksum"] for n, u in data["units"].items() if u["done"]}
         self._pending: list[bytes] = []  # journal lines not yet written
         self._saved_at = time.monotonic()
         # Called before every save: whatever must be durable before the manifest says so.
@@ -164,11 +165,11 @@ class Manifest:
 
     # -- changes (the driver only) -------------------------------------------------------------
 
-    def record(self, name: str, sha256: str, info: dict[str, Any]) -> None:
+    def record(self, name: str, checksum: str, info: dict[str, Any]) -> None:
         """Mark a unit done; on disk within SAVE_EVERY seconds (see the module's docstring)."""
-        self.units[name].update(done=True, sha256=sha256, **info)
-        self.recorded[name] = sha256
-        self._append({"unit": name, "sha256": sha256, **info})
+        self.units[name].update(done=True, checksum=checksum, **info)
+        self.recorded[name] = checksum
+        self._append({"unit": name, "checksum": checksum, **info})
         if time.monotonic() - self._saved_at >= SAVE_EVERY:
             self.save()
 
@@ -176,7 +177,7 @@ class Manifest:
         """Units whose bytes are gone or wrong: not done, on disk at once."""
         names = list(names)
         for name in names:
-            self.units[name].update(done=False, sha256=None)
+            self.units[name].update(done=False, checksum=None)
             self.recorded.pop(name, None)
         if names:
             self._append({"reset": names})
@@ -261,12 +262,12 @@ class Manifest:
     def _apply(self, record: dict[str, Any]) -> None:
         if "unit" in record:
             unit = self.units[record.pop("unit")]
-            if not isinstance(record.get("sha256"), str):
-                raise ValueError("no sha256")
+            if not is_digest(record.get("checksum")):
+                raise ValueError("no checksum")
             unit.update(done=True, **record)
         elif "reset" in record:
             for name in record["reset"]:
-                self.units[name].update(done=False, sha256=None)
+                self.units[name].update(done=False, checksum=None)
         elif "complete" in record:
             self.data["complete"] = bool(record["complete"])
 
@@ -321,8 +322,8 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
     for name, unit in data["units"].items():
         if not isinstance(unit, dict) or not all(_is(unit.get(k), t) for k, t in _UNIT_KEYS.items()):
             raise damaged(f"unit '{name[:80]}' lacks one of {', '.join(_UNIT_KEYS)}")
-        if unit["done"] and not isinstance(unit.get("sha256"), str):
-            raise damaged(f"unit '{name[:80]}' is done but has no sha256")
+        if unit["done"] and not is_digest(unit.get("checksum")):
+            raise damaged(f"unit '{name[:80]}' is done but has no checksum")
     return data
 
 
@@ -335,7 +336,7 @@ def _initial(plan: "Plan") -> dict[str, Any]:
         key = json.dumps(u.merged_with(), sort_keys=True)
         index = settings.setdefault(key, len(settings))
         units[u.name] = {"shape": list(u.shape), "dtype": u.out_dtype, "calibrate": u.calibrate, "nbytes": u.nbytes,
-                         "merged_with": index, "done": False, "sha256": None}
+                         "merged_with": index, "done": False, "checksum": None}
     return {
         "format": FORMAT,
         "generation": 0,

@@ -61,7 +61,7 @@ class Job:
 @dataclass(frozen=True)
 class UnitResult:
     name: str
-    sha256: str
+    checksum: str  # of the bytes written (dist_svc.storage.checksum)
     seconds: float
     calibration: dict | None
     stages: dict[str, float]  # seconds in "read", "compute", "checksum", "write"

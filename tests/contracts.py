@@ -36,6 +36,13 @@ def _bits(t: torch.Tensor) -> bytes:
     return bytes(tensor_bytes(t))
 
 
+def _blake3(data: bytes) -> str:
+    """The checksum a layout must record, computed with the BLAKE3 package directly."""
+    import blake3
+
+    return "blake3:" + blake3.blake3(data).hexdigest()
+
+
 class CheckpointContract:
     """What the planner and the workers rely on from every `Checkpoint`."""
 
@@ -104,9 +111,7 @@ class OutputLayoutContract:
         return [(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
 
     def write_all(self, layout, tensors, fresh=True) -> dict[str, str]:
-        """Every tensor written as the driver drives a layout; returns name -> sha256."""
-        import hashlib
-
+        """Every tensor written as the driver drives a layout; returns name -> checksum."""
         recorded: dict[str, str] = {}
         assert layout.prepare(recorded) == []
         for name, t in tensors.items():
@@ -117,7 +122,7 @@ class OutputLayoutContract:
             writer.write(data[:half])
             writer.write(data[half:])
             digest = writer.close()
-            assert digest == hashlib.sha256(data).hexdigest()
+            assert digest == _blake3(data)
             layout.make_durable([name])
             recorded[name] = digest
             if layout.on_recorded(name):
@@ -140,7 +145,7 @@ class OutputLayoutContract:
         layout.finish(recorded, self.SIDE)
         assert layout.problems(recorded, side, deep=True) == []
         for name in tensors:
-            assert layout.stored_sha256(name) == recorded[name]
+            assert layout.stored_checksum(name) == recorded[name]
         got = open_checkpoint(out)  # a layout's output is a checkpoint again
         assert sorted(got.order()) == sorted(tensors)
         for name, t in tensors.items():
@@ -148,8 +153,6 @@ class OutputLayoutContract:
         assert got.side_file("config.json") == self.SIDE["config.json"]
 
     def test_a_matrix_written_by_columns_in_any_order_is_the_same_tensor(self, tmp_path):
-        import hashlib
-
         tensors = tensors_of_every_shape(torch.bfloat16)
         name = "model.layers.0.mlp.up_proj.weight"
         layout = layout_for(self.FORMAT, tmp_path, self.entries(tensors), self.OPTIONS)
@@ -159,14 +162,14 @@ class OutputLayoutContract:
         assert writer.columns
         for start, stop in ((6, 11), (0, 3), (3, 6)):
             writer.write_columns(start, stop, tensor_bytes(matrix[:, start:stop]))
-        assert writer.close() == hashlib.sha256(_bits(matrix)).hexdigest() == layout.stored_sha256(name)
+        assert writer.close() == _blake3(_bits(matrix)) == layout.stored_checksum(name)
 
     def test_a_layout_rebuilt_elsewhere_sees_the_same_output(self, tmp_path):
         tensors = tensors_of_every_shape(torch.float32)
         layout = layout_for(self.FORMAT, tmp_path, self.entries(tensors), self.OPTIONS)
         recorded = self.write_all(layout, tensors)
         again = pickle.loads(pickle.dumps(layout_for(self.FORMAT, tmp_path, self.entries(tensors), self.OPTIONS)))
-        assert {n: again.stored_sha256(n) for n in tensors} == recorded
+        assert {n: again.stored_checksum(n) for n in tensors} == recorded
 
     def test_damage_is_found_by_prepare_and_by_a_deep_check_only(self, tmp_path):
         import hashlib
@@ -178,7 +181,7 @@ class OutputLayoutContract:
         side = {n: hashlib.sha256(d).hexdigest() for n, d in self.SIDE.items()}
         name = "model.layers.0.mlp.up_proj.weight"
         self.flip_a_byte(tmp_path, layout, name)
-        assert layout.stored_sha256(name) != recorded[name]
+        assert layout.stored_checksum(name) != recorded[name]
         assert layout.problems(recorded, side, deep=False) == []
         assert any(name in p for p in layout.problems(recorded, side, deep=True))
         (tmp_path / "config.json").unlink()

@@ -193,7 +193,7 @@ def test_a_forged_every_unit_done_manifest_is_caught_by_the_checksums(tmp_path, 
     manifest = json.loads(manifest_path.read_text())
     for unit in manifest["units"].values():
         if not unit["done"]:
-            unit.update(done=True, sha256=hashlib.sha256(b"forged").hexdigest())
+            unit.update(done=True, checksum="blake3:" + hashlib.sha256(b"forged").hexdigest())
     manifest_path.write_text(json.dumps(manifest))
     run_cli("merge", cfg, out, "--shard-size", "40KB")
     assert file_bytes(out) == reference and verify(out) == []

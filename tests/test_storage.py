@@ -114,3 +114,29 @@ def test_reading_slices_of_a_large_tensor_costs_memory_for_the_slice_not_the_ten
     assert rows_grew < (16 + 8) * mib, f"row read: peak grew {rows_grew / mib:.0f} MiB"
     # Columns: the 4 MiB result plus one 32 MiB mapping window at a time (MAP_WINDOW).
     assert cols_grew < (4 + 32 + 8) * mib, f"column read: peak grew {cols_grew / mib:.0f} MiB"
+
+
+def test_checksums_are_blake3_named_by_their_algorithm_and_sha256_is_still_read(tmp_path):
+    """The published BLAKE3 and sha256 test vectors for the empty input and for "abc"; a digest
+    without a known algorithm, or of the wrong length, is not one; a file range hashes like the
+    same bytes in memory."""
+    import os
+
+    from dist_svc.storage.checksum import Hasher, algorithm_of, checksum, is_digest, range_checksum
+
+    assert checksum(b"") == "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert checksum(b"abc", "sha256") == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert algorithm_of(checksum(b"abc")) == "blake3"
+    for bad in ("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262", "md5:" + "0" * 64,
+                "blake3:" + "0" * 63, "blake3:" + "g" * 64, None, 7):
+        assert not is_digest(bad)
+    with pytest.raises(ValueError):
+        Hasher("md5")
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    pieces = Hasher()
+    for i in range(0, len(data) - 100, 1 << 20):
+        pieces.update(data[100 + i:100 + min(i + (1 << 20), len(data) - 100)])
+    assert range_checksum(tmp_path / "f", 100, len(data) - 100) == checksum(data[100:]) == pieces.digest()
+    assert range_checksum(tmp_path / "f", 100, len(data)) is None  # past the end
+    assert range_checksum(tmp_path / "missing", 0, 1) is None

@@ -14,7 +14,9 @@ from dist_svc import merge
 from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.driver import verify
+from dist_svc.errors import DistSvcError
 from dist_svc.storage import open_checkpoint
+from dist_svc.storage.types import tensor_bytes
 from dist_svc.storage.zarr_format import DTYPE_ATTR
 from dist_svc.storage.zarr_reader import ZarrCheckpoint
 from tests.conftest import file_bytes, run_cli, write_config
@@ -122,7 +124,7 @@ def test_zarr_output_holds_the_same_tensors_and_verify_finds_a_flipped_byte(tmp_
     # The same manifest checksums as the safetensors output: the bytes are the same.
     m_z = json.loads((out / "dist-svc-manifest.json").read_text())["units"]
     m_s = json.loads((tmp_path / "out-st" / "dist-svc-manifest.json").read_text())["units"]
-    assert {n: u["sha256"] for n, u in m_z.items()} == {n: u["sha256"] for n, u in m_s.items()}
+    assert {n: u["checksum"] for n, u in m_z.items()} == {n: u["checksum"] for n, u in m_s.items()}
 
     _flip_a_chunk_byte(out / "model.layers.0.mlp.up_proj.weight")
     problems = verify(out)
@@ -170,7 +172,7 @@ def test_a_zarr_output_merge_killed_and_rerun_resumes_and_finds_a_lost_chunk(tmp
     manifest = json.loads((out / "dist-svc-manifest.json").read_text())
     names = sorted(manifest["units"])
     for n in names[:2]:
-        manifest["units"][n].update(done=False, sha256=None)
+        manifest["units"][n].update(done=False, checksum=None)
     manifest["complete"] = False
     (out / "dist-svc-manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(out / names[5] / "c")
@@ -189,3 +191,25 @@ def test_the_output_format_the_config_names_wins_over_the_directory_suffix(tmp_p
     assert not (tmp_path / "odd-name.zarr" / "zarr.json").exists()
     merge(cfg, tmp_path / "flag", progress="off", output_format="zarr")  # the flag wins over both
     assert (tmp_path / "flag" / "zarr.json").is_file()
+
+
+def test_a_store_finished_before_blake3_is_still_checked_by_its_sha256(tmp_path):
+    """Stores completed by an earlier dist-svc record `dist_svc.sha256` (bare hex): convert
+    compares what it reads with that, and refuses a store whose bytes changed."""
+    import hashlib
+
+    tensors = tensors_of_every_shape(torch.float32)
+    write_hf_checkpoint(tmp_path / "src", tensors)
+    convert(tmp_path / "src", tmp_path / "m.zarr", progress="off")
+    for name, t in tensors.items():
+        meta_path = tmp_path / "m.zarr" / name / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        assert meta["attributes"].pop("dist_svc.checksum").startswith("blake3:")
+        meta["attributes"]["dist_svc.sha256"] = hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
+        meta_path.write_text(json.dumps(meta))
+    assert ZarrCheckpoint(tmp_path / "m.zarr").checksum(name).startswith("sha256:")
+    convert(tmp_path / "m.zarr", tmp_path / "back", progress="off")  # every tensor matches
+    _flip_a_chunk_byte(tmp_path / "m.zarr" / "model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(DistSvcError, match="up_proj.*does not match the checksum"):
+        convert(tmp_path / "m.zarr", tmp_path / "back2", progress="off")
+    assert not (tmp_path / "back2").exists()

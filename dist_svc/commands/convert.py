@@ -19,6 +19,7 @@ from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
 from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import fsync_dir
 from dist_svc.storage.output import LAYOUTS, layout_for, source_files
@@ -63,16 +64,21 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
         layout.prepare({})
         recorded: dict[str, str] = {}
         for name in names:
+            expected = recorded_before.get(name) or source.checksum(name)
+            # a source that recorded another algorithm's checksum is checked with that one too
+            other = Hasher(algorithm_of(expected)) if expected and algorithm_of(expected) != ALGORITHM else None
             writer = layout.writer(name, sync=True)
             for block in _blocks(source, name):
-                writer.write(tensor_bytes(block))
-            digest = writer.close()  # sha256 of the bytes read from the source
-            expected = recorded_before.get(name) or source.checksum(name)
-            if expected is not None and digest != expected:
+                data = tensor_bytes(block)
+                writer.write(data)
+                if other is not None:
+                    other.update(data)
+            digest = writer.close()  # the checksum of the bytes read from the source
+            if expected is not None and (other.digest() if other is not None else digest) != expected:
                 raise DistSvcError(f"{src}: tensor '{name}' does not match the checksum its checkpoint records "
                                    f"(the source is damaged or was changed); nothing was written to {dst}. "
                                    f"Repair or re-create the source.")
-            if layout.stored_sha256(name) != digest:
+            if layout.stored_checksum(name) != digest:
                 raise DistSvcError(f"{tmp}: tensor '{name}' reads back differently from what was written; "
                                    f"the destination storage is not reliable.")
             recorded[name] = digest
@@ -112,4 +118,7 @@ def _recorded_checksums(src: Path) -> dict[str, str]:
 
     if not (src / MANIFEST_NAME).is_file():
         return {}
-    return dict(Manifest.load(src).recorded)
+    try:
+        return dict(Manifest.load(src).recorded)
+    except DistSvcError:  # a manifest of an earlier format: the tensors' own checksums, if any, are checked
+        return {}

@@ -8,7 +8,7 @@ at a larger size while its rounds disagree by more than 20%):
 - reading: the inputs' largest tensors read as workers read them, by one worker and by all of
   them at once (what the storage gives in parallel);
 - the merge of a block: the real method function on blocks of the unit's shape and dtypes,
-  with the widening, the base added back, the rounding to the output dtype and the sha256 of
+  with the widening, the base added back, the rounding to the output dtype and the checksum of
   the output (the plain path end to end, per element);
 - calibration: float64 matrix products on one thread (`2 m n^2` flops per Gram, per pass-2
   projector), and `eigh` at the size of the largest calibrated matrix's smaller side (scaled
@@ -24,7 +24,6 @@ rate, and the longest single unit.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 import time
@@ -38,6 +37,7 @@ from dist_svc.config import MergeConfig
 from dist_svc.memory import Footprint, compute_bytes, unit_footprint
 from dist_svc.methods import Where
 from dist_svc.plan import Plan, Unit
+from dist_svc.storage.checksum import checksum
 from dist_svc.storage.types import DTYPES, tensor_bytes
 from dist_svc.worker import CPU_INTRA_OP_THREADS
 
@@ -190,7 +190,7 @@ def _element_seconds(config: MergeConfig, plan: Plan, checkpoints, device: str) 
             merged = method.merge(taus if method.operates_on == "deltas" else tensors,
                                   unit.call_params(method), where)
             out = (merged if base is None else base + merged).to(DTYPES[unit.out_dtype][0])
-            hashlib.sha256(tensor_bytes(out)).digest()
+            checksum(tensor_bytes(out))
             return (time.perf_counter() - start) / elements * 4 / max(len(unit.inputs), 1)
 
         return _median_until_stable(measure)

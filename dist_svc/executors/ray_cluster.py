@@ -240,4 +240,4 @@ class RayExecutor:
     @staticmethod
     def _verify(job: Job, unit: Unit, result: UnitResult) -> bool:
         """The bytes on shared storage are the ones the actor hashed."""
-        return job.layout.stored_sha256(unit.name) == result.sha256
+        return job.layout.stored_checksum(unit.name) == result.checksum

@@ -6,12 +6,8 @@ instant leaves the previous state or the next one, never a mix.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-
-HASH_PIECE = 64 << 20
-
 
 def local_path(path: str | Path, what: str = "path") -> Path:
     """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
@@ -58,25 +54,6 @@ def sync_tree(root: Path) -> None:
         for f in filenames:
             sync_file(Path(dirpath) / f)
         fsync_dir(Path(dirpath))
-
-
-def range_sha256(path: Path, offset: int, nbytes: int) -> str | None:
-    """sha256 of a byte range of a file, read in 64 MiB pieces; None when the file is missing
-    or shorter than the range."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            left = nbytes
-            while left:
-                chunk = f.read(min(left, HASH_PIECE))
-                if not chunk:
-                    return None
-                h.update(chunk)
-                left -= len(chunk)
-    except FileNotFoundError:
-        return None
-    return h.hexdigest()
 
 
 def _sync(path: Path, how) -> None:

@@ -15,7 +15,6 @@ Only local paths are `Path`s; an object-storage output is named by its URL throu
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -24,7 +23,8 @@ import uuid
 from pathlib import Path
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.durable import HASH_PIECE, atomic_write, fsync_dir, range_sha256, sync_tree
+from dist_svc.storage.checksum import READ_PIECE, Hasher, range_checksum
+from dist_svc.storage.durable import atomic_write, fsync_dir, sync_tree
 from dist_svc.storage.location import RemoteLocation, is_url
 
 SEGMENT = re.compile(r"\.(\d{8})$")
@@ -83,8 +83,8 @@ class LocalDir:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def range_sha256(self, name: str, offset: int, nbytes: int) -> str | None:
-        return range_sha256(self.path / name, offset, nbytes)
+    def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None:
+        return range_checksum(self.path / name, offset, nbytes)
 
     def sync(self, prefix: str) -> None:
         sync_tree(self.path / prefix)
@@ -271,14 +271,14 @@ class ObjectDir:
         info = self.info(name)
         return None if info is None else int(info["size"])
 
-    def range_sha256(self, name: str, offset: int, nbytes: int) -> str | None:
-        digest = hashlib.sha256()
+    def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None:
+        digest = Hasher()
         size = self.size(name)
         if size is None or size < offset + nbytes:
             return None
-        for start in range(offset, offset + nbytes, HASH_PIECE):
-            digest.update(self.read_range(name, start, min(start + HASH_PIECE, offset + nbytes)))
-        return digest.hexdigest()
+        for start in range(offset, offset + nbytes, READ_PIECE):
+            digest.update(self.read_range(name, start, min(start + READ_PIECE, offset + nbytes)))
+        return digest.digest()
 
     def sync(self, prefix: str) -> None:
         pass  # an acknowledged PUT is durable

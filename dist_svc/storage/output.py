@@ -44,7 +44,8 @@ class UnitWriter(Protocol):
     def write_columns(self, start: int, stop: int, data) -> None: ...
 
     def close(self) -> str:
-        """The tensor is complete: make it durable (if the writer syncs) and return its sha256."""
+        """The tensor is complete: make it durable (if the writer syncs) and return its checksum
+        (dist_svc.storage.checksum)."""
 
     def abort(self) -> None: ...
 
@@ -64,8 +65,8 @@ class OutputLayout(Protocol):
 
     def make_durable(self, names: Iterable[str]) -> None: ...
 
-    def stored_sha256(self, name: str) -> str | None:
-        """sha256 of a tensor's bytes as stored now (None: unreadable or missing)."""
+    def stored_checksum(self, name: str) -> str | None:
+        """The checksum of a tensor's bytes as stored now (None: unreadable or missing)."""
 
     def on_recorded(self, name: str) -> bool:
         """A tensor was recorded (O(1) bookkeeping). True when it completes something `seal`

@@ -11,7 +11,7 @@ NAME: a file under a shard's final name is always complete. The index and the si
 On object storage (an s3:// OUT_DIR, `ObjectSafetensorsLayout`) there is no writing in place:
 each tensor is staged as an object of its own (`.dist-svc-staging/SHARD/TENSOR`, written by
 whichever worker or node computed it, hashed on the way), and sealing a shard streams its header
-and its tensors' staged objects, in order and each checked against its recorded sha256, into
+and its tensors' staged objects, in order and each checked against its recorded checksum, into
 one multipart upload of the shard, whose completion makes it appear whole under its final
 name; the staged objects are deleted then. A killed run leaves staged objects (kept: their
 tensors are recorded) and at most an unfinished upload (invisible, aborted by the next run).
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from dist_svc.storage.durable import atomic_write, fsync_dir, range_sha256, sync_file
+from dist_svc.storage.checksum import Hasher, range_checksum
+from dist_svc.storage.durable import atomic_write, fsync_dir, sync_file
 from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
@@ -113,7 +114,7 @@ class TensorWriter:
         self.fd = os.open(path, os.O_WRONLY)
         self.start, self.offset, self.end = offset, offset, offset + nbytes
         self.shape = shape
-        self.hash = hashlib.sha256()
+        self.hash = Hasher()
         self.columns_written = 0
         self.seconds = {"checksum": 0.0, "write": 0.0}
 
@@ -161,10 +162,10 @@ class TensorWriter:
             os.close(self.fd)
         if by_columns:  # written out of order: hashed as stored, in order
             start = time.perf_counter()
-            digest = range_sha256(self.path, self.start, self.end - self.start)
+            digest = range_checksum(self.path, self.start, self.end - self.start)
             self.seconds["checksum"] += time.perf_counter() - start
             return digest
-        return self.hash.hexdigest()
+        return self.hash.digest()
 
     def abort(self) -> None:
         os.close(self.fd)
@@ -289,7 +290,7 @@ class SafetensorsLayout:
                 bad = list(self.shards[k].tensors)
             else:
                 bad = [n for n in self.shards[k].tensors
-                       if n not in fresh and self.stored_sha256(n) != recorded[n]]
+                       if n not in fresh and self.stored_checksum(n) != recorded[n]]
             if bad:
                 self._remaining[k] += len(bad)
                 damaged += bad
@@ -314,12 +315,12 @@ class SafetensorsLayout:
             if self.partial(k).exists():  # a sealed shard was synced when it was sealed
                 sync_file(self.partial(k))
 
-    def stored_sha256(self, name: str) -> str | None:
+    def stored_checksum(self, name: str) -> str | None:
         place = self.placements[name]
         path = self.partial(place.shard)
         if not path.exists():
             path = self.final(place.shard)
-        return range_sha256(path, place.offset, place.nbytes)
+        return range_checksum(path, place.offset, place.nbytes)
 
     # -- checking ----------------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ class SafetensorsLayout:
                 for name in shard.tensors:
                     if name not in recorded:
                         out.append(f"{final}: tensor '{name}' is not recorded as merged")
-                    elif self.stored_sha256(name) != recorded[name]:
+                    elif self.stored_checksum(name) != recorded[name]:
                         out.append(f"{final}: tensor '{name}' does not match its checksum (corrupted)")
         index = self.out_dir / INDEX_NAME
         try:
@@ -431,7 +432,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
 
     def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
         """Assemble each ready shard from its staged tensors, each checked against its recorded
-        sha256 on the way (a damaged one stops that shard's upload and is run again)."""
+        checksum on the way (a damaged one stops that shard's upload and is run again)."""
         damaged: list[str] = []
         for k in sorted(self._ready):
             self._ready.discard(k)
@@ -466,7 +467,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
             bad = []
             for name in sorted(shard.tensors, key=lambda n: self.placements[n].offset):
                 place = self.placements[name]
-                digest = hashlib.sha256()
+                digest = Hasher()
                 size = out.size(self.staged(name))
                 if size != place.nbytes:
                     bad.append(name)
@@ -476,7 +477,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
                     digest.update(data)
                     buffer += data
                     flush()
-                if digest.hexdigest() != recorded[name]:
+                if digest.digest() != recorded[name]:
                     bad.append(name)
             if bad:
                 raise _Damaged(bad)
@@ -509,11 +510,11 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
     def make_durable(self, names: Iterable[str]) -> None:
         pass  # an uploaded object is durable
 
-    def stored_sha256(self, name: str) -> str | None:
+    def stored_checksum(self, name: str) -> str | None:
         place = self.placements[name]
         if self.out.size(self.staged(name)) == place.nbytes:
-            return self.out.range_sha256(self.staged(name), 0, place.nbytes)
-        return self.out.range_sha256(self.shards[place.shard].file, place.offset, place.nbytes)
+            return self.out.range_checksum(self.staged(name), 0, place.nbytes)
+        return self.out.range_checksum(self.shards[place.shard].file, place.offset, place.nbytes)
 
     # -- checking ----------------------------------------------------------------------------------
 
@@ -537,7 +538,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
                     place = self.placements[name]
                     if name not in recorded:
                         out.append(f"{where}: tensor '{name}' is not recorded as merged")
-                    elif self.out.range_sha256(shard.file, place.offset, place.nbytes) != recorded[name]:
+                    elif self.out.range_checksum(shard.file, place.offset, place.nbytes) != recorded[name]:
                         out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted)")
         index = self.out.read(INDEX_NAME)
         if index is None:
@@ -566,7 +567,7 @@ class ObjectTensorWriter:
         self.out, self.name, self.nbytes = out, name, nbytes
         self.file = out.writer(name)
         self.written = 0
-        self.hash = hashlib.sha256()
+        self.hash = Hasher()
         self.seconds = {"checksum": 0.0, "write": 0.0}
 
     def write(self, data) -> None:
@@ -586,7 +587,7 @@ class ObjectTensorWriter:
             self.abort()
             raise ValueError(f"tensor incomplete: {self.nbytes - self.written} bytes missing")
         self.out.call(self.file.close, what=self.out.where(self.name))
-        return self.hash.hexdigest()
+        return self.hash.digest()
 
     def abort(self) -> None:
         """The upload is abandoned: its parts are deleted and the object never appears (also

@@ -81,8 +81,8 @@ class Checkpoint(Protocol):
         """A non-tensor file of the checkpoint (config.json, tokenizer files), or None."""
 
     def checksum(self, name: str) -> str | None:
-        """The sha256 of the tensor's bytes (row-major, stored dtype) if the checkpoint records
-        one (a store dist-svc completed), else None."""
+        """The checksum of the tensor's bytes (row-major, stored dtype; dist_svc.storage.checksum)
+        if the checkpoint records one (a store dist-svc completed), else None."""
 
     def close(self) -> None: ...
 

@@ -32,7 +32,8 @@ STORED = {"F64": ("float64", "float64"), "F32": ("float32", "float32"), "F16": (
 FROM_ATTR = {attr: code for code, (_, attr) in STORED.items()}
 FROM_NUMPY = {"float64": "F64", "float32": "F32", "float16": "F16"}
 COMPRESSIONS = ("none", "zstd")
-SHA_ATTR = "dist_svc.sha256"  # array attribute: the tensor's checksum, set once the store is complete
+CHECKSUM_ATTR = "dist_svc.checksum"  # array attribute: the tensor's checksum, set once the store is complete
+SHA_ATTR = "dist_svc.sha256"  # the same, as stores written before BLAKE3 recorded it (hex, no prefix)
 MAX_NAME_BYTES = 255  # a file name's limit on common filesystems
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 

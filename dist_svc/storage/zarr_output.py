@@ -12,7 +12,6 @@ dist_svc.storage.zarr_format.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -21,10 +20,11 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dist_svc.storage.checksum import Hasher
 from dist_svc.storage.outdir import output_dir
 from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.zarr_format import (
-    DTYPE_ATTR, ORDER_ATTR, SHA_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
+    CHECKSUM_ATTR, DTYPE_ATTR, ORDER_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
 )
 
 
@@ -61,7 +61,7 @@ def create_array(store, name: str, shape: tuple[int, ...], dtype: str, compressi
 
 class ZarrTensorWriter:
     """One tensor's bytes, in row order, into its array (`name`, an `array_name`): whole chunks
-    at a time, so a chunk is never read back or written twice; sha256 of all bytes, as the
+    at a time, so a chunk is never read back or written twice; the checksum of all bytes, as the
     safetensors writer computes it; or, for a matrix, ranges of its columns in any order
     (`write_columns`), hashed when complete by reading the array back. Its files are fsynced at
     close."""
@@ -79,7 +79,7 @@ class ZarrTensorWriter:
         self.total_rows = shape[0] if shape else 1
         self.next_row = 0
         self.buffer = bytearray()
-        self.hash = hashlib.sha256()
+        self.hash = Hasher()
         self.columns_written = 0
         self.seconds = {"checksum": 0.0, "write": 0.0}
 
@@ -121,7 +121,7 @@ class ZarrTensorWriter:
             if self.columns_written != self.shape[1] or self.next_row:
                 raise RuntimeError(f"tensor '{self.name}': {self.columns_written} of {self.shape[1]} columns written")
             self.out.sync(self.name)
-            digest = array_sha256(self.out.zarr_store(read_only=True), self.name)
+            digest = array_checksum(self.out.zarr_store(read_only=True), self.name)
             if digest is None:
                 raise RuntimeError(f"tensor '{self.name}': cannot be read back")
             return digest
@@ -129,26 +129,26 @@ class ZarrTensorWriter:
         if self.buffer or self.next_row != expected:
             raise RuntimeError(f"tensor '{self.name}': {self.next_row} of {expected} rows written")
         self.out.sync(self.name)
-        return self.hash.hexdigest()
+        return self.hash.digest()
 
     def abort(self) -> None:
         self.buffer.clear()
 
 
-def array_sha256(store, name: str, block_bytes: int = 64 << 20) -> str | None:
-    """sha256 of one stored tensor's bytes in row order (None when it cannot be read); `name`
+def array_checksum(store, name: str, block_bytes: int = 64 << 20) -> str | None:
+    """The checksum of one stored tensor's bytes in row order (None when it cannot be read); `name`
     is its `array_name`."""
     try:
         array = zarr_module().open_array(store=store, path=name, mode="r")
-        digest = hashlib.sha256()
+        digest = Hasher()
         if not array.shape:
             digest.update(np.ascontiguousarray(array[()]).tobytes())
-            return digest.hexdigest()
+            return digest.digest()
         row_bytes = max(1, math.prod(array.shape[1:]) * array.dtype.itemsize)
         step = max(array.chunks[0], block_bytes // row_bytes // array.chunks[0] * array.chunks[0])
         for r0 in range(0, array.shape[0], step):
             digest.update(np.ascontiguousarray(array[r0:r0 + step]).tobytes())
-        return digest.hexdigest()
+        return digest.digest()
     except Exception:
         return None
 
@@ -168,7 +168,7 @@ class ZarrLayout:
         create_group(store, list(self.entries))
         for array, dtype, shape in self.entries.values():
             create_array(store, array, shape, dtype, self.compression)
-        return [name for name, digest in recorded.items() if self.stored_sha256(name) != digest]
+        return [name for name, digest in recorded.items() if self.stored_checksum(name) != digest]
 
     def writer(self, name: str, sync: bool) -> ZarrTensorWriter:
         array, dtype, shape = self.entries[name]
@@ -177,8 +177,8 @@ class ZarrLayout:
     def make_durable(self, names: Iterable[str]) -> None:
         pass  # writers sync at close
 
-    def stored_sha256(self, name: str) -> str | None:
-        return array_sha256(self.out.zarr_store(read_only=True), self.entries[name][0])
+    def stored_checksum(self, name: str) -> str | None:
+        return array_checksum(self.out.zarr_store(read_only=True), self.entries[name][0])
 
     def on_recorded(self, name: str) -> bool:
         return False
@@ -191,8 +191,8 @@ class ZarrLayout:
         on its own), then the side files."""
         for name, (array, _, _) in self.entries.items():
             meta = json.loads(self.out.read(f"{array}/zarr.json"))
-            if meta.setdefault("attributes", {}).get(SHA_ATTR) != recorded[name]:
-                meta["attributes"][SHA_ATTR] = recorded[name]
+            if meta.setdefault("attributes", {}).get(CHECKSUM_ATTR) != recorded[name]:
+                meta["attributes"][CHECKSUM_ATTR] = recorded[name]
                 self.out.write(f"{array}/zarr.json", json.dumps(meta, indent=2).encode())
         for name, data in side_files.items():
             self.out.write(name, data)
@@ -215,7 +215,7 @@ class ZarrLayout:
             count = chunks(array)
             if count < expected:
                 out.append(f"{where}: tensor '{name}' has {count} of its {expected} chunk files")
-            elif deep and (name not in recorded or self.stored_sha256(name) != recorded[name]):
+            elif deep and (name not in recorded or self.stored_checksum(name) != recorded[name]):
                 out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted or not merged)")
         return out + side_file_problems(self.out, side_files, deep)
 

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.checksum import is_digest
 from dist_svc.storage.location import location, storage_errors
 from dist_svc.storage.types import TensorInfo, natural_key
 from dist_svc.storage.zarr_format import (
-    DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, tensor_name, zarr_module,
+    CHECKSUM_ATTR, DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, tensor_name, zarr_module,
 )
 
 
@@ -187,10 +188,14 @@ class ZarrCheckpoint:
                                    f"merge or copy?). Finish or convert it again.")
 
     def checksum(self, name: str) -> str | None:
-        """The sha256 of the tensor's bytes (row-major) as the store records it when dist-svc
-        completed it; None for stores that record none."""
-        value = self._arrays[name].array.attrs.get(SHA_ATTR)
-        return value if isinstance(value, str) else None
+        """The checksum of the tensor's bytes (row-major) as the store records it when dist-svc
+        completed it ("sha256:..." for stores written before BLAKE3); None for stores that
+        record none."""
+        attrs = self._arrays[name].array.attrs
+        value = attrs.get(CHECKSUM_ATTR)
+        if value is None and isinstance(attrs.get(SHA_ATTR), str):
+            value = f"sha256:{attrs[SHA_ATTR]}"
+        return value if is_digest(value) else None
 
     def side_file(self, name: str) -> bytes | None:
         return self.loc.read_bytes(name)
