@@ -102,8 +102,8 @@ class BlockReader:
                 start = time.perf_counter()
                 tensors = self._assemble(unit, [f.result() for f in futures])
                 self.seconds += time.perf_counter() - start
+                yield block, tensors  # computed while the next `read_ahead` blocks are read
                 submit()
-                yield block, tensors
         finally:
             for _, futures in ahead:  # stopped early (an error, a fallback): no read outlives us
                 for f in futures:

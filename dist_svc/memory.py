@@ -28,9 +28,11 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 
 On a GPU the blocks, Grams and cache live in device memory; the host holds read and write
 buffers. Every unit also counts 1 MiB for what it holds besides tensors, and 1/16 of its
-tensors' bytes for the allocator: memory one thread frees (a read-ahead or write-behind thread,
-an intra-op thread) goes back to that thread's arena and is not at once reused by another, so
-the resident peak runs above the live bytes (measured up to ~9% over them under load).
+block- and tensor-sized buffers for the allocator: memory one thread frees (a read-ahead or
+write-behind thread, an intra-op thread) goes back to that thread's arena and is not at once
+reused by another, so the resident peak runs above the live bytes (measured up to ~9% over them
+under load). Grams of 32 MiB or more are not counted twice: glibc maps each of them on its own
+and returns it to the system when freed.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ MARGIN = 0.1  # of the machine's memory left to everything else, by default
 MIN_MARGIN = 1 << 30
 UNIT_SLACK = 1 << 20  # whatever a unit holds besides its tensors (objects, small buffers)
 ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
+MMAP_MAX = 32 << 20  # glibc serves allocations from this size up by mmap, returned to the system on free
 
 
 @dataclass(frozen=True)
@@ -83,19 +86,26 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     per_element = (2 * n_in + 4) * c + s + o
     if whole_tensor(unit):
         compute = elements * (per_element + 8)
+        grams = 0
         if unit.calibrate:
-            compute += _grams(unit, config, f) + 3 * elements * 8
-        return _placed(compute, elements * (s + o), on_gpu)
+            compute += 3 * elements * 8
+            grams = _grams(unit, config, f)
+            if min(unit.shape) ** 2 * 8 < MMAP_MAX:  # small Grams come from the pooled heap too
+                compute, grams = compute + grams, 0
+        return _placed(compute, elements * (s + o), on_gpu, grams)
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
     compute = block * (per_element + READ_AHEAD * n_in * (c + s))
     host_only = block * (s + o + WRITE_BEHIND * o)
+    grams = 0
     if unit.calibrate:
-        compute += _grams(unit, config, f)
+        grams = _grams(unit, config, f)
+        if min(unit.shape) ** 2 * 8 < MMAP_MAX:
+            compute, grams = compute + grams, 0
         if 2 * elements * c <= cache_bytes:
-            compute += 2 * elements * c
+            compute += 2 * elements * c  # kept as the blocks they were read in
 
-    return _placed(compute, host_only, on_gpu)
+    return _placed(compute, host_only, on_gpu, grams)
 
 
 def fallback_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False) -> Footprint:
@@ -125,9 +135,13 @@ def _length(unit: "Unit", transposed: bool) -> int:
     return max(1, unit.shape[1] if transposed else unit.shape[0]) if unit.shape else 1
 
 
-def _placed(compute: int, host_only: int, on_gpu: bool) -> Footprint:
+def _placed(compute: int, host_only: int, on_gpu: bool, grams: int = 0) -> Footprint:
+    """`compute` and `host_only`: buffers of up to block or tensor size, which the allocator
+    pools (the arena share is added on the host); `grams`: the n x n matrices, each one
+    allocation of its own, returned to the system when freed."""
     if not on_gpu:
         compute += compute // ARENA_SHARE
+    compute += grams
     host_only += host_only // ARENA_SHARE + UNIT_SLACK
     return Footprint(host_only, compute) if on_gpu else Footprint(compute + host_only, 0)
 

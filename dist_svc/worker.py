@@ -83,7 +83,12 @@ def _keep_freed_memory() -> None:
     """glibc maps every allocation above its mmap threshold afresh and unmaps it when freed, so
     each block's buffers were page-faulted in anew (most of a plain merge's time on a CPU). The
     threshold is raised to its maximum (32 MiB) and freed memory is kept for reuse instead of
-    trimmed; the memory budget already counts the peak."""
+    trimmed; the memory budget already counts the peak. Threads share two arenas (glibc gives
+    each thread one of its own, up to 8 per core): a block freed by a worker is reused by the
+    reading thread that allocates the next one, instead of staying in the worker's arena (the
+    291M-parameter merge of docs/benchmarks.md: 1.24-1.32 GiB peak with an arena per thread,
+    0.99-1.09 GiB with two; allocations are few and large, so the shared lock costs nothing
+    measurable)."""
     import ctypes
     import ctypes.util
 
@@ -91,6 +96,7 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD (an int)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: its own allocator decides
 

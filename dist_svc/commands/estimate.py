@@ -11,15 +11,17 @@ at a larger size while its rounds disagree by more than 20%):
   with the widening, the base added back, the rounding to the output dtype and the checksum of
   the output (the plain path end to end, per element);
 - calibration: float64 matrix products on one thread (`2 m n^2` flops per Gram, per pass-2
-  projector), and `eigh` at the size of the largest calibrated matrix's smaller side (scaled
-  by n^3 from a probe of at most 1024);
-- per unit: a fixed cost for what every tensor costs however small (opening its writer,
-  recording it, a few small reads), measured on this project's MoE benchmark (docs/benchmarks.md);
+  projector), `eigh` at the size of the largest calibrated matrix's smaller side (scaled by n^3
+  from a probe of at most 1024), and what a calibrated unit costs whatever its size: the whole
+  Gram path on the plan's smallest calibrated shape (at most 64 x 64);
+- per unit: a fixed cost in the driver's thread, which records units one after another
+  (measured on this project's MoE benchmark, docs/benchmarks.md), and the plan built once
+  before the first unit starts (timed here);
 - writing: at the probed read rate (the output is a quarter of the input for K = 3).
 
-A worker does its unit's reads, then its arithmetic; W workers overlap each other. The total
-is the largest of: the workers' summed time divided by W, all bytes at the storage's parallel
-rate, and the longest single unit.
+A worker does its unit's reads, then its arithmetic; W workers overlap each other. The time is
+the largest of: the workers' summed time divided by W, all bytes at the storage's parallel
+rate, and the longest single unit; plus the driver's per-unit records and the plan.
 """
 
 from __future__ import annotations
@@ -32,18 +34,18 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_svc.calibration import oriented
+from dist_svc.calibration import calibrate_gram, oriented
 from dist_svc.config import MergeConfig
 from dist_svc.memory import Footprint, compute_bytes, unit_footprint
 from dist_svc.methods import Where
-from dist_svc.plan import Plan, Unit
+from dist_svc.plan import Plan, Unit, build_plan
 from dist_svc.storage.checksum import checksum
 from dist_svc.storage.types import DTYPES, tensor_bytes
 from dist_svc.worker import CPU_INTRA_OP_THREADS
 
 PROBE_BYTES = 256 << 20  # read per round, at most
 PROBE_ELEMENTS = 1 << 22  # elements of a probe block
-UNIT_OVERHEAD_S = 0.4e-3  # per unit per worker (measured: 47k-tensor MoE, docs/benchmarks.md)
+UNIT_OVERHEAD_S = 0.4e-3  # per unit, in the driver's thread (measured: 47k-tensor MoE, docs/benchmarks.md)
 STABLE = 0.2  # a probe's rounds may disagree by this much
 # One H100 (docs/benchmarks.md): the calibration kernel on an 8192 x 8192 matrix, K = 3, and
 # what a node's disk gave a plain parallel read; for projections onto GPU clusters.
@@ -81,18 +83,22 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
     element_seconds = _element_seconds(config, plan, checkpoints, device)
     largest_n = max((min(u.shape) for u in plan.units if u.calibrate), default=0)
     eigh_seconds = _eigh_seconds(largest_n, device)
+    calibrated_fixed = _calibration_fixed_seconds(config, plan, device)
+    start = time.perf_counter()
+    build_plan(config, base, models)  # the merge plans again: its start-up
+    plan_seconds = time.perf_counter() - start
 
     total_read, total_cpu, longest, flops, gpu_cal = 0, 0.0, 0.0, 0.0, 0.0
     largest = ("", Footprint(0, 0))
     for u in plan.units:
         unit_read = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for s in u.inputs)
         elements = math.prod(u.shape) if u.shape else 1
-        cpu = UNIT_OVERHEAD_S + elements * element_seconds * max(len(u.inputs), 1) / 4
+        cpu = elements * element_seconds * max(len(u.inputs), 1) / 4
         reread = 0
         if u.calibrate:
             unit_flops = _calibration_flops(u, config)
             n = min(u.shape)
-            cpu += unit_flops / flop_rate + eigh_seconds * (n / largest_n) ** 3
+            cpu += calibrated_fixed + unit_flops / flop_rate + eigh_seconds * (n / largest_n) ** 3
             if 2 * elements * compute_bytes(config) > (2 << 30):
                 reread = unit_read  # pass 2 reads the inputs again
             flops += unit_flops
@@ -104,7 +110,10 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
         fp = unit_footprint(u, config, on_gpu)
         if max(fp.host, fp.device) > max(largest[1].host, largest[1].device):
             largest = (u.name, fp)
-    seconds = max(total_cpu / workers, total_read / read_all, longest)
+    # Workers in parallel, bounded by the storage and by the longest unit; the driver records
+    # every unit in its own thread (serial), and plans once before any unit starts.
+    seconds = (max(total_cpu / workers, total_read / read_all, longest) + len(plan.units) * UNIT_OVERHEAD_S
+               + plan_seconds)
     gpu_seconds = {f"{nodes} x 8 GPUs": max(total_read / (H100_READ_RATE * nodes), gpu_cal / (8 * nodes))
                    for nodes in (1, 4)}
     read_bytes = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for u in plan.units for s in u.inputs)
@@ -241,6 +250,38 @@ def _eigh_seconds(n: int, device: str) -> float:
             return time.perf_counter() - start
 
         return _median_until_stable(measure, growths=0) * (n / probe) ** 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _calibration_fixed_seconds(config: MergeConfig, plan: Plan, device: str) -> float:
+    """What a calibrated unit costs beyond its flops and its eigh: the whole Gram path (pass 1,
+    solve, summary, pass 2) on the smallest calibrated shape of the plan (at most 64 x 64),
+    random data, median until stable. Dominates for models of many small matrices."""
+    units = [u for u in plan.units if u.calibrate]
+    if not units:
+        return 0.0
+    unit = min(units, key=lambda u: math.prod(u.shape))
+    shape = tuple(min(d, 64) for d in unit.shape)
+    dev = torch.device(device)
+    cal = config.calibration
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(CPU_INTRA_OP_THREADS)
+    try:
+        taus = [torch.randn(shape, device=dev) for _ in unit.fine_tunes]
+        merged = sum(taus)
+
+        def measure(scale: int) -> float:
+            _sync(dev)
+            start = time.perf_counter()
+            for _ in range(scale):
+                result = calibrate_gram(merged, taus, unit.alpha, cal.side, cal.target)
+                result.summary()
+            _sync(dev)
+            return (time.perf_counter() - start) / scale
+
+        return _median_until_stable(measure)
     finally:
         torch.set_num_threads(threads)
 
