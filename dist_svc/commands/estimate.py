@@ -13,7 +13,8 @@ at a larger size while its rounds disagree by more than 20%):
 - calibration: float64 matrix products on one thread (`2 m n^2` flops per Gram, per pass-2
   projector), `eigh` at the size of the largest calibrated matrix's smaller side (scaled by n^3
   from a probe of at most 1024), and what a calibrated unit costs whatever its size: the whole
-  Gram path on the plan's smallest calibrated shape (at most 64 x 64);
+  Gram path on the plan's smallest calibrated shape (at most 64 x 64), plus a constant for the
+  worker's side of a calibrated unit (measured on this project's MoE benchmark);
 - per unit: a fixed cost in the driver's thread, which records units one after another
   (measured on this project's MoE benchmark, docs/benchmarks.md), and the plan built once
   before the first unit starts (timed here);
@@ -46,6 +47,10 @@ from dist_svc.worker import CPU_INTRA_OP_THREADS
 PROBE_BYTES = 256 << 20  # read per round, at most
 PROBE_ELEMENTS = 1 << 22  # elements of a probe block
 UNIT_OVERHEAD_S = 0.4e-3  # per unit, in the driver's thread (measured: 47k-tensor MoE, docs/benchmarks.md)
+# per calibrated unit in its worker, beyond the Gram path itself: its second pass over the
+# inputs, the finite checks of its Grams, its summary (measured: the 1.5k-tensor MoE of
+# `dist-svc bench estimate`, where it is most of the time)
+CALIBRATED_UNIT_OVERHEAD_S = 3e-3
 STABLE = 0.2  # a probe's rounds may disagree by this much
 # One H100 (docs/benchmarks.md): the calibration kernel on an 8192 x 8192 matrix, K = 3, and
 # what a node's disk gave a plain parallel read; for projections onto GPU clusters.
@@ -98,7 +103,7 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
         if u.calibrate:
             unit_flops = _calibration_flops(u, config)
             n = min(u.shape)
-            cpu += calibrated_fixed + unit_flops / flop_rate + eigh_seconds * (n / largest_n) ** 3
+            cpu += CALIBRATED_UNIT_OVERHEAD_S + calibrated_fixed + unit_flops / flop_rate + eigh_seconds * (n / largest_n) ** 3
             if 2 * elements * compute_bytes(config) > (2 << 30):
                 reread = unit_read  # pass 2 reads the inputs again
             flops += unit_flops
