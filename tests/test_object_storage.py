@@ -283,3 +283,25 @@ def test_a_second_run_on_the_same_s3_output_is_refused_while_the_first_holds_its
     run_cli("merge", cfg, out, "--progress", "off")
     assert "verified" in run_cli("verify", out).stdout
     assert output_dir(out).info(LOCK_NAME) is None  # released at the end
+
+
+def test_an_abandoned_upload_never_becomes_an_object(bucket):
+    """A worker that fails mid-tensor aborts its writer: the tensor's staged object must not
+    appear, not even when the writer is garbage-collected (s3fs commits an open file on
+    collection, which also hung a failed merge at exit). The writer also reports its stages."""
+    import gc
+
+    from dist_svc.storage.output import layout_for
+
+    layout = layout_for("safetensors", f"{bucket}/out", [("w", "F32", (64, 64))], {"shard_bytes": 1 << 20})
+    layout.prepare({})
+    writer = layout.writer("w", sync=False)
+    assert writer.columns is False and {"checksum", "write"} <= set(writer.seconds)
+    writer.write(bytes(64 * 32 * 4))  # half the tensor
+    writer.abort()
+    del writer
+    gc.collect()
+    assert layout.stored_checksum("w") is None
+    writer = layout.writer("w", sync=False)
+    writer.write(bytes(64 * 64 * 4))
+    assert writer.close() == layout.stored_checksum("w")
