@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +110,7 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
     """The merge of `config`, whose models are all LoRA adapters of its base, written to
     `out_dir` as one PEFT adapter (see the module's docstring)."""
     from dist_svc.plan import build_plan, open_inputs
-    from dist_svc.storage.durable import atomic_write, fsync_dir
+    from dist_svc.storage.durable import atomic_write, staged_directory
     from dist_svc.storage.types import Adapter, NAME_TO_ST
 
     start = time.perf_counter()
@@ -158,11 +156,7 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
              "adapter_config.json": (json.dumps(adapter_config, indent=2) + "\n").encode()}
     record["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     record["calibration"] = calibration
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.merging-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out_dir, "merging") as tmp:
         for name, data in files.items():
             atomic_write(tmp / name, data)
         for name, digest in record["files"].items():  # read back what the disk holds
@@ -170,12 +164,6 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
                 raise DistSvcError(f"{tmp / name}: reads back differently from what was written; the storage is "
                                    f"not reliable.")
         atomic_write(tmp / RECORD_NAME, json.dumps(record, indent=2).encode())
-        fsync_dir(tmp)
-        os.rename(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AdapterReport(out_dir, plan.summary(), len(plan.units), len(plan.units), False,
                          time.perf_counter() - start, calibration)
 

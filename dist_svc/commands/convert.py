@@ -10,8 +10,6 @@ existing DST is never touched.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +19,7 @@ from dist_svc.progress import Progress
 from dist_svc.storage import open_checkpoint, source_of
 from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
-from dist_svc.storage.durable import fsync_dir
+from dist_svc.storage.durable import staged_directory
 from dist_svc.storage.output import LAYOUTS, layout_for, source_files
 from dist_svc.storage.types import ITEMSIZE, tensor_bytes
 from dist_svc.storage.zarr_format import is_zarr
@@ -54,49 +52,48 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
     recorded_before = _recorded_checksums(src) if isinstance(src, Path) and src.is_dir() else {}
     names = source.order()
     total = sum(info.nbytes for info in source.tensors.values())
-    tmp = dst.with_name(f".{dst.name}.converting-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     bar = Progress(total, len(names), mode=progress)
     try:
-        entries = [(n, source.tensors[n].dtype, source.tensors[n].shape) for n in names]
-        layout = layout_for(fmt, tmp, entries, {"shard_bytes": shard_size, "compression": compression})
-        layout.prepare({})
-        recorded: dict[str, str] = {}
-        for name in names:
-            expected = recorded_before.get(name) or source.checksum(name)
-            # a source that recorded another algorithm's checksum is checked with that one too
-            other = Hasher(algorithm_of(expected)) if expected and algorithm_of(expected) != ALGORITHM else None
-            writer = layout.writer(name, sync=True)
-            for block in _blocks(source, name):
-                data = tensor_bytes(block)
-                writer.write(data)
-                if other is not None:
-                    other.update(data)
-            digest = writer.close()  # the checksum of the bytes read from the source
-            if expected is not None and (other.digest() if other is not None else digest) != expected:
-                raise DistSvcError(f"{src}: tensor '{name}' does not match the checksum its checkpoint records "
-                                   f"(the source is damaged or was changed); nothing was written to {dst}. "
-                                   f"Repair or re-create the source.")
-            if layout.stored_checksum(name) != digest:
-                raise DistSvcError(f"{tmp}: tensor '{name}' reads back differently from what was written; "
-                                   f"the destination storage is not reliable.")
-            recorded[name] = digest
-            if layout.on_recorded(name):
-                layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
-            bar.advance(source.tensors[name].nbytes)
-        layout.finish(recorded, source_files(source))
-        fsync_dir(tmp)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_directory(dst, "converting") as tmp:
+            _copy(source, src, dst, tmp, fmt, names, recorded_before, shard_size, compression, bar)
     finally:
         bar.close()
         source.close()
     log(f"converted {len(names)} tensors ({total} bytes) into {dst} ({fmt}), every tensor verified")
     return {"tensors": len(names), "bytes": total, "format": fmt}
+
+
+def _copy(source, src, dst: Path, tmp: Path, fmt: str, names: list[str], recorded_before: dict[str, str],
+          shard_size, compression: str, bar: Progress) -> None:
+    """Every tensor of `source` into `tmp` in format `fmt`, each checked against the checksum
+    its source records (if any) and read back."""
+    entries = [(n, source.tensors[n].dtype, source.tensors[n].shape) for n in names]
+    layout = layout_for(fmt, tmp, entries, {"shard_bytes": shard_size, "compression": compression})
+    layout.prepare({})
+    recorded: dict[str, str] = {}
+    for name in names:
+        expected = recorded_before.get(name) or source.checksum(name)
+        # a source that recorded another algorithm's checksum is checked with that one too
+        other = Hasher(algorithm_of(expected)) if expected and algorithm_of(expected) != ALGORITHM else None
+        writer = layout.writer(name, sync=True)
+        for block in _blocks(source, name):
+            data = tensor_bytes(block)
+            writer.write(data)
+            if other is not None:
+                other.update(data)
+        digest = writer.close()  # the checksum of the bytes read from the source
+        if expected is not None and (other.digest() if other is not None else digest) != expected:
+            raise DistSvcError(f"{src}: tensor '{name}' does not match the checksum its checkpoint records "
+                               f"(the source is damaged or was changed); nothing was written to {dst}. "
+                               f"Repair or re-create the source.")
+        if layout.stored_checksum(name) != digest:
+            raise DistSvcError(f"{tmp}: tensor '{name}' reads back differently from what was written; "
+                               f"the destination storage is not reliable.")
+        recorded[name] = digest
+        if layout.on_recorded(name):
+            layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
+        bar.advance(source.tensors[name].nbytes)
+    layout.finish(recorded, source_files(source))
 
 
 def _blocks(source, name: str):

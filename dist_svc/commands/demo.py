@@ -19,6 +19,17 @@ from safetensors.torch import save_file
 from dist_svc.storage.types import INDEX_NAME
 
 
+def _attention(p: str, h: int, heads: int, kv_heads: int) -> dict[str, tuple[int, ...]]:
+    """A decoder layer's attention projections (grouped-query: k and v have kv_heads heads)."""
+    kv = h // heads * kv_heads
+    return {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h)}
+
+
+def _norms(p: str, h: int) -> dict[str, tuple[int, ...]]:
+    return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+
+
 @dataclass(frozen=True)
 class TinyLlama:
     vocab_size: int = 1024
@@ -30,17 +41,13 @@ class TinyLlama:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         h, i = self.hidden_size, self.intermediate_size
-        kv = h // self.num_attention_heads * self.num_key_value_heads
         out = {"model.embed_tokens.weight": (self.vocab_size, h)}
         for n in range(self.num_hidden_layers):
             p = f"model.layers.{n}."
-            out.update({
-                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            })
+            out.update(_attention(p, h, self.num_attention_heads, self.num_key_value_heads))
+            out.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                        p + "mlp.down_proj.weight": (h, i)})
+            out.update(_norms(p, h))
         out["model.norm.weight"] = (h,)
         out["lm_head.weight"] = (self.vocab_size, h)
         return out
@@ -72,16 +79,12 @@ class TinyMoE:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         h, i, e = self.hidden_size, self.moe_intermediate_size, self.num_experts
-        kv = h // self.num_attention_heads * self.num_key_value_heads
         out = {"model.embed_tokens.weight": (self.vocab_size, h)}
         for n in range(self.num_hidden_layers):
             p = f"model.layers.{n}."
-            out.update({
-                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate.weight": (e, h),
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            })
+            out.update(_attention(p, h, self.num_attention_heads, self.num_key_value_heads))
+            out[p + "mlp.gate.weight"] = (e, h)
+            out.update(_norms(p, h))
             for x in range(e):
                 q = f"{p}mlp.experts.{x}."
                 out.update({q + "gate_proj.weight": (i, h), q + "up_proj.weight": (i, h), q + "down_proj.weight": (h, i)})

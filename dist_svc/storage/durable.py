@@ -7,7 +7,10 @@ instant leaves the previous state or the next one, never a mix.
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 def local_path(path: str | Path, what: str = "path") -> Path:
     """A local path made absolute, symlinks resolved; a symlink loop is a clear error."""
@@ -54,6 +57,24 @@ def sync_tree(root: Path) -> None:
         for f in filenames:
             sync_file(Path(dirpath) / f)
         fsync_dir(Path(dirpath))
+
+
+@contextmanager
+def staged_directory(dst: Path, what: str) -> Iterator[Path]:
+    """A directory that appears as `dst` whole or not at all: the block builds it under
+    `.NAME.WHAT-PID` beside `dst` (a leftover of a killed run, ours to delete), which is then
+    fsynced, renamed to `dst` and the parent fsynced; if the block raises, it is removed."""
+    tmp = dst.with_name(f".{dst.name}.{what}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _sync(path: Path, how) -> None:

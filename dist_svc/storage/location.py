@@ -423,6 +423,13 @@ class RemoteLocation:
 # -- the files of a checkpoint -----------------------------------------------------------------------
 
 
+def side_file(loc, name: str) -> bytes | None:
+    """A non-tensor file (config.json, tokenizer files) of the checkpoint at `loc`: in its
+    folder, or beside it when `loc` is a single file; None when absent."""
+    folder = loc if loc.is_dir() else loc.parent()
+    return folder.read_bytes(name)
+
+
 def quote(value, limit: int = 80) -> str:
     """A value from a file, quoted for a message and cut short: crafted input must not be able
     to make an error message huge."""

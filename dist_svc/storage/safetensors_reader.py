@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.location import HEADER_PROBE, MAP_WINDOW, check_index, discover, location, storage_errors  # noqa: F401
+from dist_svc.storage.location import HEADER_PROBE, check_index, discover, location, side_file, storage_errors
 from dist_svc.storage.location import quote as _quote
 from dist_svc.storage.types import DTYPES, INDEX_NAME, ITEMSIZE, TensorInfo, natural_key
 
@@ -241,8 +241,7 @@ class SafetensorsCheckpoint:
         return None
 
     def side_file(self, name: str) -> bytes | None:
-        folder = self.loc if self.loc.is_dir() else self.loc.parent()
-        return folder.read_bytes(name)
+        return side_file(self.loc, name)
 
     def close(self) -> None:
         for file in self.files:

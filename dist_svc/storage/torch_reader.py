@@ -22,7 +22,7 @@ import zipfile
 import torch
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.location import check_index, discover, quote
+from dist_svc.storage.location import check_index, discover, quote, side_file
 from dist_svc.storage.types import TORCH_TO_ST, TensorInfo, natural_key
 
 INDEX_NAME = "pytorch_model.bin.index.json"
@@ -111,8 +111,7 @@ class TorchCheckpoint:
         return None
 
     def side_file(self, name: str) -> bytes | None:
-        folder = self.loc if self.loc.is_dir() else self.loc.parent()
-        return folder.read_bytes(name)
+        return side_file(self.loc, name)
 
     def close(self) -> None:
         self._loaded.clear()  # the mappings go with the tensors
