@@ -45,6 +45,10 @@ SAVE_EVERY = 2.0  # seconds
 MIN_COMPACT = 1000  # journal records before a new snapshot, at least
 
 
+class OtherFormat(DistSvcError):
+    """A manifest written by a dist-svc of another manifest format."""
+
+
 class Manifest:
     def __init__(self, out: "LocalDir | ObjectDir", data: dict[str, Any]):
         self.out = out  # where the snapshot and the journal are
@@ -72,6 +76,8 @@ class Manifest:
             raise DistSvcError(f"{out}: no dist-svc merge here ({MANIFEST_NAME} is missing).")
         try:
             return cls(out, _read(snapshot, out.where(MANIFEST_NAME)))
+        except OtherFormat:
+            raise  # not damage: another version's manifest, whose copy is of that version too
         except DistSvcError as damage:
             try:
                 manifest = cls(out, _read(previous, out.where(PREV_NAME)))
@@ -309,9 +315,13 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
         raise damaged(f"unreadable: {str(e)[:100]}") from None
     if not isinstance(data, dict):
         raise damaged("not a JSON object")
+    if isinstance(data.get("format"), int) and data["format"] != FORMAT:
+        raise OtherFormat(f"{path}: written by a dist-svc whose manifests are format {data['format']}; this one "
+                          f"({__version__}) reads format {FORMAT}. Nothing was changed. Finish an unfinished merge "
+                          f"with the dist-svc that started it; a finished one's tensors are intact (it can be read "
+                          f"as an input, or copied by `dist-svc convert`).")
     if data.get("format") != FORMAT:
-        raise DistSvcError(f"{path}: manifest format {str(data.get('format'))[:20]} is not one this dist-svc "
-                           f"({__version__}) reads; finish the merge with the dist-svc that started it.")
+        raise damaged(f"'format' is {str(data.get('format'))[:20]}")
     for key, kind in (("fingerprint", str), ("settings", dict), ("inputs", dict), ("side_files", dict),
                       ("complete", bool), ("units", dict), ("generation", int), ("merged_with", list)):
         if not _is(data.get(key), kind):

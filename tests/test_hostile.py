@@ -221,6 +221,30 @@ def test_a_manifest_missing_keys_is_named_and_the_previous_copy_resumes(tmp_path
     refused(run_cli("status", out, check=False), "damaged", "delete")
 
 
+def test_a_finished_merge_of_an_earlier_manifest_format_is_refused_untouched_and_still_converts(tmp_path, merged):
+    """A manifest of another format is not damage: no fallback to its copy (of that format too),
+    every command refuses in one paragraph and changes nothing, and the tensors stay usable."""
+    cfg, reference = merged
+    out = tmp_path / "reference"
+    for name in ("dist-svc-manifest.json", ".dist-svc-manifest.json.prev"):
+        manifest = json.loads((out / name).read_text())
+        manifest["format"] = 3  # bare sha256 per unit, as that format recorded
+        for unit in manifest["units"].values():
+            unit["sha256"] = (unit.pop("checksum") or "").partition(":")[2] or None
+        (out / name).write_text(json.dumps(manifest))
+    before = file_bytes(out)
+    for command in (("status", out), ("verify", out), ("merge", cfg, out, "--shard-size", "40KB")):
+        refused(run_cli(*command, check=False), "format 3", "reads format 4", "Nothing was changed")
+    assert file_bytes(out) == before
+    convert(out, tmp_path / "copy", progress="off")
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+    original, copy = tensors(out), tensors(tmp_path / "copy")
+    assert original.keys() == copy.keys() and all(torch.equal(original[k], copy[k]) for k in original)
+
+
 @pytest.mark.parametrize("lost", ["model.safetensors.index.json", "config.json", "tokenizer.json", "shard"])
 def test_a_finished_merge_that_lost_a_file_is_restored_by_a_rerun(tmp_path, merged, lost):
     cfg, reference = merged
