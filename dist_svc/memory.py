@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dist_svc.blocks import BLOCK_ELEMENTS, READ_AHEAD, block_length
-
-WRITE_BEHIND = 2  # output blocks waiting for a worker's write thread, at most
 from dist_svc.calibration import OVERLAP_CHUNK, keep_task_grams, oriented
 from dist_svc.storage.types import ITEMSIZE
 
@@ -54,6 +52,7 @@ if TYPE_CHECKING:
     from dist_svc.config import MergeConfig
     from dist_svc.plan import Unit
 
+WRITE_BEHIND = 2  # output blocks waiting for a worker's write thread, at most
 CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-read
 READ_BYTES = 4  # per element read, at most (float32 inputs; bf16 read buffers are half)
 MARGIN = 0.1  # of the machine's memory left to everything else, by default

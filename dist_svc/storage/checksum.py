@@ -17,11 +17,13 @@ is not on any path where speed matters.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 ALGORITHM = "blake3"
 ALGORITHMS = ("blake3", "sha256")
 READ_PIECE = 64 << 20  # stored bytes are read back in pieces of this size to be hashed
+_DIGEST = re.compile(f"({'|'.join(ALGORITHMS)}):[0-9a-f]{{64}}")
 
 
 class Hasher:
@@ -47,18 +49,15 @@ class Hasher:
 
 def algorithm_of(digest: str) -> str:
     """The algorithm a digest was computed with (ValueError: not a digest this version reads)."""
-    algorithm, sep, hexdigest = digest.partition(":")
-    if not sep or algorithm not in ALGORITHMS or len(hexdigest) != 64:
-        raise ValueError(f"'{digest[:80]}' is not a checksum (expected one of {', '.join(ALGORITHMS)}:<64 hex digits>)")
-    return algorithm
+    match = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if match is None:
+        raise ValueError(f"'{str(digest)[:80]}' is not a checksum (expected one of {', '.join(ALGORITHMS)}:<64 hex digits>)")
+    return match.group(1)
 
 
 def is_digest(value) -> bool:
     """A checksum string this version can check."""
-    try:
-        return isinstance(value, str) and bool(algorithm_of(value)) and int(value.partition(":")[2], 16) >= 0
-    except ValueError:
-        return False
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def checksum(data, algorithm: str = ALGORITHM) -> str:
