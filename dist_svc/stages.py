@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from dist_svc.config import MergeConfig, parse_config, read_documents
 from dist_svc.errors import DistSvcError
+from dist_svc.methods.base import show
 from dist_svc.storage.durable import local_path
 
 
@@ -38,6 +39,26 @@ def _within(folder: Path | str, name: str) -> Path | str:
     return folder / name if isinstance(folder, Path) else f"{folder}/{name}"
 
 
+NAME_BYTES = 255  # the longest file name most filesystems (and S3 keys' segments, in practice) take
+
+
+def _name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a stage's directory name, or None."""
+    if not isinstance(name, str):
+        return f"expected a string (got {show(name)})"
+    if not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} names a directory that already exists (the stages' folder or its parent)"
+    if "/" in name or "\\" in name:
+        return f"{show(name)} contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{show(name)} contains a control character (NUL, newline, ...)"
+    if len(name.encode()) > NAME_BYTES:
+        return f"it is {len(name.encode())} bytes long, more than a file name may be ({NAME_BYTES})"
+    return None
+
+
 def default_intermediate_dir(out_dir: str | Path) -> Path | str:
     out_dir = _place(out_dir, "OUT_DIR")
     if isinstance(out_dir, str):
@@ -55,8 +76,10 @@ def load_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | P
     names: list[str | None] = []
     for i, doc in enumerate(documents):
         name = doc.get("name") if isinstance(doc, dict) else None
-        if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
-            raise DistSvcError(f"{path}: document {i + 1}: field 'name': expected a stage name without '/' (got {name!r}).")
+        problem = None if name is None else _name_problem(name)
+        if problem:
+            raise DistSvcError(f"{path}: document {i + 1}: field 'name': {problem}; a stage's name is the name of "
+                               f"its output directory, so it must be a plain file name. Nothing was written.")
         if name is not None and name in names:
             raise DistSvcError(f"{path}: two stages are named {name!r}; give each its own name.")
         names.append(name)

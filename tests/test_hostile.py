@@ -508,3 +508,23 @@ def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, fa
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, stderr
     assert not (out / ".dist-svc.lock").exists()
     assert "stopped" in run_cli("status", out).stdout
+
+
+# -- multi-stage files -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, needle", [("..", "'..'"), (".", "'.'"), ("a\x00b", "control character"),
+                                          ("a\\b", "path separator"), ("x" * 300, "300 bytes"), (" ", "empty")])
+def test_a_stage_name_that_is_not_a_file_name_is_refused_before_anything_is_written(tmp_path, family, name, needle):
+    """A stage's name becomes a directory under the stages' folder: `..` would land in OUT_DIR's
+    parent, a NUL byte cannot be a path."""
+    import yaml
+
+    base, fts = family(2)
+    stage = {"name": name, "merge_method": "task_arithmetic", "base_model": str(base), "models": [str(fts[0])]}
+    final = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [name, str(fts[1])]}
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text(yaml.safe_dump(stage) + "---\n" + yaml.safe_dump(final))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused(run_cli("merge", cfg, tmp_path / "work" / "out", check=False), str(cfg), "document 1", "field 'name'",
+            needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # not even OUT_DIR's parent was made
