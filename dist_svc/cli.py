@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -17,23 +19,34 @@ def _say(line: str) -> None:
     click.echo(line, err=True)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop), raised where Ctrl-C's KeyboardInterrupt is: the run
+    stops the same way, its records flushed and its lock released."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 class _Group(click.Group):
-    """Prints a DistSvcError as one clear paragraph, without a traceback; Ctrl-C says how to
-    go on."""
+    """Prints a DistSvcError as one clear paragraph, without a traceback; Ctrl-C and SIGTERM
+    say how to go on."""
 
     def invoke(self, ctx):
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except DistSvcError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if ctx.invoked_subcommand == "merge":
                 click.echo("interrupted. Every tensor finished so far is kept: rerun the same command to resume "
                            "where it stopped.", err=True)
             else:
                 click.echo("interrupted.", err=True)
-            sys.exit(130)
+            sys.exit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT))
 
 
 @click.group(cls=_Group)

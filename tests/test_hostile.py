@@ -183,6 +183,19 @@ def test_a_randomised_kill_and_rerun_loop_ends_byte_identical(tmp_path, merged, 
     assert file_bytes(out) == reference and verify(out) == []
 
 
+def test_a_kill_between_keeping_the_manifests_copy_and_replacing_it_leaves_nothing_behind(tmp_path, merged, hook_dir):
+    """Killed after the snapshot's copy is linked, before the new snapshot is renamed over it:
+    the copy and the snapshot are then one file, and the next save's rename of a link onto it does
+    nothing (POSIX), which left `..dist-svc-manifest.json.prev.tmp` behind."""
+    cfg, reference = merged
+    out = tmp_path / "out"
+    assert killed_merge(hook_dir, cfg, out, "replace:dist-svc-manifest.json:2:before", "--shard-size", "40KB") == -9
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+    assert sorted(p.name for p in out.iterdir()) == sorted([*reference, "dist-svc-manifest.json",
+                                                            ".dist-svc-manifest.json.prev"])
+
+
 # -- hand-edited and damaged manifests and outputs ---------------------------------------------
 
 def test_a_forged_every_unit_done_manifest_is_caught_by_the_checksums(tmp_path, merged, hook_dir):
@@ -478,6 +491,16 @@ def test_a_read_only_output_filesystem_is_one_clear_error(tmp_path, family, smal
             "Read-only file system", "choose another output directory")
 
 
+@pytest.mark.parametrize("flag", [("--threads", "0"), ("--threads", "-3"), ("-j", "0")])
+def test_a_thread_count_below_one_is_refused(tmp_path, family, flag):
+    base, fts = family(1)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    for extra in ((), ("--dry-run",)):
+        refused(run_cli("merge", cfg, tmp_path / "out", *flag, *extra, check=False), f"--threads {flag[1]}",
+                "at least 1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_device_is_checked_before_anything_is_written(tmp_path, family):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -487,7 +510,9 @@ def test_the_device_is_checked_before_anything_is_written(tmp_path, family):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, family):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, family, sig, code):
+    """Ctrl-C and SIGTERM (`kill`, a scheduler stopping the job) stop a merge the same way."""
     import signal
     import time
 
@@ -502,9 +527,9 @@ def test_an_interrupted_merge_says_how_to_resume_and_leaves_no_lock(tmp_path, fa
     while units_done(out)[0] < 1 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "the merge finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, stderr
     assert not (out / ".dist-svc.lock").exists()
     assert "stopped" in run_cli("status", out).stdout

@@ -53,8 +53,12 @@ class LocalExecutor:
             count = torch.cuda.device_count() if self.on_gpu and torch.cuda.is_available() else 0
             devices = [f"cuda:{i}" for i in range(count)] if device == "cuda" and count > 1 else [device]
         self.devices = list(devices)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise DistSvcError(f"--threads {threads} (threads=, mergekit's -j): the units in flight at once must be "
+                               f"a whole number of at least 1 (default: the CPU's cores; {GPU_THREADS} per GPU). "
+                               f"Nothing was written.")
         default = GPU_THREADS * len(self.devices) if self.on_gpu else (os.cpu_count() or 1)
-        self.threads = max(1, threads if threads is not None else default)
+        self.threads = threads if threads is not None else default
         self.memory_limit = memory_limit
         self.worker_options = worker_options
         self.peak_units = 0  # the most units that were in flight at once, after `run`

@@ -104,6 +104,9 @@ class LocalDir:
             held.unlink(missing_ok=True)
             os.link(path, held)
             os.replace(held, self.path / keep)  # made durable by atomic_write's fsync of the directory
+            # A rename onto a hard link of the same file does nothing (POSIX), and `keep` is one
+            # after a kill between this rename and the next line's: the link is left to delete.
+            held.unlink(missing_ok=True)
         atomic_write(path, data)
 
     def journal_read(self, name: str) -> bytes:
