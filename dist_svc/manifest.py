@@ -14,8 +14,8 @@ Durability: a unit counts as done once its journal line is on disk, and that lin
 only after the unit's bytes are durable (`before_save` makes them so first). Records are
 appended in batches, at most every `SAVE_EVERY` seconds, before any shard is sealed, when units
 are reset and at the end: a crash loses at most the last few seconds of records, whose units
-are simply run again, with the same bytes. A torn last line (a crash mid-append) and a line
-whose checksum fails are ignored. When the journal holds as many records as there are units,
+are simply run again, with the same bytes. A torn last line (a crash mid-append), a line
+whose checksum fails and one that is not a record this module writes are ignored. When the journal holds as many records as there are units,
 the state is written into a new snapshot (temp + fsync + rename, keeping the replaced one as
 `.dist-svc-manifest.json.prev`) with a new, empty journal: O(1) amortised per unit.
 """
@@ -142,7 +142,9 @@ class Manifest:
 
     @property
     def complete(self) -> bool:
-        return self.data["complete"]
+        """Marked complete and every unit recorded: a journal record that resets a unit of a
+        finished merge makes it unfinished, whatever the snapshot says."""
+        return self.data["complete"] and len(self.recorded) == len(self.units)
 
     @property
     def output(self) -> tuple[str, dict]:
@@ -258,24 +260,32 @@ class Manifest:
             try:
                 if int(crc, 16) != zlib.crc32(body):
                     continue
-                record = json.loads(body)
-                self._apply(record)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # a damaged line: its unit is simply run again
+                self._apply(json.loads(body))
+            except (ValueError, RecursionError):
+                continue  # a damaged line: its effect is lost (at worst a unit is run again)
             applied += 1
         return applied
 
-    def _apply(self, record: dict[str, Any]) -> None:
-        if "unit" in record:
-            unit = self.units[record.pop("unit")]
-            if not is_digest(record.get("checksum")):
-                raise ValueError("no checksum")
-            unit.update(done=True, **record)
-        elif "reset" in record:
-            for name in record["reset"]:
+    def _apply(self, record: Any) -> None:
+        """One journal record; ValueError for anything that is not a record this class writes
+        (checked as strictly as the snapshot: a valid CRC says the line is as written, not that
+        what was written is a record)."""
+        keys = set(record) if isinstance(record, dict) else set()
+        if keys == set(_UNIT_RECORD):
+            name = record["unit"]
+            if not (all(check(record[key]) for key, check in _UNIT_RECORD.items()) and name in self.units):
+                raise ValueError("not a unit record")
+            self.units[name].update(done=True, **{k: v for k, v in record.items() if k != "unit"})
+        elif keys == {"reset"}:
+            names = record["reset"]
+            if not isinstance(names, list) or not all(isinstance(n, str) and n in self.units for n in names):
+                raise ValueError("not a reset record")
+            for name in names:
                 self.units[name].update(done=False, checksum=None)
-        elif "complete" in record:
-            self.data["complete"] = bool(record["complete"])
+        elif keys == {"complete"} and isinstance(record["complete"], bool):
+            self.data["complete"] = record["complete"]
+        else:
+            raise ValueError("not a record")
 
     def progress(self) -> dict[str, int]:
         units = self.units.values()
@@ -295,6 +305,13 @@ def _out(out_dir) -> "LocalDir | ObjectDir":
 
 
 _UNIT_KEYS = {"shape": list, "dtype": str, "nbytes": int, "done": bool}
+# A journal record of a finished unit (`Manifest.record`): each key and what its value must be.
+_UNIT_RECORD: dict[str, Callable[[Any], bool]] = {
+    "unit": lambda v: isinstance(v, str),
+    "checksum": is_digest,
+    "seconds": lambda v: _is(v, float) or _is(v, int),
+    "calibration": lambda v: v is None or isinstance(v, dict),
+}
 
 
 def _is(value: Any, kind: type) -> bool:

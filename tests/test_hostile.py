@@ -212,6 +212,57 @@ def test_a_forged_every_unit_done_manifest_is_caught_by_the_checksums(tmp_path, 
     assert file_bytes(out) == reference and verify(out) == []
 
 
+def append_to_journal(out: Path, record) -> None:
+    """A journal line with a valid CRC, as the manifest writes them, in the current generation's
+    journal: what a hand edit (or a bug) could leave."""
+    import zlib
+
+    generation = json.loads((out / "dist-svc-manifest.json").read_text())["generation"]
+    body = json.dumps(record, separators=(",", ":")).encode()
+    with open(out / f".dist-svc-manifest.{generation}.journal", "ab") as f:
+        f.write(b"%08x %s\n" % (zlib.crc32(body), body))
+
+
+JOURNAL_DIGEST = "blake3:" + "ab" * 32
+
+
+@pytest.mark.parametrize("record", [
+    {"unit": "lm_head.weight", "checksum": JOURNAL_DIGEST, "seconds": "slow", "calibration": None},
+    {"unit": "lm_head.weight", "checksum": JOURNAL_DIGEST, "seconds": 0.1, "calibration": None, "nbytes": "many"},
+    {"unit": "lm_head.weight", "checksum": JOURNAL_DIGEST, "seconds": 0.1, "calibration": [1, 2]},
+])
+def test_a_journal_record_with_a_valid_crc_but_wrong_types_is_damage_not_a_crash(tmp_path, merged, record):
+    """A record is checked as strictly as the snapshot: one that is not what the manifest writes
+    is ignored as a line whose CRC fails is (its effect is lost: at worst a unit runs again)."""
+    cfg, reference = merged
+    out = tmp_path / "reference"
+    append_to_journal(out, record)
+    for command in ("status", "verify"):
+        result = run_cli(command, out, check=False)
+        assert "Traceback" not in result.stderr, result.stderr
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+    assert "complete" in run_cli("status", out).stdout
+
+
+def test_a_valid_reset_record_in_a_finished_merges_journal_undoes_complete_and_the_rerun_repairs_it(
+        tmp_path, merged):
+    """"complete" means every unit recorded: status, verify and the rerun's fast path agree with
+    the records, not with a flag the journal has overridden."""
+    cfg, reference = merged
+    out = tmp_path / "reference"
+    names = list(json.loads((out / "dist-svc-manifest.json").read_text())["units"])[:3]
+    append_to_journal(out, {"reset": names})
+    total = units_done(out)[1]
+    status = run_cli("status", out).stdout
+    assert "complete" not in status and f"tensors {total - 3}/{total}" in status
+    assert any("not finished" in p for p in verify(out))
+    result = run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert "already complete" not in result.stdout
+    assert file_bytes(out) == reference and verify(out) == []
+    assert "complete" in run_cli("status", out).stdout and units_done(out)[0] == units_done(out)[1]
+
+
 @pytest.mark.parametrize("edit, needle", [
     (lambda m: m.pop("fingerprint"), "'fingerprint' is missing"),
     (lambda m: m.pop("units"), "'units' is missing"),
