@@ -256,9 +256,10 @@ class Worker:
             tensors = align(self.vocabulary, tensors, [s.checkpoint for s in unit.inputs])
         return tensors
 
-    def _merge(self, unit: Unit, block: Block, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _merge(self, unit: Unit, block: Block, tensors: list[torch.Tensor],
+               base: torch.Tensor | None = None) -> torch.Tensor:
         where = Where(unit.name, lambda: flat_indices(unit.shape, block, self.device), unit.base)
-        return self.method.merge(tensors, unit.call_params(self.method), where)
+        return self.method.merge(tensors, unit.call_params(self.method), where, base)
 
     def _output(self, unit: Unit, block: Block, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The merged block, uncalibrated, in the output dtype."""
@@ -280,7 +281,7 @@ class Worker:
         # In place: every read is a buffer of its own, and methods never change their inputs.
         taus = [exact[i] if i in exact else tensors[i] if base is None else tensors[i].sub_(base)
                 for i in unit.fine_tunes]
-        return base, self._merge(unit, block, taus), taus
+        return base, self._merge(unit, block, taus, base), taus
 
     def _finish(self, base: torch.Tensor | None, delta: torch.Tensor, unit: Unit) -> torch.Tensor:
         """base + delta in the wider of the two dtypes, rounded once to the output dtype; never

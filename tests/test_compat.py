@@ -804,6 +804,51 @@ def test_tokenizers_are_mergekits_and_match_the_rows(outputs, models):
     assert np.allclose(tokens[vocab["<|im_start|>"]].double().numpy(), chat_rows[128], atol=1e-6)
 
 
+# Every method on task vectors: each may be given a config whose only model is the base.
+ONLY_THE_BASE = {"task_arithmetic": "", "ties": "density: 0.5", "dare_linear": "density: 0.5",
+                 "dare_ties": "density: 0.5", "breadcrumbs": "density: 0.8, gamma: 0.1",
+                 "breadcrumbs_ties": "density: 0.8, gamma: 0.1", "della": "density: 0.5, epsilon: 0.1",
+                 "della_linear": "density: 0.5, epsilon: 0.1", "sce": "select_topk: 0.5"}
+
+
+def test_a_merge_whose_only_model_is_the_base_writes_the_base_as_mergekit_does(tmp_path):
+    """No task vector at all: mergekit's task-arithmetic family and SCE return the base (a
+    LoRA-slices config can reduce to this); dist-svc wrote a manifest and a .partial shard and
+    stopped with a traceback. The methods mergekit lacks (TSV, ISO-C, ISO-CTS, STAR) do the same."""
+    from dist_svc.methods import METHODS
+
+    base, _ = make_family(tmp_path / "family", k=1, arch=ARCH, dtype=torch.float32)
+    on_deltas = [m.name for m in METHODS.values() if m.operates_on == "deltas" and m.min_fine_tunes == 0]
+    assert set(ONLY_THE_BASE) <= set(on_deltas)
+    configs = {}
+    for method in on_deltas:
+        params = ONLY_THE_BASE.get(method, "")
+        configs[method] = tmp_path / f"{method}.yaml"
+        configs[method].write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+                                   f"    parameters: {{weight: 1.0}}\n"
+                                   + (f"parameters: {{{params}}}\n" if params else "") + "dtype: float32\n")
+    script = textwrap.dedent("""
+        import sys, yaml
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+        for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
+            config = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+            run_merge(config, out, MergeOptions(copy_tokenizer=False, quiet=True))
+    """)
+    args = [str(a) for m in ONLY_THE_BASE for a in (configs[m], tmp_path / f"mk-{m}")]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original = load_checkpoint(base)
+    for method in on_deltas:
+        merge(configs[method], tmp_path / f"ds-{method}", progress="off")
+        ours = load_output(tmp_path / f"ds-{method}")
+        assert ours.keys() == original.keys(), method
+        assert all(np.array_equal(ours[n].numpy(), original[n]) for n in ours), method
+        if method in ONLY_THE_BASE:
+            theirs = load_output(tmp_path / f"mk-{method}")
+            assert theirs.keys() == ours.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours), method
+
+
 def test_ties_on_bf16_checkpoints_differs_from_mergekit_only_at_ties(tmp_path):
     """bf16 task vectors hold many equal magnitudes. Where TIES's threshold falls among equal
     magnitudes, mergekit's choice depends on torch's sort; dist-svc keeps the lowest indices.

@@ -202,7 +202,7 @@ def _element_seconds(config: MergeConfig, plan: Plan, checkpoints, device: str) 
             taus = [t.sub_(base) if base is not None else t for i, t in enumerate(tensors) if i in unit.fine_tunes]
             where = Where(unit.name, lambda: torch.arange(elements, device=dev).view(shape), unit.base)
             merged = method.merge(taus if method.operates_on == "deltas" else tensors,
-                                  unit.call_params(method), where)
+                                  unit.call_params(method), where, base)
             out = (merged if base is None else base + merged).to(DTYPES[unit.out_dtype][0])
             checksum(tensor_bytes(out))
             return (time.perf_counter() - start) / elements * 4 / max(len(unit.inputs), 1)

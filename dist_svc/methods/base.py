@@ -140,7 +140,16 @@ class Method:
         assert g in GRANULARITIES, (self.name, g)
         return g
 
-    def merge(self, tensors: Sequence[torch.Tensor], params: Mapping[str, Any], where: Where) -> torch.Tensor:
+    def merge(self, tensors: Sequence[torch.Tensor], params: Mapping[str, Any], where: Where,
+              base: torch.Tensor | None = None) -> torch.Tensor:
+        """The method on one block. A method on deltas given no task vector at all (the base is
+        the tensor's only model: a config listing just the base, or slices that reduce to it)
+        merges to a zero delta, so the output is the base, as mergekit returns it; `base` (the
+        base's block) gives its shape. -0.0, not 0.0: x + -0.0 is x bit for bit, -0.0 too."""
+        if self.operates_on == "deltas" and not tensors:
+            if base is None:
+                raise ValueError(f"{self.name}: no task vector and no base")
+            return torch.full_like(base, -0.0)
         return self.fn(list(tensors), params, where)
 
 
