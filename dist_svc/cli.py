@@ -216,7 +216,8 @@ main.add_command(merge, name="mergekit-yaml")
 @main.command()
 @click.argument("out_dir")
 def status(out_dir: str) -> None:
-    """Show how far the merge in OUT_DIR has come (tensors and bytes done of total).
+    """Show how far the merge in OUT_DIR has come (tensors and bytes done of total). Exits 1 if
+    its last run failed (the error is shown).
 
     \b
     Example:
@@ -229,13 +230,19 @@ def status(out_dir: str) -> None:
     hint = {"complete": "", "running": "  (a run is in progress)",
             "stopped": "  (rerun the same `dist-svc merge` command to resume)",
             "damaged": "  (files of the finished output are missing: rerun the same `dist-svc merge` "
-                       "command to restore them)"}[info["state"]]
+                       "command to restore them)",
+            "failed": f"  (its last run stopped with an error after {info['units_done']} of {info['units_total']} "
+                      f"tensors; see below. Fix its cause, then rerun the same `dist-svc merge` command: it "
+                      f"resumes, keeping every tensor finished)"}[info["state"]]
     click.echo(f"{out_dir}: {info['state']}{hint}")
     click.echo(f"  tensors {info['units_done']}/{info['units_total']}")
     click.echo(f"  bytes   {info['bytes_done']}/{info['bytes_total']} "
                f"({human_bytes(info['bytes_done'])} of {human_bytes(info['bytes_total'])}, {pct:.1f}%)")
     for line in info["details"]:
         click.echo(f"  {line}")
+    if info["state"] == "failed":
+        click.echo(f"  error: {info['error']}")
+        sys.exit(1)  # not finished, and a rerun alone may fail the same way
 
 
 @main.command()

@@ -13,7 +13,7 @@ import errno
 import fcntl
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -89,22 +89,37 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(manifest, layout, 0, True, start)
             manifest.set_complete(False)  # something of it is missing: repaired below
-            # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
-            manifest.reset(layout.prepare(manifest.recorded))
-            # 3. Run the pending units.
-            p = manifest.progress()
-            bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-            recorder = _Recorder(manifest, layout, executor, bar, held)
+            manifest.set_failed(None)  # an earlier run's error is history once this one runs
             try:
-                _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
-            finally:
-                bar.close()
-            # 4. Finish: index and side files, then the manifest says so.
-            layout.finish(manifest.recorded, plan.side_files)
-            manifest.set_complete(True)
-            return _report(manifest, layout, recorder.count, False, start, recorder.stages)
+                # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
+                manifest.reset(layout.prepare(manifest.recorded))
+                # 3. Run the pending units.
+                p = manifest.progress()
+                bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
+                recorder = _Recorder(manifest, layout, executor, bar, held)
+                try:
+                    _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
+                finally:
+                    bar.close()
+                # 4. Finish: index and side files, then the manifest says so.
+                layout.finish(manifest.recorded, plan.side_files)
+                manifest.set_complete(True)
+                return _report(manifest, layout, recorder.count, False, start, recorder.stages)
+            except Exception as e:  # not an interruption (Ctrl-C, SIGTERM): the merge failed, `status` says so
+                with suppress(Exception):  # the storage that failed may refuse this too
+                    manifest.set_failed(_failure(e, out_dir))
+                raise
     except OSError as e:
         raise DistSvcError(_storage_problem(e, out_dir)) from None
+
+
+def _failure(e: Exception, out_dir: Path) -> str:
+    """What stopped a run, as the user was told it."""
+    if isinstance(e, DistSvcError):
+        return str(e)
+    if isinstance(e, OSError):
+        return _storage_problem(e, out_dir)
+    return f"{type(e).__name__}: {e}"
 
 
 def _storage_problem(e: OSError, out_dir: Path) -> str:
@@ -319,7 +334,9 @@ def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
 
 
 def status(out_dir: str | Path) -> dict:
-    """Progress of the merge in `out_dir`, from its manifest, and whether a run holds it now."""
+    """Progress of the merge in `out_dir`, from its manifest, and its state: "running" (a run
+    holds it now), "complete", "damaged" (complete, but files are missing), "failed" (its last
+    run stopped with an error: "error" holds it) or "stopped" (interrupted or killed)."""
     manifest, layout = open_output(out_dir)
     info = manifest.progress()
     info["format"] = layout.format
@@ -329,6 +346,9 @@ def status(out_dir: str | Path) -> dict:
         info["state"] = "running"
     elif manifest.complete:
         info["state"] = "complete" if _finished(manifest, layout) else "damaged"
+    elif manifest.failed:
+        info["state"] = "failed"
+        info["error"] = manifest.failed
     else:
         info["state"] = "stopped"
     return info
@@ -345,8 +365,9 @@ def verify(out_dir: str | Path) -> list[str]:
                            f"command to repair it")
     if not manifest.complete:
         p = manifest.progress()
+        failed = f"; its last run failed: {manifest.failed}" if manifest.failed else ""
         problems.insert(0, f"{layout.out_dir}: the merge is not finished ({p['units_done']}/{p['units_total']} "
-                           f"tensors); rerun the same `dist-svc merge` command to finish it")
+                           f"tensors); rerun the same `dist-svc merge` command to finish it{failed}")
     return problems
 
 

@@ -147,6 +147,11 @@ class Manifest:
         return self.data["complete"] and len(self.recorded) == len(self.units)
 
     @property
+    def failed(self) -> str | None:
+        """Why the last run stopped with an error (its message), None if it did not."""
+        return self.data.get("failed")
+
+    @property
     def output(self) -> tuple[str, dict]:
         """The output's format and layout options, as the plan chose them."""
         spec = dict(self.data["settings"]["config"]["output"])
@@ -200,6 +205,13 @@ class Manifest:
             else:
                 self._append({"complete": False})
                 self.save()
+
+    def set_failed(self, message: str | None) -> None:
+        """A run stopped with this error (None: a run is under way again); on disk at once."""
+        if self.failed != message:
+            self.data["failed"] = message
+            self._append({"failed": message})
+            self.save()
 
     def flush(self) -> None:
         if self._pending:
@@ -284,6 +296,8 @@ class Manifest:
                 self.units[name].update(done=False, checksum=None)
         elif keys == {"complete"} and isinstance(record["complete"], bool):
             self.data["complete"] = record["complete"]
+        elif keys == {"failed"} and (record["failed"] is None or isinstance(record["failed"], str)):
+            self.data["failed"] = record["failed"]
         else:
             raise ValueError("not a record")
 
@@ -343,6 +357,8 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
                       ("complete", bool), ("units", dict), ("generation", int), ("merged_with", list)):
         if not _is(data.get(key), kind):
             raise damaged(f"'{key}' is missing or not a {kind.__name__}")
+    if not (data.get("failed") is None or isinstance(data["failed"], str)):
+        raise damaged("'failed' is not a message")
     output = data["settings"].get("config", {}).get("output") if isinstance(data["settings"].get("config"), dict) else None
     if not isinstance(output, dict) or not isinstance(output.get("format"), str):
         raise damaged("'settings.config.output' is missing")

@@ -144,8 +144,16 @@ class Worker:
                 stats = self._calibrated(unit, writer)
             else:
                 stats = self._plain(unit, writer)
-        except BaseException:
+        except BaseException as e:
             writer.abort()
+            if isinstance(e, Exception) and not isinstance(e, (DistSvcError, OSError)):
+                # A bug (of a method, or of dist-svc with an input it does not expect): one
+                # paragraph naming the tensor, not a traceback; storage errors keep their own words.
+                raise DistSvcError(
+                    f"tensor '{unit.name}': merging it with {self.job.config.merge_method} failed "
+                    f"({type(e).__name__}: {str(e)[:300]}). Nothing of it was recorded; the tensors finished "
+                    f"so far are kept. This is a bug: please report it with this message (`dist-svc status` "
+                    f"shows how far the merge came).") from e
             raise
         digest = writer.close()
         seconds = time.perf_counter() - start

@@ -87,6 +87,21 @@ if _spec:
             return _fdatasync(fd)
 
         os.fdatasync = fdatasync
+    elif _what == "method":  # method:NAME:N -- the Nth call of merge method NAME raises (a bug in it)
+        import dataclasses
+
+        from dist_svc.methods import METHODS
+
+        _name, _nth = _rest.rsplit(":", 1)
+        _method = METHODS[_name]
+
+        def _buggy(tensors, p, where, _inner=_method.fn):
+            _count[0] += 1
+            if _count[0] == int(_nth):
+                raise RuntimeError("an injected bug")
+            return _inner(tensors, p, where)
+
+        METHODS[_name] = dataclasses.replace(_method, fn=_buggy)
 '''
 
 
@@ -97,14 +112,18 @@ def hook_dir(tmp_path_factory) -> Path:
     return d
 
 
-def killed_merge(hook_dir: Path, cfg: Path, out: Path, kill_at: str, *args) -> int:
-    """Run `dist-svc merge` with a kill at `kill_at`; returns its exit status (-9 if killed)."""
+def hooked_merge(hook_dir: Path, cfg: Path, out: Path, kill_at: str, *args) -> subprocess.CompletedProcess:
+    """Run `dist-svc merge` with the hook's fault at `kill_at`."""
     env = dict(os.environ, DIST_SVC_TEST_KILL_AT=kill_at,
                PYTHONPATH=os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", ""),
                                            str(Path(__file__).resolve().parent.parent)]))
-    proc = subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off",
+    return subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--progress", "off",
                            *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
-    return proc.returncode
+
+
+def killed_merge(hook_dir: Path, cfg: Path, out: Path, kill_at: str, *args) -> int:
+    """Run `dist-svc merge` with a kill at `kill_at`; returns its exit status (-9 if killed)."""
+    return hooked_merge(hook_dir, cfg, out, kill_at, *args).returncode
 
 
 def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -164,6 +183,28 @@ def test_a_kill_at_any_named_point_then_a_rerun_gives_the_uninterrupted_bytes(tm
     assert file_bytes(out) == reference
     assert verify(out) == []
     assert "complete" in run_cli("status", out).stdout
+
+
+def test_a_method_that_raises_stops_the_merge_in_one_paragraph_and_status_says_it_failed(tmp_path, merged, hook_dir):
+    """Any exception in a worker (here a method's, the 4th tensor) ends the run with one paragraph
+    naming the tensor and the method; `status` does not call the output fine: "failed", N of M,
+    the error and what to do, exit 1 (a stopped merge still exits 0); the rerun finishes it."""
+    cfg, reference = merged
+    out = tmp_path / "out"
+    result = hooked_merge(hook_dir, cfg, out, "method:task_arithmetic:4", "--shard-size", "40KB", "--threads", "1")
+    stderr = refused(result, "tensor '", "with task_arithmetic failed", "RuntimeError: an injected bug")
+    assert "Traceback" not in stderr
+    done, total = units_done(out)
+    assert 0 < done < total
+    status = run_cli("status", out, check=False)
+    assert status.returncode == 1, status.stdout
+    assert f"{out}: failed" in status.stdout and f"tensors {done}/{total}" in status.stdout
+    assert "rerun the same `dist-svc merge` command" in status.stdout and "an injected bug" in status.stdout
+    check = run_cli("verify", out, check=False)
+    assert check.returncode == 1 and "its last run failed" in check.stderr
+    run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert file_bytes(out) == reference and verify(out) == []
+    assert run_cli("status", out).stdout.startswith(f"{out}: complete")
 
 
 def test_a_randomised_kill_and_rerun_loop_ends_byte_identical(tmp_path, merged, hook_dir):
