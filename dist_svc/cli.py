@@ -229,8 +229,8 @@ def status(out_dir: str) -> None:
     pct = 100.0 * info["bytes_done"] / info["bytes_total"] if info["bytes_total"] else 100.0
     hint = {"complete": "", "running": "  (a run is in progress)",
             "stopped": "  (rerun the same `dist-svc merge` command to resume)",
-            "damaged": "  (files of the finished output are missing: rerun the same `dist-svc merge` "
-                       "command to restore them)",
+            "damaged": "  (files of the finished output are missing or changed since: rerun the same "
+                       "`dist-svc merge` command to restore them)",
             "failed": f"  (its last run stopped with an error after {info['units_done']} of {info['units_total']} "
                       f"tensors; see below. Fix its cause, then rerun the same `dist-svc merge` command: it "
                       f"resumes, keeping every tensor finished)"}[info["state"]]

@@ -88,10 +88,13 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                 as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(manifest, layout, 0, True, start)
+            # Files of a finished merge that changed since: their tensors are checked again.
+            changed = _changed(manifest, layout) if manifest.complete else []
             manifest.set_complete(False)  # something of it is missing: repaired below
             manifest.set_failed(None)  # an earlier run's error is history once this one runs
             try:
                 # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
+                manifest.reset(layout.damaged(manifest.recorded, changed))
                 manifest.reset(layout.prepare(manifest.recorded))
                 # 3. Run the pending units.
                 p = manifest.progress()
@@ -103,7 +106,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                     bar.close()
                 # 4. Finish: index and side files, then the manifest says so.
                 layout.finish(manifest.recorded, plan.side_files)
-                manifest.set_complete(True)
+                manifest.set_complete(True, layout.stamps(manifest.side_files))
                 return _report(manifest, layout, recorder.count, False, start, recorder.stages)
             except Exception as e:  # not an interruption (Ctrl-C, SIGTERM): the merge failed, `status` says so
                 with suppress(Exception):  # the storage that failed may refuse this too
@@ -258,9 +261,16 @@ def _already_complete(config: MergeConfig, out_dir: Path, start: float) -> Merge
 
 
 def _finished(manifest: Manifest, layout: OutputLayout) -> bool:
-    """Complete, and nothing of it missing (a damaged manifest is repaired by a run)."""
-    return (manifest.complete and manifest.damage is None
+    """Complete, nothing of it missing (a damaged manifest is repaired by a run), and no file of
+    it changed since it was completed (sizes and mtimes, or ETags: no byte is read)."""
+    return (manifest.complete and manifest.damage is None and not _changed(manifest, layout)
             and not layout.problems(manifest.recorded, manifest.side_files, deep=False))
+
+
+def _changed(manifest: Manifest, layout: OutputLayout) -> list[str]:
+    """The stamps (OutputLayout.stamps) that differ from those recorded at completion."""
+    now, then = layout.stamps(manifest.side_files), manifest.stamps
+    return sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
 
 
 def plan_merge(config: MergeConfig) -> Plan:

@@ -196,11 +196,18 @@ class Manifest:
             self._append({"reset": names})
             self.save()
 
-    def set_complete(self, complete: bool) -> None:
-        """Complete is written into a fresh snapshot: a finished merge is one file again."""
+    @property
+    def stamps(self) -> dict[str, str]:
+        """The output's files as they were when the merge completed (OutputLayout.stamps)."""
+        return self.data.get("stamps") or {}
+
+    def set_complete(self, complete: bool, stamps: dict[str, str] | None = None) -> None:
+        """Complete is written into a fresh snapshot, with the output's `stamps` as it is then:
+        a finished merge is one file again."""
         if self.data["complete"] != complete:
             self.data["complete"] = complete
             if complete:
+                self.data["stamps"] = stamps or {}
                 self.compact()
             else:
                 self._append({"complete": False})
@@ -359,6 +366,9 @@ def _read(raw: bytes | None, path: str) -> dict[str, Any]:
             raise damaged(f"'{key}' is missing or not a {kind.__name__}")
     if not (data.get("failed") is None or isinstance(data["failed"], str)):
         raise damaged("'failed' is not a message")
+    stamps = data.get("stamps", {})
+    if not isinstance(stamps, dict) or not all(isinstance(v, str) for v in stamps.values()):
+        raise damaged("'stamps' is not a mapping of file to stamp")
     output = data["settings"].get("config", {}).get("output") if isinstance(data["settings"].get("config"), dict) else None
     if not isinstance(output, dict) or not isinstance(output.get("format"), str):
         raise damaged("'settings.config.output' is missing")

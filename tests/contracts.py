@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -180,10 +181,16 @@ class OutputLayoutContract:
         layout.finish(recorded, self.SIDE)
         side = {n: hashlib.sha256(d).hexdigest() for n, d in self.SIDE.items()}
         name = "model.layers.0.mlp.up_proj.weight"
+        stamps = layout.stamps(side)
+        time.sleep(0.05)  # past the filesystem's timestamp granularity (a few ms)
         self.flip_a_byte(tmp_path, layout, name)
         assert layout.stored_checksum(name) != recorded[name]
         assert layout.problems(recorded, side, deep=False) == []
         assert any(name in p for p in layout.problems(recorded, side, deep=True))
+        # The stamps (what the no-op rerun compares, no byte read) see it; damaged() or prepare() finds the tensor.
+        now = layout.stamps(side)
+        changed = [key for key in stamps if now.get(key) != stamps[key]]
+        assert changed and name in layout.damaged(recorded, changed) + layout.prepare(recorded)
         (tmp_path / "config.json").unlink()
         assert any("config.json" in p for p in layout.problems(recorded, side, deep=False))
 

@@ -364,6 +364,47 @@ def test_a_finished_merge_that_lost_a_file_is_restored_by_a_rerun(tmp_path, merg
     assert file_bytes(out) == reference and verify(out) == []
 
 
+def flip_bytes_keeping_the_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data) - 48):  # in the last tensor's bytes
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_finished_shard_whose_bytes_changed_is_not_complete_and_the_rerun_repairs_it(tmp_path, merged):
+    """The no-op rerun's fast path does not trust what `verify` refuses: it compares each file's
+    size and mtime with those recorded when the merge completed, and a changed shard's tensors
+    are checked against their checksums and merged again."""
+    cfg, reference = merged
+    out = tmp_path / "reference"
+    shard = sorted(n for n in reference if n.startswith("model-"))[1]
+    flip_bytes_keeping_the_size(out / shard)
+    assert any("does not match its checksum" in p for p in verify(out))
+    assert "damaged" in run_cli("status", out).stdout
+    result = run_cli("merge", cfg, out, "--shard-size", "40KB", "--progress", "log")
+    assert "already complete" not in result.stdout and "merged 1 tensors" in result.stdout
+    assert file_bytes(out) == reference and verify(out) == []
+    assert "already complete" in run_cli("merge", cfg, out, "--shard-size", "40KB").stdout
+    os.utime(out / shard)  # touched, bytes unchanged: checked once more, nothing merged again
+    result = run_cli("merge", cfg, out, "--shard-size", "40KB")
+    assert "merged 0 tensors" in result.stdout and file_bytes(out) == reference
+    assert "already complete" in run_cli("merge", cfg, out, "--shard-size", "40KB").stdout
+
+
+def test_a_finished_zarr_store_whose_chunk_changed_is_repaired_by_the_rerun(tmp_path, family):
+    base, fts = family(2)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, calibrate=False)
+    out = tmp_path / "out.zarr"
+    merge(cfg, out, progress="off")
+    reference = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "dist-svc" not in p.name}
+    chunk = next(p for p in sorted((out / "lm_head.weight" / "c").rglob("*")) if p.is_file())
+    flip_bytes_keeping_the_size(chunk)
+    assert verify(out)
+    assert not merge(cfg, out, progress="off").already_complete
+    assert {p: p.read_bytes() for p in reference} == reference and verify(out) == []
+    assert merge(cfg, out, progress="off").already_complete
+
+
 def test_a_changed_base_config_json_is_a_changed_input(tmp_path, family):
     base, fts = family(2)
     cfg = write_config(tmp_path / "m.yaml", base, fts)

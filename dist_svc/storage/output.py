@@ -88,6 +88,16 @@ class OutputLayout(Protocol):
         every tensor and side file against its checksum (verify); otherwise sizes and presence
         only (what a rerun checks before it says "already complete")."""
 
+    def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
+        """What identifies the output's files as they are now, without reading their bytes
+        (locally each file's size and mtime_ns, on object storage its size and ETag), keyed by
+        file or group of files. Recorded when the merge completes; a rerun that finds a stamp
+        changed does not believe "complete" (see `damaged`)."""
+
+    def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
+        """Recorded tensors stored in the files of the `changed` stamps whose bytes no longer
+        match their checksums (re-read): they must be run again."""
+
     def state(self) -> list[str]:
         """Layout-specific progress lines for `status` (e.g. shards sealed)."""
 
@@ -124,6 +134,23 @@ def _with_dtype(config_bytes: bytes, dtype: str) -> bytes:
         if key in config:
             config[key] = dtype
     return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def stat_stamp(path) -> str | None:
+    """A local file's size and modification time in ns (None: missing): a rewrite in place that
+    keeps the size still changes the time."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def object_stamp(info: dict | None) -> str | None:
+    """An object's size and ETag (None: missing): every PUT of new bytes gives a new ETag."""
+    return None if info is None else f"{info['size']}:{info.get('ETag') or info.get('etag')}"
 
 
 def side_file_problems(out_dir, side_files: Mapping[str, str], deep: bool) -> list[str]:

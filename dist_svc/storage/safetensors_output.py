@@ -29,7 +29,7 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 from dist_svc.storage.checksum import Hasher, range_checksum
 from dist_svc.storage.durable import atomic_write, fsync_dir, sync_file
-from dist_svc.storage.output import Entry, side_file_problems
+from dist_svc.storage.output import Entry, object_stamp, side_file_problems, stat_stamp
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
 
@@ -356,6 +356,20 @@ class SafetensorsLayout:
                 out.append(f"{index}: does not map every tensor to its shard as planned")
         return out + side_file_problems(self.out_dir, side_files, deep)
 
+    def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
+        names = [*(shard.file for shard in self.shards), INDEX_NAME, *side_files]
+        return {name: stamp for name in names if (stamp := self._stamp(name)) is not None}
+
+    def _stamp(self, name: str) -> str | None:
+        return stat_stamp(self.out_dir / name)
+
+    def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
+        """The recorded tensors of each changed shard whose bytes fail their checksums (the index
+        and side files are rewritten by every run's `finish`)."""
+        changed = set(changed)
+        return [name for k, shard in enumerate(self.shards) if shard.file in changed and self._is_sealed(k)
+                for name in shard.tensors if name in recorded and self.stored_checksum(name) != recorded[name]]
+
     def state(self) -> list[str]:
         sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
         return [f"shards  {sealed}/{len(self.shards)} written"]
@@ -379,6 +393,9 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
     def staged(self, name: str) -> str:
         place = self.placements[name]
         return f"{STAGING}/{self.shards[place.shard].file}/{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+
+    def _stamp(self, name: str) -> str | None:
+        return object_stamp(self.out.info(name))
 
     def _is_sealed(self, k: int) -> bool:
         shard = self.shards[k]

@@ -12,6 +12,7 @@ dist_svc.storage.zarr_format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -22,7 +23,7 @@ import numpy as np
 
 from dist_svc.storage.checksum import Hasher
 from dist_svc.storage.outdir import output_dir
-from dist_svc.storage.output import Entry, side_file_problems
+from dist_svc.storage.output import Entry, object_stamp, side_file_problems, stat_stamp
 from dist_svc.storage.zarr_format import (
     CHECKSUM_ATTR, DTYPE_ATTR, ORDER_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
 )
@@ -218,6 +219,29 @@ class ZarrLayout:
             elif deep and (name not in recorded or self.stored_checksum(name) != recorded[name]):
                 out.append(f"{where}: tensor '{name}' does not match its checksum (corrupted or not merged)")
         return out + side_file_problems(self.out, side_files, deep)
+
+    def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
+        """One stamp for the whole store: a digest of every array's chunk files (count, bytes,
+        newest mtime_ns; on object storage each chunk's size and ETag), its metadata and the
+        side files."""
+        digest = hashlib.sha256()
+        names = ["zarr.json", *side_files, *(f"{array}/zarr.json" for array, _, _ in self.entries.values())]
+        if self.out.is_local:
+            for name in names:
+                digest.update(f"{name}={stat_stamp(self.out.path / name)}\n".encode())
+            for array, _, _ in self.entries.values():
+                digest.update(f"{array}={chunk_files(self.out.path / array)}\n".encode())
+        else:
+            listed = self.out.list("")
+            wanted = set(names)
+            for key in sorted(listed):
+                array, sep, rest = key.partition("/")
+                if key in wanted or (sep and (rest == "c" or rest.startswith("c/"))):
+                    digest.update(f"{key}={object_stamp(listed[key])}\n".encode())
+        return {"store": digest.hexdigest()}
+
+    def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
+        return []  # `prepare` re-hashes every recorded tensor anyway
 
     def _chunk_counts(self):
         """array -> its chunk files (one listing of the whole store on object storage)."""
