@@ -345,8 +345,9 @@ def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:
 
 def status(out_dir: str | Path) -> dict:
     """Progress of the merge in `out_dir`, from its manifest, and its state: "running" (a run
-    holds it now), "complete", "damaged" (complete, but files are missing), "failed" (its last
-    run stopped with an error: "error" holds it) or "stopped" (interrupted or killed)."""
+    holds it now), "complete", "damaged" (complete, but files are missing or changed since),
+    "failed" (its last run stopped with an error: "error" holds it) or "stopped" (interrupted
+    or killed)."""
     manifest, layout = open_output(out_dir)
     info = manifest.progress()
     info["format"] = layout.format

@@ -15,9 +15,10 @@ only after the unit's bytes are durable (`before_save` makes them so first). Rec
 appended in batches, at most every `SAVE_EVERY` seconds, before any shard is sealed, when units
 are reset and at the end: a crash loses at most the last few seconds of records, whose units
 are simply run again, with the same bytes. A torn last line (a crash mid-append), a line
-whose checksum fails and one that is not a record this module writes are ignored. When the journal holds as many records as there are units,
-the state is written into a new snapshot (temp + fsync + rename, keeping the replaced one as
-`.dist-svc-manifest.json.prev`) with a new, empty journal: O(1) amortised per unit.
+whose checksum fails and one that is not a record this module writes are ignored. When the
+journal holds as many records as there are units, the state is written into a new snapshot
+(temp + fsync + rename, keeping the replaced one as `.dist-svc-manifest.json.prev`) with a new,
+empty journal: O(1) amortised per unit.
 """
 
 from __future__ import annotations
