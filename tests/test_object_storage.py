@@ -305,3 +305,58 @@ def test_an_abandoned_upload_never_becomes_an_object(bucket):
     writer = layout.writer("w", sync=False)
     writer.write(bytes(64 * 64 * 4))
     assert writer.close() == layout.stored_checksum("w")
+
+
+def _start_upload(url: str, data: bytes) -> dict:
+    """Another client's multipart upload of `url`, one part sent, not completed."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    etag = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=data)["ETag"]
+    return {"fs": fs, "Bucket": bucket, "Key": key, "UploadId": upload, "parts": [{"PartNumber": 1, "ETag": etag}]}
+
+
+def _unfinished(bucket: str) -> set[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    return {u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://"))
+            .get("Uploads") or []}
+
+
+@pytest.mark.parametrize("prefix", ["", "/out"])
+def test_a_merge_to_s3_aborts_only_its_own_unfinished_uploads(tmp_path, bucket, family, prefix):
+    """A merge aborts the unfinished uploads a killed run of it left (its shards', its staged
+    tensors'), and no one else's: another client's uploads in the same bucket, under a sibling
+    prefix (`out2` beside `out`) and even under the output's own prefix survive the merge, and
+    that client completes them afterwards. Also at the bucket's root, where the output's prefix
+    is empty."""
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "40KB")
+    import hashlib
+
+    from safetensors import safe_open
+
+    from dist_svc.storage.safetensors_output import STAGING
+
+    shard = sorted(p.name for p in (tmp_path / "local").glob("model-*.safetensors"))[0]
+    with safe_open(tmp_path / "local" / shard, "pt") as f:
+        tensor = next(iter(f.keys()))
+    out = f"{bucket}{prefix}"
+    staged = f"{STAGING}/{shard}/{hashlib.sha256(tensor.encode()).hexdigest()[:40]}"  # as the layout names it
+    for name in (shard, staged):  # what a run killed while uploading leaves
+        _start_upload(f"{out}/{name}", b"a killed run's part")
+    others = [_start_upload(f"{bucket}/{where}", f"another client's {where}".encode())
+              for where in ("data/weights.bin", f"out2/{shard}", "out2.bin", f"out/notes/{shard}",
+                            "out/notes.bin")]
+    run_cli("merge", cfg, out, "--shard-size", "40KB", "--progress", "off")
+    assert _unfinished(bucket) == {u["Key"] for u in others}  # its own aborted, no one else's
+    for u in others:
+        fs = u["fs"]
+        fs.call_s3("complete_multipart_upload", Bucket=u["Bucket"], Key=u["Key"], UploadId=u["UploadId"],
+                   MultipartUpload={"Parts": u["parts"]})
+        assert fs.cat_file(f"{u['Bucket']}/{u['Key']}") == f"another client's {u['Key']}".encode()
+    assert "verified" in run_cli("verify", out).stdout

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import READ_PIECE, Hasher, range_checksum
@@ -166,6 +167,10 @@ class ObjectDir:
     def key(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    def object_key(self, name: str) -> str:
+        """`name`'s key in the bucket."""
+        return self.key(name).partition("/")[2]
+
     def where(self, name: str = "") -> str:
         return f"{self.url}/{name}" if name else self.url
 
@@ -173,7 +178,7 @@ class ObjectDir:
         return self.loc.call(fn, *args, what=what or self.url, **kwargs)
 
     def _s3(self, op: str, name: str, **kwargs):
-        return self.call(self.fs.call_s3, op, Bucket=self.bucket, Key=self.key(name).partition("/")[2],
+        return self.call(self.fs.call_s3, op, Bucket=self.bucket, Key=self.object_key(name),
                          what=self.where(name), **kwargs)
 
     def exists(self) -> bool:
@@ -223,7 +228,7 @@ class ObjectDir:
         """Write `name` only if no object has that name (If-None-Match: *): its ETag, or None if
         one has."""
         try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.object_key(name), Body=data,
                                    IfNoneMatch="*")["ETag"]
         except FileExistsError:
             return None
@@ -236,7 +241,7 @@ class ObjectDir:
         """Write `name` only if it is still the object with `etag` (If-Match): the new ETag, or
         None if it is not."""
         try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.object_key(name), Body=data,
                                    IfMatch=etag)["ETag"]
         except FileNotFoundError:
             return None
@@ -266,6 +271,25 @@ class ObjectDir:
         except Exception as e:
             raise self.loc.problem(e, self.where(prefix)) from None
         return {k[len(self.root) + 1:]: v for k, v in found.items() if k.startswith(self.root + "/")}
+
+    def abort_uploads(self, names: Iterable[str]) -> None:
+        """Abort the unfinished multipart uploads of these objects (a run killed while uploading
+        them) and of no others: uploads are listed under the names' common prefix, and only those
+        whose key is one of the names are aborted. Another client's upload in the same bucket,
+        under this prefix too, is its own."""
+        keys = {self.object_key(n) for n in names}
+        if not keys:
+            return
+        listing = {"Bucket": self.bucket, "Prefix": os.path.commonprefix(sorted(keys))}
+        while True:
+            page = self.call(self.fs.call_s3, "list_multipart_uploads", **listing, what=self.url)
+            for upload in page.get("Uploads") or []:
+                if upload["Key"] in keys:
+                    self.call(self.fs.call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"],
+                              UploadId=upload["UploadId"], what=f"{self.protocol}://{self.bucket}/{upload['Key']}")
+            if not page.get("IsTruncated"):
+                return
+            listing.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
     def size(self, name: str) -> int | None:
         info = self.info(name)
@@ -306,7 +330,7 @@ class ObjectDir:
         else:
             if keep:
                 self._s3("copy_object", keep, CopySource={"Bucket": self.bucket,
-                                                          "Key": self.key(name).partition("/")[2]})
+                                                          "Key": self.object_key(name)})
             etag = self.replace_if(name, data, seen)
         if etag is None:
             raise _second_writer(self.where(name))
