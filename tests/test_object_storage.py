@@ -19,6 +19,7 @@ from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint
 from tests.conftest import S3_ENV, file_bytes, free_port, run_cli, upload, write_config
 from tests.contracts import CheckpointContract
+from tests.test_hostile import hook_dir, killed_merge  # noqa: F401 (a fixture; kills at named points)
 
 
 class TestS3Safetensors(CheckpointContract):
@@ -360,3 +361,67 @@ def test_a_merge_to_s3_aborts_only_its_own_unfinished_uploads(tmp_path, bucket, 
                    MultipartUpload={"Parts": u["parts"]})
         assert fs.cat_file(f"{u['Bucket']}/{u['Key']}") == f"another client's {u['Key']}".encode()
     assert "verified" in run_cli("verify", out).stdout
+
+
+def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_rerun_resumes(tmp_path, bucket,
+                                                                                            slow_family):
+    """A lock object left by a killed run is not a running merge: `status` says "running" while
+    the run renews its lease, and "stopped" (with how long ago the lease was last renewed) once it
+    has gone a lease without renewal. The lease period is the one the run declared in its lock
+    (4 s here), whatever this process's DIST_SVC_LOCK_LEASE. The rerun resumes to the local
+    merge's bytes."""
+    import signal
+    import time
+
+    from dist_svc.driver import status
+
+    lease = 4.0
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    out = f"{bucket}/merged"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "1MB",
+                             "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, DIST_SVC_LOCK_LEASE=str(lease)))
+    deadline = time.monotonic() + 120
+    while _recorded_on_s3(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    assert status(out)["state"] == "running"  # alive, renewing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    states = []
+    while time.monotonic() < killed + lease + 20:
+        states.append((status(out)["state"], time.monotonic() - killed))
+        if states[-1][0] == "stopped":
+            break
+        time.sleep(0.2)
+    assert states[-1][0] == "stopped", states  # not "running" forever
+    assert {s for s, _ in states[:-1]} <= {"running"}, states
+    # the lease was last renewed at most lease / 4 before the kill; the storage's clock counts whole seconds
+    assert lease - lease / 4 - 1 <= states[-1][1] <= lease + 1 + 3, states
+    shown = run_cli("status", out).stdout
+    assert f"{out}: stopped" in shown and "rerun" in shown and "lease" in shown, shown
+    assert status(out)["state"] == "stopped"  # and stays so
+    result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
+    assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
+    local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir())
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+    assert status(out)["state"] == "complete"
+
+
+def test_status_of_a_killed_local_merge_says_stopped_at_once(tmp_path, family, hook_dir):
+    """Locally the lock is a `flock`, released by the kernel when its process dies: the lock file a
+    kill -9 leaves behind is not a running merge."""
+    from dist_svc.driver import status
+    from dist_svc.manifest import LOCK_NAME
+
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = tmp_path / "out"
+    assert killed_merge(hook_dir, cfg, out, "pwrite:10", "--shard-size", "40KB") == -9
+    assert (out / LOCK_NAME).exists()  # left by the killed run
+    assert status(out)["state"] == "stopped"
+    assert f"{out}: stopped" in run_cli("status", out).stdout
