@@ -368,14 +368,14 @@ def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_
     """A lock object left by a killed run is not a running merge: `status` says "running" while
     the run renews its lease, and "stopped" (with how long ago the lease was last renewed) once it
     has gone a lease without renewal. The lease period is the one the run declared in its lock
-    (4 s here), whatever this process's DIST_SVC_LOCK_LEASE. The rerun resumes to the local
+    (6 s here), whatever this process's DIST_SVC_LOCK_LEASE. The rerun resumes to the local
     merge's bytes."""
     import signal
     import time
 
     from dist_svc.driver import status
 
-    lease = 4.0
+    lease = 6.0
     base, fts = slow_family
     cfg = write_config(tmp_path / "m.yaml", base, fts)
     run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
@@ -399,8 +399,9 @@ def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_
         time.sleep(0.2)
     assert states[-1][0] == "stopped", states  # not "running" forever
     assert {s for s, _ in states[:-1]} <= {"running"}, states
-    # the lease was last renewed at most lease / 4 before the kill; the storage's clock counts whole seconds
-    assert lease - lease / 4 - 1 <= states[-1][1] <= lease + 1 + 3, states
+    # renewed every lease / 4 until the kill, "stopped" once a whole lease has passed (the storage's
+    # clock counts whole seconds; slack for renewals and requests slowed by a busy machine)
+    assert lease / 2 <= states[-1][1] <= lease + 5, states
     shown = run_cli("status", out).stdout
     assert f"{out}: stopped" in shown and "rerun" in shown and "lease" in shown, shown
     assert status(out)["state"] == "stopped"  # and stays so
