@@ -15,6 +15,7 @@ Only local paths are `Path`s; an object-storage output is named by its URL throu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -506,11 +507,13 @@ class RemoteLock:
 
 
 def _declared(body: bytes | None) -> float | None:
-    """The lease a lock object declares (`TOKEN BEAT LEASE`; None for a lock without one)."""
+    """The lease a lock object declares (`TOKEN BEAT LEASE`; None for a lock without one, or with
+    no finite positive lease)."""
     try:
-        return float(body.split()[2])
+        lease = float(body.split()[2])
     except (AttributeError, IndexError, ValueError):
         return None
+    return lease if math.isfinite(lease) and lease > 0 else None
 
 
 def _renewed(out: ObjectDir, name: str, etag: str, period: float) -> bool | None:
