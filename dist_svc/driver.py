@@ -353,7 +353,9 @@ def status(out_dir: str | Path) -> dict:
     info["format"] = layout.format
     info["details"] = layout.state() + ([f"warning: {manifest.damage} (its previous copy was read)"]
                                         if manifest.damage else [])
-    if _is_locked(output_dir(layout.out_dir)):
+    running, lock = _held(output_dir(layout.out_dir))
+    info["details"] += lock
+    if running:
         info["state"] = "running"
     elif manifest.complete:
         info["state"] = "complete" if _finished(manifest, layout) else "damaged"
@@ -431,18 +433,28 @@ def _exclusive(out, log: Callable[[str], None] = lambda line: None) -> Iterator[
         os.close(fd)
 
 
-def _is_locked(out) -> bool:
+def _held(out) -> tuple[bool, list[str]]:
+    """Whether a live run holds the output's lock now, and what status says of the lock. A lock
+    file left by a killed run is not held: locally its `flock` died with the run; on object
+    storage its lease is not renewed."""
     if not out.is_local:
-        return out.info(LOCK_NAME) is not None  # a lease: held, or left by a run killed < a lease ago
+        lease = RemoteLock.holder(out, LOCK_NAME)
+        if lease is None:
+            return False, []
+        age = "" if lease.age is None else f" {lease.age:.0f} s ago"
+        if lease.alive:
+            return True, [f"lock    held: its run renewed its lease{age} (lease {lease.period:g} s)"]
+        return False, [f"lock    left by a run that stopped renewing its lease{age} (lease {lease.period:g} s): "
+                       f"killed, or cut off from the storage; a rerun takes the lock over"]
     try:
         fd = os.open(out.path / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return False, []
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
+        return False, []
     except BlockingIOError:
-        return True
+        return True, []
     finally:
         os.close(fd)
 

@@ -19,6 +19,7 @@ from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint
 from tests.conftest import S3_ENV, file_bytes, free_port, run_cli, upload, write_config
 from tests.contracts import CheckpointContract
+from tests.test_hostile import hook_dir, killed_merge  # noqa: F401 (a fixture; kills at named points)
 
 
 class TestS3Safetensors(CheckpointContract):
@@ -329,3 +330,123 @@ def test_an_abandoned_upload_never_becomes_an_object(bucket):
     writer = layout.writer("w", sync=False)
     writer.write(bytes(64 * 64 * 4))
     assert writer.close() == layout.stored_checksum("w")
+
+
+def _start_upload(url: str, data: bytes) -> dict:
+    """Another client's multipart upload of `url`, one part sent, not completed."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    etag = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=data)["ETag"]
+    return {"fs": fs, "Bucket": bucket, "Key": key, "UploadId": upload, "parts": [{"PartNumber": 1, "ETag": etag}]}
+
+
+def _unfinished(bucket: str) -> set[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    return {u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://"))
+            .get("Uploads") or []}
+
+
+@pytest.mark.parametrize("prefix", ["", "/out"])
+def test_a_merge_to_s3_aborts_only_its_own_unfinished_uploads(tmp_path, bucket, family, prefix):
+    """A merge aborts the unfinished uploads a killed run of it left (its shards', its staged
+    tensors'), and no one else's: another client's uploads in the same bucket, under a sibling
+    prefix (`out2` beside `out`) and even under the output's own prefix survive the merge, and
+    that client completes them afterwards. Also at the bucket's root, where the output's prefix
+    is empty."""
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "40KB")
+    import hashlib
+
+    from safetensors import safe_open
+
+    from dist_svc.storage.safetensors_output import STAGING
+
+    shard = sorted(p.name for p in (tmp_path / "local").glob("model-*.safetensors"))[0]
+    with safe_open(tmp_path / "local" / shard, "pt") as f:
+        tensor = next(iter(f.keys()))
+    out = f"{bucket}{prefix}"
+    staged = f"{STAGING}/{shard}/{hashlib.sha256(tensor.encode()).hexdigest()[:40]}"  # as the layout names it
+    for name in (shard, staged):  # what a run killed while uploading leaves
+        _start_upload(f"{out}/{name}", b"a killed run's part")
+    others = [_start_upload(f"{bucket}/{where}", f"another client's {where}".encode())
+              for where in ("data/weights.bin", f"out2/{shard}", "out2.bin", f"out/notes/{shard}",
+                            "out/notes.bin")]
+    run_cli("merge", cfg, out, "--shard-size", "40KB", "--progress", "off")
+    assert _unfinished(bucket) == {u["Key"] for u in others}  # its own aborted, no one else's
+    for u in others:
+        fs = u["fs"]
+        fs.call_s3("complete_multipart_upload", Bucket=u["Bucket"], Key=u["Key"], UploadId=u["UploadId"],
+                   MultipartUpload={"Parts": u["parts"]})
+        assert fs.cat_file(f"{u['Bucket']}/{u['Key']}") == f"another client's {u['Key']}".encode()
+    assert "verified" in run_cli("verify", out).stdout
+
+
+def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_rerun_resumes(tmp_path, bucket,
+                                                                                            slow_family):
+    """A lock object left by a killed run is not a running merge: `status` says "running" while
+    the run renews its lease, and "stopped" (with how long ago the lease was last renewed) once it
+    has gone a lease without renewal. The lease period is the one the run declared in its lock
+    (6 s here), whatever this process's DIST_SVC_LOCK_LEASE. The rerun resumes to the local
+    merge's bytes."""
+    import signal
+    import time
+
+    from dist_svc.driver import status
+
+    lease = 6.0
+    base, fts = slow_family
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
+    out = f"{bucket}/merged"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "1MB",
+                             "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, DIST_SVC_LOCK_LEASE=str(lease)))
+    deadline = time.monotonic() + 120
+    while _recorded_on_s3(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    assert status(out)["state"] == "running"  # alive, renewing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    states = []
+    while time.monotonic() < killed + lease + 20:
+        states.append((status(out)["state"], time.monotonic() - killed))
+        if states[-1][0] == "stopped":
+            break
+        time.sleep(0.2)
+    assert states[-1][0] == "stopped", states  # not "running" forever
+    assert {s for s, _ in states[:-1]} <= {"running"}, states
+    # renewed every lease / 4 until the kill, "stopped" once a whole lease has passed (the storage's
+    # clock counts whole seconds; slack for renewals and requests slowed by a busy machine)
+    assert lease / 2 <= states[-1][1] <= lease + 5, states
+    shown = run_cli("status", out).stdout
+    assert f"{out}: stopped" in shown and "rerun" in shown and "lease" in shown, shown
+    assert status(out)["state"] == "stopped"  # and stays so
+    result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
+    assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
+    local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").iterdir())
+             if p.is_file() and "dist-svc-manifest" not in p.name}
+    assert _objects(out) == local
+    assert status(out)["state"] == "complete"
+
+
+def test_status_of_a_killed_local_merge_says_stopped_at_once(tmp_path, family, hook_dir):
+    """Locally the lock is a `flock`, released by the kernel when its process dies: the lock file a
+    kill -9 leaves behind is not a running merge."""
+    from dist_svc.driver import status
+    from dist_svc.manifest import LOCK_NAME
+
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    out = tmp_path / "out"
+    assert killed_merge(hook_dir, cfg, out, "pwrite:10", "--shard-size", "40KB") == -9
+    assert (out / LOCK_NAME).exists()  # left by the killed run
+    assert status(out)["state"] == "stopped"
+    assert f"{out}: stopped" in run_cli("status", out).stdout

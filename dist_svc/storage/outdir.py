@@ -15,12 +15,16 @@ Only local paths are `Path`s; an object-storage output is named by its URL throu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Iterable
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import READ_PIECE, Hasher, range_checksum
@@ -169,6 +173,10 @@ class ObjectDir:
     def key(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    def object_key(self, name: str) -> str:
+        """`name`'s key in the bucket."""
+        return self.key(name).partition("/")[2]
+
     def where(self, name: str = "") -> str:
         return f"{self.url}/{name}" if name else self.url
 
@@ -176,7 +184,7 @@ class ObjectDir:
         return self.loc.call(fn, *args, what=what or self.url, **kwargs)
 
     def _s3(self, op: str, name: str, **kwargs):
-        return self.call(self.fs.call_s3, op, Bucket=self.bucket, Key=self.key(name).partition("/")[2],
+        return self.call(self.fs.call_s3, op, Bucket=self.bucket, Key=self.object_key(name),
                          what=self.where(name), **kwargs)
 
     def exists(self) -> bool:
@@ -208,6 +216,21 @@ class ObjectDir:
         except Exception as e:
             raise self.loc.problem(e, self.where(name)) from None
 
+    def age(self, name: str) -> tuple[str, float | None] | None:
+        """`name`'s ETag and how many seconds ago it was written, by the service's own clock (the
+        response's Date against the object's Last-Modified, both in whole seconds; None where the
+        service sends no Date); None if there is no such object."""
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.object_key(name))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self.loc.problem(e, self.where(name)) from None
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return head["ETag"], None
+        return head["ETag"], (parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
+
     def read(self, name: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.key(name))
@@ -226,7 +249,7 @@ class ObjectDir:
         """Write `name` only if no object has that name (If-None-Match: *): its ETag, or None if
         one has."""
         try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.object_key(name), Body=data,
                                    IfNoneMatch="*")["ETag"]
         except FileExistsError:
             return None
@@ -239,7 +262,7 @@ class ObjectDir:
         """Write `name` only if it is still the object with `etag` (If-Match): the new ETag, or
         None if it is not."""
         try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key(name).partition("/")[2], Body=data,
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.object_key(name), Body=data,
                                    IfMatch=etag)["ETag"]
         except FileNotFoundError:
             return None
@@ -269,6 +292,25 @@ class ObjectDir:
         except Exception as e:
             raise self.loc.problem(e, self.where(prefix)) from None
         return {k[len(self.root) + 1:]: v for k, v in found.items() if k.startswith(self.root + "/")}
+
+    def abort_uploads(self, names: Iterable[str]) -> None:
+        """Abort the unfinished multipart uploads of these objects (a run killed while uploading
+        them) and of no others: uploads are listed under the names' common prefix, and only those
+        whose key is one of the names are aborted. Another client's upload in the same bucket,
+        under this prefix too, is its own."""
+        keys = {self.object_key(n) for n in names}
+        if not keys:
+            return
+        listing = {"Bucket": self.bucket, "Prefix": os.path.commonprefix(sorted(keys))}
+        while True:
+            page = self.call(self.fs.call_s3, "list_multipart_uploads", **listing, what=self.url)
+            for upload in page.get("Uploads") or []:
+                if upload["Key"] in keys:
+                    self.call(self.fs.call_s3, "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"],
+                              UploadId=upload["UploadId"], what=f"{self.protocol}://{self.bucket}/{upload['Key']}")
+            if not page.get("IsTruncated"):
+                return
+            listing.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
     def size(self, name: str) -> int | None:
         info = self.info(name)
@@ -309,7 +351,7 @@ class ObjectDir:
         else:
             if keep:
                 self._s3("copy_object", keep, CopySource={"Bucket": self.bucket,
-                                                          "Key": self.key(name).partition("/")[2]})
+                                                          "Key": self.object_key(name)})
             etag = self.replace_if(name, data, seen)
         if etag is None:
             raise _second_writer(self.where(name))
@@ -354,20 +396,38 @@ def _second_writer(where: str) -> DistSvcError:
                         f"then rerun the same command if needed.")
 
 
+@dataclass(frozen=True)
+class Lease:
+    """What an output's lock says of the run that holds it: whether it is alive (renewed within
+    its lease), its lease in seconds, and how long ago it was last renewed (None where the
+    service's clock cannot be read)."""
+
+    alive: bool
+    period: float
+    age: float | None
+
+
+def lease_period() -> float:
+    """The lease a run takes on an object-storage output, in seconds (DIST_SVC_LOCK_LEASE)."""
+    return float(os.environ.get("DIST_SVC_LOCK_LEASE", "10"))
+
+
 class RemoteLock:
     """One run per output on object storage, where no lock dies with its process: a lease.
 
-    The lock is an object (`.dist-svc.lock`) created only if absent; while the run holds it, a
-    thread rewrites it every LEASE / 4 seconds, each time conditional on its last version. A run
-    that finds the lock watches it: if it changes, its holder is alive and the run is refused; if
-    it stays the same for LEASE seconds, its holder is gone (killed) and the run takes it over
-    (conditional on that same version, so two runs taking over a dead one cannot both win). No
-    clocks are compared. A holder that fails to renew (it lost the lease) stops at its next
-    record (`check`)."""
+    The lock is an object (`.dist-svc.lock`) created only if absent, naming its run and its
+    lease; while the run holds it, a thread rewrites it every LEASE / 4 seconds, each time
+    conditional on its last version. A run that finds the lock watches it: if it changes, its
+    holder is alive and the run is refused; if it stays the same for the holder's lease, its
+    holder is gone (killed) and the run takes it over (conditional on that same version, so two
+    runs taking over a dead one cannot both win). No clocks are compared for that. A holder that
+    fails to renew (it lost the lease) stops at its next record (`check`). `holder` tells
+    `status` whether the holder is alive without waiting: the lock's age by the storage
+    service's clock against its lease."""
 
     def __init__(self, out: ObjectDir, name: str, lease: float | None = None, log=lambda line: None):
         self.out, self.name = out, name
-        self.lease = lease if lease is not None else float(os.environ.get("DIST_SVC_LOCK_LEASE", "10"))
+        self.lease = lease if lease is not None else lease_period()
         self.log = log
         self.token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex}".encode()
         self.etag: str | None = None
@@ -375,35 +435,32 @@ class RemoteLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _body(self, beat: int) -> bytes:
+        return b"%s %d %g" % (self.token, beat, self.lease)
+
     def acquire(self) -> None:
         waited = False
         while True:
-            self.etag = self.out.create(self.name, self.token + b" 0")
+            self.etag = self.out.create(self.name, self._body(0))
             if self.etag:
                 break
             info = self.out.info(self.name)
             if info is None:
                 continue  # released meanwhile
             seen = info["ETag"]
+            period = _declared(self.out.read(self.name)) or self.lease
             if not waited:
-                self.log(f"{self.out.where(self.name)}: a lock is held; waiting up to {self.lease:g} s to see whether "
+                self.log(f"{self.out.where(self.name)}: a lock is held; waiting up to {period:g} s to see whether "
                          f"its run is alive")
                 waited = True
-            deadline = time.monotonic() + self.lease
-            alive = False
-            while time.monotonic() < deadline:
-                time.sleep(min(0.5, self.lease / 8))
-                now = self.out.info(self.name)
-                if now is None or now["ETag"] != seen:
-                    alive = now is not None
-                    break
-            if alive:
+            renewed = _renewed(self.out, self.name, seen, period)
+            if renewed:
                 raise DistSvcError(f"another dist-svc run is merging into {self.out.url} (its lock "
                                    f"{self.out.where(self.name)} is renewed); wait for it to finish (see "
                                    f"`dist-svc status {self.out.url}`).")
-            if self.out.info(self.name) is None:
-                continue
-            self.etag = self.out.replace_if(self.name, self.token + b" 0", seen)
+            if renewed is None:
+                continue  # released meanwhile
+            self.etag = self.out.replace_if(self.name, self._body(0), seen)
             if self.etag:
                 self.log(f"{self.out.where(self.name)}: took over the lock of a run that stopped")
                 break
@@ -415,7 +472,7 @@ class RemoteLock:
         while not self._stop.wait(self.lease / 4):
             beat += 1
             try:
-                etag = self.out.replace_if(self.name, self.token + b" %d" % beat, self.etag)
+                etag = self.out.replace_if(self.name, self._body(beat), self.etag)
                 if etag is None:
                     self.lost = "another run took the lock over"
                     return
@@ -436,5 +493,41 @@ class RemoteLock:
         if not self.lost and (self.out.read(self.name) or b"").startswith(self.token):
             self.out.delete(self.name)
 
-    def held(self) -> bool:
-        return self.out.info(self.name) is not None
+    @staticmethod
+    def holder(out: ObjectDir, name: str) -> Lease | None:
+        """The lease of the run that holds `name`, None if no lock is there. Alive while its age
+        by the service's clock (whole seconds) is within its lease; where the service sends no
+        Date, the lock is watched for up to one lease instead."""
+        seen = out.age(name)
+        if seen is None:
+            return None
+        etag, age = seen
+        period = _declared(out.read(name)) or lease_period()
+        if age is not None:
+            return Lease(age <= period, period, age)
+        renewed = _renewed(out, name, etag, period)
+        return None if renewed is None else Lease(renewed, period, None)
+
+
+def _declared(body: bytes | None) -> float | None:
+    """The lease a lock object declares (`TOKEN BEAT LEASE`; None for a lock without one, or with
+    no finite positive lease)."""
+    try:
+        lease = float(body.split()[2])
+    except (AttributeError, IndexError, ValueError):
+        return None
+    return lease if math.isfinite(lease) and lease > 0 else None
+
+
+def _renewed(out: ObjectDir, name: str, etag: str, period: float) -> bool | None:
+    """Watch the lock `name`, last seen as `etag`, for up to `period` seconds: True once it is
+    rewritten (its holder renews it), False if it stays the same, None if it is removed."""
+    deadline = time.monotonic() + period
+    while time.monotonic() < deadline:
+        time.sleep(min(0.5, period / 8))
+        now = out.info(name)
+        if now is None:
+            return None
+        if now["ETag"] != etag:
+            return True
+    return False if out.info(name) is not None else None

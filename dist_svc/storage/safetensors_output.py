@@ -439,13 +439,10 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
         return redo
 
     def _abort_uploads(self) -> None:
-        out = self.out
-        prefix = out.prefix + "/" if out.prefix else ""
-        uploads = out.call(out.fs.call_s3, "list_multipart_uploads", Bucket=out.bucket, Prefix=prefix,
-                           what=out.url).get("Uploads") or []
-        for upload in uploads:
-            out.call(out.fs.call_s3, "abort_multipart_upload", Bucket=out.bucket, Key=upload["Key"],
-                     UploadId=upload["UploadId"], what=out.url)
+        """This output's own unfinished uploads, of its shards and of its staged tensors (not
+        other clients' uploads in the bucket: see `ObjectDir.abort_uploads`)."""
+        self.out.abort_uploads(shard.file for shard in self.shards)
+        self.out.abort_uploads(self.staged(name) for name in self.placements)
 
     def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
         """Assemble each ready shard from its staged tensors, each checked against its recorded
@@ -465,7 +462,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
     def _assemble(self, k: int, recorded: Mapping[str, str]) -> list[str]:
         out = self.out
         shard = self.shards[k]
-        key = out.key(shard.file).partition("/")[2]
+        key = out.object_key(shard.file)
         upload = out.call(out.fs.call_s3, "create_multipart_upload", Bucket=out.bucket, Key=key,
                           what=out.where(shard.file))["UploadId"]
         parts: list[dict] = []
