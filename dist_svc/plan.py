@@ -12,7 +12,8 @@ A tensor that is not a float (an integer or bool buffer: position ids, attention
 batch-norm counters) is not merged: its unit copies it byte for byte from the base (else from
 the group's first model), as mergekit does. Models that lack it take that one's; models that
 hold it must hold the same dtype, shape and values, which the plan checks (reading these
-tensors, the only data it reads) before anything is written.
+tensors, the only data it reads) before anything is written. One that only fine-tunes hold is
+left out: the output has the base's tensors.
 
 Parameters are resolved per tensor as mergekit does (gradients over the slice's layers,
 filters on the tensor's name, a model's own setting, then the slice's, then the global one, then
@@ -92,7 +93,8 @@ class Unit:
         return {"params": self.params,
                 "inputs": [{"checkpoint": s.checkpoint, "tensor": s.tensor, **({"base": True} if i == self.base else {}),
                             **self.models[i]} for i, s in enumerate(self.inputs)],
-                **({"alpha": self.alpha} if self.calibrate else {}), **({"copied": True} if self.copied else {})}
+                **({"alpha": self.alpha} if self.calibrate else {}),
+                **({"copied": True} if self.copied else {})}
 
 
 def _call_params(method: Method, params: dict, models: Sequence[dict], base: int | None) -> dict[str, Any]:
@@ -125,8 +127,8 @@ class Plan:
 
     def summary(self) -> str:
         calibrated, copied = sum(u.calibrate for u in self.units), sum(u.copied for u in self.units)
-        return (f"{len(self.units)} tensors ({calibrated} calibrated{f', {copied} non-float copied' if copied else ''}),"
-                f" {self.total_bytes / 2**30:.2f} GiB")
+        copies = f", {copied} non-float copied" if copied else ""
+        return f"{len(self.units)} tensors ({calibrated} calibrated{copies}), {self.total_bytes / 2**30:.2f} GiB"
 
 
 def open_inputs(config: MergeConfig, identity_only: bool = False,
@@ -341,15 +343,17 @@ def _whole_model_groups(config: MergeConfig, checkpoints: list[Checkpoint], ref:
 
 
 def _check_same_tensors(ref: Checkpoint, model: Checkpoint) -> None:
-    """A model holds the reference's tensors (but for non-float ones, which it may lack: it
-    then takes the reference's) and no others."""
+    """A model holds the reference's tensors and no others, but for non-float ones: one it
+    lacks, it takes from the reference; one only it holds, the output (the reference's
+    tensors) leaves out."""
     if model is ref:
         return
     for name, info in ref.tensors.items():
         if name not in model.tensors and is_float(info.dtype):
             raise DistSvcError(f"tensor '{name}' of {ref.source} is missing from {model.source}; "
                                f"every model must have the base's tensors.")
-    extra = sorted(set(model.tensors) - set(ref.tensors), key=natural_key)
+    extra = sorted((n for n in set(model.tensors) - set(ref.tensors) if is_float(model.tensors[n].dtype)),
+                   key=natural_key)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise DistSvcError(f"{model.source} has tensor '{extra[0]}'{more} that the base ({ref.source}) lacks; "

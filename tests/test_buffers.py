@@ -24,7 +24,7 @@ from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.zarr_reader import ZarrCheckpoint
-from tests.conftest import run_cli, write_config
+from tests.conftest import file_bytes, run_cli, stored_at, write_config
 from tests.reference import load_output
 
 POSITIONS = 64
@@ -36,7 +36,7 @@ def buffers(layers: int = 2) -> dict[str, torch.Tensor]:
     causal mask per layer, a 0-d int64 counter, an int32 table."""
     causal = torch.tril(torch.ones(8, 8, dtype=torch.bool)).view(1, 1, 8, 8)
     out = {"model.position_ids": torch.arange(POSITIONS, dtype=torch.int64).view(1, POSITIONS),
-           "model.norm.num_batches_tracked": torch.tensor(12345, dtype=torch.int64),
+           "model.norm.num_batches_tracked": torch.tensor(0, dtype=torch.int64),  # zeros: every chunk still written
            "model.rope_table": torch.arange(-6, 6, dtype=torch.int32).view(3, 4)}
     for n in range(layers):
         out[f"model.layers.{n}.self_attn.causal_mask"] = causal.clone()
@@ -107,6 +107,23 @@ def test_buffers_are_copied_from_the_base_byte_for_byte_and_floats_merge_as_with
     assert proc.returncode != 0 and "model.position_ids" in proc.stdout + proc.stderr
 
 
+def test_a_lost_shard_holding_buffers_is_merged_again_alone_to_the_same_bytes(tmp_path, buffered):
+    base, fts, _, _ = buffered
+    cfg = write_config(tmp_path / "b.yaml", base, fts)
+    out = tmp_path / "out"
+    run_cli("merge", cfg, out, "--shard-size", "8KB")
+    good = file_bytes(out)
+    shard, _, _, in_shard = stored_at(out, "model.position_ids")
+    shard.unlink()
+    status = run_cli("status", out).stdout
+    assert "complete" not in status or "damaged" in status, status
+    rerun = run_cli("merge", cfg, out, "--shard-size", "8KB")
+    assert f"merged {len(in_shard)} tensors" in rerun.stdout, rerun.stdout
+    assert file_bytes(out) == good
+    assert "verified" in run_cli("verify", out).stdout
+    assert bits(load_output(out)["model.position_ids"]) == bits(buffers()["model.position_ids"])
+
+
 def _stored(out: Path, name: str) -> tuple[Path, int]:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shard = out / index["weight_map"][name]
@@ -124,11 +141,22 @@ def test_the_dry_run_counts_buffers_as_copied(tmp_path, buffered):
 
 def test_a_fine_tune_without_a_buffer_gets_the_bases(tmp_path, buffered):
     base, fts, _, _ = buffered
-    lacking = with_tensors(fts[1], tmp_path / "lacking", drop=("model.position_ids", "model.layers.1.self_attn.causal_mask"))
+    lacking = with_tensors(fts[1], tmp_path / "lacking",
+                           drop=("model.position_ids", "model.layers.1.self_attn.causal_mask"))
     merge(write_config(tmp_path / "b.yaml", base, [fts[0], lacking]), tmp_path / "out", progress="off")
     ours = load_output(tmp_path / "out")
     for name, t in buffers().items():
         assert ours[name].dtype == t.dtype and bits(ours[name]) == bits(t), name
+
+
+def test_a_buffer_only_a_fine_tune_holds_is_left_out_as_the_base_lacks_it(tmp_path, buffered):
+    _, _, plain_base, plain_fts = buffered
+    extra = with_tensors(plain_fts[1], tmp_path / "extra", buffers())
+    merge(write_config(tmp_path / "b.yaml", plain_base, [plain_fts[0], extra]), tmp_path / "out", progress="off")
+    assert set(load_output(tmp_path / "out")) == set(checkpoint_tensors(plain_base))
+    float_extra = with_tensors(plain_fts[1], tmp_path / "float-extra", {"model.extra.weight": torch.ones(3)})
+    with pytest.raises(DistSvcError, match="model.extra.weight"):  # a float the base lacks is still refused
+        merge(write_config(tmp_path / "f.yaml", plain_base, [float_extra]), tmp_path / "out2", progress="off")
 
 
 def test_without_a_base_the_first_model_gives_the_buffers(tmp_path, buffered):
@@ -292,3 +320,27 @@ def test_mergekit_and_dist_svc_both_refuse_a_position_ids_the_models_disagree_on
     with pytest.raises(DistSvcError, match=BERT_IDS):
         merge(cfg, tmp_path / "ds", progress="off")
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_lora_adapter_of_a_base_with_buffers_merges_dense_and_as_an_adapter(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    tensors = load_file(str(tmp_path / "base" / "model.safetensors"))
+    save_file({**tensors, **buffers()}, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    base = tmp_path / "base"
+    merge(write_config(tmp_path / "d.yaml", base, [tmp_path / "adapter"]), tmp_path / "dense", progress="off")
+    ours = load_output(tmp_path / "dense")
+    for name, t in buffers().items():
+        assert ours[name].dtype == t.dtype and bits(ours[name]) == bits(t), name
+    merge(write_config(tmp_path / "p.yaml", base, [tmp_path / "adapter"], output={"format": "peft"}),
+          tmp_path / "as-adapter", progress="off")
+    saved = load_file(str(tmp_path / "as-adapter" / "adapter_model.safetensors"))
+    assert saved and not set(saved) & set(buffers())  # an adapter changes no buffer: the base's stay
