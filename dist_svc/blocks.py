@@ -122,6 +122,18 @@ class BlockReader:
         step = block_length(unit, transposed, self.block_elements)
         return [Block(i, min(i + step, length), transposed) for i in range(0, length, step)]
 
+    def stored(self, unit: "Unit") -> Iterator[tuple[Block, torch.Tensor]]:
+        """Every block of a copied unit's only input as stored, on the CPU: a non-float tensor
+        is copied byte for byte (no compute dtype, no device, nothing to check for NaN)."""
+        s = unit.inputs[0]
+        checkpoint = self.checkpoints[s.checkpoint]
+        for block in self.blocks(unit):
+            start = time.perf_counter()
+            raw = checkpoint.read(s.tensor, rows=slice(block.start, block.stop)) if unit.shape else \
+                checkpoint.read(s.tensor)
+            self.seconds += time.perf_counter() - start
+            yield block, raw
+
     @staticmethod
     def whole(shape: tuple[int, ...]) -> Block:
         return Block(0, shape[0] if shape else 1, False)

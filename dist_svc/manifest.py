@@ -166,7 +166,11 @@ class Manifest:
         """As `Plan.summary` says it."""
         units = self.units.values()
         total = sum(u["nbytes"] for u in units)
-        return f"{len(self.units)} tensors ({sum(u['calibrate'] for u in units)} calibrated), {total / 2**30:.2f} GiB"
+        settings = [m.get("copied") is True if isinstance(m, dict) else False for m in self.data["merged_with"]]
+        copied = sum(_is(u.get("merged_with"), int) and 0 <= u["merged_with"] < len(settings)
+                     and settings[u["merged_with"]] for u in units)
+        return (f"{len(self.units)} tensors ({sum(u['calibrate'] for u in units)} calibrated"
+                f"{f', {copied} non-float copied' if copied else ''}), {total / 2**30:.2f} GiB")
 
     def merged_with(self, name: str) -> dict[str, Any]:
         """The parameters unit `name` is merged with (the method's and each model's)."""

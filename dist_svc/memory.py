@@ -21,6 +21,8 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
   taken only when needed (the worker exchanges its streaming footprint for it, waiting until it
   fits: `MemoryBudget.exchange`);
+- a non-float tensor, copied: `b o (1 + WRITE_BEHIND)` on the host (the block as read, the
+  blocks waiting to be written);
 - a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: the int64 indices
   a sort or top-k over the tensor takes), plus, calibrated, the Grams and workspace above and
   `3 E 8`: the calibrated delta and its product in float64, and the float64 copy of one
@@ -82,6 +84,9 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     c, o, s = compute_bytes(config), ITEMSIZE[unit.out_dtype], READ_BYTES
     n_in, f = len(unit.inputs), len(unit.fine_tunes)
     elements = math.prod(unit.shape) if unit.shape else 1
+    if unit.copied:  # its bytes as read, on the host, and the blocks waiting to be written
+        block = min(elements, block_length(unit, False, block_elements) * (elements // _length(unit, False)))
+        return _placed(0, block * o * (1 + WRITE_BEHIND), on_gpu)
     per_element = (2 * n_in + 4) * c + s + o
     if whole_tensor(unit):
         compute = elements * (per_element + 8)

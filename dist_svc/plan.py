@@ -8,6 +8,13 @@ after slice: output layer `o` of a slice with layer_range [a, b) reads layer `a 
 each source, under its own name; the tensors before the layers (embeddings) come from the
 first slice's sources, those after (final norm, LM head) from the last slice's.
 
+A tensor that is not a float (an integer or bool buffer: position ids, attention masks,
+batch-norm counters) is not merged: its unit copies it byte for byte from the base (else from
+the group's first model), as mergekit does. Models that lack it take that one's; models that
+hold it must hold the same dtype, shape and values, which the plan checks (reading these
+tensors, the only data it reads) before anything is written. One that only fine-tunes hold is
+left out: the output has the base's tensors.
+
 Parameters are resolved per tensor as mergekit does (gradients over the slice's layers,
 filters on the tensor's name, a model's own setting, then the slice's, then the global one, then
 the method's default) and carried by the unit; the manifest records them. Deterministic: the
@@ -28,10 +35,12 @@ from dist_svc.calibration import should_calibrate
 from dist_svc.config import MergeConfig, SliceSpec, SourceSpec, layer_position, resolve, split_layer
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import Method
-from dist_svc.storage import open_checkpoint
+from dist_svc.storage import open_checkpoint, read_blocks
 from dist_svc.storage.hub import pins as hub_pins
 from dist_svc.storage.output import side_files, source_files
-from dist_svc.storage.types import NAME_TO_ST, SIDE_FILES, Checkpoint, natural_key, tensor_nbytes
+from dist_svc.storage.types import (
+    NAME_TO_ST, SIDE_FILES, ST_TO_NAME, Checkpoint, is_float, natural_key, tensor_nbytes,
+)
 
 PLAN_FORMAT = 3
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
@@ -63,6 +72,7 @@ class Unit:
     alpha: float | None = None  # calibration's alpha for this tensor
     vocabulary: bool = False  # axis 0 is the vocabulary, aligned token by token (dist_svc.vocab)
     chunks: tuple[int, int] = (1, 1)  # rows, columns per stored chunk of the inputs (zarr): blocks align to them
+    copied: bool = False  # a non-float tensor: its only input's bytes, as stored (never merged or calibrated)
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +93,8 @@ class Unit:
         return {"params": self.params,
                 "inputs": [{"checkpoint": s.checkpoint, "tensor": s.tensor, **({"base": True} if i == self.base else {}),
                             **self.models[i]} for i, s in enumerate(self.inputs)],
-                **({"alpha": self.alpha} if self.calibrate else {})}
+                **({"alpha": self.alpha} if self.calibrate else {}),
+                **({"copied": True} if self.copied else {})}
 
 
 def _call_params(method: Method, params: dict, models: Sequence[dict], base: int | None) -> dict[str, Any]:
@@ -115,8 +126,9 @@ class Plan:
         return [(u.name, u.out_dtype, u.shape) for u in self.units]
 
     def summary(self) -> str:
-        calibrated = sum(u.calibrate for u in self.units)
-        return f"{len(self.units)} tensors ({calibrated} calibrated), {self.total_bytes / 2**30:.2f} GiB"
+        calibrated, copied = sum(u.calibrate for u in self.units), sum(u.copied for u in self.units)
+        copies = f", {copied} non-float copied" if copied else ""
+        return f"{len(self.units)} tensors ({calibrated} calibrated{copies}), {self.total_bytes / 2**30:.2f} GiB"
 
 
 def open_inputs(config: MergeConfig, identity_only: bool = False,
@@ -200,6 +212,13 @@ def _unit(config: MergeConfig, g: "_Group", checkpoints: list[Checkpoint], files
     """The unit of one output tensor, or None (and its problems noted) when its parameters do
     not resolve."""
     method, cal = config.method, config.calibration
+    held = [(s, t) for s, t in zip(g.sources, g.tensors) if t in checkpoints[s.model].tensors]
+    if not all(is_float(checkpoints[s.model].tensors[t].dtype) for s, t in held):
+        return _copied(config, g.name, held, checkpoints)
+    if len(held) < len(g.sources):
+        s, t = next((s, t) for s, t in zip(g.sources, g.tensors) if t not in checkpoints[s.model].tensors)
+        raise DistSvcError(f"{config.checkpoints[s.model]} has no tensor '{t}' ({s.field}): the sources of a slice "
+                           f"must share their tensors.")
     inputs = tuple(Source(s.model, t) for s, t in zip(g.sources, g.tensors))
     base = next((i for i, s in enumerate(g.sources) if s.model == config.base), None)
     infos = [checkpoints[s.checkpoint].tensors[s.tensor] for s in inputs]
@@ -221,6 +240,55 @@ def _unit(config: MergeConfig, g: "_Group", checkpoints: list[Checkpoint], files
     return Unit(g.name, shape, out_dtype, calibrate, params, inputs, base, models,
                 "tensor" if vocabulary else method.granularity(params),
                 cal.resolved_alpha(fine_tunes, method.alpha_is_one) if calibrate else None, vocabulary, chunks)
+
+
+def _copied(config: MergeConfig, name: str, held: list[tuple[SourceSpec, str]], checkpoints: list[Checkpoint]) -> Unit:
+    """The unit of a non-float output tensor: a copy of the base's (else the first model's), once
+    every model that holds it is checked to hold the same (refused, naming it, if not)."""
+    which = next((i for i, (s, _) in enumerate(held) if s.model == config.base), 0)
+    source, tensor = held[which]
+    first = checkpoints[source.model]
+    info = first.tensors[tensor]
+    for other, other_tensor in held:
+        if other.model != source.model:
+            _check_same_buffer(config, name, (source.model, first, tensor), (other.model, checkpoints[other.model],
+                                                                            other_tensor))
+    chunks = tuple(first.chunk_extent(tensor, axis) if len(info.shape) > axis else 1 for axis in (0, 1))
+    return Unit(name, info.shape, info.dtype, False, {}, (Source(source.model, tensor),),
+                0 if source.model == config.base else None, ({},), "element", chunks=chunks, copied=True)
+
+
+def _check_same_buffer(config: MergeConfig, name: str, a: tuple[int, Checkpoint, str], b: tuple[int, Checkpoint, str]
+                       ) -> None:
+    """Two models hold the same non-float tensor: the same dtype, shape and bytes (compared
+    block by block)."""
+    (i, ca, ta), (j, cb, tb) = a, b
+    ia, ib = ca.tensors[ta], cb.tensors[tb]
+    if ia.dtype != ib.dtype:
+        differ = f"its dtype ({ST_TO_NAME[ia.dtype]} and {ST_TO_NAME[ib.dtype]})"
+    elif ia.shape != ib.shape:
+        differ = f"its shape ({list(ia.shape)} and {list(ib.shape)})"
+    else:
+        differ, offset = None, 0
+        for x, y in zip(read_blocks(ca, ta), read_blocks(cb, tb)):
+            unequal = (x != y).reshape(-1).nonzero()
+            if len(unequal):
+                k = int(unequal[0])
+                differ = (f"its values (element {offset + k} is {x.reshape(-1)[k].item()} and "
+                          f"{y.reshape(-1)[k].item()})")
+                break
+            offset += x.numel()
+        if differ is None:
+            return
+    role = lambda n: " (base_model)" if n == config.base else ""  # noqa: E731
+    kind = "a bool" if "BOOL" in (ia.dtype, ib.dtype) else "an integer"
+    giver = "base" if config.base is not None else "first model"
+    raise DistSvcError(
+        f"{config.source}: the models disagree on tensor '{name}', {kind} tensor, which is copied rather than "
+        f"merged: {config.checkpoints[i]}{role(i)} and {config.checkpoints[j]}{role(j)} differ in {differ}. dist-svc "
+        f"copies such a tensor from the {giver}, as mergekit does, only when every model that holds it holds the "
+        f"same one. Make them equal, or remove it from the models that should take the {giver}'s; nothing was "
+        f"written.")
 
 
 def _check_distinct(config: MergeConfig, checkpoints: list[Checkpoint]) -> None:
@@ -275,17 +343,21 @@ def _whole_model_groups(config: MergeConfig, checkpoints: list[Checkpoint], ref:
 
 
 def _check_same_tensors(ref: Checkpoint, model: Checkpoint) -> None:
+    """A model holds the reference's tensors and no others, but for non-float ones: one it
+    lacks, it takes from the reference; one only it holds, the output (the reference's
+    tensors) leaves out."""
     if model is ref:
         return
     for name, info in ref.tensors.items():
-        if name not in model.tensors:
+        if name not in model.tensors and is_float(info.dtype):
             raise DistSvcError(f"tensor '{name}' of {ref.source} is missing from {model.source}; "
                                f"every model must have the base's tensors.")
-    extra = sorted(set(model.tensors) - set(ref.tensors), key=natural_key)
+    extra = sorted((n for n in set(model.tensors) - set(ref.tensors) if is_float(model.tensors[n].dtype)),
+                   key=natural_key)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise DistSvcError(f"{model.source} has tensor '{extra[0]}'{more} that the base ({ref.source}) lacks; "
-                           f"a fine-tune must have exactly the base's tensors.")
+                           f"a fine-tune must have the base's tensors and no others.")
 
 
 def _slice_groups(config: MergeConfig, checkpoints: list[Checkpoint]) -> list[_Group]:
@@ -305,8 +377,10 @@ def _slice_groups(config: MergeConfig, checkpoints: list[Checkpoint]) -> list[_G
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             prefix_suffixes = layered[0][sl.sources[0].layer_range[0] + offset]
+            lead = checkpoints[sl.sources[0].model]
             for prefix, suffix in prefix_suffixes:
-                names = tuple(_layer_name(layered[j], s.layer_range[0] + offset, prefix, suffix, config, s)
+                buffer = not is_float(lead.tensors[f"{prefix}{sl.sources[0].layer_range[0] + offset}{suffix}"].dtype)
+                names = tuple(_layer_name(layered[j], s.layer_range[0] + offset, prefix, suffix, config, s, buffer)
                               for j, s in enumerate(sl.sources))
                 groups.append(_Group(f"{prefix}{out_layer}{suffix}", sl.sources, names, sl, t))
             out_layer += 1
@@ -328,8 +402,11 @@ def _layers(checkpoint: Checkpoint, source: SourceSpec, path) -> dict[int, list[
     return out
 
 
-def _layer_name(layers, index: int, prefix: str, suffix: str, config: MergeConfig, source: SourceSpec) -> str:
-    if (prefix, suffix) not in layers[index]:
+def _layer_name(layers, index: int, prefix: str, suffix: str, config: MergeConfig, source: SourceSpec,
+                buffer: bool) -> str:
+    """The tensor of a source's layer; a non-float one (`buffer`) may be missing (the unit copies
+    another source's)."""
+    if (prefix, suffix) not in layers[index] and not buffer:
         raise DistSvcError(f"{config.checkpoints[source.model]} has no tensor '{prefix}{index}{suffix}' "
                            f"({source.field}): the sources of a slice must share their layers' tensors.")
     return f"{prefix}{index}{suffix}"

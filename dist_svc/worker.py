@@ -7,7 +7,7 @@ output layout's writer, and returns the checksum. Tensors never travel back to t
 
 A method works on task vectors (`x_i - base`, giving the merged delta; output `base + delta`) or
 on the inputs' weights (giving the merged weights; the delta `merged - base` where calibrated).
-Three ways through a unit:
+Three ways through a unit, besides a non-float tensor's copy (its input's bytes, block by block):
 - not calibrated: one pass, block by block: inputs -> method -> output -> write;
 - calibrated: pass 1 accumulates the float64 Grams of every block's merged delta and task
   vectors (`GramCalibration`); then one eigh; pass 2 applies the projector to each block's
@@ -138,7 +138,9 @@ class Worker:
         self._ticket = ticket
         writer = _WriteBehind(self.job.layout.writer(unit.name, self.sync), self._writes)
         try:
-            if whole_tensor(unit):
+            if unit.copied:
+                stats = self._copied(unit, writer)
+            elif whole_tensor(unit):
                 stats = self._whole(unit, writer)
             elif unit.calibrate:
                 stats = self._calibrated(unit, writer)
@@ -161,7 +163,12 @@ class Worker:
         stages["compute"] = max(0.0, seconds - sum(stages.values()))
         return UnitResult(unit.name, digest, seconds, stats, stages)
 
-    # -- the three ways through a unit ---------------------------------------------------------
+    # -- the ways through a unit ---------------------------------------------------------------
+
+    def _copied(self, unit: Unit, writer: UnitWriter) -> None:
+        for block, raw in self.reader.stored(unit):
+            writer.write(tensor_bytes(raw))
+            self._advance(unit, block, 1)
 
     def _plain(self, unit: Unit, writer: UnitWriter) -> None:
         for block, tensors in self.reader.stream(unit, self.reader.blocks(unit)):

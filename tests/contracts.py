@@ -21,6 +21,16 @@ from dist_svc.storage.output import layout_for
 from dist_svc.storage.types import TORCH_TO_ST, Checkpoint, tensor_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+BUFFER_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool]  # copied by a merge, never merged
+
+
+def buffers_of_every_dtype() -> dict[str, torch.Tensor]:
+    """What checkpoints carry besides weights: integer and bool tensors of every rank."""
+    return {"model.position_ids": torch.arange(-3, 37, dtype=torch.int64).view(2, 20),
+            "model.layers.0.self_attn.causal_mask": torch.tril(torch.ones(1, 1, 5, 5, dtype=torch.bool)),
+            "model.layers.0.self_attn.bias": torch.arange(250, 256, dtype=torch.uint8),
+            "model.norm.num_batches_tracked": torch.tensor(2**40 + 3, dtype=torch.int64),
+            "model.table": torch.tensor([[-2**31, 2**31 - 1]], dtype=torch.int32)}
 
 
 def tensors_of_every_shape(dtype) -> dict[str, torch.Tensor]:
@@ -64,6 +74,19 @@ class CheckpointContract:
             assert info.nbytes == t.numel() * t.element_size()
             got = ckpt.read(name)
             assert got.dtype == dtype and got.shape == t.shape and _bits(got) == _bits(t), name
+        ckpt.close()
+
+    def test_integer_and_bool_tensors_are_read_exactly_in_their_dtype(self, tmp_path):
+        buffers = buffers_of_every_dtype()
+        ckpt = self.make(tmp_path, {**tensors_of_every_shape(torch.float32), **buffers}, self.SIDE)
+        for name, t in buffers.items():
+            info = ckpt.tensors[name]
+            assert (info.dtype, info.shape, info.nbytes) == (TORCH_TO_ST[t.dtype], tuple(t.shape),
+                                                             t.numel() * t.element_size()), name
+            got = ckpt.read(name)
+            assert got.dtype == t.dtype and got.shape == t.shape and _bits(got) == _bits(t), name
+            if t.ndim:
+                assert _bits(ckpt.read(name, rows=slice(1, 2))) == _bits(t[1:2]), name
         ckpt.close()
 
     def test_row_and_column_slices_equal_slices_of_the_full_tensor(self, tmp_path):
@@ -131,7 +154,7 @@ class OutputLayoutContract:
         assert layout.seal(recorded, set()) == []
         return recorded
 
-    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("dtype", DTYPES + BUFFER_DTYPES, ids=str)
     def test_what_is_written_reads_back_bit_exact_and_is_whole(self, tmp_path, dtype):
         import hashlib
 

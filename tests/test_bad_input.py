@@ -71,13 +71,14 @@ def test_overlapping_offsets_are_named(tmp_path, family):
     _refused(tmp_path, write_config(tmp_path / "m.yaml", base, fts), str(path), "overlaps")
 
 
-def test_an_integer_tensor_is_refused_with_its_name(tmp_path, family):
+def test_a_tensor_of_a_dtype_dist_svc_cannot_read_is_refused_with_its_name(tmp_path, family):
+    """Integer and bool tensors are copied (tests/test_buffers.py); an 8-bit float is neither."""
     base, fts = family(1)
     path = fts[0] / "model.safetensors"
     tensors = load_file(str(path))
-    tensors["model.layers.0.quant_scale"] = torch.ones(4, dtype=torch.int32)
+    tensors["model.layers.0.quant_scale"] = torch.ones(4).to(torch.float8_e4m3fn)
     save_file(tensors, str(path))
-    _refused(tmp_path, write_config(tmp_path / "m.yaml", base, fts), "model.layers.0.quant_scale", "I32")
+    _refused(tmp_path, write_config(tmp_path / "m.yaml", base, fts), "model.layers.0.quant_scale", "F8_E4M3")
 
 
 def test_a_fine_tune_of_another_architecture_is_refused(tmp_path, family):

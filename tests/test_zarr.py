@@ -213,3 +213,26 @@ def test_a_store_finished_before_blake3_is_still_checked_by_its_sha256(tmp_path)
     with pytest.raises(DistSvcError, match="up_proj.*does not match the checksum"):
         convert(tmp_path / "m.zarr", tmp_path / "back2", progress="off")
     assert not (tmp_path / "back2").exists()
+
+
+def test_tensors_of_zeros_are_stored_with_every_chunk_and_verify(tmp_path):
+    """zarr skips a chunk equal to its fill value unless told not to; a store dist-svc completes
+    has every chunk file (that is how a missing one is told from zeros), zeros included: a bias
+    at 0, a counter at 0, an empty mask tile."""
+    import hashlib
+
+    tensors = {"bias": torch.zeros(4), "counter": torch.tensor(0, dtype=torch.int64),
+               "mask": torch.zeros(3, 3, dtype=torch.bool)}
+    layout = TestZarrLayout()
+    layout.OPTIONS = {"compression": "none"}
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    from dist_svc.storage.output import layout_for
+
+    zarr_layout = layout_for("zarr", out, layout.entries(tensors), layout.OPTIONS)
+    recorded = layout.write_all(zarr_layout, tensors)
+    zarr_layout.finish(recorded, layout.SIDE)
+    side = {n: hashlib.sha256(d).hexdigest() for n, d in layout.SIDE.items()}
+    assert zarr_layout.problems(recorded, side, deep=True) == []
+    for name in tensors:
+        assert [p for p in (out / name).rglob("*") if p.is_file() and p.name != "zarr.json"], name

@@ -9,22 +9,19 @@ existing DST is never touched.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
 from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
-from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage import open_checkpoint, read_blocks, source_of
 from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import staged_directory
 from dist_svc.storage.output import LAYOUTS, layout_for, source_files
-from dist_svc.storage.types import ITEMSIZE, tensor_bytes
+from dist_svc.storage.types import tensor_bytes
 from dist_svc.storage.zarr_format import is_zarr
-
-BLOCK_BYTES = 64 << 20
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compression: str = "none",
@@ -76,7 +73,7 @@ def _copy(source, src, dst: Path, tmp: Path, fmt: str, names: list[str], recorde
         # a source that recorded another algorithm's checksum is checked with that one too
         other = Hasher(algorithm_of(expected)) if expected and algorithm_of(expected) != ALGORITHM else None
         writer = layout.writer(name, sync=True)
-        for block in _blocks(source, name):
+        for block in read_blocks(source, name):
             data = tensor_bytes(block)
             writer.write(data)
             if other is not None:
@@ -94,18 +91,6 @@ def _copy(source, src, dst: Path, tmp: Path, fmt: str, names: list[str], recorde
             layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
         bar.advance(source.tensors[name].nbytes)
     layout.finish(recorded, source_files(source))
-
-
-def _blocks(source, name: str):
-    """The tensor's rows in blocks of about BLOCK_BYTES, in its stored dtype."""
-    info = source.tensors[name]
-    if len(info.shape) == 0:
-        yield source.read(name)
-        return
-    row_bytes = max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
-    step = max(1, BLOCK_BYTES // row_bytes)
-    for r0 in range(0, info.shape[0], step):
-        yield source.read(name, rows=slice(r0, r0 + step))
 
 
 def _recorded_checksums(src: Path) -> dict[str, str]:

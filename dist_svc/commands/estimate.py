@@ -98,7 +98,7 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
     for u in plan.units:
         unit_read = sum(checkpoints[s.checkpoint].tensors[s.tensor].nbytes for s in u.inputs)
         elements = math.prod(u.shape) if u.shape else 1
-        cpu = elements * element_seconds * max(len(u.inputs), 1) / 4
+        cpu = 0.0 if u.copied else elements * element_seconds * max(len(u.inputs), 1) / 4
         reread = 0
         if u.calibrate:
             unit_flops = _calibration_flops(u, config)
@@ -177,7 +177,7 @@ def _read_rates(checkpoints, workers: int) -> tuple[float, float]:
 def _element_seconds(config: MergeConfig, plan: Plan, checkpoints, device: str) -> float:
     """Seconds per output element of the plain path (for 4 inputs; scaled by the inputs a unit
     has): the largest unit's method on random blocks of its dtypes, end to end."""
-    units = [u for u in plan.units if u.shape]
+    units = [u for u in plan.units if u.shape and not u.copied]
     if not units:
         return 0.0
     unit = max(units, key=lambda u: math.prod(u.shape))

@@ -13,10 +13,14 @@ into a reader:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 if TYPE_CHECKING:
+    import torch
+
     from dist_svc.storage.types import Checkpoint
+
+BLOCK_BYTES = 64 << 20  # what `read_blocks` reads at once
 
 
 def source_of(text: str) -> Path | str:
@@ -132,3 +136,19 @@ def refuse_unfinished_merge(loc) -> None:
         raise DistSvcError(f"{loc} is a dist-svc merge that has not finished (its manifest does not say complete"
                            f"{f', and {partials[0]} is still being written' if partials else ''}); some tensors "
                            f"are not written yet. Finish it first by rerunning its `dist-svc merge` command.")
+
+
+def read_blocks(checkpoint: "Checkpoint", name: str, block_bytes: int = BLOCK_BYTES) -> Iterator["torch.Tensor"]:
+    """A tensor's rows in blocks of about `block_bytes`, in its stored dtype: a whole tensor
+    read without holding it (what `convert` copies, what the plan compares)."""
+    import math
+
+    from dist_svc.storage.types import ITEMSIZE
+
+    info = checkpoint.tensors[name]
+    if not info.shape:
+        yield checkpoint.read(name)
+        return
+    step = max(1, block_bytes // max(1, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]))
+    for r0 in range(0, info.shape[0], step):
+        yield checkpoint.read(name, rows=slice(r0, r0 + step))

@@ -4,8 +4,9 @@ Tensor data is read with plain positional reads, not through safetensors' long-l
 `SafetensorsCheckpoint.read`). A checkpoint is a directory holding `model.safetensors.index.json` + shards, a single
 `model.safetensors`, or a set of `*.safetensors` files; a path to one `.safetensors` file works
 too. Planning needs only the headers (names, shapes, dtypes), which are validated completely
-before any merge starts: a truncated file, overlapping offsets or an unsupported dtype is reported
-with the file's name instead of surfacing as garbage halfway through a long run.
+before any merge starts: a truncated file, overlapping offsets or an unsupported dtype (an 8-bit
+float, say) is reported with the file's name instead of surfacing as garbage halfway through a
+long run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.location import HEADER_PROBE, check_index, discover, location, side_file, storage_errors
 from dist_svc.storage.location import quote as _quote
-from dist_svc.storage.types import DTYPES, INDEX_NAME, ITEMSIZE, TensorInfo, natural_key
+from dist_svc.storage.types import DTYPES, INDEX_NAME, ITEMSIZE, UNSUPPORTED, TensorInfo, natural_key
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -39,10 +40,9 @@ class _Stored(NamedTuple):
 # making the planner or a worker loop over absurd extents (a [0, 2**62] tensor holds no bytes).
 MAX_DIM = 1 << 40
 MAX_RANK = 16
-# Every dtype safetensors knows: a tensor of one of these that dist-svc cannot merge is named as
-# unsupported; anything else is a corrupt header.
-SAFETENSORS_DTYPES = set(ITEMSIZE) | {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3",
-                                    "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+# Every dtype safetensors knows: a tensor of one of these that dist-svc cannot handle (the
+# 4-, 6- and 8-bit floats, complex) is named as unsupported; anything else is a corrupt header.
+SAFETENSORS_DTYPES = set(ITEMSIZE) | {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
 
 class Entry(NamedTuple):
@@ -82,8 +82,8 @@ def parse_header(raw: bytes, data_bytes: int, where: str) -> dict[str, Entry]:
         if itemsize is None:
             if type(dtype) is not str or dtype not in SAFETENSORS_DTYPES:
                 raise corrupt(f"tensor {_quote(name)} has dtype {_quote(dtype)}, which safetensors does not define")
-            raise DistSvcError(f"{where}: tensor {_quote(name)} has dtype {dtype}, which dist-svc cannot merge "
-                               f"(supported: {', '.join(ITEMSIZE)}). Remove it from the checkpoint or convert it.")
+            raise DistSvcError(f"{where}: tensor {_quote(name)} has dtype {dtype}, which dist-svc cannot read "
+                               f"({UNSUPPORTED}). Remove it from the checkpoint or convert it.")
         if type(shape) is not list or len(shape) > MAX_RANK:
             raise corrupt(f"tensor {_quote(name)} has shape {_quote(shape)}; expected a list of at most {MAX_RANK} "
                           f"integers from 0 to 2^40")

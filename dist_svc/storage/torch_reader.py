@@ -23,7 +23,7 @@ import torch
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.location import check_index, discover, quote, side_file
-from dist_svc.storage.types import TORCH_TO_ST, TensorInfo, natural_key
+from dist_svc.storage.types import TORCH_TO_ST, UNSUPPORTED, TensorInfo, natural_key
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SUFFIXES = (".bin", ".pt", ".pth")
@@ -134,8 +134,8 @@ def _state_dict(state, where: str) -> dict[str, torch.Tensor]:
                                f"is not a plain state dict. Save the model's state_dict(), or convert it.")
         if value.dtype not in TORCH_TO_ST:
             raise DistSvcError(f"{where}: tensor {quote(name)} has dtype {str(value.dtype).removeprefix('torch.')}, "
-                               f"which dist-svc cannot merge (supported: float64, float32, float16, bfloat16). "
-                               f"Remove it from the checkpoint or convert it.")
+                               f"which dist-svc cannot read ({UNSUPPORTED}). Remove it from the checkpoint or "
+                               f"convert it.")
         out[name] = value
     return out
 

@@ -10,12 +10,19 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Protocol, runtime_ch
 if TYPE_CHECKING:
     import torch
 
-# Floating-point dtypes that can be merged (safetensors codes) and their size in bytes. Their
-# torch dtypes are `DTYPES` (code -> (torch dtype, size)) and `TORCH_TO_ST`, made on first use:
-# what only plans, checks or reports (`status`, `verify`) never imports torch.
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-ST_TO_NAME = {code: name for name, code in NAME_TO_ST.items()}
+# Every dtype a tensor may have (safetensors codes) and its size in bytes. Floating-point ones
+# (`FLOATS`) are merged; integer and bool ones (position ids, masks, counters: a model's buffers)
+# are copied byte for byte from one input (dist_svc.plan). Their torch dtypes are `DTYPES`
+# (code -> (torch dtype, size)) and `TORCH_TO_ST`, made on first use: what only plans, checks or
+# reports (`status`, `verify`) never imports torch.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+ST_TO_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+              "U8": "uint8", "BOOL": "bool"}
+NAME_TO_ST = {name: code for code, name in ST_TO_NAME.items()}
+UNSUPPORTED = "it merges float64, float32, float16 and bfloat16 tensors and copies integer and bool ones"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face checkpoint's index
 MANIFEST_NAME = "dist-svc-manifest.json"  # a merge output's record of itself (dist_svc.manifest)
 # Files of a checkpoint that belong with its weights: copied from the base into the output.
@@ -42,6 +49,11 @@ class TensorInfo(NamedTuple):
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * ITEMSIZE[dtype]
+
+
+def is_float(dtype: str) -> bool:
+    """Whether a tensor of this dtype is merged (else it is a buffer, copied: dist_svc.plan)."""
+    return dtype in FLOATS
 
 
 def __getattr__(name: str):

@@ -1,9 +1,10 @@
 """What dist-svc's zarr v3 stores look like, shared by the reader and the output layout.
 
 A store is a zarr v3 group (a local directory, by convention `*.zarr`) with one array per
-tensor, named by the tensor's name. zarr has no bfloat16, so bf16 tensors are stored as their
-raw bits (uint16) with the attribute `dist_svc.dtype: bfloat16`; every array dist-svc writes
-carries that attribute. Matrices are chunked in TILE x TILE tiles, other tensors in whole rows
+tensor, named by the tensor's name. Every dtype is stored natively (integer and bool buffers
+too) but bfloat16, which zarr lacks: bf16 tensors are stored as their raw bits (uint16) with the
+attribute `dist_svc.dtype: bfloat16`; every array dist-svc writes names its dtype in that
+attribute. Matrices are chunked in TILE x TILE tiles, other tensors in whole rows
 of about CHUNK_BYTES. The non-tensor files of a checkpoint (config.json, tokenizer, ...) and a
 merge's manifest sit next to the group's `zarr.json`; zarr ignores them.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.types import ITEMSIZE, SIDE_FILES
+from dist_svc.storage.types import ITEMSIZE, SIDE_FILES, ST_TO_NAME
 
 # config.json, the tokenizer and the manifest live next to the arrays; zarr need not say so.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
@@ -26,11 +27,10 @@ ORDER_ATTR = "dist_svc.tensor_order"  # group attribute: the source checkpoint's
 CHUNK_BYTES = 16 << 20
 TILE = 2048  # a matrix chunk: 2048 x 2048 elements (8 MiB in bf16, 16 MiB in float32)
 CONCURRENCY = 4  # chunks zarr decodes at once: bounds a read's memory to a few chunks
-# safetensors dtype code -> (numpy dtype stored, name in DTYPE_ATTR)
-STORED = {"F64": ("float64", "float64"), "F32": ("float32", "float32"), "F16": ("float16", "float16"),
-          "BF16": ("uint16", "bfloat16")}
+# safetensors dtype code -> (numpy dtype stored, name in DTYPE_ATTR): each natively but bfloat16
+STORED = {code: ("uint16" if code == "BF16" else name, name) for code, name in ST_TO_NAME.items()}
 FROM_ATTR = {attr: code for code, (_, attr) in STORED.items()}
-FROM_NUMPY = {"float64": "F64", "float32": "F32", "float16": "F16"}
+FROM_NUMPY = {stored: code for code, (stored, _) in STORED.items() if code != "BF16"}
 COMPRESSIONS = ("none", "zstd")
 CHECKSUM_ATTR = "dist_svc.checksum"  # array attribute: the tensor's checksum, set once the store is complete
 SHA_ATTR = "dist_svc.sha256"  # the same, as stores written before BLAKE3 recorded it (hex, no prefix)

@@ -57,7 +57,7 @@ def create_array(store, name: str, shape: tuple[int, ...], dtype: str, compressi
         return
     zarr.create_array(store=store, name=name, shape=shape, chunks=chunks, dtype=stored,
                       compressors=compressors, fill_value=0, attributes={DTYPE_ATTR: attr},
-                      config={"write_empty_chunks": True}, overwrite=True, zarr_format=3)
+                      overwrite=True, zarr_format=3)
 
 
 class ZarrTensorWriter:
@@ -74,7 +74,11 @@ class ZarrTensorWriter:
         self.name = name
         self.shape = shape
         self.stored = np.dtype(STORED[dtype][0])
-        self.array = zarr_module().open_array(store=out.zarr_store(), path=name, mode="r+")
+        # Every chunk is written, zeros too (a counter at 0, a mask's empty tile): a complete
+        # store has every chunk file, which is how a missing one is told from zeros. The setting
+        # is the opened array's own (zarr does not keep it in the metadata).
+        self.array = zarr_module().open_array(store=out.zarr_store(), path=name, mode="r+").with_config(
+            {"write_empty_chunks": True})
         self.row_bytes = (math.prod(shape[1:]) if shape else 1) * self.stored.itemsize
         self.rows_per_chunk = self.array.chunks[0] if shape else 1
         self.total_rows = shape[0] if shape else 1

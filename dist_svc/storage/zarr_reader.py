@@ -20,7 +20,7 @@ import torch
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import is_digest
 from dist_svc.storage.location import location, storage_errors
-from dist_svc.storage.types import TensorInfo, natural_key
+from dist_svc.storage.types import UNSUPPORTED, TensorInfo, natural_key
 from dist_svc.storage.zarr_format import (
     CHECKSUM_ATTR, DTYPE_ATTR, FROM_ATTR, FROM_NUMPY, ORDER_ATTR, SHA_ATTR, STORED, tensor_name, zarr_module,
 )
@@ -71,8 +71,8 @@ class ZarrCheckpoint:
             if code is None or STORED[code][0] != stored:
                 raise DistSvcError(f"{self.loc}: tensor '{name}' is stored as {stored}"
                                    f"{f' with {DTYPE_ATTR} {attr!r}' if attr else ''}, which dist-svc cannot "
-                                   f"merge (supported: float64, float32, float16, and bfloat16 as uint16 with "
-                                   f"{DTYPE_ATTR}: bfloat16). Convert it, or remove it from the store.")
+                                   f"read ({UNSUPPORTED}; bfloat16 as uint16 with {DTYPE_ATTR}: bfloat16). "
+                                   f"Convert it, or remove it from the store.")
             info = TensorInfo(name, code, tuple(int(d) for d in array.shape), self.loc.where(path))
             self.tensors[name] = info
             self._arrays[name] = _Array(info, array, path, code == "BF16", DTYPE_ATTR in array.attrs)
