@@ -8,6 +8,9 @@ import argparse
 import hashlib
 import json
 import os
+import pickletools
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,65 @@ def test_a_bin_fine_tune_merges_to_the_bytes_of_its_safetensors_twin(tmp_path, f
     run_cli("merge", write_config(tmp_path / "a.yaml", base, fts), tmp_path / "a", "--shard-size", "40KB")
     run_cli("merge", write_config(tmp_path / "b.yaml", base, [as_bin, fts[1]]), tmp_path / "b", "--shard-size", "40KB")
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+def _rewrite_zip(path: Path, edit) -> None:
+    """The torch.save archive at `path` again, each member's bytes through edit(name, data)."""
+    with zipfile.ZipFile(path) as z:
+        members = [(info, edit(info.filename, z.read(info.filename))) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, data in members:
+            z.writestr(info, data)
+
+
+def _declared_numel(pkl: bytes, key: str, numel: int) -> bytes:
+    """The pickle with storage `key` declared `numel` elements long (the int after its key and location)."""
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, (op, arg, _) in enumerate(ops) if arg == key and ops[i + 2][1] == "cpu")
+    i = next(j for j in range(at, len(ops)) if ops[j][0].name in ("BININT1", "BININT2", "BININT"))
+    return pkl[: ops[i][2]] + b"J" + struct.pack("<i", numel) + pkl[ops[i + 1][2]:]
+
+
+@pytest.mark.parametrize("damage", ["record cut short", "view past its storage"])
+def test_a_bin_whose_stored_data_is_shorter_than_a_tensor_is_refused_by_file_and_tensor(tmp_path, family, damage):
+    """A mapped torch.load trusts the length the pickle declares: a storage record cut short would
+    fill the tensor with the bytes that follow it in the file (5.97e20 where 0.02 was saved)."""
+    base, fts = family(1)
+    state = load_file(str(fts[0] / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t = state.pop(name)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if damage == "record cut short":  # storage 0 is the first tensor's; half of its bytes are gone
+        torch.save({name: t, **state}, bad / "pytorch_model.bin")
+        _rewrite_zip(bad / "pytorch_model.bin", lambda n, d: d[: len(d) // 2] if n.endswith("/data/0") else d)
+    else:  # a view 8 elements into its storage, which is declared (and stored) 8 elements too short
+        buffer = torch.cat([torch.zeros(8), t.flatten()])
+        torch.save({name: buffer[8:].view(t.shape), **state}, bad / "pytorch_model.bin")
+        _rewrite_zip(bad / "pytorch_model.bin", lambda n, d: (
+            _declared_numel(d, "0", t.numel()) if n.endswith("/data.pkl") else d[: 4 * t.numel()] if n.endswith("/data/0") else d))
+    result = run_cli("merge", write_config(tmp_path / "m.yaml", base, [bad]), tmp_path / "out", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len([x for x in result.stderr.splitlines() if x.startswith("error: ")]) == 1, result.stderr
+    assert str(bad / "pytorch_model.bin") in result.stderr and repr(name) in result.stderr, result.stderr
+    assert "Re-download" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bin_with_compressed_records_reads_the_values_saved(tmp_path):
+    """A mapped record is read as stored: a compressed one would be its compressed bytes, so such a
+    file is read whole (torch decompresses it)."""
+    tensors = {"w": 0.02 * torch.randn(16, 8), "b": torch.randn(8)}
+    d = tmp_path / "deflated"
+    d.mkdir()
+    torch.save(tensors, d / "pytorch_model.bin")
+    with zipfile.ZipFile(d / "pytorch_model.bin") as z:
+        members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as z:
+        for n, data in members:
+            z.writestr(n, data)
+    ckpt = open_checkpoint(d)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
 
 
 # -- PEFT LoRA adapters, written by hand (PEFT's own are in tests/test_lora.py) -----------------------
