@@ -302,16 +302,38 @@ def test_mergekit_model_plus_adapter_syntax_applies_the_adapter_to_that_model(tm
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
-@pytest.mark.parametrize("problem", ["name", "shape", "dora", "alone"])
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("problem", ["name", "shape", "dora", "alone", "pattern not a regex", "pattern list",
+                                     "pattern string value", "pattern lookahead", "second adapter name",
+                                     "unprefixed copy"])
 def test_an_adapter_for_another_base_or_a_dora_adapter_is_one_clear_paragraph(tmp_path, problem):
+    """Also a broken rank_pattern / alpha_pattern, and two keys for one factor (two adapters in
+    one file, or a copy without PEFT's prefix), which would otherwise win by key order."""
     base, adapters, _ = _exact_family(tmp_path, 1)
     adapter = adapters[0]
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     needles = {"name": ["model.layers.7.", "another base"],
                "shape": ["model.layers.0.self_attn.q_proj.weight", "another base", "[32, 40]"],
-               "dora": ["DoRA"], "alone": []}[problem]
-    if problem == "name":
+               "dora": ["DoRA"], "alone": [],
+               "pattern not a regex": ["adapter_config.json", "'rank_pattern' key 'q_proj['", "regular expression"],
+               "pattern list": ["adapter_config.json", "'alpha_pattern' is a list", "mapping"],
+               "pattern string value": ["adapter_config.json", "'alpha_pattern'", "'q_proj'", "'2'", "positive number"],
+               "pattern lookahead": ["adapter_config.json", "'rank_pattern' key '(?=q)q_proj'", "lookahead"],
+               "second adapter name": [f"'{Q0}.lora_A.other.weight'", f"'{Q0}.lora_A.weight'", "two adapters"],
+               "unprefixed copy": [f"'{Q0.removeprefix('base_model.model.')}.lora_B.weight'",
+                                   f"'{Q0}.lora_B.weight'", "two adapters"]}[problem]
+    config.update({"pattern not a regex": {"rank_pattern": {"q_proj[": 2}},
+                   "pattern list": {"alpha_pattern": ["q_proj"]},
+                   "pattern string value": {"alpha_pattern": {"q_proj": "2"}},
+                   "pattern lookahead": {"rank_pattern": {"(?=q)q_proj": 2}}}.get(problem, {}))
+    if problem == "second adapter name":
+        tensors[f"{Q0}.lora_A.other.weight"] = 2 * tensors[f"{Q0}.lora_A.weight"]
+    elif problem == "unprefixed copy":
+        tensors[f"{Q0.removeprefix('base_model.model.')}.lora_B.weight"] = 2 * tensors[f"{Q0}.lora_B.weight"]
+    elif problem == "name":
         tensors = {k.replace("layers.0.", "layers.7."): v for k, v in tensors.items()}
     elif problem == "shape":
         key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -331,6 +353,22 @@ def test_an_adapter_for_another_base_or_a_dora_adapter_is_one_clear_paragraph(tm
     for needle in needles:
         assert needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pattern_key_that_backtracks_without_end_in_python_re_is_matched_in_bounded_time(tmp_path):
+    """PEFT matches `(.*\\.)?(KEY)$` with Python's re, whose time on `(.*)*v_proj` doubles with
+    each character of a name it does not match. dist-svc gives the same answers in linear time:
+    v_proj modules get alpha 2 (scale 1), the others keep alpha 1 (scale 1/2)."""
+    base, adapters, dense = _exact_family(tmp_path, 1)
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"(.*)*v_proj": 2}
+    (adapters[0] / "adapter_config.json").write_text(json.dumps(config))
+    b, d = _load_dir(base), _load_dir(dense[0])
+    twin = {n: b[n] + 2 * (d[n] - b[n]) if "v_proj" in n else d[n] for n in d}  # exact: powers of two
+    write_hf_checkpoint(tmp_path / "twin", twin)
+    run_cli("merge", write_config(tmp_path / "a.yaml", base, adapters), tmp_path / "a", "--no-calibrate", timeout=120)
+    run_cli("merge", write_config(tmp_path / "b.yaml", base, [tmp_path / "twin"]), tmp_path / "b", "--no-calibrate")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
 # -- Hugging Face Hub IDs from a real cache layout ----------------------------------------------------
