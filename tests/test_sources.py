@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import pickletools
+import random
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -21,6 +24,7 @@ from dist_svc import DistSvcError
 from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage.peft_patterns import compile_key, matches
 from tests.conftest import file_bytes, run_cli, write_config
 from tests.contracts import CheckpointContract, _bits, tensors_of_every_shape
 
@@ -175,7 +179,8 @@ def test_a_bin_whose_stored_data_is_shorter_than_a_tensor_is_refused_by_file_and
         buffer = torch.cat([torch.zeros(8), t.flatten()])
         torch.save({name: buffer[8:].view(t.shape), **state}, bad / "pytorch_model.bin")
         _rewrite_zip(bad / "pytorch_model.bin", lambda n, d: (
-            _declared_numel(d, "0", t.numel()) if n.endswith("/data.pkl") else d[: 4 * t.numel()] if n.endswith("/data/0") else d))
+            _declared_numel(d, "0", t.numel()) if n.endswith("/data.pkl")
+            else d[: 4 * t.numel()] if n.endswith("/data/0") else d))
     result = run_cli("merge", write_config(tmp_path / "m.yaml", base, [bad]), tmp_path / "out", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len([x for x in result.stderr.splitlines() if x.startswith("error: ")]) == 1, result.stderr
@@ -353,6 +358,25 @@ def test_an_adapter_for_another_base_or_a_dora_adapter_is_one_clear_paragraph(tm
     for needle in needles:
         assert needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pattern_keys_match_the_module_names_pythons_re_matches():
+    """PEFT's `re.match(rf"(.*\\.)?({key})$", name)` and dist-svc's bounded matcher agree on
+    keys built from every construct a rank pattern uses (anchors, classes, repeats, groups)."""
+    atoms = ["q", "q_proj", r"\.", ".", r"\d", r"\d+", "[0-9]", "[^.]", r"\w+", "(0|1)", "layers", "_", "^", "$",
+             r"\b", r"\B", "[a-z]*", "x?", "(a|)", "()", r"\W", r"[^\d]", "a{0,2}", r"\Z"]
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "q_proj", "layers.10.mlp.q", "",
+             "a", "q\n", "x.q_proj.k"]
+    rng = random.Random(1)
+    keys = ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 4))) for _ in range(1500)]
+    for key, name in itertools.product(keys, names):
+        try:
+            program = compile_key(key)
+        except re.error:
+            with pytest.raises(re.error):
+                re.compile(rf"(.*\.)?({key})$")
+            continue
+        assert matches(program, name) == bool(re.match(rf"(.*\.)?({key})$", name)), (key, name)
 
 
 def test_a_pattern_key_that_backtracks_without_end_in_python_re_is_matched_in_bounded_time(tmp_path):

@@ -115,10 +115,12 @@ def _emit(items: list, program: list[tuple]) -> None:
                 raise UnsupportedPattern(f"the anchor {av}")
             program.append((_AT, av))
         else:
-            raise UnsupportedPattern({sre.GROUPREF: "a backreference", sre.GROUPREF_EXISTS: "a conditional group",
-                                      sre.ASSERT: "a lookahead or lookbehind", sre.ASSERT_NOT: "a lookahead or lookbehind",
-                                      sre.ATOMIC_GROUP: "an atomic group (?>...)",
-                                      sre.POSSESSIVE_REPEAT: "a possessive repeat"}.get(op, str(op)))
+            raise UnsupportedPattern(_UNSUPPORTED.get(op, str(op)))
+
+
+_UNSUPPORTED = {sre.GROUPREF: "a backreference", sre.GROUPREF_EXISTS: "a conditional group",
+                sre.ASSERT: "a lookahead or lookbehind", sre.ASSERT_NOT: "a lookahead or lookbehind",
+                sre.ATOMIC_GROUP: "an atomic group (?>...)", sre.POSSESSIVE_REPEAT: "a possessive repeat"}
 
 
 def _word(ch: str) -> bool:
