@@ -6,9 +6,9 @@ side), never loaded whole unless a method needs it so. Each block of each input 
 memory of its own, checked for NaN/Inf, moved to the device in its stored dtype and widened
 there to the compute dtype. Each input is read under its own name in its own checkpoint (a
 frankenmerge's output layer 30 may be layer 12 of one model). An input that is an adapter of the
-unit's base (a LoRA) also gives its exact change from the base (`Inputs.deltas`: scale * B @ A
-of the block, in float64 rounded once), which the worker uses as its task vector instead of a
-difference of rounded weights.
+unit's base (a LoRA) is not read as a second copy of the base: its block is the base's block plus
+its change (scale * B @ A, float64), rounded once to the adapter's stored dtype, the same weights
+`read()` gives for any adapted model (and mergekit's `MODEL+LORA`, merged in the model's dtype).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from dist_svc.errors import DistSvcError
-from dist_svc.storage.types import Adapter, Checkpoint
+from dist_svc.storage.types import DTYPES, Adapter, Checkpoint
 
 if TYPE_CHECKING:
     from dist_svc.plan import Unit
@@ -138,19 +138,18 @@ class BlockReader:
     def whole(shape: tuple[int, ...]) -> Block:
         return Block(0, shape[0] if shape else 1, False)
 
-    def read(self, unit: "Unit", block: Block | None) -> "Inputs":
+    def read(self, unit: "Unit", block: Block | None) -> list[torch.Tensor]:
         """Every input's block (`None`: the whole tensor, whatever its length in each input), in
         compute dtype on the device, oriented (transposed for a column block); each in memory of
         its own (readers never hand out file mappings), so callers may change them in place. An
-        adapter of the base input gives its exact change (`deltas`) and, as its weights, the base
-        block plus that change (the base is not read twice)."""
+        adapter of the base input is the base block plus its change (the base is not read twice)."""
         start = time.perf_counter()
         inputs = self._assemble(unit, [self._fetch(unit, i, block) for i in range(len(unit.inputs))])
         self.seconds += time.perf_counter() - start
         return inputs
 
     def _fetch(self, unit: "Unit", i: int, block: Block | None) -> tuple[bool, torch.Tensor]:
-        """Input i's block: (True, its exact change) for an adapter of the unit's base, else
+        """Input i's block: (True, its change in float64) for an adapter of the unit's base, else
         (False, its weights)."""
         s = unit.inputs[i]
         checkpoint = self.checkpoints[s.checkpoint]
@@ -162,22 +161,25 @@ class BlockReader:
                 return True, delta
         return False, self._read(checkpoint, s.tensor, block)
 
-    @staticmethod
-    def _assemble(unit: "Unit", fetched: list[tuple[bool, torch.Tensor]]) -> "Inputs":
-        deltas = {i: t for i, (is_delta, t) in enumerate(fetched) if is_delta}
+    def _assemble(self, unit: "Unit", fetched: list[tuple[bool, torch.Tensor]]) -> list[torch.Tensor]:
+        """The adapters' blocks: base + change in float64, rounded once to the adapter's stored
+        dtype (the base block holds the stored values exactly: compute dtypes are at least as wide)."""
         tensors = [t for _, t in fetched]
-        for i, delta in deltas.items():
-            tensors[i] = tensors[unit.base] + delta
-        return Inputs(tensors, deltas)
+        for i, (is_delta, delta) in enumerate(fetched):
+            if is_delta:
+                stored = DTYPES[self.checkpoints[unit.inputs[i].checkpoint].tensors[unit.inputs[i].tensor].dtype][0]
+                tensors[i] = delta.add_(tensors[unit.base]).to(stored).to(self.compute_dtype)
+        return tensors
 
     def _delta(self, adapter: Adapter, name: str, block: Block | None) -> torch.Tensor | None:
         shape = adapter.inner.tensors[name].shape
         span = None if block is None or not shape else slice(block.start, block.stop)
         transposed = block is not None and block.transposed and bool(shape)
-        delta = adapter.delta(name, None if transposed else span, span if transposed else None, self.compute_dtype)
+        delta = adapter.delta(name, None if transposed else span, span if transposed else None, torch.float64)
         if delta is None:
             return None
-        return self._finite(self._to_device(delta.T if transposed else delta), name, f"the adapter {adapter.source}")
+        return self._finite(self._to_device(delta.T if transposed else delta, torch.float64), name,
+                            f"the adapter {adapter.source}")
 
     def _read(self, checkpoint: Checkpoint, name: str, block: Block | None) -> torch.Tensor:
         info = checkpoint.tensors[name]
@@ -189,21 +191,22 @@ class BlockReader:
             raw = checkpoint.read(name, rows=slice(block.start, block.stop))
         return self._finite(self._to_device(raw), name, info.where)
 
-    def _to_device(self, raw: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, raw: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """In the compute dtype on the device. To a GPU in the stored dtype, then widened there
         (`.to(cuda, float32)` of a bf16 tensor widens on the CPU first and moves twice the
         bytes: 2 GB/s measured on an H100 host), from pinned memory on a CUDA stream of this
         reading thread's own, so that the copies of blocks read ahead overlap the kernels of the
         block being computed; the compute stream waits for the copy before it uses the tensor."""
+        dtype = dtype or self.compute_dtype
         if self.device.type != "cuda":
-            return raw.to(self.compute_dtype)
+            return raw.to(dtype)
         streams = self._streams.__dict__
         if "stream" not in streams:
             streams["stream"] = torch.cuda.Stream(self.device)
         stream = streams["stream"]
         consumer = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(stream):
-            tensor = raw.pin_memory().to(self.device, non_blocking=True).to(self.compute_dtype)
+            tensor = raw.pin_memory().to(self.device, non_blocking=True).to(dtype)
         consumer.wait_stream(stream)
         tensor.record_stream(consumer)  # its memory is not reused before the compute stream is done
         return tensor
@@ -222,15 +225,6 @@ class BlockReader:
             self._pool.shutdown(wait=True)
         for c in self.checkpoints:
             c.close()
-
-
-class Inputs(list):
-    """A unit's input blocks (weights), and by position the exact changes of the inputs that are
-    adapters of its base (their task vectors)."""
-
-    def __init__(self, tensors: list[torch.Tensor], deltas: dict[int, torch.Tensor]):
-        super().__init__(tensors)
-        self.deltas = deltas
 
 
 def flat_indices(shape: tuple[int, ...], block: Block, device: torch.device) -> torch.Tensor:

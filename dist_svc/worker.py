@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, Inputs, flat_indices
+from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
 from dist_svc.memory import CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, whole_tensor
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
@@ -289,13 +289,11 @@ class Worker:
         """(base, merged delta, task vectors) of one block; base None (zero) for a tensor
         without a base, whose "task vectors" are then the weights."""
         base = None if unit.base is None else tensors[unit.base]
-        exact = tensors.deltas if isinstance(tensors, Inputs) else {}  # adapters of the base: their change
         if self.method.operates_on == "weights":
             merged = self._merge(unit, block, tensors)
-            return base, merged - base, [exact[i] if i in exact else tensors[i] - base for i in unit.fine_tunes]
+            return base, merged - base, [tensors[i] - base for i in unit.fine_tunes]
         # In place: every read is a buffer of its own, and methods never change their inputs.
-        taus = [exact[i] if i in exact else tensors[i] if base is None else tensors[i].sub_(base)
-                for i in unit.fine_tunes]
+        taus = [tensors[i] if base is None else tensors[i].sub_(base) for i in unit.fine_tunes]
         return base, self._merge(unit, block, taus, base), taus
 
     def _finish(self, base: torch.Tensor | None, delta: torch.Tensor, unit: Unit) -> torch.Tensor:

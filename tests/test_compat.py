@@ -883,6 +883,51 @@ def test_ties_on_bf16_checkpoints_differs_from_mergekit_only_at_ties(tmp_path):
     assert ties_seen > 0  # the family's bf16 task vectors do tie at the threshold
 
 
+@pytest.mark.parametrize("position", ["models", "base_model"])
+def test_model_plus_lora_is_mergekits_adapted_model_in_either_position(tmp_path, position):
+    """mergekit materializes `MODEL+LORA` as PEFT's merge_and_unload of the model loaded in its own
+    dtype (bf16 here), under `models:` and `base_model:` alike; dist-svc's adapted weights are the
+    same, rounded once to bf16 from float64 where PEFT rounds the change to bf16 first (so an
+    element may sit one bf16 step away where the two roundings part)."""
+    peft = pytest.importorskip("peft", reason="the LoRA comparison builds an adapter with PEFT")
+    base, fts = make_family(tmp_path, k=2, arch=TinyLlama(vocab_size=64, hidden_size=64, intermediate_size=96,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          num_key_value_heads=2), dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    wrapped.save_pretrained(tmp_path / "lora")
+    adapted = f"{base}+{tmp_path / 'lora'}"
+    models = [(adapted, 1.0), (fts[0], 0.5)] if position == "models" else [(fts[0], 1.0), (fts[1], 0.5)]
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {adapted if position == 'base_model' else base}\n"
+                   f"models:\n" + "".join(f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in models)
+                   + "dtype: float32\nout_dtype: float32\n")
+    proc = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(tmp_path / "mk"),
+                           "--lora-merge-cache", str(tmp_path / "lora-cache"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merge(cfg, tmp_path / "ds", calibrate=False, progress="off")
+    ours, theirs = load_output(tmp_path / "ds"), load_output(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    b = load_checkpoint(base)
+    changed = parted = 0
+    for name in ours:
+        a, t = ours[name].double().numpy(), theirs[name].double().numpy()
+        step = np.abs(b[name]) * 2.0**-7 + 1e-30  # one bf16 step at the base's magnitude
+        apart = np.abs(a - t) / np.maximum(TOL, 1.01 * step)
+        assert apart.max() <= 1, f"{name}: {apart.max():.3g} bf16 steps from mergekit's"
+        parted += int((np.abs(a - t) > TOL).sum())
+        if "q_proj" in name or "v_proj" in name or "down_proj" in name:
+            changed += a.size
+    assert changed and parted < 0.005 * changed, f"{parted} of {changed} adapted elements part"
+
+
 def test_mergekit_yaml_flags_mean_what_they_mean_in_mergekit(outputs):
     """`dist-svc mergekit-yaml` took the flags above unchanged: shards of at most 30,000 bytes as
     mergekit's (its help says parameters, its writer counts bytes), no tokenizer files with

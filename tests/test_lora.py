@@ -110,6 +110,35 @@ def test_adapted_weights_are_the_float64_reference_rounded_once_and_match_peft_m
                                            rtol=1e-12, atol=1e-15)
 
 
+def test_rank_and_alpha_patterns_are_matched_as_peft_matches_them(tmp_path, peft_family):
+    """Pattern keys are regular expressions matched against the end of a module's name, the first
+    in the file's order winning (PEFT saves them sorted): the adapter as PEFT loads and merges it
+    is dist-svc's adapted model."""
+    base, _, base_state, _ = peft_family
+    model = transformers.LlamaForCausalLM(_config())
+    model.load_state_dict(base_state)
+    torch.manual_seed(5)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(
+        init_lora_weights=False, r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.0.self_attn.q_proj": 5, r"layers\.\d+\.mlp\.down_proj": 6, "q_proj": 3},
+        alpha_pattern={"^model.layers.1.*v_proj": 7, "k_proj": 2.5}))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    fresh = transformers.LlamaForCausalLM(_config())
+    fresh.load_state_dict(base_state)
+    theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").merge_and_unload().state_dict()
+    ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
+             for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items() if ".lora_A" in k}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 5 and ranks["model.layers.1.self_attn.q_proj"] == 3
+    assert ranks["model.layers.1.mlp.down_proj"] == 6 and ranks["model.layers.1.self_attn.v_proj"] == 2
+    ckpt = open_checkpoint(tmp_path / "adapter", base=open_checkpoint(base))
+    assert ckpt.factors["model.layers.1.self_attn.v_proj.weight"].scale == 7 / 2
+    assert ckpt.factors["model.layers.0.self_attn.v_proj.weight"].scale == 4 / 2
+    assert ckpt.factors["model.layers.0.self_attn.k_proj.weight"].scale == 2.5 / 2
+    for name in ckpt.tensors:
+        np.testing.assert_allclose(ckpt.read(name).numpy(), theirs[name].detach().numpy(), rtol=1e-6, atol=2e-7,
+                                   err_msg=name)
+
+
 def _reference_merge(base_state, adapters, lam: float, alpha: float, skip=("*embed*", "*lm_head*")):
     import fnmatch
 

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
+import pickletools
+import random
+import re
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,7 @@ from dist_svc import DistSvcError
 from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint, source_of
+from dist_svc.storage.peft_patterns import compile_key, matches
 from tests.conftest import file_bytes, run_cli, write_config
 from tests.contracts import CheckpointContract, _bits, tensors_of_every_shape
 
@@ -138,6 +145,66 @@ def test_a_bin_fine_tune_merges_to_the_bytes_of_its_safetensors_twin(tmp_path, f
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
+def _rewrite_zip(path: Path, edit) -> None:
+    """The torch.save archive at `path` again, each member's bytes through edit(name, data)."""
+    with zipfile.ZipFile(path) as z:
+        members = [(info, edit(info.filename, z.read(info.filename))) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, data in members:
+            z.writestr(info, data)
+
+
+def _declared_numel(pkl: bytes, key: str, numel: int) -> bytes:
+    """The pickle with storage `key` declared `numel` elements long (the int after its key and location)."""
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, (op, arg, _) in enumerate(ops) if arg == key and ops[i + 2][1] == "cpu")
+    i = next(j for j in range(at, len(ops)) if ops[j][0].name in ("BININT1", "BININT2", "BININT"))
+    return pkl[: ops[i][2]] + b"J" + struct.pack("<i", numel) + pkl[ops[i + 1][2]:]
+
+
+@pytest.mark.parametrize("damage", ["record cut short", "view past its storage"])
+def test_a_bin_whose_stored_data_is_shorter_than_a_tensor_is_refused_by_file_and_tensor(tmp_path, family, damage):
+    """A mapped torch.load trusts the length the pickle declares: a storage record cut short would
+    fill the tensor with the bytes that follow it in the file (5.97e20 where 0.02 was saved)."""
+    base, fts = family(1)
+    state = load_file(str(fts[0] / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t = state.pop(name)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if damage == "record cut short":  # storage 0 is the first tensor's; half of its bytes are gone
+        torch.save({name: t, **state}, bad / "pytorch_model.bin")
+        _rewrite_zip(bad / "pytorch_model.bin", lambda n, d: d[: len(d) // 2] if n.endswith("/data/0") else d)
+    else:  # a view 8 elements into its storage, which is declared (and stored) 8 elements too short
+        buffer = torch.cat([torch.zeros(8), t.flatten()])
+        torch.save({name: buffer[8:].view(t.shape), **state}, bad / "pytorch_model.bin")
+        _rewrite_zip(bad / "pytorch_model.bin", lambda n, d: (
+            _declared_numel(d, "0", t.numel()) if n.endswith("/data.pkl")
+            else d[: 4 * t.numel()] if n.endswith("/data/0") else d))
+    result = run_cli("merge", write_config(tmp_path / "m.yaml", base, [bad]), tmp_path / "out", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len([x for x in result.stderr.splitlines() if x.startswith("error: ")]) == 1, result.stderr
+    assert str(bad / "pytorch_model.bin") in result.stderr and repr(name) in result.stderr, result.stderr
+    assert "Re-download" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bin_with_compressed_records_reads_the_values_saved(tmp_path):
+    """A mapped record is read as stored: a compressed one would be its compressed bytes, so such a
+    file is read whole (torch decompresses it)."""
+    tensors = {"w": 0.02 * torch.randn(16, 8), "b": torch.randn(8)}
+    d = tmp_path / "deflated"
+    d.mkdir()
+    torch.save(tensors, d / "pytorch_model.bin")
+    with zipfile.ZipFile(d / "pytorch_model.bin") as z:
+        members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as z:
+        for n, data in members:
+            z.writestr(n, data)
+    ckpt = open_checkpoint(d)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
+
+
 # -- PEFT LoRA adapters, written by hand (PEFT's own are in tests/test_lora.py) -----------------------
 
 def write_adapter(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float,
@@ -240,16 +307,38 @@ def test_mergekit_model_plus_adapter_syntax_applies_the_adapter_to_that_model(tm
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
-@pytest.mark.parametrize("problem", ["name", "shape", "dora", "alone"])
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("problem", ["name", "shape", "dora", "alone", "pattern not a regex", "pattern list",
+                                     "pattern string value", "pattern lookahead", "second adapter name",
+                                     "unprefixed copy"])
 def test_an_adapter_for_another_base_or_a_dora_adapter_is_one_clear_paragraph(tmp_path, problem):
+    """Also a broken rank_pattern / alpha_pattern, and two keys for one factor (two adapters in
+    one file, or a copy without PEFT's prefix), which would otherwise win by key order."""
     base, adapters, _ = _exact_family(tmp_path, 1)
     adapter = adapters[0]
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     needles = {"name": ["model.layers.7.", "another base"],
                "shape": ["model.layers.0.self_attn.q_proj.weight", "another base", "[32, 40]"],
-               "dora": ["DoRA"], "alone": []}[problem]
-    if problem == "name":
+               "dora": ["DoRA"], "alone": [],
+               "pattern not a regex": ["adapter_config.json", "'rank_pattern' key 'q_proj['", "regular expression"],
+               "pattern list": ["adapter_config.json", "'alpha_pattern' is a list", "mapping"],
+               "pattern string value": ["adapter_config.json", "'alpha_pattern'", "'q_proj'", "'2'", "positive number"],
+               "pattern lookahead": ["adapter_config.json", "'rank_pattern' key '(?=q)q_proj'", "lookahead"],
+               "second adapter name": [f"'{Q0}.lora_A.other.weight'", f"'{Q0}.lora_A.weight'", "two adapters"],
+               "unprefixed copy": [f"'{Q0.removeprefix('base_model.model.')}.lora_B.weight'",
+                                   f"'{Q0}.lora_B.weight'", "two adapters"]}[problem]
+    config.update({"pattern not a regex": {"rank_pattern": {"q_proj[": 2}},
+                   "pattern list": {"alpha_pattern": ["q_proj"]},
+                   "pattern string value": {"alpha_pattern": {"q_proj": "2"}},
+                   "pattern lookahead": {"rank_pattern": {"(?=q)q_proj": 2}}}.get(problem, {}))
+    if problem == "second adapter name":
+        tensors[f"{Q0}.lora_A.other.weight"] = 2 * tensors[f"{Q0}.lora_A.weight"]
+    elif problem == "unprefixed copy":
+        tensors[f"{Q0.removeprefix('base_model.model.')}.lora_B.weight"] = 2 * tensors[f"{Q0}.lora_B.weight"]
+    elif problem == "name":
         tensors = {k.replace("layers.0.", "layers.7."): v for k, v in tensors.items()}
     elif problem == "shape":
         key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -269,6 +358,41 @@ def test_an_adapter_for_another_base_or_a_dora_adapter_is_one_clear_paragraph(tm
     for needle in needles:
         assert needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pattern_keys_match_the_module_names_pythons_re_matches():
+    """PEFT's `re.match(rf"(.*\\.)?({key})$", name)` and dist-svc's bounded matcher agree on
+    keys built from every construct a rank pattern uses (anchors, classes, repeats, groups)."""
+    atoms = ["q", "q_proj", r"\.", ".", r"\d", r"\d+", "[0-9]", "[^.]", r"\w+", "(0|1)", "layers", "_", "^", "$",
+             r"\b", r"\B", "[a-z]*", "x?", "(a|)", "()", r"\W", r"[^\d]", "a{0,2}", r"\Z"]
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "q_proj", "layers.10.mlp.q", "",
+             "a", "q\n", "x.q_proj.k"]
+    rng = random.Random(1)
+    keys = ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 4))) for _ in range(1500)]
+    for key, name in itertools.product(keys, names):
+        try:
+            program = compile_key(key)
+        except re.error:
+            with pytest.raises(re.error):
+                re.compile(rf"(.*\.)?({key})$")
+            continue
+        assert matches(program, name) == bool(re.match(rf"(.*\.)?({key})$", name)), (key, name)
+
+
+def test_a_pattern_key_that_backtracks_without_end_in_python_re_is_matched_in_bounded_time(tmp_path):
+    """PEFT matches `(.*\\.)?(KEY)$` with Python's re, whose time on `(.*)*v_proj` doubles with
+    each character of a name it does not match. dist-svc gives the same answers in linear time:
+    v_proj modules get alpha 2 (scale 1), the others keep alpha 1 (scale 1/2)."""
+    base, adapters, dense = _exact_family(tmp_path, 1)
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"(.*)*v_proj": 2}
+    (adapters[0] / "adapter_config.json").write_text(json.dumps(config))
+    b, d = _load_dir(base), _load_dir(dense[0])
+    twin = {n: b[n] + 2 * (d[n] - b[n]) if "v_proj" in n else d[n] for n in d}  # exact: powers of two
+    write_hf_checkpoint(tmp_path / "twin", twin)
+    run_cli("merge", write_config(tmp_path / "a.yaml", base, adapters), tmp_path / "a", "--no-calibrate", timeout=120)
+    run_cli("merge", write_config(tmp_path / "b.yaml", base, [tmp_path / "twin"]), tmp_path / "b", "--no-calibrate")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
 # -- Hugging Face Hub IDs from a real cache layout ----------------------------------------------------

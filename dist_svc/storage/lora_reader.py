@@ -15,8 +15,9 @@ adapted weights themselves, rounded once to the stored dtype, as PEFT's `merge_a
 
 Refused, naming the key or option: DoRA (its magnitude vector makes the change non-linear in B
 and A), other PEFT types, options that change the arithmetic (`layer_replication`,
-`target_parameters`, ...), and an adapter for another base: a module missing from the inner
-checkpoint or factors whose shapes do not fit its tensor.
+`target_parameters`, ...), an adapter for another base: a module missing from the inner
+checkpoint or factors whose shapes do not fit its tensor, two keys for one factor (two adapters
+in one file), and a pattern field that is not a mapping of valid keys to positive numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.location import quote
+from dist_svc.storage.peft_patterns import UnsupportedPattern, compile_key, matches
 from dist_svc.storage.types import Checkpoint, TensorInfo
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,6 +73,8 @@ class LoraCheckpoint:
         self._same: dict[str, bool] = {}  # base_layer tensors found equal to the inner's
         if not identity_only:
             self._check_config(config)
+            self._patterns = {field: _patterns(config.get(field), field, loc.where(CONFIG_NAME))
+                              for field in ("rank_pattern", "alpha_pattern")}
             self._map_keys(config)
         self.tensors: dict[str, TensorInfo] = {
             name: (TensorInfo(name, weights.tensors[self.full[name]].dtype, info.shape, weights.tensors[self.full[name]].where)
@@ -101,16 +105,12 @@ class LoraCheckpoint:
                                    f"dist-svc does not apply. Merge it into its base with PEFT (`merge_and_unload()`), "
                                    f"save that, and merge the result as a full model.")
         for option in ("r", "lora_alpha"):
-            value = config.get(option)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise DistSvcError(f"{where}: '{option}' is {quote(value)}, not a positive number.")
+            if not _positive(config.get(option)):
+                raise DistSvcError(f"{where}: '{option}' is {quote(config.get(option))}, not a positive number.")
 
     def _scale(self, module: str, rank: int) -> float:
-        config = self.config
-        r = config["r"]
-        alpha = config["lora_alpha"]
-        r = (config.get("rank_pattern") or {}).get(_pattern_key(config.get("rank_pattern") or {}, module), r)
-        alpha = (config.get("alpha_pattern") or {}).get(_pattern_key(config.get("alpha_pattern") or {}, module), alpha)
+        r = _pattern_value(self._patterns["rank_pattern"], module, self.config["r"])
+        alpha = _pattern_value(self._patterns["alpha_pattern"], module, self.config["lora_alpha"])
         if r != rank:
             raise DistSvcError(f"{self.loc}: module {quote(module)} has LoRA factors of rank {rank} but the config "
                                f"says r = {r}; the adapter is inconsistent. Re-save it.")
@@ -128,13 +128,13 @@ class LoraCheckpoint:
                 raise DistSvcError(f"{self.loc}: key {quote(key)} is a DoRA magnitude vector; DoRA adapters are not "
                                    f"LoRA task vectors (merge it with PEFT first).")
             if match and match.group(1):
-                modules.setdefault(match.group(1), {})[match.group(2)] = key
+                self._one_key(modules.setdefault(match.group(1), {}), match.group(2), key)
             elif match and match.group(3):
-                modules.setdefault(match.group(3), {})["bias"] = key
+                self._one_key(modules.setdefault(match.group(3), {}), "bias", key)
             else:
                 target = name[: -len(".base_layer.weight")] + ".weight" if name.endswith(".base_layer.weight") else name
                 self._fits(key, target, self.weights.tensors[key].shape)
-                self.full[target] = key
+                self._one_key(self.full, target, key)
                 if target != name:
                     self._base_layers.add(target)
         fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -159,6 +159,18 @@ class LoraCheckpoint:
                 bias = f"{module}.bias"
                 self._fits(parts["bias"], bias, self.weights.tensors[parts["bias"]].shape)
                 self.factors[bias] = Factors(None, parts["bias"], scale, False)
+
+    def _one_key(self, keys: dict[str, str], part: str, key: str) -> None:
+        """Records `key` as `part`, refusing a second key for the same part: two adapters saved in
+        one file, or a prefixed and an unprefixed copy, and which one wins would be key order."""
+        if part in keys:
+            first, second = sorted((keys[part], key))
+            raise DistSvcError(
+                f"{self.weights.tensors[key].where}: keys {quote(first)} and {quote(second)} are both "
+                f"{quote(_strip(key))}: the file holds two adapters (two adapter names, or a copy with and one "
+                f"without the {PREFIX!r} prefix), and dist-svc will not pick one by key order. Save the adapter "
+                f"alone (PEFT: save_pretrained with selected_adapters=[NAME]), or remove the other copy's keys.")
+        keys[part] = key
 
     def _fits(self, key: str, target: str, shape: tuple[int, ...]) -> None:
         info = self.inner.tensors.get(target)
@@ -265,12 +277,41 @@ def _strip(key: str) -> str:
                   lambda m: f".{m.group(1)}{m.group(2)}", name).replace(".modules_to_save.weight", ".weight")
 
 
-def _pattern_key(patterns: dict, module: str) -> str:
-    """PEFT's `get_pattern_key`: the first pattern that matches the end of the module's name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _patterns(field_value, field: str, where: str) -> list[tuple[list, float]]:
+    """A `rank_pattern` / `alpha_pattern` mapping as (matcher, value) pairs, in the file's order
+    (PEFT takes the first key that matches)."""
+    if field_value is None:
+        return []
+    if not isinstance(field_value, dict):
+        raise DistSvcError(f"{where}: '{field}' is a {type(field_value).__name__}, not a mapping from module-name "
+                           f"patterns to numbers (as PEFT writes it: {{\"q_proj\": 16}}). Fix or remove it.")
+    out = []
+    for key, value in field_value.items():
+        if not _positive(value):
+            raise DistSvcError(f"{where}: '{field}' gives {quote(key)} the value {quote(value)}, not a positive "
+                               f"number. Fix or remove that entry.")
+        try:
+            out.append((compile_key(key), value))
+        except re.error as e:
+            raise DistSvcError(f"{where}: '{field}' key {quote(key)} is not a valid regular expression ({e.msg}); "
+                               f"PEFT matches each key as a regular expression against the end of a module's "
+                               f"name. Fix the key.") from None
+        except UnsupportedPattern as e:
+            raise DistSvcError(f"{where}: '{field}' key {quote(key)} uses {e}, which dist-svc does not evaluate: it "
+                               f"matches keys in time bounded by the module name's length, so backreferences, "
+                               f"lookarounds, atomic groups, possessive repeats and scoped flags are refused. "
+                               f"Write the key as the module's name or the end of it (e.g. "
+                               f"'layers.0.self_attn.q_proj' or 'q_proj').") from None
+    return out
+
+
+def _pattern_value(patterns: list[tuple[list, float]], module: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the value of the first key matching the end of the module's name."""
+    return next((value for program, value in patterns if matches(program, module)), default)
 
 
 def _block_shape(shape: tuple[int, ...], rows: slice | None, cols: slice | None) -> tuple[int, ...]:

@@ -15,11 +15,14 @@ drop); convert large legacy checkpoints to safetensors once for merges that run 
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 
 import torch
+from torch.storage import _get_dtype_from_pickle_storage_type as _storage_dtype
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.location import check_index, discover, quote, side_file
@@ -64,14 +67,9 @@ class TorchCheckpoint:
         if i in self._loaded:
             return self._loaded[i]
         file = self.files[i]
+        mappable = _check_storages(file)
         try:
-            try:
-                state = torch.load(file.path, map_location="cpu", weights_only=not self.trust_pickle, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # The pre-1.6 (not zip) format cannot be mapped: read whole, still restricted.
-                state = torch.load(file.path, map_location="cpu", weights_only=not self.trust_pickle)
+            state = torch.load(file.path, map_location="cpu", weights_only=not self.trust_pickle, mmap=mappable)
         except pickle.UnpicklingError as e:
             needed = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f"it needs {needed.group(1)}" if needed else str(e).splitlines()[0][:200]
@@ -138,6 +136,150 @@ def _state_dict(state, where: str) -> dict[str, torch.Tensor]:
                                f"convert it.")
         out[name] = value
     return out
+
+
+def _check_storages(file) -> bool:
+    """Refuses, by file and tensor, a zip-format checkpoint whose stored data is shorter than one
+    of its tensors needs: a mapped load takes the length the pickle declares, so it would fill the
+    tensor with whatever bytes follow in the file. True when every storage can be mapped; False
+    for the pre-1.6 (not zip) format and for compressed records, which are read whole (a map of a
+    compressed record would be its compressed bytes)."""
+    try:
+        archive = zipfile.ZipFile(file.path)
+    except (zipfile.BadZipFile, OSError):
+        return False
+    with archive:
+        records = {info.filename: info for info in archive.infolist()}
+        pkl = next((n for n in records if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            return False  # not a torch.save archive: torch.load says what it is
+        prefix = pkl[: -len("data.pkl")]
+        try:
+            stored = _StorageScan(io.BytesIO(archive.read(pkl))).tensors()
+        except Exception:  # a pickle this scan cannot follow: torch.load names what is wrong with it
+            return False
+    for name, t in stored:
+        record = records.get(f"{prefix}data/{t.key}")
+        held = record.file_size if record else 0
+        if t.needs > min(held, t.storage_bytes):
+            raise DistSvcError(
+                f"{file.where}: tensor {quote(name)} (shape {list(t.size)}, storage offset {t.offset}, strides "
+                f"{list(t.stride)}) needs {t.needs} bytes of its storage {quote('data/' + t.key)}, which declares "
+                f"{t.storage_bytes} bytes and holds {held} in the file: the file is truncated or was rewritten, and "
+                f"reading it would fill the tensor with other bytes. Re-download the checkpoint, or save it again "
+                f"(torch.save(model.state_dict(), ...)).")
+    return all(info.compress_type == zipfile.ZIP_STORED for n, info in records.items()
+               if n.startswith(f"{prefix}data/"))
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor of a torch.save pickle lies in its storage (sizes in bytes)."""
+
+    key: str
+    storage_bytes: int
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    itemsize: int
+
+    @property
+    def needs(self) -> int:
+        """The bytes from the storage's start to the tensor's last element."""
+        if 0 in self.size:
+            return 0
+        return (self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1) * self.itemsize
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch.save pickle for where its tensors lie, calling nothing of torch's or the
+    file's: tensors become `_Stored` records, every other global an inert placeholder."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _stored_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _stored_v3
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return lambda data, *rest: data
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name == "Size":
+            return tuple
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return _StorageType(1 if name == "UntypedStorage" else _storage_dtype(name).itemsize)
+            except KeyError:
+                return _Inert
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Inert
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        return str(key), numel * storage_type.itemsize, storage_type.itemsize
+
+    def tensors(self) -> list[tuple[str, _Stored]]:
+        """Every tensor, named by the key that holds it (nested dicts: the innermost key)."""
+        out, todo = [], [("", self.load())]
+        while todo:
+            name, value = todo.pop()
+            if isinstance(value, _Stored):
+                out.append((name, value))
+            elif isinstance(value, dict):
+                todo.extend((str(k), v) for k, v in value.items())
+            elif isinstance(value, (list, tuple)):
+                todo.extend((name, v) for v in value)
+        return out
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    itemsize: int
+
+
+class _Inert:
+    """Stands in for any other global of the pickle; accepts whatever the pickle does with it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+def _stored_v2(storage, offset, size, stride, *rest):
+    """`_rebuild_tensor_v2`: the tensor has its storage's dtype."""
+    return _stored(storage, offset, size, stride, storage[2] if isinstance(storage, tuple) else None)
+
+
+def _stored_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *rest):
+    """`_rebuild_tensor_v3`: an untyped storage and the tensor's dtype."""
+    return _stored(storage, offset, size, stride, dtype.itemsize if isinstance(dtype, torch.dtype) else None)
+
+
+def _stored(storage, offset, size, stride, itemsize):
+    def counts(xs):
+        return isinstance(xs, tuple) and all(type(x) is int and x >= 0 for x in xs)
+
+    if not (isinstance(storage, tuple) and itemsize and type(offset) is int and offset >= 0 and counts(size)
+            and counts(stride) and len(size) == len(stride)):
+        return _Inert()
+    return _Stored(storage[0], storage[1], offset, size, stride, itemsize)
 
 
 def _pickle_sha256(path) -> str | None:
