@@ -23,8 +23,8 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   fits: `MemoryBudget.exchange`);
 - a non-float tensor, copied: `b o (1 + WRITE_BEHIND)` on the host (the block as read, the
   blocks waiting to be written);
-- a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: the int64 indices
-  a sort or top-k over the tensor takes), plus, calibrated, the Grams and workspace above and
+- a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: a selection's
+  boolean masks and candidates, or a sort's int64 indices), plus, calibrated, the Grams and workspace above and
   `3 E 8`: the calibrated delta and its product in float64, and the float64 copy of one
   matrix that bounds its Gram entries (the finite check).
 

@@ -26,12 +26,8 @@ import torch
 
 from dist_svc.config import MergeConfig, TokenizerSpec
 from dist_svc.errors import DistSvcError
+from dist_svc.storage.types import TOKENIZER_FILES
 
-# A checkpoint's tokenizer files (what --no-copy-tokenizer leaves out).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-)
 # Tensors indexed by the vocabulary along axis 0 (besides having the vocabulary's length there).
 _VOCAB_NAMES = ("embed", "wte", "lm_head", "word_embeddings", "shared.weight", "cls.predictions", "output.weight")
 
@@ -189,7 +185,8 @@ def build_vocabulary(config: MergeConfig, files: SideFiles) -> Vocabulary:
     else:
         out = Tokenizer.read(source_files_of(spec.source, paths, files), spec.source)
     for token, _, _ in spec.tokens:
-        out.add(token)
+        if token not in out.vocab():  # a token it has stays as it is (mergekit's rule): not an added token
+            out.add(token)
 
     tokens = out.vocab()
     if sorted(tokens.values()) != list(range(len(tokens))):

@@ -192,16 +192,17 @@ def magnitude_reference(tau, density, rescale=False):
 
 def breadcrumbs_prune_reference(tau, density, gamma, rescale=False):
     """Model Breadcrumbs: drop the int(gamma n) largest magnitudes and the smallest, keeping
-    int(density n) (fewer outliers dropped when the density needs them)."""
+    int(density n) (fewer outliers dropped when the density needs them); equal magnitudes
+    ordered by index, the lowest counting as the larger."""
     tau = np.asarray(tau, np.float64)
     if density >= 1:
         return tau
     n = tau.size
     target, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - target - top)
-    ascending = sorted(range(n), key=lambda i: (abs(tau.flat[i]), i))
+    skip = min(top, n - target)
+    descending = sorted(range(n), key=lambda i: (-abs(tau.flat[i]), i))
     mask = np.zeros(n, bool)
-    mask[ascending[bottom:bottom + target]] = True
+    mask[descending[skip:skip + target]] = True
     kept = tau * mask.reshape(tau.shape)
     return _l1_rescale(tau, kept) if rescale else kept
 

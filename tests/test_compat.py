@@ -506,6 +506,22 @@ CASES = [
               source: {ft1}
               force: true
     """),
+    Case("tokenizer-tokens-in-vocab", "mergekit README, Tokenizer Configuration: a `tokens:` entry naming a "
+                                      "token the vocabulary has, without `force`", """
+        models:
+          - model: {ft1}
+            parameters: {{weight: 0.5}}
+          - model: {tool}
+            parameters: {{weight: 0.5}}
+        merge_method: task_arithmetic
+        base_model: {base}
+        dtype: float32
+        tokenizer:
+          source: union
+          tokens:
+            w5:
+              source: {ft1}
+    """),
     Case("tokenizer-base-chatml", "ChatML merges: `tokenizer_source: base` and `chat_template: chatml`", """
         models:
           - model: {chat}
@@ -789,9 +805,10 @@ def test_tokenizers_are_mergekits_and_match_the_rows(outputs, models):
         ours_dir, theirs_dir = _run_dist_svc(root, case), root / f"{case.id}-mk"
         ours, theirs = (transformers.AutoTokenizer.from_pretrained(d) for d in (ours_dir, theirs_dir))
         assert set(ours.get_vocab()) == set(theirs.get_vocab()), case.id
-        text = "w3 <|im_start|> w5 <tool> w9"
+        text = "w3 <|im_start|> w5 <tool> w9 w55 w99"  # w5, w9 under tokens: still plain tokens, so w55 is one
         assert ours.convert_ids_to_tokens(ours(text)["input_ids"]) == \
             theirs.convert_ids_to_tokens(theirs(text)["input_ids"]), case.id
+        assert ours.tokenize("w55 w99") == ["w55", "w99"], case.id
         if "chat_template" in case.yaml:  # else each copies its donor's (mergekit's: a set's first, without a base)
             assert ours.chat_template == theirs.chat_template, case.id
         embed = load_output(ours_dir)["model.embed_tokens.weight"]

@@ -178,15 +178,16 @@ def _dare_ties_reference(densities, seed):
 
 
 def _della_reference(density, epsilon, seed):
-    """MAGPRUNE from its definition: rank in the row (ties: lower index first), keep probability
-    density - epsilon + 2 epsilon rank / (n - 1), kept entries divided by it; the random numbers
-    are dist-svc's counter-based ones (methods.random)."""
+    """MAGPRUNE from its definition: rank in the row (of equal magnitudes the lower index ranks
+    higher), keep probability density - epsilon + 2 epsilon rank / (n - 1), kept entries divided
+    by it; the random numbers are dist-svc's counter-based ones (methods.random)."""
     def method(name, taus):
         out = []
         for i, t in enumerate(taus):
             rows = t.reshape(1, -1) if t.ndim < 2 else t
             n = rows.shape[1]
-            rank = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1) / max(n - 1, 1)
+            descending = np.argsort(np.argsort(-np.abs(rows), axis=1, kind="stable"), axis=1)
+            rank = (n - 1 - descending) / max(n - 1, 1)
             p = density - epsilon + 2 * epsilon * (rank if n > 1 else 0.5)
             u = uniform(stream_key(seed, name, i), torch.arange(rows.size).view(rows.shape)).numpy()
             out.append(np.where(u < p, rows / p, 0.0).reshape(t.shape))
@@ -331,6 +332,30 @@ def test_a_union_vocabulary_aligns_embedding_rows_per_token(tmp_path, family):
         expected_shared = b[name] + (f0[name] - b[name]) + (tensors[name][:vocab].double().numpy() - b[name])
         assert np.abs(got[:vocab] - expected_shared).max() < 1e-6
         assert np.array_equal(got[vocab:], extra.double().numpy())
+
+
+def test_every_tokenizer_file_of_the_base_is_copied_and_tokenizes_as_the_bases(tmp_path, family):
+    """A base whose tokenizer is a BERT vocabulary as many checkpoints ship it (vocab.txt and its
+    settings, no tokenizer.json): the output has each of its files, byte for byte, and
+    transformers' AutoTokenizer loads it from the output with the base's tokens (without
+    vocab.txt it loads an empty vocabulary and gives [UNK] for every word)."""
+    transformers = pytest.importorskip("transformers", reason="loading the tokenizer needs transformers")
+    base, fts = family(2)
+    (base / "tokenizer.json").unlink()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "##s", "fox", "hello", "world"]
+    (base / "vocab.txt").write_text("\n".join(words) + "\n")
+    (base / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "unk_token": "[UNK]", "sep_token": "[SEP]",
+        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}))
+    (base / "special_tokens_map.json").write_text(json.dumps({
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}))
+    merge(write_config(tmp_path / "m.yaml", base, fts, calibrate=False), tmp_path / "out", progress="off")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes(), name
+    ours, theirs = (transformers.AutoTokenizer.from_pretrained(d) for d in (tmp_path / "out", base))
+    text = "Hello browns fox, the world"
+    assert ours.tokenize(text) == theirs.tokenize(text) == ["hello", "brown", "##s", "fox", "[UNK]", "the", "world"]
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
 
 
 def test_progress_advances_within_a_unit_block_by_block(tmp_path, family):

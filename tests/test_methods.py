@@ -173,6 +173,78 @@ def test_ties_ties_at_the_threshold_go_to_the_lowest_indices():
     assert torch.nonzero(top_k_mask(big, 1000)).flatten().tolist() == list(range(0, 7000, 7))
 
 
+def _bf16_task_vector(shape=(64, 96), seed=0) -> torch.Tensor:
+    """A fine-tune's task vector as bf16 checkpoints give it (in the float32 compute dtype): the
+    difference of two bf16 tensors, so that many magnitudes are exactly equal."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    fine_tuned = (base.float() + 0.01 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    return fine_tuned.float() - base.float()
+
+
+def _in_selection_order(values) -> np.ndarray:
+    """The rule, in float64 numpy: larger first; equal values by flat index, lowest first."""
+    return np.argsort(-np.asarray(values, np.float64).ravel(), kind="stable")
+
+
+def _tied_across(values, cuts) -> np.ndarray:
+    """Where the rule decides: entries equal to a value that straddles a cut of the selection
+    order (the same value just before and just after it)."""
+    flat = np.asarray(values, np.float64).ravel()
+    ordered = flat[_in_selection_order(flat)]
+    tied = np.zeros(flat.size, bool)
+    for c in cuts:
+        if 0 < c < flat.size and ordered[c - 1] == ordered[c]:
+            tied |= flat == ordered[c]
+    return tied.reshape(np.shape(values))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "sce"])
+def test_magnitude_selection_on_bf16_ties_keeps_the_lowest_indices_and_differs_from_mergekit_only_there(method):
+    """bf16 task vectors hold many equal magnitudes, and where a selection's cut falls among
+    them the rule decides: the k largest, and of the equal ones at the cut the lowest flat
+    indices (a window of that order for breadcrumbs; by variance for SCE). Checked against the
+    rule written with a stable sort, and against mergekit 0.1.5's torch.argsort/topk, which may
+    choose other entries among those tied at a cut and nowhere else."""
+    tau = _bf16_task_vector()
+    n = tau.numel()
+    if method == "ties":
+        got = call("ties", [tau], weight=1.0, density=0.3)
+        values, cuts = tau.abs(), [max(1, int(0.3 * n))]
+        window = (0, cuts[0])
+    elif method == "breadcrumbs":
+        got = call("breadcrumbs", [tau], weight=1.0, density=0.3, gamma=0.05)
+        values = tau.abs()
+        skip, target = int(0.05 * n), int(0.3 * n)
+        cuts, window = [skip, skip + target], (skip, skip + target)
+    else:  # a second task of zeros: the variance is tau^2 / 4, its ties are tau's
+        got = call("sce", [tau, torch.zeros_like(tau)], select_topk=0.3)
+        values = torch.var(torch.stack([tau, torch.zeros_like(tau)]), dim=0, unbiased=False)
+        cuts = [int(torch.count_nonzero(values) * 0.3)]
+        window = (0, cuts[0])
+    expected = np.zeros(n, bool)
+    expected[_in_selection_order(values)[window[0]:window[1]]] = True
+    expected = expected.reshape(tau.shape)
+    kept = got != 0
+    assert np.array_equal(kept, expected & (tau.numpy() != 0))
+    np.testing.assert_allclose(got, np.where(expected, tau.numpy(), 0.0), rtol=1e-6, atol=0)
+    tied = _tied_across(values, cuts)
+    assert (tied & expected).any() and (tied & ~expected).any()  # the cut does fall among equal values
+
+    pytest.importorskip("mergekit", reason="comparing with mergekit needs it installed")
+    from mergekit.merge_methods.sce import sce_mask
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    if method == "ties":
+        theirs = magnitude(tau, 0.3) != 0
+    elif method == "breadcrumbs":
+        theirs = magnitude_outliers(tau, 0.3, gamma=0.05) != 0
+    else:
+        theirs = sce_mask(torch.stack([tau, torch.zeros_like(tau)]), 0.3).bool() & (tau != 0)
+    differ = theirs.numpy() != kept
+    assert not (differ & ~tied).any()
+
+
 def test_a_density_too_small_for_one_entry_still_keeps_the_largest():
     """mergekit keeps max(1, int(density * n)) entries for any positive density."""
     tau = np.array([[0.1, -3.0, 0.2], [0.0, 0.4, -0.3]])

@@ -13,8 +13,11 @@
                       weight each task by its mean squared entry
 
 Weighted task vectors are `w_i tau_i`; the result is multiplied by `lambda` (SCE has neither).
-Where ties between equal magnitudes decide what is kept, the lower flat index wins (mergekit's
-torch.argsort leaves that to the sort implementation; docs/methods.md).
+
+Selection by magnitude has one order (`top_k_mask`): larger magnitudes first and, among equal
+magnitudes, the lower flat index first. TIES keeps the first k of it, breadcrumbs a window of it,
+SCE the first k by variance, DELLA ranks by it. mergekit's torch.argsort/topk leave the order of
+equal magnitudes to the sort implementation (docs/methods.md); bf16 task vectors hold many.
 """
 
 from __future__ import annotations
@@ -32,19 +35,65 @@ L1_EPS = 1e-7  # mergekit's: a norm below it is not rescaled
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest of `values` (flat), ties at the threshold going to the lowest indices: the
-    same choice on every device and for every sort implementation."""
+    """The first k of `values` (non-negative: magnitudes, variances) in the selection order:
+    larger first, equal values by flat index, lowest first. The same choice on every device.
+
+    Found without sorting, as a streaming selection would: the k-th largest by a radix selection
+    on the values' bit patterns (`_kth_largest_bits`), every value above it, and of those equal to
+    it the first `k - above` by index (`_first_true`). Beside the input it holds a few boolean
+    masks and one chunk of digits; a sort or torch.topk holds 3-5x the input."""
     flat = values.reshape(-1)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k <= 0:
-        return keep.view_as(values)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if k >= flat.numel():
-        return keep.fill_(True).view_as(values)
-    threshold = torch.topk(flat, k, sorted=False).values.min()
-    above = flat > threshold
-    at = flat == threshold
-    need = k - int(above.sum())
-    return (above | (at & (torch.cumsum(at, 0) <= need))).view_as(values)
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # exact, and the same order
+    bits = flat.view(_BITS[flat.dtype])  # for non-negative floats, ordered as the values (NaN above inf)
+    threshold = _kth_largest_bits(bits, k)
+    keep = bits > threshold
+    need = k - int(torch.count_nonzero(keep))
+    at = bits == threshold
+    keep |= _first_true(at, need)
+    return keep.view(values.shape)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_DIGIT = 16  # bits per radix pass: a float32 takes 2 passes, a float64 4
+_CHUNK = 1 << 22  # elements per step of a pass over the whole input
+
+
+def _kth_largest_bits(bits: torch.Tensor, k: int) -> int:
+    """The k-th largest (1-based) of non-negative integers, most significant digit first: a
+    histogram of the candidates' digit, the digit where the count from the top reaches k, and
+    only the candidates with that digit go on to the next pass."""
+    prefix, remaining, candidates = 0, k, bits
+    for shift in range(bits.element_size() * 8 - _DIGIT, -1, -_DIGIT):
+        hist = torch.zeros(1 << _DIGIT, dtype=torch.int64, device=bits.device)
+        for part in candidates.split(_CHUNK):
+            hist += torch.bincount(((part >> shift) & ((1 << _DIGIT) - 1)).int(), minlength=1 << _DIGIT)
+        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[d]: candidates whose digit is >= d
+        digit = int(torch.nonzero(at_least >= remaining).max())
+        if digit + 1 < 1 << _DIGIT:
+            remaining -= int(at_least[digit + 1])
+        prefix |= digit << shift
+        if shift:
+            candidates = torch.cat([part[((part >> shift) & ((1 << _DIGIT) - 1)) == digit]
+                                    for part in candidates.split(_CHUNK)])
+    return prefix
+
+
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` with only its first `count` True entries (by index) left True (1-D; modified)."""
+    if count <= 0:
+        return mask.zero_()
+    counts = torch.stack([torch.count_nonzero(part) for part in mask.split(_CHUNK)]).cumsum(0)
+    chunk = int(torch.searchsorted(counts, count))  # the chunk holding the count-th True
+    before = int(counts[chunk - 1]) if chunk else 0
+    part = mask[chunk * _CHUNK:(chunk + 1) * _CHUNK]
+    last = chunk * _CHUNK + int(torch.nonzero(part)[count - before - 1])
+    mask[last + 1:] = False
+    return mask
 
 
 def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -69,18 +118,18 @@ def magnitude_prune(tau: torch.Tensor, density: float, rescale: bool = False) ->
 
 
 def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Model Breadcrumbs: in ascending order of magnitude (ties: lower index first), skip the
-    smallest `numel - int(density numel) - int(gamma numel)` and keep the next `int(density numel)`,
-    so the `gamma` largest are dropped as outliers (fewer when the density needs them)."""
+    """Model Breadcrumbs: in the selection order (larger magnitudes first, equal ones lowest index
+    first), skip the first `int(gamma numel)` as outliers and keep the next `int(density numel)`;
+    fewer outliers are skipped when the density needs them (mergekit's arithmetic)."""
     if density >= 1:
         return tau
     n = tau.numel()
     target = int(density * n)
-    bottom = max(0, n - target - int(gamma * n))
-    order = torch.sort(tau.abs().reshape(-1), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[order[bottom:bottom + target]] = True
-    kept = tau * keep.view_as(tau)
+    skip = min(int(gamma * n), n - target)
+    magnitudes = tau.abs()
+    keep = top_k_mask(magnitudes, skip + target)
+    keep &= ~top_k_mask(magnitudes, skip)
+    kept = tau * keep
     return l1_rescaled(tau, kept) if rescale else kept
 
 
@@ -99,9 +148,10 @@ def random_drop(tau: torch.Tensor, density: float, key: tuple[int, int], indices
 def magprune(tau: torch.Tensor, density: float, epsilon: float, key: tuple[int, int], indices: torch.Tensor,
              rescale: bool = True) -> torch.Tensor:
     """DELLA's MAGPRUNE on a block of whole rows: in each row (along axis 1; a 1-D tensor is one
-    row) the entries are ranked by magnitude (ties: lower index first), rank r of n gets keep
-    probability `density - epsilon + 2 epsilon (r - 1) / (n - 1)` (a row of one entry: `density`),
-    and each entry is kept when its counter-based uniform number is below it; with `rescale` a
+    row) the entries are ranked in the selection order (`top_k_mask`: of equal magnitudes the
+    lower index ranks higher), rank r of n (1: the smallest) gets keep probability
+    `density - epsilon + 2 epsilon (r - 1) / (n - 1)` (a row of one entry: `density`), and each
+    entry is kept when its counter-based uniform number is below it; with `rescale` a
     kept entry is divided by its keep probability."""
     if density >= 1:
         return tau
@@ -109,8 +159,9 @@ def magprune(tau: torch.Tensor, density: float, epsilon: float, key: tuple[int, 
         return torch.zeros_like(tau)
     rows = tau.unsqueeze(0) if tau.ndim < 2 else tau
     n = rows.shape[1]
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=tau.device).expand_as(order).clone())
+    order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+    descending = torch.arange(n - 1, -1, -1, device=tau.device).expand_as(order).clone()
+    ranks = torch.empty_like(order).scatter_(1, order, descending)
     rank_norm = ranks.to(torch.float64) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5, dtype=torch.float64,
                                                                              device=tau.device)
     probability = (density - epsilon) + rank_norm * (2 * epsilon)

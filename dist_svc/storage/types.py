@@ -25,12 +25,20 @@ NAME_TO_ST = {name: code for code, name in ST_TO_NAME.items()}
 UNSUPPORTED = "it merges float64, float32, float16 and bfloat16 tensors and copies integer and bool ones"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face checkpoint's index
 MANIFEST_NAME = "dist-svc-manifest.json"  # a merge output's record of itself (dist_svc.manifest)
-# Files of a checkpoint that belong with its weights: copied from the base into the output.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+# A checkpoint's tokenizer files (what --no-copy-tokenizer leaves out): the fast tokenizer's,
+# its settings and chat template, and every vocabulary file transformers' tokenizers read
+# (their `vocab_files_names`: BERT's vocab.txt, T5's spiece.model, Marian's source.spm, ...),
+# which a tokenizer without tokenizer.json needs to load (without them it loads, empty).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+    "sentencepiece.model", "spm.model", "spm_char.model", "bpe.codes", "source.spm", "target.spm",
+    "vocab-src.json", "vocab-tgt.json", "target_vocab.json", "entity_vocab.json", "dict.txt", "emoji.json",
+    "normalizer.json", "prophetnet.tokenizer", "byte_maps.json", "word_shape.json", "word_pronunciation.json",
 )
+# Files of a checkpoint that belong with its weights: copied from the base into the output.
+SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", *TOKENIZER_FILES)
 
 
 class TensorInfo(NamedTuple):
