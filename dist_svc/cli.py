@@ -268,7 +268,8 @@ def verify(out_dir: str) -> None:
 @click.option("--out", "prefix", type=click.Path(path_type=Path), default=None,
               help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
 def inspect(out_dir: str, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
-    """Show what calibration did to the merge in OUT_DIR (finished or in progress): per matrix,
+    """Show what calibration did to the merge in OUT_DIR (finished or in progress; a local
+    directory, an s3:// URL, or a merge of adapters written as one PEFT adapter): per matrix,
     the norm of the merged delta after / before, the share of its energy in directions held more
     than once (shrunk) and in task-specific ones (grown), eta over the whole spectrum, the top
     singular values before and after and the overlap coefficients s_ri (copies of task i in

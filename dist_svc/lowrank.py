@@ -20,8 +20,10 @@ against O(m n^2 K) for the dense Gram path (`dist-svc bench lora` measures it).
 one process (it reads only the adapters' factors and the tensors they replace, megabytes), the
 result written as a PEFT adapter directory (adapter_model.safetensors + adapter_config.json)
 under a temporary name, read back against the hashes of what was written, and renamed into
-place: OUT_DIR is absent or complete. A rerun finds the finished adapter with the same
-fingerprint and does nothing; anything else in OUT_DIR is refused, never overwritten.
+place with its record (storage/adapter_output.py, which `status`, `verify` and `inspect` read):
+OUT_DIR is absent or complete. A rerun finds the finished adapter with the same fingerprint and
+does nothing; anything else in OUT_DIR is refused, never overwritten. `plan_adapters` says
+beforehand what the merge computes and writes (`--dry-run`).
 """
 
 from __future__ import annotations

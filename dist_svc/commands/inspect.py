@@ -1,11 +1,13 @@
-"""`dist-svc inspect`: what calibration did to a merge, from its manifest.
+"""`dist-svc inspect`: what calibration did to a merge, from its manifest (or, for a merge of
+LoRA adapters written as one adapter, from its record: storage/adapter_output.py).
 
 For every calibrated matrix the manifest holds the top singular values of the merged delta
 before and after calibration, the overlap coefficients s_ri of those directions (how many
 copies of task i's projection direction r holds), eta's quantiles over the whole spectrum, the
 norm ratio ||Wm'|| / ||Wm||, and the share of the delta's energy in the directions calibration
 shrank (eta > 1: held more than once, the shared part) and grew (eta < 1: task-specific). This
-module turns them into a table (JSON and CSV) and one picture: per layer and module, the norm
+module turns them into a table (JSON and CSV) and one picture: a sentence saying whether
+calibration mostly grew or shrank the updates and by how much; per layer and module, the norm
 ratio and the over-counted share; eta's distribution in every matrix; and the spectra of the
 matrices where over-accumulation was strongest (or of the ones asked for). Matrices the
 fine-tunes left unchanged (a zero delta) are counted, not plotted.
