@@ -227,7 +227,7 @@ def status(out_dir: str) -> None:
 
     info = merge_status(out_dir)
     pct = 100.0 * info["bytes_done"] / info["bytes_total"] if info["bytes_total"] else 100.0
-    hint = {"complete": "", "running": "  (a run is in progress)",
+    hint = info.get("hint") or {"complete": "", "running": "  (a run is in progress)",
             "stopped": "  (rerun the same `dist-svc merge` command to resume)",
             "damaged": "  (files of the finished output are missing or changed since: rerun the same "
                        "`dist-svc merge` command to restore them)",
@@ -262,24 +262,34 @@ def verify(out_dir: str) -> None:
     info = merge_status(out_dir)
     for p in problems:
         click.echo(f"  {p}", err=True)
+    if problems and info["format"] == "peft":  # a merge of adapters: the problem says what to do
+        click.echo(f"{out_dir}: {len(problems)} problem(s).{info.get('hint', '')}", err=True)
+        sys.exit(1)
     if problems:
         click.echo(f"{out_dir}: {len(problems)} problem(s). Delete the damaged file(s) and rerun the same "
                    f"`dist-svc merge` command: only their tensors are merged again.", err=True)
         sys.exit(1)
+    if info["format"] == "peft":
+        from dist_svc.storage.adapter_output import FILES
+
+        click.echo(f"{out_dir}: verified: {' and '.join(FILES)} (an adapter of {info['units_done']} tensors) match "
+                   f"the checksums recorded when they were written.")
+        return
     click.echo(f"{out_dir}: verified: all {info['units_done']} tensors match their checksums and every "
                f"file of the {info['format']} output is present.")
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--tensors", "patterns", multiple=True, metavar="PATTERN",
               help="Plot the spectra of these matrices (fnmatch, repeatable), e.g. '*layers.3.*'. "
                    "Default: where over-accumulation was strongest.")
 @click.option("--top", default=6, show_default=True, help="How many matrices to plot and list.")
 @click.option("--out", "prefix", type=click.Path(path_type=Path), default=None,
               help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
-def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
-    """Show what calibration did to the merge in OUT_DIR (finished or in progress): per matrix,
+def inspect(out_dir: str, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
+    """Show what calibration did to the merge in OUT_DIR (finished or in progress; a local
+    directory, an s3:// URL, or a merge of adapters written as one PEFT adapter): per matrix,
     the norm of the merged delta after / before, the share of its energy in directions held more
     than once (shrunk) and in task-specific ones (grown), eta over the whole spectrum, the top
     singular values before and after and the overlap coefficients s_ri (copies of task i in
@@ -292,18 +302,22 @@ def inspect(out_dir: Path, patterns: tuple[str, ...], top: int, prefix: Path | N
       dist-svc inspect ./merged --tensors '*layers.10.*' --out reports/llama-ta-svc
     """
     from dist_svc.commands.inspect import inspect as run_inspect
+    from dist_svc.driver import out_path
 
-    prefix = prefix or Path(f"{out_dir.resolve().name}-spectra")
+    prefix = prefix or Path(f"{Path(str(out_path(out_dir))).name}-spectra")
     result = run_inspect(out_dir, prefix, patterns, top)
     o = result["overall"]
     click.echo(f"{result['count']} calibrated matrices" + (f", {result['unchanged']} of them unchanged by the "
                                                           f"fine-tunes (a zero delta)" if result["unchanged"] else "") + ".")
+    click.echo(o["verdict"])
     if o["matrices"]:
         click.echo(f"Over the whole spectra: the merged updates' energy in directions held more than once "
                    f"(eta > 1) {100 * o['shrunk'][0]:.0f}% -> {100 * o['shrunk'][1]:.0f}% after calibration, in "
                    f"task-specific ones (eta < 1) {100 * o['grown'][0]:.0f}% -> {100 * o['grown'][1]:.0f}%; "
                    f"median norm ratio {o['norm_ratio_median']:.2f} ({o['amplified']} of {o['matrices']} grew).")
-        click.echo("Strongest over-accumulation (top singular value before -> after calibration):")
+        click.echo("Strongest over-accumulation (top singular value before -> after calibration):"
+                   if 2 * o["amplified"] <= o["matrices"] else
+                   "Top singular value most divided (before -> after calibration):")
     for r in result["strongest"]:
         overlap = ", ".join(f"{x:.2f}" for x in r["overlaps"][0]) if r["overlaps"] else "-"
         click.echo(f"  {r['tensor']:<48} {r['sigma_before'][0]:.4g} -> {r['sigma_after'][0]:.4g} "
@@ -677,9 +691,13 @@ def bench_lora_cmd(scale: int, k: int, rank: int, repeats: int) -> None:
 
 
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads, memory=None) -> None:
-    from dist_svc.driver import dry_run
+    from dist_svc.driver import dry_run, settle
     from dist_svc.executors import build_executor
 
+    settled, out = settle(config, out_dir, calibrate, output_format, shard_size)
+    if settled.output.format == "peft":
+        _print_adapter_dry_run(settled, out)
+        return
     executor = build_executor(device=device, threads=threads, memory_limit=memory)
     workers = executor.threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
@@ -708,6 +726,23 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
     else:
         click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
                    f"tensors done")
+
+
+def _print_adapter_dry_run(config, out_dir) -> None:
+    """The merge of LoRA adapters as one adapter (dist_svc.lowrank) that `output: {format: peft}` runs."""
+    from dist_svc.lowrank import dry_run_adapters
+    from dist_svc.storage.adapter_output import CONFIG_NAME, WEIGHTS_NAME
+
+    plan, state = dry_run_adapters(config, out_dir)
+    how = ("QRs of the adapters' stacked factors, then an SVC of a core of rank <= the sum of their ranks"
+           if plan.calibrated else "the weighted sum of the adapters' factors, no calibration")
+    click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")
+    click.echo(f"  computes    {len(plan.factored)} matrices as factors ({how}); {len(plan.dense)} densely "
+               f"(biases, vectors, modules_to_save); unchanged, and not in the adapter: {plan.unchanged} of the base's "
+               f"tensors")
+    click.echo(f"  write       {WEIGHTS_NAME} ({plan.tensors} tensors, {human_bytes(plan.nbytes)}) and {CONFIG_NAME}, "
+               f"in one process, in seconds")
+    click.echo(f"  {out_dir}: " + ("already holds this merge: nothing to do" if state == "finished" else "a new merge"))
 
 
 def _print_report(report) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
+from dist_svc.storage import adapter_output
 from dist_svc.storage.durable import local_path
 from dist_svc.storage.location import is_url
 from dist_svc.storage.outdir import RemoteLock, output_dir
@@ -348,6 +349,9 @@ def status(out_dir: str | Path) -> dict:
     holds it now), "complete", "damaged" (complete, but files are missing or changed since),
     "failed" (its last run stopped with an error: "error" holds it) or "stopped" (interrupted
     or killed)."""
+    adapter = adapter_output.find(out_dir)
+    if adapter is not None:  # LoRA adapters merged as one adapter (dist_svc.lowrank): no manifest
+        return adapter_output.status(adapter)
     manifest, layout = open_output(out_dir)
     info = manifest.progress()
     info["format"] = layout.format
@@ -371,6 +375,9 @@ def verify(out_dir: str | Path) -> list[str]:
     """Re-read a merge's output and check it against its manifest: every tensor's bytes against
     their checksums, and every file the output must have. Returns the problems found (empty: the
     output is whole and as written)."""
+    adapter = adapter_output.find(out_dir)
+    if adapter is not None:  # a merge of adapters: its files against its record's checksums
+        return adapter_output.problems(adapter)
     manifest, layout = open_output(out_dir)
     problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)
     if manifest.damage:

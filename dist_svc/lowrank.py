@@ -20,13 +20,14 @@ against O(m n^2 K) for the dense Gram path (`dist-svc bench lora` measures it).
 one process (it reads only the adapters' factors and the tensors they replace, megabytes), the
 result written as a PEFT adapter directory (adapter_model.safetensors + adapter_config.json)
 under a temporary name, read back against the hashes of what was written, and renamed into
-place: OUT_DIR is absent or complete. A rerun finds the finished adapter with the same
-fingerprint and does nothing; anything else in OUT_DIR is refused, never overwritten.
+place with its record (storage/adapter_output.py, which `status`, `verify` and `inspect` read):
+OUT_DIR is absent or complete. A rerun finds the finished adapter with the same fingerprint and
+does nothing; anything else in OUT_DIR is refused, never overwritten. `plan_adapters` says
+beforehand what the merge computes and writes (`--dry-run`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -43,7 +44,6 @@ from dist_svc.methods import METHODS, Where
 # Methods whose merge is linear in the task vectors (sum_i c_i tau_i): only these keep a merge
 # of low-rank task vectors low rank.
 LINEAR_METHODS = ("task_arithmetic",)
-RECORD_NAME = "dist-svc-adapter-merge.json"  # the fingerprint and checksums of a finished adapter merge
 
 
 @dataclass(frozen=True)
@@ -99,21 +99,69 @@ def linear_coefficients(method_name: str, unit) -> list[float]:
 class AdapterReport:
     out_dir: Path
     plan_summary: str
-    units_total: int
+    units_total: int  # tensors of the output adapter
     units_run: int
     already_complete: bool
     seconds: float
     calibration: dict
 
 
-def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda line: None) -> AdapterReport:
-    """The merge of `config`, whose models are all LoRA adapters of its base, written to
-    `out_dir` as one PEFT adapter (see the module's docstring)."""
-    from dist_svc.plan import build_plan, open_inputs
-    from dist_svc.storage.durable import atomic_write, staged_directory
-    from dist_svc.storage.types import Adapter, NAME_TO_ST
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What the merge of adapters computes and writes, from the inputs' metadata."""
 
-    start = time.perf_counter()
+    adapters: int
+    base: str
+    factored: dict[str, int]  # tensor -> rank of its merged factors (sum of the adapters' ranks, at most its width)
+    dense: list[str]  # merged whole: biases, vectors, tensors an adapter replaces (modules_to_save)
+    unchanged: int  # tensors of the base no adapter changes (not in the output)
+    calibrated: int  # matrices calibrated
+    rank: int  # the output's r: every factor is padded to it
+    tensors: int  # tensors of the output adapter
+    nbytes: int  # their bytes
+
+    def computes(self) -> str:
+        how = "SVC in factored form" if self.calibrated else "weighted sum in factored form, no calibration"
+        return f"merged as one adapter ({how})"
+
+    def summary(self) -> str:
+        return (f"{self.adapters} LoRA adapters of {self.base} {self.computes()}: {self.tensors} adapter tensors "
+                f"(r = {self.rank}), {self.nbytes} bytes")
+
+
+def plan_adapters(config, plan, base, models) -> AdapterPlan:
+    """The adapter merge of `plan` (see `_merge_all`, which follows it), known before anything
+    is computed: per tensor of the base whether it is merged as factors, densely, or not at all,
+    the output's rank and its tensors."""
+    from dist_svc.storage.types import NAME_TO_ST, tensor_nbytes
+
+    factored, dense, sizes, unchanged = {}, [], {}, 0
+    out_dtype = NAME_TO_ST.get(config.out_dtype or "float32")
+    for unit, adapters, factors, full in _changes(plan, [base, *models]):
+        if full is None:
+            unchanged += 1
+        elif _is_factored(unit, full):
+            width = sum(m.weights.tensors[f.a].shape[0] for m, f in zip(adapters, factors) if f is not None)
+            factored[unit.name] = min(unit.shape[1], width)
+        else:
+            dense.append(unit.name)
+            sizes[unit.name] = tensor_nbytes(out_dtype if _is_bias(unit, full) else unit.out_dtype, unit.shape)
+    rank = max(factored.values(), default=1)
+    units = {u.name: u for u in plan.units}
+    # A (r x n) and B (m x r) of every factored matrix, padded to the one rank
+    nbytes = sum(sizes.values()) + sum(tensor_nbytes(out_dtype, (rank, sum(units[name].shape))) for name in factored)
+    return AdapterPlan(len(models), str(base.source), factored, dense, unchanged,
+                       sum(units[name].calibrate for name in (*factored, *dense)), rank,
+                       2 * len(factored) + len(dense), nbytes)
+
+
+def open_adapter_merge(config, out_dir: Path | str):
+    """(the plan, its adapter plan, base, models) of a merge of adapters, the inputs open (the
+    caller closes them); refuses in one paragraph what is not a merge of adapters of the base,
+    or not to a local directory."""
+    from dist_svc.plan import build_plan, open_inputs
+    from dist_svc.storage.types import Adapter
+
     if not isinstance(out_dir, Path):
         raise DistSvcError(f"{out_dir}: a merge of adapters (output format peft) is written to a local directory; "
                            f"upload the adapter (two small files) afterwards.")
@@ -132,13 +180,56 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
                                    f"(each model an adapter directory, applied to base_model {base.source}); this "
                                    f"one is not. Write safetensors or zarr output instead.")
         plan = build_plan(config, base, models)
-        record = {"fingerprint": plan.fingerprint}
-        if _finished(out_dir, plan.fingerprint):
-            return AdapterReport(out_dir, plan.summary(), len(plan.units), 0, True, time.perf_counter() - start, {})
-        if out_dir.exists():
-            raise DistSvcError(f"{out_dir} already exists and is not this adapter merge; dist-svc never overwrites. "
-                               f"Choose a new output directory, or delete {out_dir}.")
-        log(f"plan: {len(models)} LoRA adapters of {base.source}, merged as one adapter (SVC in factored form)")
+        return plan, plan_adapters(config, plan, base, models), base, models
+    except BaseException:
+        for checkpoint in (base, *models):
+            checkpoint.close()
+        raise
+
+
+def output_state(out_dir: Path, fingerprint: str) -> str | None:
+    """None when OUT_DIR is free for this merge, "finished" when it holds it; refuses anything
+    else in one paragraph (dist-svc never overwrites)."""
+    from dist_svc.storage import adapter_output
+
+    if adapter_output.finished(out_dir, fingerprint):
+        return "finished"
+    if not out_dir.exists():
+        return None
+    record = adapter_output.read_record(out_dir)
+    if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
+        raise DistSvcError(f"{out_dir} holds this merge of adapters, damaged: "
+                           f"{'; '.join(adapter_output.problems(out_dir))}. Delete {out_dir} and rerun the same "
+                           f"command: the adapter is merged again whole, in seconds.")
+    raise DistSvcError(f"{out_dir} already exists and is not this adapter merge; dist-svc never overwrites. "
+                       f"Choose a new output directory, or delete {out_dir}.")
+
+
+def dry_run_adapters(config, out_dir: Path | str) -> tuple[AdapterPlan, str | None]:
+    """The adapter merge's plan and what OUT_DIR holds of it (None: a new merge, "finished"),
+    refusing what `merge_adapters` would refuse; nothing is computed or written."""
+    plan, adapters, base, models = open_adapter_merge(config, out_dir)
+    try:
+        return adapters, output_state(out_dir, plan.fingerprint)
+    finally:
+        for checkpoint in (base, *models):
+            checkpoint.close()
+
+
+def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda line: None) -> AdapterReport:
+    """The merge of `config`, whose models are all LoRA adapters of its base, written to
+    `out_dir` as one PEFT adapter (see the module's docstring)."""
+    from safetensors.torch import save
+
+    from dist_svc.storage import adapter_output
+    from dist_svc.storage.types import NAME_TO_ST
+
+    start = time.perf_counter()
+    plan, adapters, base, models = open_adapter_merge(config, out_dir)
+    try:
+        if output_state(out_dir, plan.fingerprint) == "finished":
+            return AdapterReport(out_dir, adapters.summary(), adapters.tensors, 0, True, time.perf_counter() - start, {})
+        log(f"plan: {adapters.summary()}")
         out_dtype = _torch_dtype(NAME_TO_ST.get(config.out_dtype or "float32"))
         tensors, modules, calibration, saved = _merge_all(config, plan, base, models, out_dtype)
         rank = max((m["rank"] for m in modules.values()), default=1)
@@ -149,32 +240,13 @@ def merge_adapters(config, out_dir: Path, log: Callable[[str], None] = lambda li
         for m in models:
             m.close()
 
-    from safetensors.torch import save
-
-    payload = save(out_tensors, metadata={"format": "pt"})
-    files = {"adapter_model.safetensors": payload,
-             "adapter_config.json": (json.dumps(adapter_config, indent=2) + "\n").encode()}
-    record["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    record["calibration"] = calibration
-    with staged_directory(out_dir, "merging") as tmp:
-        for name, data in files.items():
-            atomic_write(tmp / name, data)
-        for name, digest in record["files"].items():  # read back what the disk holds
-            if hashlib.sha256((tmp / name).read_bytes()).hexdigest() != digest:
-                raise DistSvcError(f"{tmp / name}: reads back differently from what was written; the storage is "
-                                   f"not reliable.")
-        atomic_write(tmp / RECORD_NAME, json.dumps(record, indent=2).encode())
-    return AdapterReport(out_dir, plan.summary(), len(plan.units), len(plan.units), False,
+    files = {adapter_output.WEIGHTS_NAME: save(out_tensors, metadata={"format": "pt"}),
+             adapter_output.CONFIG_NAME: (json.dumps(adapter_config, indent=2) + "\n").encode()}
+    shapes = {u.name: list(u.shape) for u in plan.units if u.name in calibration}
+    adapter_output.write(out_dir, files, {"fingerprint": plan.fingerprint, "tensors": len(out_tensors),
+                                          "plan": adapters.summary(), "calibration": calibration, "shapes": shapes})
+    return AdapterReport(out_dir, adapters.summary(), len(out_tensors), len(out_tensors), False,
                          time.perf_counter() - start, calibration)
-
-
-def _finished(out_dir: Path, fingerprint: str) -> bool:
-    try:
-        record = json.loads((out_dir / RECORD_NAME).read_bytes())
-        return record["fingerprint"] == fingerprint and all(
-            hashlib.sha256((out_dir / name).read_bytes()).hexdigest() == digest for name, digest in record["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _torch_dtype(code: str) -> torch.dtype:
@@ -191,20 +263,13 @@ def _merge_all(config, plan, base, models, out_dtype):
     saved: list[str] = []  # tensors the output adapter holds whole (modules_to_save)
     modules: dict[str, dict] = {}  # module -> {rank, transpose, embedding, bias}
     calibration: dict[str, dict] = {}
-    checkpoints = [base, *models]
-    for unit in plan.units:
-        name = unit.name
-        if unit.base is None or unit.inputs[unit.base].checkpoint != 0 or any(s.tensor != name for s in unit.inputs):
-            raise DistSvcError(f"tensor '{name}': output format peft merges each tensor of the adapters with the "
-                               f"base's own; this plan maps it differently.")
-        adapters = [checkpoints[unit.inputs[i].checkpoint] for i in unit.fine_tunes]  # the method's order
-        factors = [m.factors.get(name) for m in adapters]
-        full = [m.replaces(name) for m in adapters]
-        if not any(factors) and not any(full):
+    for unit, adapters, factors, full in _changes(plan, [base, *models]):
+        if full is None:
             continue  # no adapter changes it: the base's own
+        name = unit.name
         coefficients = linear_coefficients(config.merge_method, unit)
         alpha = unit.alpha
-        if any(full) or len(unit.shape) != 2:
+        if not _is_factored(unit, full):
             # modules_to_save, a bias, a vector: merged densely (they are small or rare)
             base_t = base.read(name).to(torch.float64)
             taus = [m.read(name).to(torch.float64) - base_t if full[i] else
@@ -214,7 +279,7 @@ def _merge_all(config, plan, base, models, out_dtype):
                 result = calibrate_singular_values(merged, taus, alpha, cal.side, cal.target)
                 merged = result.delta
                 calibration[name] = result.summary()
-            if name.endswith(".bias") and not any(full):  # lora_B.bias (the output's scale is 1)
+            if _is_bias(unit, full):  # lora_B.bias (the output's scale is 1)
                 module = name.removesuffix(".bias")
                 modules.setdefault(module, {"rank": 0, "transpose": False})["bias"] = True
                 tensors[f"{module}.lora_B.bias"] = merged
@@ -252,6 +317,29 @@ def _merge_all(config, plan, base, models, out_dtype):
         tensors[f"{module}.{key}_A{'' if embedding else '.weight'}"] = a_out
         tensors[f"{module}.{key}_B{'' if embedding else '.weight'}"] = b_out
     return tensors, modules, calibration, saved
+
+
+def _changes(plan, checkpoints):
+    """Per unit of the plan: (unit, its adapters in the method's order, their factors, which of
+    them replace it whole), `full` None when no adapter changes it."""
+    for unit in plan.units:
+        name = unit.name
+        if unit.base is None or unit.inputs[unit.base].checkpoint != 0 or any(s.tensor != name for s in unit.inputs):
+            raise DistSvcError(f"tensor '{name}': output format peft merges each tensor of the adapters with the "
+                               f"base's own; this plan maps it differently.")
+        adapters = [checkpoints[unit.inputs[i].checkpoint] for i in unit.fine_tunes]  # the method's order
+        factors = [m.factors.get(name) for m in adapters]
+        full = [m.replaces(name) for m in adapters]
+        yield unit, adapters, factors, (full if any(factors) or any(full) else None)
+
+
+def _is_factored(unit, full: list[bool]) -> bool:
+    return not any(full) and len(unit.shape) == 2
+
+
+def _is_bias(unit, full: list[bool]) -> bool:
+    """An adapted bias (lora_B.bias), as opposed to a tensor the output holds whole."""
+    return unit.name.endswith(".bias") and not any(full)
 
 
 def _padded(tensors: dict[str, torch.Tensor], modules: dict[str, dict], rank: int, dtype: torch.dtype):

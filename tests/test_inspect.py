@@ -59,6 +59,50 @@ def test_where_calibration_mostly_amplifies_inspect_says_so(tmp_path, family):
     assert f"({grew} of {len(table)} grew)" in proc.stdout
 
 
+def test_a_ties_merge_that_calibration_amplifies_says_so_on_the_page_and_in_the_summary(tmp_path, family):
+    """TIES (normalize: true, mergekit's default) is a mean over the fine-tunes that agree on
+    each entry's sign: the shared top direction is held ~once and calibration grows the
+    task-specific rest, so the updates grow. The printed summary and the page say so, and the
+    page's tick labels are plain numbers, panel 3's matrices named."""
+    from dist_svc.commands.inspect import figure, overall, spectra_table
+
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, merge_method="ties",
+                       parameters={"density": 0.5, "weight": 1.0})
+    merge(cfg, tmp_path / "ties", progress="off")
+    proc = run_cli("inspect", tmp_path / "ties", "--out", tmp_path / "rep")
+    rows = spectra_table(tmp_path / "ties")
+    grew = sum(r["norm_ratio"] > 1 for r in rows)
+    assert grew > len(rows) / 2  # what this test is about
+    effect = overall(rows)
+    assert effect["verdict"].startswith(f"Calibration mostly grew the merged updates: {grew} of {len(rows)}")
+    assert effect["verdict"] in proc.stdout and "Strongest over-accumulation" not in proc.stdout
+    fig = figure(rows, rows[:3], "ties", effect)
+    fig.canvas.draw()
+    assert effect["verdict"] in fig.get_suptitle()
+    labels = [t.get_text() for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+              for t in axis.get_ticklabels(which="both") if t.get_text()]
+    assert not [t for t in labels if "10^" in t or "times" in t or "$" in t], labels
+    colorbar = [t.get_text() for t in fig.axes[1].yaxis.get_ticklabels()]
+    assert "1" in colorbar and all(float(t) > 0 for t in colorbar if t), colorbar  # plain numbers
+    eta_panel = fig.axes[4]  # heat map, colorbar, heat map, colorbar, then eta per matrix
+    assert [t.get_text() for t in eta_panel.get_xticklabels()] == [
+        f"{r['layer']}.{r['module']}" for r in sorted(rows, key=lambda r: r["norm_ratio"])]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_inspect_reads_a_merge_on_object_storage(tmp_path, bucket, family):
+    base, fts = family(3)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    report = merge(cfg, f"{bucket}/merged", progress="off")
+    proc = run_cli("inspect", f"{bucket}/merged", cwd=tmp_path)
+    assert not (tmp_path / "s3:").exists() and "wrote merged-spectra.json" in proc.stdout, proc.stdout
+    table = json.loads((tmp_path / "merged-spectra.json").read_text())
+    assert table["out_dir"] == f"{bucket}/merged" and {r["tensor"] for r in table["matrices"]} == set(report.calibration)
+
+
 def test_bert_style_modules_keep_their_full_names_and_zero_deltas_are_counted_not_plotted(tmp_path):
     """MiniLM-style names: attention.output.dense, intermediate.dense and output.dense are three
     rows, not one "dense"; a matrix no fine-tune changed is reported as unchanged, never among

@@ -1,11 +1,13 @@
-"""`dist-svc inspect`: what calibration did to a merge, from its manifest.
+"""`dist-svc inspect`: what calibration did to a merge, from its manifest (or, for a merge of
+LoRA adapters written as one adapter, from its record: storage/adapter_output.py).
 
 For every calibrated matrix the manifest holds the top singular values of the merged delta
 before and after calibration, the overlap coefficients s_ri of those directions (how many
 copies of task i's projection direction r holds), eta's quantiles over the whole spectrum, the
 norm ratio ||Wm'|| / ||Wm||, and the share of the delta's energy in the directions calibration
 shrank (eta > 1: held more than once, the shared part) and grew (eta < 1: task-specific). This
-module turns them into a table (JSON and CSV) and one picture: per layer and module, the norm
+module turns them into a table (JSON and CSV) and one picture: a sentence saying whether
+calibration mostly grew or shrank the updates and by how much; per layer and module, the norm
 ratio and the over-counted share; eta's distribution in every matrix; and the spectra of the
 matrices where over-accumulation was strongest (or of the ones asked for). Matrices the
 fine-tunes left unchanged (a zero delta) are counted, not plotted.
@@ -25,16 +27,12 @@ from dist_svc.manifest import Manifest
 
 def spectra_table(out_dir: str | Path) -> list[dict]:
     """One row per calibrated matrix that is done, in plan order."""
-    manifest = Manifest.load(Path(out_dir).expanduser().resolve())
     rows = []
-    for name, unit in manifest.units.items():
-        cal = unit.get("calibration")
-        if not unit["done"] or not cal:
-            continue
+    for name, shape, cal in _calibrated(out_dir):
         before, after = cal["sigma_before"], cal["sigma_after"]
         rows.append({
             "tensor": name, "layer": layer_index(name), "module": module_name(name),
-            "shape": unit["shape"], "path": cal["path"], "rank": cal["rank"],
+            "shape": shape, "path": cal["path"], "rank": cal["rank"],
             "top_ratio": before[0] / after[0] if after and after[0] > 0 else 1.0,
             "norm_ratio": cal.get("norm_ratio", 1.0), "shrunk": cal.get("shrunk", [0.0, 0.0]),
             "grown": cal.get("grown", [0.0, 0.0]), "eta_quantiles": cal.get("eta_quantiles", [1.0] * 5),
@@ -42,6 +40,21 @@ def spectra_table(out_dir: str | Path) -> list[dict]:
             "sigma_before": before, "sigma_after": after, "overlaps": cal.get("overlaps", []),
         })
     return rows
+
+
+def _calibrated(out_dir: str | Path) -> list[tuple[str, list | None, dict]]:
+    """(tensor, shape, calibration summary) of every finished calibrated matrix: from a merge's
+    manifest (a local directory or a URL), or from the record of a merge of LoRA adapters."""
+    from dist_svc.driver import out_path
+    from dist_svc.storage import adapter_output
+    from dist_svc.storage.outdir import output_dir
+
+    adapter = adapter_output.find(out_dir)
+    if adapter is not None:
+        return [(name, cal.pop("shape"), cal) for name, cal in adapter_output.calibration(adapter).items()]
+    manifest = Manifest.load(output_dir(out_path(out_dir)))
+    return [(name, unit["shape"], unit["calibration"]) for name, unit in manifest.units.items()
+            if unit["done"] and unit.get("calibration")]
 
 
 def module_name(name: str) -> str:
@@ -75,9 +88,10 @@ def inspect(out_dir: str | Path, prefix: str | Path, patterns: tuple[str, ...] =
         chosen = chosen[:max(top, 1) * 4]
     else:
         chosen = strongest[:top]
+    effect = overall(changed)
     paths = output_paths(prefix)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    paths["json"].write_text(json.dumps({"out_dir": str(out_dir), "matrices": rows}, indent=1))
+    paths["json"].write_text(json.dumps({"out_dir": str(out_dir), "overall": effect, "matrices": rows}, indent=1))
     k = max((len(r["overlaps"][0]) for r in rows if r["overlaps"]), default=0)
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -88,27 +102,49 @@ def inspect(out_dir: str | Path, prefix: str | Path, patterns: tuple[str, ...] =
             w.writerow([r["tensor"], r["layer"], r["module"], r["path"], r["rank"], r["sigma_before"][0],
                         r["sigma_after"][0], r["top_ratio"], r["norm_ratio"], *r["shrunk"], *r["grown"],
                         *r["eta_quantiles"]] + (r["overlaps"][0] if r["overlaps"] else []))
-    _plot(changed, chosen, paths["png"], str(out_dir))
+    if changed:
+        _save(figure(changed, chosen, str(out_dir), effect), paths["png"])
     return {"paths": paths, "strongest": strongest[:top], "count": len(rows), "unchanged": len(rows) - len(changed),
-            "overall": overall(changed)}
+            "overall": effect}
 
 
 def overall(rows: list[dict]) -> dict:
     """The merge as a whole: the delta's energy in over-counted and in task-specific directions,
     before and after calibration (weighted by each matrix's energy, which the table does not hold:
-    the mean of the matrices' shares), and the median norm ratio."""
+    the mean of the matrices' shares); how many updates grew and the median norm ratio; the
+    median change of the top singular value (after / before) and how many grew; and all of that
+    in one sentence (`verdict`) for the page and the terminal."""
     if not rows:
-        return {"matrices": 0}
+        return {"matrices": 0, "verdict": "No matrix was changed by the fine-tunes: calibration had nothing to do."}
     import statistics
 
-    return {"matrices": len(rows),
-            "norm_ratio_median": statistics.median(r["norm_ratio"] for r in rows),
+    n = len(rows)
+    norm = statistics.median(r["norm_ratio"] for r in rows)
+    grew = sum(r["norm_ratio"] > 1 for r in rows)
+    top = statistics.median(1 / r["top_ratio"] for r in rows)
+    top_grew = sum(r["top_ratio"] < 1 for r in rows)
+    if 2 * grew > n:
+        verdict = f"Calibration mostly grew the merged updates: {grew} of {n} grew"
+    elif 2 * grew < n:
+        verdict = f"Calibration mostly shrank the merged updates: {n - grew} of {n} shrank"
+    else:
+        verdict = f"Calibration grew {grew} and shrank {n - grew} of {n} merged updates"
+    verdict += (f" (median norm x{norm:.2f}); their top singular value x{top:.2f} "
+                f"(median; {top_grew} of {n} grew).")
+    return {"matrices": n, "norm_ratio_median": norm, "amplified": grew, "top_change_median": top,
+            "top_grew": top_grew, "verdict": verdict,
             "shrunk": [statistics.fmean(r["shrunk"][i] for r in rows) for i in (0, 1)],
-            "grown": [statistics.fmean(r["grown"][i] for r in rows) for i in (0, 1)],
-            "amplified": sum(r["norm_ratio"] > 1 for r in rows)}
+            "grown": [statistics.fmean(r["grown"][i] for r in rows) for i in (0, 1)]}
 
 
-def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
+def short_name(row: dict) -> str:
+    """A matrix's name on the page: its layer and module (`3.self_attn.q_proj`)."""
+    return row["module"] if row["layer"] is None else f"{row['layer']}.{row['module']}"
+
+
+def figure(rows: list[dict], chosen: list[dict], title: str, effect: dict):
+    """The page as a matplotlib Figure: per layer and module the norm ratio and the over-counted
+    share, eta over every matrix's spectrum, and the spectra of the `chosen` matrices."""
     try:
         import matplotlib
     except ImportError:
@@ -117,14 +153,17 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
     import numpy as np
 
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
     modules = sorted({r["module"] for r in rows if r["layer"] is not None})
     cols = max(1, min(3, len(chosen)))
     spectra_rows = -(-len(chosen) // cols)
-    fig = plt.figure(figsize=(5 * cols + 2, 9.5 + 3.2 * spectra_rows), dpi=100)
-    grid = fig.add_gridspec(3 + spectra_rows, cols, height_ratios=[1.3, 1.3, 1.1] + [1] * spectra_rows)
+    height = 10.5 + 3.2 * spectra_rows
+    fig = plt.figure(figsize=(5 * cols + 2, height), dpi=100)
+    grid = fig.add_gridspec(3 + spectra_rows, cols, height_ratios=[1.3, 1.3, 1.6] + [1] * spectra_rows)
+    fig.suptitle(f"{title}\n{effect['verdict']}", fontsize=11)
 
     def heat(ax, value, label, norm, cmap, heading):
         if layers:
@@ -139,15 +178,18 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
         else:
             im = ax.scatter(range(len(rows)), [value(r) for r in rows], c=[value(r) for r in rows], cmap=cmap, norm=norm)
             ax.set_xticks(range(len(rows)), [r["tensor"] for r in rows], rotation=90, fontsize=6)
-        fig.colorbar(im, ax=ax, label=label)
         ax.set_title(heading, fontsize=9)
+        return fig.colorbar(im, ax=ax, label=label)
 
     ratios = [r["norm_ratio"] for r in rows]
     spread = max(max(ratios) / 1.0, 1.0 / min(ratios), 1.05)
-    heat(fig.add_subplot(grid[0, :]), lambda r: r["norm_ratio"], "||calibrated|| / ||merged||",
-         mcolors.LogNorm(1 / spread, spread), "RdBu_r",
-         f"What calibration did to each merged update of {title}: its norm after / before "
-         f"(blue < 1: over-accumulation undone; red > 1: task-specific directions grown)")
+    bar = heat(fig.add_subplot(grid[0, :]), lambda r: r["norm_ratio"], "||calibrated|| / ||merged||",
+               mcolors.LogNorm(1 / spread, spread), "RdBu_r",
+               "What calibration did to each merged update: its norm after / before "
+               "(blue < 1: over-accumulation undone; red > 1: task-specific directions grown)")
+    ticks = _log_ticks(1 / spread, spread)
+    bar.set_ticks(ticks, labels=[_plain(v) for v in ticks])
+    bar.ax.yaxis.set_minor_locator(mticker.NullLocator())
     heat(fig.add_subplot(grid[1, :]), lambda r: r["shrunk"][0], "share of energy", mcolors.Normalize(0, 1), "magma",
          "Share of each merged update's energy in directions held more than once (eta > 1), before calibration")
 
@@ -160,7 +202,10 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
     ax.plot(x, q[:, 2], ".", color="tab:blue", markersize=3, label="eta median")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel("matrix (by norm ratio)", fontsize=8)
+    _plain_log_y(ax)
+    step = 1 + len(order) // 80  # every matrix named while the names fit
+    ax.set_xticks(x[::step], [short_name(rows[i]) for i in order][::step], rotation=90, fontsize=6)
+    ax.set_xlabel("matrix (layer.module), by norm ratio", fontsize=8)
     ax.set_ylabel("eta (divides sigma_r)", fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("The whole spectrum: eta per singular direction, every matrix (> 1 shrinks, < 1 grows)", fontsize=9)
@@ -170,13 +215,53 @@ def _plot(rows: list[dict], chosen: list[dict], path: Path, title: str) -> None:
         x = np.arange(1, len(r["sigma_before"]) + 1)
         ax.semilogy(x, r["sigma_before"], "o-", label="merged", color="tab:red", markersize=4)
         ax.semilogy(x, r["sigma_after"], "s-", label="calibrated", color="tab:blue", markersize=4)
-        ax.set_title(f"{r['tensor']}\nnorm x{r['norm_ratio']:.2f}, eta {r['eta_min']:.2f}..{r['eta_max']:.2f}",
-                     fontsize=8)
+        _plain_log_y(ax)
+        ax.set_title(f"{r['tensor']}\nnorm x{r['norm_ratio']:.2f}, sigma_1 x{1 / r['top_ratio']:.2f}, "
+                     f"eta {r['eta_min']:.2f}..{r['eta_max']:.2f}", fontsize=8)
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
         ax.set_xlabel("singular direction", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))  # room for the two lines of the title
+    return fig
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """Ticks of a log axis from `low` to `high`: powers of ten, or 1-2-5 steps, whichever first
+    gives three; on a narrow range (less than a factor of ~3) evenly spaced round numbers."""
+    import math
+
+    from matplotlib.ticker import MaxNLocator
+
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1,), (1, 2, 5)):
+        ticks = [t for t in (round(m * 10.0**e, 12) for e in decades for m in mantissas) if low <= t <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return [round(t, 12) for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+            if low <= t <= high]
+
+
+def _plain(value: float) -> str:
+    return f"{value:g}"
+
+
+def _plain_log_y(ax) -> None:
+    """Plain numbers (0.5, 1, 2) on a log y axis, where matplotlib writes 5x10^-1; its range as
+    the data gave it."""
+    import matplotlib.ticker as mticker
+
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_locator(mticker.FixedLocator(_log_ticks(low, high)))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: _plain(v)))
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.set_ylim(low, high)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
