@@ -661,6 +661,7 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
     from dist_svc.executors import build_executor
 
     executor = build_executor(device=device, threads=threads, memory_limit=memory)
+    executor.connect()  # a device that is not there is refused as a merge refuses it, before any probe
     workers = executor.threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
                                   output_format=output_format, device=executor.device, workers=workers)

@@ -27,21 +27,34 @@ def test_flags_that_change_nothing_say_so_in_one_line_and_the_merge_runs(tmp_pat
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--cuda"], "--cuda): this machine has no CUDA device"),
     (["--no-safe-serialization"], "writes safetensors (or zarr) only"),
     (["--unsafe-truncate-embeddings"], "tokenizer_source"),
 ])
 def test_flags_dist_svc_cannot_honour_are_refused_before_anything_is_written(tmp_path, family, flags, needle):
-    pytest.importorskip("torch")
-    import torch
-
-    if flags == ["--cuda"] and torch.cuda.is_available():
-        pytest.skip("a GPU is present: --cuda works here")
     base, fts = family(2)
     proc = run_cli("mergekit-yaml", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", *flags,
                    check=False)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["merge", "dry-run"])
+@pytest.mark.parametrize("flags", [["--cuda"], ["--gpu-rich"], ["--device", "cuda"], ["--device", "cuda:1"]],
+                         ids=" ".join)
+@pytest.mark.parametrize("command", ["merge", "mergekit-yaml"])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_paragraph_with_or_without_dry_run(tmp_path, family, command,
+                                                                                         flags, dry_run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --cuda works here")
+    base, fts = family(2)
+    proc = run_cli(command, write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", *flags, *dry_run,
+                   check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "this machine has no CUDA device" in errors[0] and "--device cpu" in errors[0]
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
 
 
 def test_random_seed_sets_the_drops_and_the_same_seed_gives_the_same_bytes(tmp_path, family):
