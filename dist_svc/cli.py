@@ -349,7 +349,7 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
     """
     import torch
 
-    from dist_svc.commands.demo import DEMO_METHODS, TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import DEMO_METHODS, DEMO_SHARD_SIZE, TinyLlama, make_family, write_config
     from dist_svc.driver import merge as run_merge
 
     workdir = workdir.resolve()
@@ -358,8 +358,10 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
         _say(f"generating a {layers}-layer Llama-layout base and {k} fine-tunes (bf16) in {inputs}")
         make_family(inputs, k=k, arch=TinyLlama(num_hidden_layers=layers), dtype=torch.bfloat16)
     ft_dirs = sorted((d for d in inputs.iterdir() if d.name.startswith("ft-")), key=lambda d: int(d.name[3:]))
-    config = write_config(workdir / "merge.yaml", inputs / "base", ft_dirs)
-    report = run_merge(config, workdir / "merged", shard_size="4MB", log=_say)
+    # The shard size is in the config, not passed beside it: rerunning `dist-svc merge` on the
+    # written config and output finds this very merge.
+    config = write_config(workdir / "merge.yaml", inputs / "base", ft_dirs, shard_size=DEMO_SHARD_SIZE)
+    report = run_merge(config, workdir / "merged", log=_say)
     _print_report(report)
     cal = report.calibration
     if cal:
@@ -383,7 +385,7 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
 
 
 def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[str]) -> None:
-    from dist_svc.commands.demo import calibration_effect, write_method_config
+    from dist_svc.commands.demo import DEMO_SHARD_SIZE, calibration_effect, write_method_config
     from dist_svc.driver import merge as run_merge
 
     click.echo(f"\nCalibration on each method's merge of the same family (K={len(ft_dirs)}; "
@@ -391,8 +393,8 @@ def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[st
     click.echo(f"{'method':<18}{'sigma_1 /':>10}{'norm':>7}{'held > once (eta>1)':>21}{'task-specific (eta<1)':>23}")
     click.echo(f"{'':<18}{'before/after':>10}{'ratio':>7}{'before -> after':>21}{'before -> after':>23}")
     for name in names:
-        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs)
-        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}", shard_size="4MB").calibration)
+        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs, shard_size=DEMO_SHARD_SIZE)
+        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}").calibration)
         if not effect["matrices"]:
             click.echo(f"{name:<18}  (nothing calibrated)")
             continue
@@ -686,6 +688,8 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
         click.echo(f"              about {human_seconds(seconds)} on {where} (projected from one H100's measured rates)")
     if existing is None:
         click.echo(f"  {out_dir}: a new merge")
+    elif existing["units_done"] == existing["units_total"]:
+        click.echo(f"  {out_dir}: this merge is already complete ({existing['units_total']} tensors); nothing to do")
     else:
         click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
                    f"tensors done")

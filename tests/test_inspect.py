@@ -10,7 +10,7 @@ import pytest
 
 from dist_svc import merge
 from dist_svc.config import load_config
-from tests.conftest import run_cli, write_config
+from tests.conftest import file_bytes, run_cli, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,3 +126,18 @@ def test_demo_compares_what_calibration_does_to_each_method(tmp_path):
     norm = {m: float(r[2]) for m, r in rows.items()}
     assert norm["task_arithmetic"] < 0.7 and norm["linear"] > 1.3 and norm["slerp"] == 1.0
     assert int(rows["task_arithmetic"][3][:-1]) > 80 and rows["linear"][3] == "0%"  # energy held more than once
+
+
+def test_the_config_the_demo_writes_reruns_on_its_output_as_the_finished_merge(tmp_path):
+    """The demo's merge.yaml describes the merge it made (its shard size included): `merge` on
+    it and the demo's output is a no-op, and its dry run says there is nothing to do."""
+    demo = tmp_path / "demo"
+    run_cli("demo", demo, "--layers", "1", "-k", "2", "--methods", "ties")
+    before = file_bytes(demo / "merged")
+    for config, out in (("merge.yaml", "merged"), ("merge-ties.yaml", "merged-ties")):
+        proc = run_cli("merge", demo / config, demo / out)
+        assert "this merge is already complete" in proc.stdout, proc.stdout + proc.stderr
+        dry = run_cli("merge", demo / config, demo / out, "--dry-run")
+        assert "already complete" in dry.stdout and "nothing to do" in dry.stdout, dry.stdout + dry.stderr
+    assert file_bytes(demo / "merged") == before
+
