@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -53,9 +54,10 @@ _MERGEKIT_NO_OPS = {
     "async_write": "workers write their tensors in place as they finish",
     "write_threads": "workers write their tensors in place as they finish",
     "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
-    "transformers_cache": "dist-svc reads local checkpoints only",
-    "lora_merge_cache": "dist-svc merges full checkpoints, not LoRA adapters",
-    "lora_merge_dtype": "dist-svc merges full checkpoints, not LoRA adapters",
+    "lora_merge_cache": "dist-svc applies LoRA adapters (BASE+ADAPTER, or an adapter of the base_model) itself, "
+                        "from their factors block by block, and never writes a merged copy of a model to cache",
+    "lora_merge_dtype": "dist-svc applies LoRA adapters itself, from their factors in float64, rounding once "
+                        "(docs/storage.md says to what); the dtype given is not used",
 }
 
 
@@ -77,10 +79,13 @@ def _mergekit_options(f):
                      help="Always safetensors (or zarr): --no-safe-serialization is refused."),
         click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=None,
                      help="Refused: use `tokenizer_source` to merge different vocabularies."),
+        click.option("--transformers-cache", default=None, metavar="DIR",
+                     help="The Hugging Face cache that Hub model IDs are read from and downloaded into, as "
+                          "mergekit's (the same as HF_HUB_CACHE=DIR; with --cluster, the nodes' own HF_HUB_CACHE)."),
     ]
     for name, why in _MERGEKIT_NO_OPS.items():
         flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
-        if name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype"):
+        if name in ("lora_merge_cache", "lora_merge_dtype"):
             flags.append(click.option(f"--{flag}", default=None, help=help_text))
         elif name == "write_threads":
             flags.append(click.option(f"--{flag}", type=int, default=None, help=help_text))
@@ -103,6 +108,8 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
     for name, why in _MERGEKIT_NO_OPS.items():
         if mk[name] is not None and mk[name] is not False:
             _say(f"note: --{name.replace('_', '-')} changes nothing here: {why}.")
+    if mk["transformers_cache"]:
+        os.environ["HF_HUB_CACHE"] = mk["transformers_cache"]  # read by dist_svc.storage.hub at every resolve
     if mk["cuda"] or mk["gpu_rich"]:
         device = device or "cuda"  # the executor checks the device before anything is written
     threads = threads if threads is not None else mk["num_threads"]
