@@ -668,6 +668,7 @@ def bench_lora_cmd(scale: int, k: int, rank: int, repeats: int) -> None:
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads, memory=None) -> None:
     from dist_svc.driver import dry_run
     from dist_svc.executors import build_executor
+    from dist_svc.storage.location import is_url
 
     executor = build_executor(device=device, threads=threads, memory_limit=memory)
     executor.connect()  # a device that is not there is refused as a merge refuses it, before any probe
@@ -679,9 +680,17 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
     # As many of the largest units as fit at once, at most one per worker: what memory allows.
     fit = min(workers, limit.host // max(need.host, 1), limit.device // max(need.device, 1) if need.device else workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")
-    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints (probed here: "
-               f"{human_bytes(est.read_rate)}/s by one reader, {human_bytes(est.parallel_read_rate)}/s by {workers})")
-    click.echo(f"  write       {human_bytes(est.write_bytes)}")
+    if existing is not None and existing["units_done"] == existing["units_total"]:
+        click.echo(f"  {out_dir}: this merge is already complete ({existing['units_total']} tensors); nothing to do")
+        return
+    if existing is not None:
+        click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
+                   f"tensors done; the figures below are for the {est.tensors} left")
+    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints (probed here, "
+               f"reading {human_bytes(est.probe_bytes)}: {human_bytes(est.read_rate)}/s by one reader, "
+               f"{human_bytes(est.parallel_read_rate)}/s by {workers}, {est.latency * 1e3:.2f} ms a request)")
+    remote = f" (counted at the inputs' read rates: writes to {str(out_dir).split('://')[0]}:// are not probed)"
+    click.echo(f"  write       {human_bytes(est.write_bytes)}{remote if is_url(str(out_dir)) else ''}")
     click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed; "
                f"{est.gram_flops / 1e12:.1f} TFLOP float64 for calibration at {est.flop_rate / 1e9:.1f} GFLOP/s per worker")
     click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} for the largest tensor ({name}); "
@@ -695,11 +704,6 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
         click.echo(f"              about {human_seconds(seconds)} on {where} (projected from one H100's measured rates)")
     if existing is None:
         click.echo(f"  {out_dir}: a new merge")
-    elif existing["units_done"] == existing["units_total"]:
-        click.echo(f"  {out_dir}: this merge is already complete ({existing['units_total']} tensors); nothing to do")
-    else:
-        click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
-                   f"tensors done")
 
 
 def _print_report(report) -> None:

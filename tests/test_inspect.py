@@ -107,7 +107,29 @@ def test_dry_run_prints_the_plan_in_numbers_and_writes_nothing(tmp_path, family)
     assert est.write_bytes == plan.total_bytes and existing is None and est.seconds > 0
     assert est.worker_memory_bytes > 0
     merge(cfg, tmp_path / "done", progress="off")
-    assert "resumes a merge with" in run_cli("merge", cfg, tmp_path / "done", "--dry-run").stdout
+    assert "already complete" in run_cli("merge", cfg, tmp_path / "done", "--dry-run").stdout
+
+
+def test_the_dry_run_probes_in_proportion_to_the_job_and_not_at_all_when_it_is_done(tmp_path, family):
+    """Every read probe together reads at most PROBE_SHARE of what the merge reads (a dry run
+    of a small merge must not take longer than the merge); a resumed merge is estimated for the
+    tensors left, a finished one is not probed."""
+    from dist_svc.commands.estimate import PROBE_SHARE
+    from dist_svc.commands.demo import TinyLlama
+    from dist_svc.driver import dry_run
+
+    arch = TinyLlama(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    base, fts = family(3, arch=arch)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    plan, est, existing = dry_run(cfg, tmp_path / "out")
+    assert existing is None and est.tensors == len(plan.units) and est.read_bytes > 1 << 20
+    assert 0 < est.probe_bytes <= PROBE_SHARE * est.read_bytes, (est.probe_bytes, est.read_bytes)
+    assert est.latency > 0 and est.read_rate > 0 and est.seconds > 0
+    merge(cfg, tmp_path / "out", progress="off")
+    plan, est, existing = dry_run(cfg, tmp_path / "out")
+    assert existing["units_done"] == len(plan.units) and est.tensors == 0 and est.probe_bytes == 0
+    assert est.seconds == 0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
