@@ -589,7 +589,7 @@ def bench_estimate_cmd(workdir: Path, repeats: int) -> None:
 
     for r in bench_estimate(workdir, repeats=repeats, log=_say):
         click.echo(f"{r['case']:<6} calibration {'on ' if r['calibrate'] else 'off'} estimated {r['estimated_s']:7.1f} s"
-                   f"  measured {r['measured_s']:7.1f} s  {r['ratio']:.2f}x")
+                   f"  measured {r['measured_s']:7.1f} s  {r['ratio']:.2f}x  (the dry run took {r['dry_run_s']:.1f} s)")
 
 
 @bench.command("scaling")
@@ -691,7 +691,8 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
                f"{human_bytes(est.parallel_read_rate)}/s by {workers}, {est.latency * 1e3:.2f} ms a request)")
     remote = f" (counted at the inputs' read rates: writes to {str(out_dir).split('://')[0]}:// are not probed)"
     click.echo(f"  write       {human_bytes(est.write_bytes)}{remote if is_url(str(out_dir)) else ''}")
-    click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed; "
+    click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed ({workers} at once: "
+               f"{workers * est.parallel:.1f}x one's speed); "
                f"{est.gram_flops / 1e12:.1f} TFLOP float64 for calibration at {est.flop_rate / 1e9:.1f} GFLOP/s per worker")
     click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} for the largest tensor ({name}); "
                f"{human_bytes(limit.host)} available{f', {human_bytes(limit.device)} on the GPU' if limit.device else ''}: "

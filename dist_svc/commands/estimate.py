@@ -32,9 +32,11 @@ cost per byte or flop (fixed costs weigh more): the estimate of a tiny job errs 
   of the input for K = 3). Writes are not probed (a probe would write to the output): an
   output on object storage is counted at the inputs' rates, which the dry run says.
 
-A worker does its unit's reads, then its arithmetic; W workers overlap each other. The time is
-the largest of: the workers' summed time divided by W, all bytes at the storage's parallel
-rate, and the longest single unit; plus the driver's per-unit records and the plan.
+A worker does its unit's reads, then its arithmetic; W workers overlap each other, as much as
+the probe of W at once showed (a machine busy with other work gives less than W times one).
+The time is the largest of: the workers' summed time divided by W times that share, all bytes
+at the storage's parallel rate, and the longest single unit; plus the driver's per-unit records
+and the plan.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Estimate:
     latency: float  # seconds of one small read (a request), probed
     flop_rate: float  # float64 flop/s of one worker, probed
     element_seconds: float  # the plain path, per element, probed
+    parallel: float  # workers at once against workers times one, probed (at most 1)
     workers: int
     seconds: float
     gpu_seconds: dict  # "N x 8 GPUs" -> seconds, projected from H100 figures
@@ -117,12 +120,12 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
     if not units:  # nothing left to run: nothing to probe
         return Estimate(tensors=0, calibrated=0, read_bytes=0, write_bytes=0, largest=("", Footprint(0, 0)),
                         gram_flops=0.0, read_rate=0.0, parallel_read_rate=0.0, latency=0.0, flop_rate=0.0,
-                        element_seconds=0.0, workers=workers, seconds=0.0, gpu_seconds={}, probe_bytes=0)
+                        element_seconds=0.0, parallel=1.0, workers=workers, seconds=0.0, gpu_seconds={}, probe_bytes=0)
     probe = _Probe(PROBE_SHARE * read_bytes)
     latency, read_one, read_all = _read_rates(checkpoints, workers, probe)
     flop_rate = _flop_rate(device, PROBE_SHARE * job_flops) if job_flops else 0.0
-    element_seconds = _element_seconds(config, units, checkpoints, device,
-                                       PROBE_SHARE * sum(math.prod(u.shape) for u in units))
+    element_seconds, parallel = _element_seconds(config, units, checkpoints, device, workers,
+                                                 PROBE_SHARE * sum(math.prod(u.shape) for u in units))
     eigh_seconds = _eigh_seconds(largest_n, device, PROBE_SHARE * sum(min(u.shape) ** 3 for u in calibrated))
     calibrated_fixed = _calibration_fixed_seconds(config, calibrated, device)
 
@@ -151,13 +154,13 @@ def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers
             largest = (u.name, fp)
     # Workers in parallel, bounded by the storage and by the longest unit; the driver records
     # every unit in its own thread (serial), and plans once before any unit starts.
-    seconds = (max(total_cpu / workers, total_read / read_all, longest) + len(units) * UNIT_OVERHEAD_S
+    seconds = (max(total_cpu / (workers * parallel), total_read / read_all, longest) + len(units) * UNIT_OVERHEAD_S
                + plan_seconds)
     gpu_seconds = {f"{nodes} x 8 GPUs": max(total_read / (H100_READ_RATE * nodes), gpu_cal / (8 * nodes))
                    for nodes in (1, 4)}
     return Estimate(len(units), len(calibrated), read_bytes, sum(u.nbytes for u in units), largest, job_flops,
-                    read_one, read_all, latency, flop_rate, element_seconds, workers, seconds, gpu_seconds,
-                    probe.spent)
+                    read_one, read_all, latency, flop_rate, element_seconds, parallel, workers, seconds,
+                    gpu_seconds, probe.spent)
 
 
 class _Probe:
@@ -237,14 +240,16 @@ def _read_rates(checkpoints, workers: int, probe: _Probe) -> tuple[float, float,
     return latency, _median_until_stable(rate(1)), _median_until_stable(rate(workers))
 
 
-def _element_seconds(config: MergeConfig, units: Sequence[Unit], checkpoints, device: str,
-                     allowance: float) -> float:
-    """Seconds per output element of the plain path (for 4 inputs; scaled by the inputs a unit
-    has): the largest unit's method on random blocks of its dtypes, end to end, all rounds
-    within `allowance` elements."""
+def _element_seconds(config: MergeConfig, units: Sequence[Unit], checkpoints, device: str, workers: int,
+                     allowance: float) -> tuple[float, float]:
+    """(seconds per output element of the plain path, for 4 inputs (scaled by the inputs a unit
+    has): the largest unit's method on random blocks of its dtypes, end to end; the speed of
+    `workers` doing it at once against `workers` times one's, at most 1: what the device's
+    cores give in parallel, the machine's other load included), all rounds within `allowance`
+    elements."""
     units = [u for u in units if u.shape]
     if not units:
-        return 0.0
+        return 0.0, 1.0
     unit = max(units, key=lambda u: math.prod(u.shape))
     dev = torch.device(device)
     compute = torch.float64 if config.dtype == "float64" else torch.float32
@@ -257,8 +262,8 @@ def _element_seconds(config: MergeConfig, units: Sequence[Unit], checkpoints, de
         per_row = math.prod(unit.shape[1:])
 
         def measure(scale: int) -> float:
-            rows = max(1, min(unit.shape[0], int(min(PROBE_ELEMENTS, allowance / _SCALE_SUM)) * scale
-                              // max(per_row, 1)))
+            rows = max(1, min(unit.shape[0], int(min(PROBE_ELEMENTS, allowance / (_SCALE_SUM + ROUNDS * workers)))
+                              * scale // max(per_row, 1)))
             shape = (rows, *unit.shape[1:])
             elements = math.prod(shape)
             raw = [torch.randn(shape, device=dev).to(dtype) for dtype in stored]
@@ -273,7 +278,15 @@ def _element_seconds(config: MergeConfig, units: Sequence[Unit], checkpoints, de
             checksum(tensor_bytes(out))
             return (time.perf_counter() - start) / elements * 4 / max(len(unit.inputs), 1)
 
-        return _median_until_stable(measure)
+        one = _median_until_stable(measure)
+        if workers == 1:
+            return one, 1.0
+        at_once = []
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in range(ROUNDS):
+                at_once.append(statistics.median(pool.map(lambda _: measure(1), range(workers))))
+        # the first measure(1)'s size is the one the parallel rounds use
+        return one, max(1 / workers, min(1.0, measure(1) / statistics.median(at_once)))
     finally:
         torch.set_num_threads(threads)
 
