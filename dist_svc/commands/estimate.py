@@ -6,12 +6,12 @@ to run count (a resumed merge's finished ones do not; a finished merge is probed
 The time is a model with measured rates, each probed several times (the median counts, and a
 probe is repeated at a larger size while its rounds disagree by more than 20%).
 
-Probes are in proportion to the job: every probe, all its rounds and larger repeats included,
-reads at most PROBE_SHARE of the bytes the merge reads (and at least one row a read) and
-computes at most PROBE_SHARE of its elements, Gram flops and eigh work (`Estimate.probe_bytes`
-counts what was read), so that a
-dry run of a merge of seconds takes a fraction of those seconds. A tiny probe overstates the
-cost per byte or flop (fixed costs weigh more): the estimate of a tiny job errs long.
+Probes are in proportion to the job: all of them, every round and larger repeat included, read
+at most PROBE_SHARE of the bytes the merge reads (and at least one row a read) and compute at
+most PROBE_SHARE of its elements, Gram flops and eigh work (`Estimate.probe_bytes` counts what
+was read), so that a dry run of a merge of seconds takes a fraction of those seconds. A tiny
+probe overstates the cost per byte or flop (fixed costs weigh more): a tiny job's estimate errs
+long.
 
 - reading: the inputs' largest tensors read as workers read them, by one worker and by all of
   them at once (what the storage gives in parallel), from where they are (local files or
