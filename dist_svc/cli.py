@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import sys
@@ -66,9 +67,10 @@ _MERGEKIT_NO_OPS = {
     "async_write": "workers write their tensors in place as they finish",
     "write_threads": "workers write their tensors in place as they finish",
     "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
-    "transformers_cache": "dist-svc reads local checkpoints only",
-    "lora_merge_cache": "dist-svc merges full checkpoints, not LoRA adapters",
-    "lora_merge_dtype": "dist-svc merges full checkpoints, not LoRA adapters",
+    "lora_merge_cache": "dist-svc applies LoRA adapters (BASE+ADAPTER, or an adapter of the base_model) itself, "
+                        "from their factors block by block, and never writes a merged copy of a model to cache",
+    "lora_merge_dtype": "dist-svc applies LoRA adapters itself, from their factors in float64, rounding once "
+                        "(docs/storage.md says to what); the dtype given is not used",
 }
 
 
@@ -90,10 +92,13 @@ def _mergekit_options(f):
                      help="Always safetensors (or zarr): --no-safe-serialization is refused."),
         click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=None,
                      help="Refused: use `tokenizer_source` to merge different vocabularies."),
+        click.option("--transformers-cache", default=None, metavar="DIR",
+                     help="The Hugging Face cache that Hub model IDs are read from and downloaded into, as "
+                          "mergekit's (the same as HF_HUB_CACHE=DIR; with --cluster, the nodes' own HF_HUB_CACHE)."),
     ]
     for name, why in _MERGEKIT_NO_OPS.items():
         flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
-        if name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype"):
+        if name in ("lora_merge_cache", "lora_merge_dtype"):
             flags.append(click.option(f"--{flag}", default=None, help=help_text))
         elif name == "write_threads":
             flags.append(click.option(f"--{flag}", type=int, default=None, help=help_text))
@@ -116,6 +121,8 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
     for name, why in _MERGEKIT_NO_OPS.items():
         if mk[name] is not None and mk[name] is not False:
             _say(f"note: --{name.replace('_', '-')} changes nothing here: {why}.")
+    if mk["transformers_cache"]:
+        os.environ["HF_HUB_CACHE"] = mk["transformers_cache"]  # read by dist_svc.storage.hub at every resolve
     if mk["cuda"] or mk["gpu_rich"]:
         device = device or "cuda"  # the executor checks the device before anything is written
     threads = threads if threads is not None else mk["num_threads"]
@@ -383,7 +390,7 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
     """
     import torch
 
-    from dist_svc.commands.demo import DEMO_METHODS, TinyLlama, make_family, write_config
+    from dist_svc.commands.demo import DEMO_METHODS, DEMO_SHARD_SIZE, TinyLlama, make_family, write_config
     from dist_svc.driver import merge as run_merge
 
     workdir = workdir.resolve()
@@ -392,8 +399,10 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
         _say(f"generating a {layers}-layer Llama-layout base and {k} fine-tunes (bf16) in {inputs}")
         make_family(inputs, k=k, arch=TinyLlama(num_hidden_layers=layers), dtype=torch.bfloat16)
     ft_dirs = sorted((d for d in inputs.iterdir() if d.name.startswith("ft-")), key=lambda d: int(d.name[3:]))
-    config = write_config(workdir / "merge.yaml", inputs / "base", ft_dirs)
-    report = run_merge(config, workdir / "merged", shard_size="4MB", log=_say)
+    # The shard size is in the config, not passed beside it: rerunning `dist-svc merge` on the
+    # written config and output finds this very merge.
+    config = write_config(workdir / "merge.yaml", inputs / "base", ft_dirs, shard_size=DEMO_SHARD_SIZE)
+    report = run_merge(config, workdir / "merged", log=_say)
     _print_report(report)
     cal = report.calibration
     if cal:
@@ -417,7 +426,7 @@ def demo(workdir: Path, k: int, layers: int, methods: str | None) -> None:
 
 
 def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[str]) -> None:
-    from dist_svc.commands.demo import calibration_effect, write_method_config
+    from dist_svc.commands.demo import DEMO_SHARD_SIZE, calibration_effect, write_method_config
     from dist_svc.driver import merge as run_merge
 
     click.echo(f"\nCalibration on each method's merge of the same family (K={len(ft_dirs)}; "
@@ -425,8 +434,8 @@ def _demo_methods(workdir: Path, base: Path, ft_dirs: list[Path], names: list[st
     click.echo(f"{'method':<18}{'sigma_1 /':>10}{'norm':>7}{'held > once (eta>1)':>21}{'task-specific (eta<1)':>23}")
     click.echo(f"{'':<18}{'before/after':>10}{'ratio':>7}{'before -> after':>21}{'before -> after':>23}")
     for name in names:
-        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs)
-        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}", shard_size="4MB").calibration)
+        cfg = write_method_config(workdir / f"merge-{name}.yaml", name, base, ft_dirs, shard_size=DEMO_SHARD_SIZE)
+        effect = calibration_effect(run_merge(cfg, workdir / f"merged-{name}").calibration)
         if not effect["matrices"]:
             click.echo(f"{name:<18}  (nothing calibrated)")
             continue
@@ -614,7 +623,7 @@ def bench_estimate_cmd(workdir: Path, repeats: int) -> None:
 
     for r in bench_estimate(workdir, repeats=repeats, log=_say):
         click.echo(f"{r['case']:<6} calibration {'on ' if r['calibrate'] else 'off'} estimated {r['estimated_s']:7.1f} s"
-                   f"  measured {r['measured_s']:7.1f} s  {r['ratio']:.2f}x")
+                   f"  measured {r['measured_s']:7.1f} s  {r['ratio']:.2f}x  (the dry run took {r['dry_run_s']:.1f} s)")
 
 
 @bench.command("scaling")
@@ -693,12 +702,14 @@ def bench_lora_cmd(scale: int, k: int, rank: int, repeats: int) -> None:
 def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device, threads, memory=None) -> None:
     from dist_svc.driver import dry_run, settle
     from dist_svc.executors import build_executor
+    from dist_svc.storage.location import is_url
 
     settled, out = settle(config, out_dir, calibrate, output_format, shard_size)
     if settled.output.format == "peft":
         _print_adapter_dry_run(settled, out)
         return
     executor = build_executor(device=device, threads=threads, memory_limit=memory)
+    executor.connect()  # a device that is not there is refused as a merge refuses it, before any probe
     workers = executor.threads
     plan, est, existing = dry_run(config, out_dir, calibrate=calibrate, shard_size=shard_size,
                                   output_format=output_format, device=executor.device, workers=workers)
@@ -707,10 +718,19 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
     # As many of the largest units as fit at once, at most one per worker: what memory allows.
     fit = min(workers, limit.host // max(need.host, 1), limit.device // max(need.device, 1) if need.device else workers)
     click.echo(f"dry run: nothing merged, nothing written. {plan.summary()}")
-    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints (probed here: "
-               f"{human_bytes(est.read_rate)}/s by one reader, {human_bytes(est.parallel_read_rate)}/s by {workers})")
-    click.echo(f"  write       {human_bytes(est.write_bytes)}")
-    click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed; "
+    if existing is not None and existing["units_done"] == existing["units_total"]:
+        click.echo(f"  {out_dir}: this merge is already complete ({existing['units_total']} tensors); nothing to do")
+        return
+    if existing is not None:
+        click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
+                   f"tensors done; the figures below are for the {est.tensors} left")
+    click.echo(f"  read        {human_bytes(est.read_bytes)} from {len(plan.inputs)} checkpoints (probed here, "
+               f"reading {human_bytes(est.probe_bytes)}: {human_bytes(est.read_rate)}/s by one reader, "
+               f"{human_bytes(est.parallel_read_rate)}/s by {workers}, {est.latency * 1e3:.2f} ms a request)")
+    remote = f" (counted at the inputs' read rates: writes to {str(out_dir).split('://')[0]}:// are not probed)"
+    click.echo(f"  write       {human_bytes(est.write_bytes)}{remote if is_url(str(out_dir)) else ''}")
+    click.echo(f"  compute     {est.element_seconds * 1e9:.1f} ns per element merged and hashed ({workers} at once: "
+               f"{workers * est.parallel:.1f}x one's speed); "
                f"{est.gram_flops / 1e12:.1f} TFLOP float64 for calibration at {est.flop_rate / 1e9:.1f} GFLOP/s per worker")
     click.echo(f"  memory      {human_bytes(est.worker_memory_bytes)} for the largest tensor ({name}); "
                f"{human_bytes(limit.host)} available{f', {human_bytes(limit.device)} on the GPU' if limit.device else ''}: "
@@ -723,9 +743,6 @@ def _print_dry_run(config, out_dir, calibrate, shard_size, output_format, device
         click.echo(f"              about {human_seconds(seconds)} on {where} (projected from one H100's measured rates)")
     if existing is None:
         click.echo(f"  {out_dir}: a new merge")
-    else:
-        click.echo(f"  {out_dir}: resumes a merge with {existing['units_done']}/{existing['units_total']} "
-                   f"tensors done")
 
 
 def _print_adapter_dry_run(config, out_dir) -> None:

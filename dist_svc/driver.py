@@ -289,21 +289,25 @@ def plan_merge(config: MergeConfig) -> Plan:
 def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
             shard_size: str | int | None = None, output_format: str | None = None,
             device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
-    """The plan, its estimate (dist_svc.commands.estimate) and what `out_dir` holds of it
-    already (its progress, or None for a fresh start), without merging or writing anything."""
+    """The plan, its estimate (dist_svc.commands.estimate) of the units still to run and what
+    `out_dir` holds of it already (its progress, or None for a fresh start), without merging or
+    writing anything."""
     from dist_svc.commands.estimate import estimate
     from dist_svc.plan import build_plan, open_inputs
 
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
+    start = time.perf_counter()
     base, models = open_inputs(config)
     try:
         plan = build_plan(config, base, models)
+        plan_seconds = time.perf_counter() - start  # what the merge does again before its first unit
         existing = Manifest.check(out_dir, plan)  # refuses what a real run would refuse
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        est = estimate(config, plan, base, models, device, workers)
+        pending = [u for u in plan.units if existing is None or u.name not in existing.recorded]
+        est = estimate(config, plan, base, models, device, workers, pending, plan_seconds)
     finally:
         for checkpoint in (base, *models):
             checkpoint.close()

@@ -214,3 +214,53 @@ class TestRayExecutor(ExecutorContract):
         from dist_svc.executors.ray_cluster import RayExecutor
 
         return RayExecutor(address=self.address)
+
+
+
+def _session_pids(sid: int) -> list[int]:
+    """The live processes of a session (exited ones not yet reaped, state Z, are gone)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s, stat in (line.split() for line in out.splitlines())
+            if int(s) == sid and not stat.startswith("Z")]
+
+
+def test_the_local_cluster_script_stops_its_own_cluster_and_no_other():
+    """cluster/local-cluster.sh stop ends the processes of the nodes it started (head and worker,
+    each in a session it recorded), and another Ray cluster on the same machine keeps answering.
+    Costs ~30-40 s on a loaded 2-core VM: three `ray start`s (~5-10 s each) and a stop's grace."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    script = Path(__file__).resolve().parent.parent / "cluster" / "local-cluster.sh"
+    ours, theirs = free_port(), free_port()
+    tmp_path = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY=ray_bin, RAY_PORT=str(ours), RAY_CLUSTER_STATE=str(tmp_path / "state"),
+               RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    # Someone else's cluster, in a session of its own (its id: the pid of its `ray start`), so
+    # that this test can end it afterwards.
+    other = subprocess.Popen([ray_bin, "start", "--head", "--port", str(theirs), "--node-ip-address", "127.0.0.1",
+                              "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+                              "--temp-dir", str(tmp_path / "other")], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert other.wait(timeout=120) == 0, other.stderr.read()
+        subprocess.run(["bash", str(script), "start", "1"], env=env, check=True, capture_output=True, timeout=180)
+        sessions = [int(s) for s in (tmp_path / "state" / "sessions").read_text().split()]
+        assert len(sessions) == 2 and all(_session_pids(s) for s in sessions)  # the head and one node, running
+        stop = subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert not any(_session_pids(s) for s in sessions) and not (tmp_path / "state").exists()
+        status = subprocess.run([ray_bin, "status", "--address", f"127.0.0.1:{theirs}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "Active:" in status.stdout, status.stdout + status.stderr
+    finally:
+        if (tmp_path / "state").exists():  # only a cluster the script recorded is stopped by it
+            subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=60)
+        for pid in _session_pids(other.pid):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest
 
 from dist_svc import merge
 from dist_svc.config import load_config
-from tests.conftest import run_cli, write_config
+from tests.conftest import file_bytes, run_cli, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,29 @@ def test_dry_run_prints_the_plan_in_numbers_and_writes_nothing(tmp_path, family)
     assert est.write_bytes == plan.total_bytes and existing is None and est.seconds > 0
     assert est.worker_memory_bytes > 0
     merge(cfg, tmp_path / "done", progress="off")
-    assert "resumes a merge with" in run_cli("merge", cfg, tmp_path / "done", "--dry-run").stdout
+    assert "already complete" in run_cli("merge", cfg, tmp_path / "done", "--dry-run").stdout
+
+
+def test_the_dry_run_probes_in_proportion_to_the_job_and_not_at_all_when_it_is_done(tmp_path, family):
+    """Every read probe together reads at most PROBE_SHARE of what the merge reads (a dry run
+    of a small merge must not take longer than the merge); a resumed merge is estimated for the
+    tensors left, a finished one is not probed."""
+    from dist_svc.commands.estimate import PROBE_SHARE
+    from dist_svc.commands.demo import TinyLlama
+    from dist_svc.driver import dry_run
+
+    arch = TinyLlama(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    base, fts = family(3, arch=arch)
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    plan, est, existing = dry_run(cfg, tmp_path / "out")
+    assert existing is None and est.tensors == len(plan.units) and est.read_bytes > 1 << 20
+    assert 0 < est.probe_bytes <= PROBE_SHARE * est.read_bytes, (est.probe_bytes, est.read_bytes)
+    assert est.latency > 0 and est.read_rate > 0 and est.seconds > 0
+    merge(cfg, tmp_path / "out", progress="off")
+    plan, est, existing = dry_run(cfg, tmp_path / "out")
+    assert existing["units_done"] == len(plan.units) and est.tensors == 0 and est.probe_bytes == 0
+    assert est.seconds == 0
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -170,3 +192,18 @@ def test_demo_compares_what_calibration_does_to_each_method(tmp_path):
     norm = {m: float(r[2]) for m, r in rows.items()}
     assert norm["task_arithmetic"] < 0.7 and norm["linear"] > 1.3 and norm["slerp"] == 1.0
     assert int(rows["task_arithmetic"][3][:-1]) > 80 and rows["linear"][3] == "0%"  # energy held more than once
+
+
+def test_the_config_the_demo_writes_reruns_on_its_output_as_the_finished_merge(tmp_path):
+    """The demo's merge.yaml describes the merge it made (its shard size included): `merge` on
+    it and the demo's output is a no-op, and its dry run says there is nothing to do."""
+    demo = tmp_path / "demo"
+    run_cli("demo", demo, "--layers", "1", "-k", "2", "--methods", "ties")
+    before = file_bytes(demo / "merged")
+    for config, out in (("merge.yaml", "merged"), ("merge-ties.yaml", "merged-ties")):
+        proc = run_cli("merge", demo / config, demo / out)
+        assert "this merge is already complete" in proc.stdout, proc.stdout + proc.stderr
+        dry = run_cli("merge", demo / config, demo / out, "--dry-run")
+        assert "already complete" in dry.stdout and "nothing to do" in dry.stdout, dry.stdout + dry.stderr
+    assert file_bytes(demo / "merged") == before
+

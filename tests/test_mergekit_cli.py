@@ -27,21 +27,76 @@ def test_flags_that_change_nothing_say_so_in_one_line_and_the_merge_runs(tmp_pat
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--cuda"], "--cuda): this machine has no CUDA device"),
     (["--no-safe-serialization"], "writes safetensors (or zarr) only"),
     (["--unsafe-truncate-embeddings"], "tokenizer_source"),
 ])
 def test_flags_dist_svc_cannot_honour_are_refused_before_anything_is_written(tmp_path, family, flags, needle):
-    pytest.importorskip("torch")
-    import torch
-
-    if flags == ["--cuda"] and torch.cuda.is_available():
-        pytest.skip("a GPU is present: --cuda works here")
     base, fts = family(2)
     proc = run_cli("mergekit-yaml", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", *flags,
                    check=False)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["merge", "dry-run"])
+@pytest.mark.parametrize("flags", [["--cuda"], ["--gpu-rich"], ["--device", "cuda"], ["--device", "cuda:1"]],
+                         ids=" ".join)
+@pytest.mark.parametrize("command", ["merge", "mergekit-yaml"])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_paragraph_with_or_without_dry_run(tmp_path, family, command,
+                                                                                         flags, dry_run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --cuda works here")
+    base, fts = family(2)
+    proc = run_cli(command, write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", *flags, *dry_run,
+                   check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "this machine has no CUDA device" in errors[0] and "--device cpu" in errors[0]
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_transformers_cache_is_the_hugging_face_cache_hub_ids_are_read_from(tmp_path, family, monkeypatch):
+    """mergekit's --transformers-cache DIR: Hub models come from DIR (here offline, with the
+    default cache empty), and the merge equals the one of the same files read locally."""
+    from tests.test_sources import checkpoint_files, hub_cache
+
+    base, fts = family(2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub_cache(tmp_path / "mk-cache", "acme/ft-1", checkpoint_files(fts[0]))
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: acme/ft-1\n"
+                   f"  - model: {fts[1]}\n")
+    proc = run_cli("mergekit-yaml", cfg, tmp_path / "hub", "--transformers-cache", tmp_path / "mk-cache")
+    assert "--transformers-cache" not in proc.stderr  # honoured: no note
+    run_cli("merge", write_config(tmp_path / "local.yaml", base, fts), tmp_path / "local")
+    assert file_bytes(tmp_path / "hub") == file_bytes(tmp_path / "local")
+
+
+def test_lora_merge_flags_say_that_dist_svc_applies_the_adapters_itself(tmp_path):
+    """On a merge of LoRA adapters, --lora-merge-cache and --lora-merge-dtype say what dist-svc
+    does with adapters (applies them from their factors, caches no merged copy), and change
+    nothing: the same bytes as without them, and no cache directory."""
+    from tests.test_sources import _exact_family
+
+    base, adapters, _ = _exact_family(tmp_path, 2)
+    cfg = write_config(tmp_path / "m.yaml", base, adapters)
+    proc = run_cli("mergekit-yaml", cfg, tmp_path / "with", "--lora-merge-cache", tmp_path / "lora-cache",
+                   "--lora-merge-dtype", "bfloat16")
+    notes = {line.split()[1]: line for line in proc.stderr.splitlines() if line.startswith("note: --")}
+    assert set(notes) == {"--lora-merge-cache", "--lora-merge-dtype"}, proc.stderr
+    for note in notes.values():
+        assert "applies LoRA adapters" in note and "not LoRA adapters" not in note, note
+    assert "never writes a merged copy" in notes["--lora-merge-cache"]
+    assert "float64" in notes["--lora-merge-dtype"] and "not used" in notes["--lora-merge-dtype"]
+    assert not (tmp_path / "lora-cache").exists()
+    run_cli("merge", cfg, tmp_path / "without")
+    assert file_bytes(tmp_path / "with") == file_bytes(tmp_path / "without")
+    help_text = " ".join(run_cli("mergekit-yaml", "--help").stdout.split())
+    assert "not LoRA adapters" not in help_text and "local checkpoints only" not in help_text
+    assert "Hub model IDs are read from" in help_text
 
 
 def test_random_seed_sets_the_drops_and_the_same_seed_gives_the_same_bytes(tmp_path, family):

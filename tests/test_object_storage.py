@@ -85,6 +85,31 @@ def test_a_merge_of_remote_inputs_equals_the_local_merge_byte_for_byte(tmp_path,
     assert "version" in inputs[f"{bucket}/base"]["tensors"][0]  # objects are identified by their ETag
 
 
+def test_a_dry_run_on_object_storage_probes_its_round_trips_within_its_share_and_writes_nothing(tmp_path, bucket,
+                                                                                                family):
+    """Remote inputs: the dry run's probes read them where they are, within PROBE_SHARE of the
+    job's bytes, and count a request's latency (a round trip to the S3 API is slower than a
+    local read); an s3:// output is not written to, and the dry run says its writes are not
+    probed."""
+    import fsspec
+
+    from dist_svc.commands.estimate import PROBE_SHARE
+    from dist_svc.driver import dry_run
+
+    base, fts = family(3)
+    local_cfg = write_config(tmp_path / "local.yaml", base, fts)
+    remote = [upload(d, f"{bucket}/{d.name}") for d in (base, *fts)]
+    cfg = write_config(tmp_path / "remote.yaml", remote[0], remote[1:])
+    _, local, _ = dry_run(local_cfg, tmp_path / "out")
+    _, est, _ = dry_run(cfg, f"{bucket}/out")
+    assert est.read_bytes == local.read_bytes and 0 < est.probe_bytes <= PROBE_SHARE * est.read_bytes
+    assert est.latency > local.latency > 0
+    proc = run_cli("merge", cfg, f"{bucket}/out", "--dry-run")
+    assert "writes to s3:// are not probed" in proc.stdout and "a new merge" in proc.stdout, proc.stdout
+    fs, path = fsspec.core.url_to_fs(bucket)
+    assert not fs.exists(f"{path}/out") and not (tmp_path / "out").exists()
+
+
 def _refused(result: subprocess.CompletedProcess, out, *needles: str) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len([x for x in result.stderr.splitlines() if x.startswith("error: ")]) == 1, result.stderr

@@ -546,8 +546,9 @@ def bench_frontier(workdir, models: Sequence[str] = ("llama-405b", "deepseek-v3"
 
 
 def bench_estimate(workdir, cases: Sequence[str] = ("dense", "moe"), repeats: int = 1, log=print) -> list[dict]:
-    """The dry run's time against the merge's measured time on this machine, calibration off
-    and on, for a dense model (~290M parameters) and a MoE (1.5k tiny tensors)."""
+    """The dry run's estimate against the merge's measured time on this machine, calibration off
+    and on, for a dense model (~290M parameters) and a MoE (1.5k tiny tensors), and how long
+    the dry run itself took."""
     import shutil
     from pathlib import Path
 
@@ -569,7 +570,9 @@ def bench_estimate(workdir, cases: Sequence[str] = ("dense", "moe"), repeats: in
             config = write_config(root / f"m-{calibrate}.yaml", root / "base", fts, lam=0.3, calibrate=calibrate)
             out = root / f"out-{calibrate}"
             shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
             _, est, _ = dry_run(config, out)
+            dry_s = time.perf_counter() - start
             times = []
             for _ in range(repeats):
                 shutil.rmtree(out, ignore_errors=True)
@@ -578,7 +581,7 @@ def bench_estimate(workdir, cases: Sequence[str] = ("dense", "moe"), repeats: in
                 times.append(time.perf_counter() - start)
             measured = statistics.median(times)
             rows.append({"case": case, "calibrate": calibrate, "estimated_s": est.seconds, "measured_s": measured,
-                         "ratio": est.seconds / measured})
+                         "ratio": est.seconds / measured, "dry_run_s": dry_s})
             log(f"{case}, calibration {'on' if calibrate else 'off'}: estimated {est.seconds:.1f} s, "
                 f"measured {measured:.1f} s ({est.seconds / measured:.2f}x)")
     return rows

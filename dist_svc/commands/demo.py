@@ -195,12 +195,21 @@ def _low_rank(shape: tuple[int, ...], rank: int, scale: float, gen: torch.Genera
     return (a * strengths) @ b.T
 
 
-def write_config(path: Path, base_dir: Path, ft_dirs: list[Path], lam: float = 1.0, calibrate: bool = True) -> Path:
-    lines = ["# A mergekit task_arithmetic config; `calibrate` is dist-svc's addition.",
+DEMO_SHARD_SIZE = "4MB"  # the demo's shards: several, even for its small model
+
+
+def write_config(path: Path, base_dir: Path, ft_dirs: list[Path], lam: float = 1.0, calibrate: bool = True,
+                 shard_size: str | None = None) -> Path:
+    """A task arithmetic config of the family; `shard_size` written as `output: {shard_size: ...}`,
+    so that the config alone describes the merge (its rerun on the same output is a no-op)."""
+    lines = ["# A mergekit task_arithmetic config; `calibrate` and `output` are dist-svc's additions.",
              "merge_method: task_arithmetic", f"base_model: {base_dir}", "models:"]
     for d in ft_dirs:
         lines += [f"  - model: {d}", "    parameters:", "      weight: 1.0"]
-    lines += ["parameters:", f"  lambda: {lam}", "dtype: float32", f"calibrate: {str(calibrate).lower()}", ""]
+    lines += ["parameters:", f"  lambda: {lam}", "dtype: float32", f"calibrate: {str(calibrate).lower()}"]
+    if shard_size is not None:
+        lines += ["output:", f"  shard_size: {shard_size}"]
+    lines.append("")
     path.write_text("\n".join(lines))
     return path
 
@@ -229,14 +238,17 @@ DEMO_METHODS: dict[str, tuple[dict, dict, int | None]] = {
 }
 
 
-def write_method_config(path: Path, method: str, base_dir: Path, ft_dirs: list[Path]) -> Path:
+def write_method_config(path: Path, method: str, base_dir: Path, ft_dirs: list[Path],
+                        shard_size: str | None = None) -> Path:
     import yaml
 
     params, own, count = DEMO_METHODS[method]
     config = {"merge_method": method, "base_model": str(base_dir), "dtype": "float32",
-              "models": [{"model": str(d), **({"parameters": own} if own else {})} for d in ft_dirs[:count]]}
+              "models": [{"model": str(d), **({"parameters": dict(own)} if own else {})} for d in ft_dirs[:count]]}
     if params:
         config["parameters"] = params
+    if shard_size is not None:
+        config["output"] = {"shard_size": shard_size}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
