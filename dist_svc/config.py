@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,6 +437,8 @@ def _no_base_for_calibration(source: str, method: str | None, how: str) -> str:
 
 
 def _model_path(text: Any, name: str, problems: _Problems) -> Path | str | None:
+    if isinstance(text, os.PathLike):  # a `Path` in a config passed as a dict (the Python API)
+        text = os.fspath(text)
     if not isinstance(text, str) or not text.strip():
         problems.add(name, f"expected a model's path (got {show(text)}).")
         return None
