@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 
 from dist_svc.errors import DistSvcError
-from dist_svc.progress import human_bytes, human_seconds
+from dist_svc.progress import human_bytes, human_seconds, say
 
 
 def _say(line: str) -> None:
-    click.echo(line, err=True)
+    say(line)  # above the progress bar while one is drawn
 
 
 class _Group(click.Group):
