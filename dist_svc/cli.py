@@ -52,7 +52,6 @@ _MERGEKIT_NO_OPS = {
     "clone_tensors": "every output tensor is written once, in place",
     "async_write": "workers write their tensors in place as they finish",
     "write_threads": "workers write their tensors in place as they finish",
-    "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
     "transformers_cache": "dist-svc reads local checkpoints only",
     "lora_merge_cache": "dist-svc merges full checkpoints, not LoRA adapters",
     "lora_merge_dtype": "dist-svc merges full checkpoints, not LoRA adapters",
@@ -77,6 +76,9 @@ def _mergekit_options(f):
                      help="Always safetensors (or zarr): --no-safe-serialization is refused."),
         click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=None,
                      help="Refused: use `tokenizer_source` to merge different vocabularies."),
+        click.option("--write-model-card/--no-write-model-card", default=None,
+                     help="Write README.md, a model card: method, models, config, what calibration did "
+                          "(default: yes, as mergekit). One already in OUT_DIR is never replaced."),
     ]
     for name, why in _MERGEKIT_NO_OPS.items():
         flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
@@ -92,8 +94,8 @@ def _mergekit_options(f):
 
 
 def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, progress: str) -> tuple:
-    """(device, threads, progress, config options) from mergekit's flags; says what changes
-    nothing, refuses what dist-svc cannot do."""
+    """(device, threads, progress, config options, whether to write the model card) from
+    mergekit's flags; says what changes nothing, refuses what dist-svc cannot do."""
     if mk["safe_serialization"] is False:
         raise DistSvcError("--no-safe-serialization: dist-svc writes safetensors (or zarr) only, never pickles.")
     if mk["unsafe_truncate_embeddings"]:
@@ -112,7 +114,7 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
         progress = "log"
     options = {"copy_tokenizer": mk["copy_tokenizer"], "allow_crimes": mk["allow_crimes"],
                "random_seed": mk["random_seed"]}
-    return device, threads, progress, options
+    return device, threads, progress, options, mk["write_model_card"] is not False
 
 
 @main.command()
@@ -173,7 +175,8 @@ def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | 
     from dist_svc.stages import load_stages, merge_stages
     from dist_svc.storage.outdir import output_dir
 
-    device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
+    device, threads, progress, options, model_card = _apply_mergekit_options(mergekit_flags, device, threads,
+                                                                              progress)
     memory = None if memory_limit is None else parse_size(memory_limit)
     stages = load_stages(config, out_dir, intermediate_dir, calibrate)
     if progress != "off":
@@ -193,7 +196,8 @@ def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | 
 
     executor = build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=_say)
     for report in merge_stages(stages, lambda c: c.with_options(**options), log=_say, shard_size=shard_size,
-                               progress=progress, executor=executor, output_format=output_format):
+                               progress=progress, executor=executor, output_format=output_format,
+                               model_card=model_card):
         _print_report(report)
 
 

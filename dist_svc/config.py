@@ -149,6 +149,7 @@ class MergeConfig:
     allow_crimes: bool = False  # mergekit's --allow-crimes: inputs of different architectures
     notes: tuple[str, ...] = field(default=(), compare=False)  # what was accepted but has no effect
     source: str = "<config>"
+    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as written (the model card)
 
     @property
     def method(self) -> Method:
@@ -427,6 +428,7 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
         merge_method=method_name, checkpoints=tuple(checkpoints), base=base, slices=tuple(slices),
         whole_models=has_models, parameters=params, dtype=dtype, out_dtype=out_dtype, calibration=calibration,
         output=output, tokenizer=tokenizer, chat_template=chat_template, notes=tuple(notes), source=source,
+        document=raw,
     )
 
 

@@ -75,7 +75,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
           calibrate: bool | None = None, shard_size: str | int | None = None, progress: str = "auto",
           output_format: str | None = None, device: str | None = None, threads: int | None = None,
           cluster: str | None = None, memory_limit: str | int | None = None, executor: Executor | None = None,
-          log: Callable[[str], None] = lambda line: None) -> MergeReport:
+          model_card: bool = True, log: Callable[[str], None] = lambda line: None) -> MergeReport:
     """Merge into `out_dir`, resuming whatever an earlier run finished. `config`: a mergekit
     YAML file, or its fields as a dict (validated as the file would be), or a `MergeConfig`.
     The output is HF safetensors shards (of at most `shard_size`), or a zarr v3 store when
@@ -83,7 +83,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
 
     Where units run, as the command line's options: `device` ("cpu", "cuda", "cuda:1"),
     `threads` (units in flight), `memory_limit` (bytes or a size such as "16GiB") for this
-    process, or `cluster` (a Ray address, or "auto"); or an `executor` built outright."""
+    process, or `cluster` (a Ray address, or "auto"); or an `executor` built outright.
+    `model_card`: write README.md (dist_svc.card) when the merge finishes, as mergekit does."""
     # The pipeline (and torch) is imported here, not with this module: `status` and `verify`
     # need only the manifest and the output layout.
     from dist_svc.progress import Progress
@@ -133,10 +134,13 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
                 _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
             finally:
                 bar.close()
-            # 4. Finish: index and side files, then the manifest says so.
+            # 4. Finish: index and side files (and the model card), then the manifest says so.
             layout.finish(manifest.recorded, plan.side_files)
+            report = _report(manifest, layout, recorder.count, False, start, recorder.stages, executor.describe())
+            if model_card:
+                _write_model_card(out, config, plan, report)
             manifest.set_complete(True)
-            return _report(manifest, layout, recorder.count, False, start, recorder.stages, executor.describe())
+            return report
     except OSError as e:
         raise DistSvcError(_storage_problem(e, out_dir)) from None
 
@@ -148,6 +152,17 @@ def _executor(device: str | None, threads: int | None, cluster: str | None, memo
 
     memory = None if memory_limit is None else parse_size(memory_limit)
     return build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=log)
+
+
+def _write_model_card(out, config: MergeConfig, plan: Plan, report: MergeReport) -> None:
+    """README.md, written once, as one whole file (local or object storage). A card already there
+    is left as it is: a rerun that repairs the output writes the same card, and a card the user
+    has edited since is theirs."""
+    from dist_svc.card import CARD_NAME, model_card
+
+    if out.size(CARD_NAME) is None:
+        alphas = [u.alpha for u in plan.units if u.calibrate]
+        out.write(CARD_NAME, model_card(config, alphas, report.calibration_summary()).encode())
 
 
 def _storage_problem(e: OSError, out_dir: Path) -> str:

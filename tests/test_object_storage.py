@@ -181,6 +181,7 @@ def test_a_merge_to_s3_equals_the_local_merge_and_verifies(tmp_path, bucket, fam
     local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
              if p.is_file() and "dist-svc-manifest" not in p.name and p.name != ".dist-svc.lock"}
     assert _objects(f"{bucket}/merged") == local
+    assert b"# task_arithmetic merge of 3 models" in local["README.md"]  # the model card, on S3 too
     assert "verified" in run_cli("verify", f"{bucket}/merged").stdout
     assert "complete" in run_cli("status", f"{bucket}/merged").stdout
     assert "already complete" in run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB").stdout
