@@ -4,15 +4,17 @@ __version__ = "0.1.0"
 
 from dist_svc.errors import DistSvcError  # noqa: E402
 
+# The Python API, from dist_svc.driver: loaded (with the pipeline and torch) on first use, not
+# on `import dist_svc`: the CLI's `--version`, `--help` and `status` stay fast.
+_API = ("merge", "status", "verify", "dry_run", "MergeReport")
+
 
 def __getattr__(name: str):
-    # `dist_svc.merge` loads the pipeline (and torch) on first use, not on `import dist_svc`:
-    # the CLI's `--version`, `--help` and `status` stay fast.
-    if name == "merge":
-        from dist_svc.driver import merge
+    if name in _API:
+        from dist_svc import driver
 
-        return merge
+        return getattr(driver, name)
     raise AttributeError(f"module 'dist_svc' has no attribute {name!r}")
 
 
-__all__ = ["merge", "DistSvcError", "__version__"]
+__all__ = [*_API, "DistSvcError", "__version__"]

@@ -13,11 +13,11 @@ from pathlib import Path
 import click
 
 from dist_svc.errors import DistSvcError
-from dist_svc.progress import human_bytes, human_seconds
+from dist_svc.progress import human_bytes, human_seconds, say
 
 
 def _say(line: str) -> None:
-    click.echo(line, err=True)
+    say(line)  # above the progress bar while one is drawn
 
 
 class _Terminated(KeyboardInterrupt):
@@ -66,7 +66,6 @@ _MERGEKIT_NO_OPS = {
     "clone_tensors": "every output tensor is written once, in place",
     "async_write": "workers write their tensors in place as they finish",
     "write_threads": "workers write their tensors in place as they finish",
-    "write_model_card": "dist-svc writes no README.md; its manifest records the merge",
     "lora_merge_cache": "dist-svc applies LoRA adapters (BASE+ADAPTER, or an adapter of the base_model) itself, "
                         "from their factors block by block, and never writes a merged copy of a model to cache",
     "lora_merge_dtype": "dist-svc applies LoRA adapters itself, from their factors in float64, rounding once "
@@ -95,6 +94,9 @@ def _mergekit_options(f):
         click.option("--transformers-cache", default=None, metavar="DIR",
                      help="The Hugging Face cache that Hub model IDs are read from and downloaded into, as "
                           "mergekit's (the same as HF_HUB_CACHE=DIR; with --cluster, the nodes' own HF_HUB_CACHE)."),
+        click.option("--write-model-card/--no-write-model-card", default=None,
+                     help="Write README.md, a model card: method, models, config, what calibration did "
+                          "(default: yes, as mergekit). One already in OUT_DIR is never replaced."),
     ]
     for name, why in _MERGEKIT_NO_OPS.items():
         flag, help_text = name.replace("_", "-"), f"mergekit's; no effect here: {why}."
@@ -110,8 +112,8 @@ def _mergekit_options(f):
 
 
 def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, progress: str) -> tuple:
-    """(device, threads, progress, config options) from mergekit's flags; says what changes
-    nothing, refuses what dist-svc cannot do."""
+    """(device, threads, progress, config options, whether to write the model card) from
+    mergekit's flags; says what changes nothing, refuses what dist-svc cannot do."""
     if mk["safe_serialization"] is False:
         raise DistSvcError("--no-safe-serialization: dist-svc writes safetensors (or zarr) only, never pickles.")
     if mk["unsafe_truncate_embeddings"]:
@@ -132,7 +134,7 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
         progress = "log"
     options = {"copy_tokenizer": mk["copy_tokenizer"], "allow_crimes": mk["allow_crimes"],
                "random_seed": mk["random_seed"]}
-    return device, threads, progress, options
+    return device, threads, progress, options, mk["write_model_card"] is not False
 
 
 @main.command()
@@ -193,7 +195,8 @@ def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | 
     from dist_svc.stages import load_stages, merge_stages
     from dist_svc.storage.outdir import output_dir
 
-    device, threads, progress, options = _apply_mergekit_options(mergekit_flags, device, threads, progress)
+    device, threads, progress, options, model_card = _apply_mergekit_options(mergekit_flags, device, threads,
+                                                                              progress)
     memory = None if memory_limit is None else parse_size(memory_limit)
     stages = load_stages(config, out_dir, intermediate_dir, calibrate)
     if progress != "off":
@@ -213,7 +216,8 @@ def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | 
 
     executor = build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=_say)
     for report in merge_stages(stages, lambda c: c.with_options(**options), log=_say, shard_size=shard_size,
-                               progress=progress, executor=executor, output_format=output_format):
+                               progress=progress, executor=executor, output_format=output_format,
+                               model_card=model_card):
         _print_report(report)
 
 

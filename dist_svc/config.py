@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ class MergeConfig:
     allow_crimes: bool = False  # mergekit's --allow-crimes: inputs of different architectures
     notes: tuple[str, ...] = field(default=(), compare=False)  # what was accepted but has no effect
     source: str = "<config>"
+    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as written (the model card)
 
     @property
     def method(self) -> Method:
@@ -426,6 +428,7 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
         merge_method=method_name, checkpoints=tuple(checkpoints), base=base, slices=tuple(slices),
         whole_models=has_models, parameters=params, dtype=dtype, out_dtype=out_dtype, calibration=calibration,
         output=output, tokenizer=tokenizer, chat_template=chat_template, notes=tuple(notes), source=source,
+        document=raw,
     )
 
 
@@ -436,6 +439,8 @@ def _no_base_for_calibration(source: str, method: str | None, how: str) -> str:
 
 
 def _model_path(text: Any, name: str, problems: _Problems) -> Path | str | None:
+    if isinstance(text, os.PathLike):  # a `Path` in a config passed as a dict (the Python API)
+        text = os.fspath(text)
     if not isinstance(text, str) or not text.strip():
         problems.add(name, f"expected a model's path (got {show(text)}).")
         return None

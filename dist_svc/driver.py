@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import statistics
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 3  # passes over units whose bytes failed verification before giving up
 
 
-@dataclass
+@dataclass(repr=False)
 class MergeReport:
     out_dir: Path | str  # a local directory, or an s3:// URL
     plan_summary: str
@@ -46,22 +47,56 @@ class MergeReport:
     seconds: float
     calibration: dict[str, dict] = field(default_factory=dict)  # tensor -> calibration summary
     stages: dict[str, float] = field(default_factory=dict)  # seconds the workers spent per stage, summed
+    bytes_total: int = 0  # of the merged tensors
+    executor: str | None = None  # where the units ran (the executor's one line); None if none ran
+
+    def calibration_summary(self) -> dict[str, Any] | None:
+        """The calibration in three numbers (None when nothing was calibrated): matrices, and the
+        median and range of the top singular value's ratio before / after calibration."""
+        ratios = sorted(c["sigma_before"][0] / c["sigma_after"][0] for c in self.calibration.values()
+                        if c.get("sigma_after") and c["sigma_after"][0] > 0)
+        if not ratios:
+            return None
+        return {"matrices": len(self.calibration), "top_ratio_median": statistics.median(ratios),
+                "top_ratio_min": ratios[0], "top_ratio_max": ratios[-1]}
+
+    def __repr__(self) -> str:
+        # One line: the per-tensor facts (`calibration`, thousands of entries) stay out of it.
+        from dist_svc.progress import human_bytes
+
+        done = "already complete" if self.already_complete else f"{self.units_run} run"
+        cal = self.calibration_summary()
+        cal_text = (f"{cal['matrices']} matrices calibrated, top singular value / {cal['top_ratio_median']:.3g} "
+                    f"(median)" if cal else "no calibration")
+        return (f"MergeReport({self.units_total} tensors ({done}), {human_bytes(self.bytes_total)}, "
+                f"{self.seconds:.1f} s, out_dir={str(self.out_dir)!r}, {cal_text})")
 
 
-def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
-          shard_size: str | int | None = None, executor: Executor | None = None, progress: str = "auto",
-          output_format: str | None = None, log: Callable[[str], None] = lambda line: None) -> MergeReport:
-    """Merge into `out_dir`, resuming whatever an earlier run finished. The output is HF
-    safetensors shards (of at most `shard_size`), or a zarr v3 store when `output_format` (else
-    the config's `output:`, else an `out_dir` ending in .zarr) says so."""
+def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *,
+          calibrate: bool | None = None, shard_size: str | int | None = None, progress: str = "auto",
+          output_format: str | None = None, device: str | None = None, threads: int | None = None,
+          cluster: str | None = None, memory_limit: str | int | None = None, executor: Executor | None = None,
+          model_card: bool = True, log: Callable[[str], None] = lambda line: None) -> MergeReport:
+    """Merge into `out_dir`, resuming whatever an earlier run finished. `config`: a mergekit
+    YAML file, or its fields as a dict (validated as the file would be), or a `MergeConfig`.
+    The output is HF safetensors shards (of at most `shard_size`), or a zarr v3 store when
+    `output_format` (else the config's `output:`, else an `out_dir` ending in .zarr) says so.
+
+    Where units run, as the command line's options: `device` ("cpu", "cuda", "cuda:1"),
+    `threads` (units in flight), `memory_limit` (bytes or a size such as "16GiB") for this
+    process, or `cluster` (a Ray address, or "auto"); or an `executor` built outright.
+    `model_card`: write README.md (dist_svc.card) when the merge finishes, as mergekit does."""
     # The pipeline (and torch) is imported here, not with this module: `status` and `verify`
     # need only the manifest and the output layout.
-    from dist_svc.executors import build_executor
     from dist_svc.progress import Progress
     from dist_svc.worker import Job
 
     start = time.perf_counter()
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
+    choice = {"device": device, "threads": threads, "cluster": cluster, "memory_limit": memory_limit}
+    if executor is not None and any(v is not None for v in choice.values()):
+        raise DistSvcError(f"merge(): pass an `executor` or the options that build one "
+                           f"({', '.join(k for k, v in choice.items() if v is not None)}), not both.")
     _refuse_inside_inputs(config, out_dir)
     if config.output.format == "peft":  # LoRA adapters merged as one adapter, in factored form
         from dist_svc.lowrank import merge_adapters
@@ -70,7 +105,7 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
     done = _already_complete(config, out_dir, start)
     if done is not None:
         return done
-    executor = executor or build_executor()
+    executor = executor or _executor(log=log, **choice)
     plan = plan_merge(config)
     log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
         f"calibration {'on' if config.calibration.enabled else 'off'}")
@@ -105,10 +140,14 @@ def merge(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: b
                     _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
                 finally:
                     bar.close()
-                # 4. Finish: index and side files, then the manifest says so.
+                # 4. Finish: index and side files (and the model card), then the manifest says so.
                 layout.finish(manifest.recorded, plan.side_files)
+                report = _report(manifest, layout, recorder.count, False, start, recorder.stages,
+                                 executor.describe())
+                if model_card:
+                    _write_model_card(out, config, plan, report)
                 manifest.set_complete(True, layout.stamps(manifest.side_files))
-                return _report(manifest, layout, recorder.count, False, start, recorder.stages)
+                return report
             except Exception as e:  # not an interruption (Ctrl-C, SIGTERM): the merge failed, `status` says so
                 with suppress(Exception):  # the storage that failed may refuse this too
                     manifest.set_failed(_failure(e, out_dir))
@@ -124,6 +163,26 @@ def _failure(e: Exception, out_dir: Path) -> str:
     if isinstance(e, OSError):
         return _storage_problem(e, out_dir)
     return f"{type(e).__name__}: {e}"
+
+
+def _executor(device: str | None, threads: int | None, cluster: str | None, memory_limit: str | int | None,
+              log: Callable[[str], None]) -> Executor:
+    from dist_svc.config import parse_size
+    from dist_svc.executors import build_executor
+
+    memory = None if memory_limit is None else parse_size(memory_limit)
+    return build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=log)
+
+
+def _write_model_card(out, config: MergeConfig, plan: Plan, report: MergeReport) -> None:
+    """README.md, written once, as one whole file (local or object storage). A card already there
+    is left as it is: a rerun that repairs the output writes the same card, and a card the user
+    has edited since is theirs."""
+    from dist_svc.card import CARD_NAME, model_card
+
+    if out.size(CARD_NAME) is None:
+        alphas = [u.alpha for u in plan.units if u.calibrate]
+        out.write(CARD_NAME, model_card(config, alphas, report.calibration_summary()).encode())
 
 
 def _storage_problem(e: OSError, out_dir: Path) -> str:
@@ -286,7 +345,7 @@ def plan_merge(config: MergeConfig) -> Plan:
             checkpoint.close()
 
 
-def dry_run(config: MergeConfig | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
+def dry_run(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
             shard_size: str | int | None = None, output_format: str | None = None,
             device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
     """The plan, its estimate (dist_svc.commands.estimate) of the units still to run and what
@@ -322,18 +381,23 @@ def out_path(path: str | Path) -> Path | str:
     return local_path(path, "OUT_DIR")
 
 
-def settle(config: MergeConfig | str | Path, out_dir: str | Path, calibrate: bool | None,
+def settle(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, calibrate: bool | None,
            output_format: str | None, shard_size: str | int | None = None) -> tuple[MergeConfig, Path]:
-    """The config as this run will use it (loaded if a path; the CLI's overrides applied; zarr
-    output when OUT_DIR ends in .zarr and neither the flag nor the config says otherwise) and
-    OUT_DIR as an absolute path."""
-    from dist_svc.config import load_config, parse_size
+    """The config as this run will use it (loaded if a path, parsed if a dict of a file's
+    fields; the CLI's overrides applied; zarr output when OUT_DIR ends in .zarr and neither the
+    flag nor the config says otherwise) and OUT_DIR as an absolute path."""
+    from dist_svc.config import MergeConfig, load_config, parse_config, parse_size
     from dist_svc.storage.zarr_format import is_zarr
 
     if isinstance(config, (str, Path)):
         config = load_config(config, calibrate)
-    else:
+    elif isinstance(config, Mapping):
+        config = parse_config(dict(config), source="the config (a dict)", calibrate=calibrate)
+    elif isinstance(config, MergeConfig):
         config = config.with_calibration(calibrate)
+    else:
+        raise DistSvcError(f"config: expected a path to a YAML file, a dict of its fields (merge_method, "
+                           f"base_model, models, ...) or a MergeConfig; got a {type(config).__name__}.")
     if output_format is None and not config.output.given and is_zarr(out_dir):
         output_format = "zarr"
     shard_bytes = None if shard_size is None else parse_size(shard_size)
@@ -471,10 +535,11 @@ def _held(out) -> tuple[bool, list[str]]:
 
 
 def _report(manifest: Manifest, layout: OutputLayout, units_run: int, already: bool, start: float,
-            stages: dict[str, float] | None = None) -> MergeReport:
+            stages: dict[str, float] | None = None, executor: str | None = None) -> MergeReport:
     calibration = {name: u["calibration"] for name, u in manifest.units.items() if u.get("calibration")}
     return MergeReport(layout.out_dir, manifest.summary(), len(manifest.units), units_run, already,
-                       time.perf_counter() - start, calibration, stages or {})
+                       time.perf_counter() - start, calibration, stages or {}, manifest.progress()["bytes_total"],
+                       executor)
 
 
-__all__ = ["merge", "status", "verify", "MergeReport", "MANIFEST_NAME"]
+__all__ = ["merge", "status", "verify", "dry_run", "MergeReport", "MANIFEST_NAME"]

@@ -41,9 +41,9 @@ def model(tmp_path_factory):
     return cfg, file_bytes(local)
 
 
-def _merge(cfg, out, address, **popen):
+def _merge(cfg, out, address, progress="log", **popen):
     return subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out), "--shard-size", "1MB",
-                             "--progress", "log", "--cluster", address], stdout=subprocess.PIPE,
+                             "--progress", progress, "--cluster", address], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -96,12 +96,23 @@ def _finish(proc) -> str:
     return stdout + stderr
 
 
+def _on_screen(stream: str) -> list[str]:
+    """The lines a terminal shows for `stream`: of each line, what follows its last carriage
+    return (a progress bar redraws itself over the same line)."""
+    return [line.rsplit("\r", 1)[-1] for line in stream.split("\n")]
+
+
 def test_a_cluster_merge_equals_the_local_merge_byte_for_byte(tmp_path, cluster, model):
+    """... and its lines are said once each, above the progress bar, never glued into it."""
     c, _ = cluster
     cfg, local = model
     _idle()
-    log = _finish(_merge(cfg, tmp_path / "out", c.address))
-    assert "2 actor(s) (1 GPU each)" in log
+    proc = _merge(cfg, tmp_path / "out", c.address, progress="bar")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stderr.count("2 actor(s) (1 GPU each)") == 1
+    said = [line for line in _on_screen(stderr) if "cluster:" in line]
+    assert len(said) >= 3 and all(line.startswith("cluster: ") for line in said), said  # ready x2, where logs go
     assert file_bytes(tmp_path / "out") == local
 
 
@@ -141,9 +152,16 @@ def test_an_actor_killed_mid_merge_costs_only_its_units(tmp_path, cluster, model
     pids = _run_actor_pids()
     assert pids
     os.kill(pids[0], signal.SIGKILL)  # a crash, not a polite stop
-    log = _finish(proc)
-    assert "an actor died" in log
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "an actor died" in stderr
     assert file_bytes(out) == model[1]
+    # Ray's own report of the lost worker goes to the file the merge named, not to the terminal:
+    # stdout is the result alone.
+    assert stdout.splitlines() == [line for line in stdout.splitlines() if line.startswith("merged 39 tensors")]
+    assert len(stdout.splitlines()) == 1 and "(raylet)" not in stderr
+    where = stderr.split("Ray's own messages (workers or nodes lost, with their last log lines) go to ")[1]
+    assert os.path.isfile(where.split(";")[0])
 
 
 def test_a_node_removed_mid_merge_still_finishes_identically(tmp_path, cluster, model):

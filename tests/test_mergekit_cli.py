@@ -20,7 +20,8 @@ def test_flags_that_change_nothing_say_so_in_one_line_and_the_merge_runs(tmp_pat
                    "--low-cpu-memory", "--write-threads", "4", "--write-model-card", "--no-clone-tensors", "-v")
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note: --")]
     assert [n.split()[1] for n in notes] == ["--lazy-unpickle", "--trust-remote-code", "--low-cpu-memory",
-                                             "--write-threads", "--write-model-card"]
+                                             "--write-threads"]
+    assert (tmp_path / "out" / "README.md").exists()  # --write-model-card: done, not a no-op
     assert "unpickles nothing" in notes[0]
     assert "merge:" in proc.stderr and "\r" not in proc.stderr  # -v: log lines, not a bar
     assert units_done(tmp_path / "out")[0] > 0

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,12 +190,26 @@ def test_hub_s3_safetensors_s3_zarr_an_adapter_and_a_bin_in_one_merge_give_the_l
 # -- outputs on object storage -----------------------------------------------------------------------
 
 def _objects(url: str) -> dict[str, bytes]:
-    """Every object of an output on S3 by name (the manifest's own aside, as `file_bytes`)."""
+    """Every object of an output on S3 by name (the manifest's own and the model card aside, as
+    `file_bytes`)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
     return {key[len(root) + 1:]: fs.cat_file(key) for key in sorted(fs.find(root, refresh=True))
-            if "dist-svc-manifest" not in key}
+            if "dist-svc-manifest" not in key and key != f"{root}/README.md"}
+
+
+def _object(url: str) -> bytes:
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(url)
+    return fs.cat_file(key)
+
+
+def _local_files(out: Path) -> dict[str, bytes]:
+    """The same of a local output, by path within it."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and "dist-svc-manifest" not in p.name and p.name not in (".dist-svc.lock", "README.md")}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
@@ -204,9 +219,9 @@ def test_a_merge_to_s3_equals_the_local_merge_and_verifies(tmp_path, bucket, fam
     run_cli("merge", cfg, tmp_path / "local", "--shard-size", "40KB")
     result = run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB")
     assert f"-> {bucket}/merged" in result.stdout
-    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
-             if p.is_file() and "dist-svc-manifest" not in p.name and p.name != ".dist-svc.lock"}
-    assert _objects(f"{bucket}/merged") == local
+    assert _objects(f"{bucket}/merged") == _local_files(tmp_path / "local")
+    card = (tmp_path / "local" / "README.md").read_bytes()  # the model card, on S3 too (the same config)
+    assert b"# task_arithmetic merge of 3 models" in card and _object(f"{bucket}/merged/README.md") == card
     assert "verified" in run_cli("verify", f"{bucket}/merged").stdout
     assert "complete" in run_cli("status", f"{bucket}/merged").stdout
     assert "already complete" in run_cli("merge", cfg, f"{bucket}/merged", "--shard-size", "40KB").stdout
@@ -281,9 +296,7 @@ def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, b
     done = _recorded_on_s3(out)
     result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
     assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
-    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
-             if p.is_file() and "dist-svc-manifest" not in p.name}
-    assert _objects(out) == local
+    assert _objects(out) == _local_files(tmp_path / "local")
     assert 0 < done < 39 + 12 and "verified" in run_cli("verify", out).stdout
 
 
@@ -305,9 +318,7 @@ def test_a_ray_merge_with_no_shared_filesystem_reads_and_writes_s3_only(tmp_path
     result = run_cli("merge", remote, out, "--shard-size", "1MB", "--progress", "log", "--cluster",
                      ray_cluster[0].address)
     assert "2 actor(s) (1 GPU each)" in result.stderr
-    local = {str(p.relative_to(tmp_path / "local")): p.read_bytes() for p in sorted((tmp_path / "local").rglob("*"))
-             if p.is_file() and "dist-svc-manifest" not in p.name}
-    assert _objects(out) == local
+    assert _objects(out) == _local_files(tmp_path / "local")
 
 
 def test_a_second_run_on_the_same_s3_output_is_refused_while_the_first_holds_its_lease(tmp_path, bucket, family,

@@ -187,3 +187,21 @@ def test_verify_finds_a_flipped_byte_and_a_deleted_shard_is_merged_again_alone(t
     assert f"merged {len(shard_tensors)} tensors" in rerun.stdout
     assert file_bytes(out) == good
     assert run_cli("verify", out).returncode == 0
+
+
+def test_a_resumed_merge_shows_progress_over_what_is_left_not_what_an_earlier_run_did(tmp_path, slow_merge):
+    """The largest tensors run first: a merge killed after a third of its tensors has done most
+    of its bytes. Its rerun's bar starts at 0% with the earlier tensors counted, and says 100%
+    only with every tensor done (it said 96% at the start, 100% with a dozen tensors left)."""
+    import re
+
+    out = tmp_path / "out"
+    _start_and_kill(slow_merge, out, at_least=20)
+    done, total = units_done(out)
+    stderr = run_cli("merge", slow_merge, out, "--shard-size", "1MB", "--progress", "bar").stderr
+    frames = [(int(pct), int(n)) for pct, n in
+              re.findall(rf"merge:\s+(\d+)%\|[^\r\n]*?(\d+)/{total} tensors \({done} done earlier\)", stderr)]
+    assert frames and frames[0] == (0, done), stderr
+    assert frames[-1] == (100, total)
+    assert all(n == total for pct, n in frames if pct == 100), frames
+    assert [n for _, n in frames] == sorted(n for _, n in frames)

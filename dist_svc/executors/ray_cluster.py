@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
@@ -32,6 +33,47 @@ def _ray():
     except ImportError:
         raise DistSvcError("--cluster needs Ray: pip install 'dist-svc[cluster]' (or pip install ray).") from None
     return ray
+
+
+def _messages_to_file() -> Callable[[], str | None]:
+    """Ray prints cluster events (a worker or a node lost, with the last lines of its log) on the
+    driver's stdout even with `log_to_driver=False`: after a node is lost they bury the merge's
+    own lines. They go to `dist-svc-driver-PID.log` in the Ray session's log directory instead
+    (Ray's own logs are there too). Call before `ray.init`; the returned function, called after
+    it, gives that file's path (None where this Ray has no such hook: it prints as it does)."""
+    try:
+        from ray._private import worker as ray_worker  # no public switch for these messages
+    except ImportError:
+        return lambda: None
+    if not callable(getattr(ray_worker, "print_to_stdstream", None)):
+        return lambda: None
+
+    def path() -> str | None:
+        node = getattr(ray_worker, "_global_node", None)
+        if node is None:
+            return None
+        return os.path.join(node.get_logs_dir_path(), f"dist-svc-driver-{os.getpid()}.log")
+
+    def to_file(data: dict, ignore_prefix: bool = False) -> None:
+        where = path()
+        lines = "".join(f"({data.get('pid', 'ray')}) {line}\n" for line in data.get("lines", ()))
+        try:
+            with open(where, "a", encoding="utf-8") as f:
+                f.write(lines)
+        except (OSError, TypeError):  # no session directory here: keep them rather than lose them
+            sys.stderr.write(lines)
+
+    ray_worker.print_to_stdstream = to_file
+
+    def created() -> str | None:
+        where = path()
+        try:
+            open(where, "a").close()
+        except (OSError, TypeError):
+            return None
+        return where
+
+    return created
 
 
 class MergeActor:
@@ -89,6 +131,7 @@ class RayExecutor:
         self.block_elements = block_elements
         self.memory_limit = memory_limit
         self.log = log
+        self.messages: str | None = None  # where Ray's messages to this driver go (`connect`)
 
     def _layout(self) -> tuple[int, dict, int]:
         """(actors, resources of each, memory of each) on the cluster as it is now."""
@@ -134,10 +177,15 @@ class RayExecutor:
                 socket.create_connection((host, int(port)), timeout=5).close()
             except (OSError, ValueError) as e:
                 raise DistSvcError(f"no Ray cluster answers at {address} ({e}). {hint}") from None
+        messages = _messages_to_file()
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DistSvcError(f"cannot connect to the Ray cluster at '{address}': {e}. {hint}") from None
+        self.messages = messages()
+        if self.messages:
+            self.log(f"cluster: Ray's own messages (workers or nodes lost, with their last log lines) go to "
+                     f"{self.messages}; its logs are in {os.path.dirname(self.messages)}")
 
     def run(self, job: Job, units: Sequence[Unit], on_result: Callable[[UnitResult], None],
             on_progress: Callable[[str, int], None] | None = None) -> None:
@@ -165,7 +213,6 @@ class RayExecutor:
         load: dict = {}  # actor -> units in flight
         failures: collections.Counter = collections.Counter()
         done = 0
-        self.log(self.describe())
         try:
             while done < len(units):
                 # Actors that finished starting join the pool; work goes to the least loaded.
@@ -207,14 +254,16 @@ class RayExecutor:
                         failures[unit.name] += 1
                         if failures[unit.name] >= MAX_FAILURES_PER_UNIT:
                             raise DistSvcError(f"tensor '{unit.name}' failed on {failures[unit.name]} actors "
-                                               f"(last: {type(e).__name__}); see the Ray logs.") from None
+                                               f"(last: {type(e).__name__}); see Ray's account in "
+                                               f"{self.messages or 'the Ray logs'}.") from None
                         queue.appendleft(unit)  # partial bytes never count: it is written again
                         if actor in ready_actors:
                             self._retire(ray, actor, ready_actors, load, inflight, queue)
                             handle, ref_ready = start_actor()
                             starting[handle] = ref_ready
                             self.log(f"cluster: an actor died ({type(e).__name__}); its units are queued "
-                                     f"again and a replacement is starting")
+                                     f"again and a replacement is starting"
+                                     + (f" (Ray's account: {self.messages})" if self.messages else ""))
                         continue
                     if not self._verify(job, unit, result):
                         failures[unit.name] += 1
