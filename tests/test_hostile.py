@@ -233,7 +233,7 @@ def test_a_kill_between_keeping_the_manifests_copy_and_replacing_it_leaves_nothi
     assert killed_merge(hook_dir, cfg, out, "replace:dist-svc-manifest.json:2:before", "--shard-size", "40KB") == -9
     run_cli("merge", cfg, out, "--shard-size", "40KB")
     assert file_bytes(out) == reference and verify(out) == []
-    assert sorted(p.name for p in out.iterdir()) == sorted([*reference, "dist-svc-manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == sorted([*reference, "README.md", "dist-svc-manifest.json",
                                                             ".dist-svc-manifest.json.prev"])
 
 
