@@ -59,7 +59,8 @@ CACHE_BYTES = 2 << 30  # pass-1 blocks kept for pass 2 up to this size, else re-
 READ_BYTES = 4  # per element read, at most (float32 inputs; bf16 read buffers are half)
 MARGIN = 0.1  # of the machine's memory left to everything else, by default
 MIN_MARGIN = 1 << 30
-UNIT_SLACK = 1 << 20  # whatever a unit holds besides its tensors (objects, small buffers)
+UNIT_SLACK = 4 << 20  # whatever a unit holds besides its tensors (objects, small buffers, thread stacks
+# touched; 1 MiB was 1 MiB short of a small-block unit's peak in a loaded test run)
 ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
 MMAP_MAX = 32 << 20  # glibc serves allocations from this size up by mmap, returned to the system on free
 
