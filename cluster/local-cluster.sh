@@ -49,8 +49,14 @@ stop_cluster() {
       [ -z "$left" ] && break
       sleep 0.1
     done
-    left=$(cluster_pids)
-    [ -z "$left" ] || kill -KILL $left 2>/dev/null || true
+    # Past the grace: SIGKILL, again for any process started meanwhile, until none is left (a
+    # killed process with many threads takes a moment to go, longer on a loaded machine).
+    for i in $(seq 100); do
+      left=$(cluster_pids)
+      [ -z "$left" ] && break
+      kill -KILL $left 2>/dev/null || true
+      sleep 0.1
+    done
   fi
   rm -rf "$STATE"
 }
