@@ -14,6 +14,7 @@ import click
 
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import human_bytes, human_seconds, say
+from dist_svc.storage.output import format_names
 
 
 def _say(line: str) -> None:
@@ -160,7 +161,7 @@ def _apply_mergekit_options(mk: dict, device: str | None, threads: int | None, p
                    "machine has, minus 10% (at least 1 GiB). A unit starts only when it fits.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Local executor: cpu, cuda, cuda:1, ... (default: cuda when a GPU is present, else cpu).")
-@click.option("--output-format", type=click.Choice(["safetensors", "zarr", "peft"]), default=None,
+@click.option("--output-format", type=click.Choice(format_names()), default=None,
               help="Overrides the config's `output: {format: ...}`; default safetensors, or zarr when "
                    "OUT_DIR ends in .zarr. peft: LoRA adapters of the base merged as one PEFT adapter.")
 @click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -339,7 +340,7 @@ def inspect(out_dir: str, patterns: tuple[str, ...], top: int, prefix: Path | No
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "zarr"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(format_names(convertible=True)), default=None,
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
               help="zarr output: compress chunks with zstd.")

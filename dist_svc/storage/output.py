@@ -30,6 +30,12 @@ LAYOUTS: dict[str, str] = {
 FORMATS = (*LAYOUTS, "peft")
 
 
+def format_names(convertible: bool = False) -> list[str]:
+    """The output formats a merge can write (`convertible`: those `convert` can write), for
+    the CLI's choices and the config's validation."""
+    return list(LAYOUTS) if convertible else list(FORMATS)
+
+
 class UnitWriter(Protocol):
     """One tensor's bytes, in row-major order, arriving in pieces; hashed on the way. A writer
     with `columns` also takes a matrix as ranges of its columns in any order (`write_columns`,
