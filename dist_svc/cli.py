@@ -224,6 +224,10 @@ def merge(config: Path, out_dir: str, calibrate: bool | None, shard_size: str | 
 
 main.add_command(merge, name="mergekit-yaml")
 
+from dist_svc.commands.sweep import sweep as _sweep  # noqa: E402
+
+main.add_command(_sweep)
+
 
 @main.command()
 @click.argument("out_dir")
