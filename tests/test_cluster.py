@@ -472,3 +472,85 @@ def test_an_actor_killed_after_writing_and_before_returning_is_run_again_to_iden
     assert mark.exists(), "no actor was killed"
     assert "an actor died" in log
     assert file_bytes(out) == model[1]
+
+
+class _CountingRelay:
+    """A TCP relay in this process between its S3 client and the S3 server, counting the bytes
+    that pass either way: what the driver itself sends to and receives from the storage (the
+    actors, in their own processes, reach the server directly)."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.bytes = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(1 << 20):
+                with self.lock:
+                    self.bytes += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.xfail(strict=True, reason="shards on object storage are still assembled by the driver, which "
+                                       "downloads every staged tensor and uploads it again "
+                                       "(storage/safetensors_output.py: _assemble); passes once they are "
+                                       "assembled by the storage service (UploadPartCopy)")
+def test_into_s3_the_driver_moves_under_5_percent_of_the_output_and_the_bytes_equal_the_local_merge(
+        tmp_path, cluster, wide, model, s3_server, bucket, monkeypatch):
+    """As on a shared directory, counting the driver's S3 traffic (through a relay) with its file
+    and pipe bytes (/proc/self/io)."""
+    import s3fs
+
+    cfg, local = wide
+    relay = _CountingRelay(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)  # this process only: the actors keep the server's
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        _idle()
+        # The driver's imports and its S3 client (botocore's service models) come first.
+        _cluster_merge(model[0], f"{bucket}/small", cluster[0].address, calibrate=None, shard_size="1MB")
+        relay.bytes = 0
+        _idle()
+        report, moved = _driver_moves(lambda: _cluster_merge(cfg, f"{bucket}/out", cluster[0].address))
+    finally:
+        relay.close()
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    got = {name: fs.cat_file(f"{bucket}/out/{name}") for name in local}
+    assert got == local
+    assert moved + relay.bytes <= DRIVER_SHARE * _output_bytes(local), (moved, relay.bytes, _output_bytes(local))
