@@ -88,8 +88,9 @@ def _messages_to_file() -> Callable[[], str | None]:
 
 class MergeActor:
     """One worker process on a node, on that node's GPU (or CPU). It runs IN_FLIGHT_PER_ACTOR
-    calls at once, each thread with a `Worker` of its own over the same opened inputs; a unit
-    starts once its footprint fits the actor's memory (what it declared to Ray)."""
+    calls of units at once (and answers `ready` beside them), each thread with a `Worker` of its
+    own over the same opened inputs; a unit starts once its footprint fits the actor's memory
+    (what it declared to Ray)."""
 
     def __init__(self, job: Job, memory: int, block_elements: int | None = None):
         import threading
@@ -144,10 +145,12 @@ class CheckActor:
         return [self.layout.stored_checksum(name) for name in names]
 
 
-def batches(units: Sequence[Unit]) -> list[list[Unit]]:
+def batches(units: Sequence[Unit], actors: int) -> list[list[Unit]]:
     """`units` as calls, in their order: a unit of BATCH_BYTES or more alone, smaller ones
-    together, up to BATCH_BYTES and BATCH_UNITS per call."""
-    return _groups(units, lambda unit: unit.nbytes, BATCH_BYTES, BATCH_UNITS)
+    together, up to BATCH_BYTES and BATCH_UNITS per call, and to few enough per call that every
+    actor gets several calls (a small model's units are not all given to one actor)."""
+    most = max(1, min(BATCH_UNITS, len(units) // (4 * IN_FLIGHT_PER_ACTOR * max(actors, 1))))
+    return _groups(units, lambda unit: unit.nbytes, BATCH_BYTES, most)
 
 
 def _groups(items: Sequence, size: Callable[[object], int], limit: int, most: int = 1 << 62) -> list[list]:
@@ -245,7 +248,8 @@ class RayExecutor:
 
         self.connect()
         count, resources, memory = self._layout()
-        remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, max_task_retries=0)(MergeActor)
+        # One thread more than calls in flight: `ready` is answered while both run units.
+        remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR + 1, max_restarts=0, max_task_retries=0)(MergeActor)
 
         started = iter(range(1 << 30))
 
@@ -258,7 +262,7 @@ class RayExecutor:
 
         starting = dict(start_actor() for _ in range(count))  # handle -> ready ref
         ready_actors: list = []
-        queue = collections.deque(batches(units))
+        queue = collections.deque(batches(units, count))
         inflight: dict = {}  # ref -> (batch of units, actor)
         load: dict = {}  # actor -> calls in flight
         failures: collections.Counter = collections.Counter()
