@@ -2,8 +2,8 @@
 written by the driver process, on a local Ray cluster (head + N nodes on 127.0.0.1).
 
 Models: Qwen2-MoE-layout checkpoints with 256 tiny experts per layer (dist_svc.commands.demo's
-TinyMoE, as `dist-svc bench tensors` builds them: 2 layers: 1.5k tensors, 24: 18.6k, 61: 47k),
-K = 3, bf16, task arithmetic, calibration off, 1 MB shards. The merge runs in this process
+TinyMoE, laid out as `dist-svc bench tensors` builds them: 2 layers: 1.5k tensors, 24: 18.6k,
+61: 47k; random values, `random_family`), K = 3, bf16, task arithmetic, calibration off, 1 MB shards. The merge runs in this process
 (`dist_svc.merge` with a `RayExecutor`), so the figures are this process's: CPU time
 (`time.process_time`, every thread: planning, the queue, Ray's client threads, recording) and
 /proc/self/io, taken around the merge call alone (imports and the cluster's start excluded).
@@ -30,20 +30,37 @@ def proc_io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
 
 
+def random_family(root: Path, arch, k: int) -> None:
+    """Base (4 shards) and `k` fine-tunes (one file each) of `arch` in bf16, as `make_family`
+    lays them out, with random values (the driver's cost does not depend on them; make_family's
+    low-rank updates take most of an hour for 47k tensors on a busy 2-core VM)."""
+    import torch
+
+    from dist_svc.commands.demo import write_hf_checkpoint, write_tokenizer
+
+    gen = torch.Generator().manual_seed(0)
+    base = {name: 0.02 * torch.randn(shape, generator=gen) for name, shape in arch.shapes().items()}
+    write_hf_checkpoint(root / "base", {n: t.bfloat16() for n, t in base.items()}, 4, arch.hf_config(torch.bfloat16))
+    write_tokenizer(root / "base", arch.vocab_size)
+    for i in range(k):
+        ft = {n: (t + 1e-3 * torch.randn(t.shape, generator=gen)).bfloat16() for n, t in base.items()}
+        write_hf_checkpoint(root / f"ft-{i + 1}", ft, 1, arch.hf_config(torch.bfloat16))
+
+
 def measure(layers: int, workdir: Path, address: str, k: int = 3) -> dict:
     import torch
 
     from dist_svc import merge
-    from dist_svc.commands.demo import TinyMoE, make_family, write_config
+    from dist_svc.commands.demo import TinyMoE, write_config
     from dist_svc.executors.ray_cluster import RayExecutor
 
     arch = TinyMoE(num_hidden_layers=layers, num_experts=256)
     root = workdir / f"moe-{layers}l-k{k}"
     if not (root / f"ft-{k}").is_dir():
-        make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=4)
+        random_family(root, arch, k)
     config = write_config(root / "m.yaml", root / "base", [root / f"ft-{i + 1}" for i in range(k)], lam=0.3,
                           calibrate=False)
-    out = root / "out-cluster"
+    out = root / f"out-cluster-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     io_before, cpu_before, wall_before = proc_io(), time.process_time(), time.perf_counter()
     report = merge(config, out, shard_size="1MB", progress="off", executor=RayExecutor(address=address),
