@@ -263,18 +263,22 @@ def status(out_dir: str) -> None:
 
 @main.command()
 @click.argument("out_dir")
-def verify(out_dir: str) -> None:
+@click.option("--cluster", "cluster", default=None, metavar="ADDRESS",
+              help="Read and check the tensors on a Ray cluster's nodes, spread over its actors: its address, "
+                   "or 'auto'. OUT_DIR must be on storage every node sees.")
+def verify(out_dir: str, cluster: str | None) -> None:
     """Re-read the merged output in OUT_DIR and check every tensor against the checksum its
     manifest recorded. Exits 1 if anything differs.
 
     \b
     Example:
       dist-svc verify ./merged
+      dist-svc verify --cluster auto /shared/merged
     """
     from dist_svc.driver import status as merge_status
     from dist_svc.driver import verify as verify_output
 
-    problems = verify_output(out_dir)
+    problems = verify_output(out_dir, cluster=cluster)
     info = merge_status(out_dir)
     for p in problems:
         click.echo(f"  {p}", err=True)

@@ -231,6 +231,10 @@ class _Recorder:
         self.held = held  # raises if this run lost the output's lock (object storage)
         self.trusted = executor.results_verified
         self.driver_syncs = executor.driver_syncs
+        # Checks stored bytes where they are (a cluster's actors); without it the layout reads
+        # them in this process.
+        self.stored_checksums = getattr(executor, "stored_checksums", None)
+        self.earlier_checked = False
         self.fresh: set[str] = set()  # recorded in this run, hashed as written: no re-reading to seal
         self.unsynced: set[str] = set()  # written but not yet durable (executor.driver_syncs)
         if self.driver_syncs:
@@ -264,7 +268,20 @@ class _Recorder:
         """Seal whatever is complete, also what an earlier run recorded but left unsealed; the
         records go to disk first, so that nothing sealed is ever unrecorded."""
         self.manifest.flush()
+        if self.stored_checksums is not None and not self.earlier_checked:
+            self._check_earlier()
         self._redo(self.layout.seal(self.manifest.recorded, self.fresh))
+
+    def _check_earlier(self) -> None:
+        """Units an earlier run recorded are checked by the executor where the bytes are, all at
+        once; those whose bytes match need no re-reading to seal (the layout reads the others
+        again, and finds them damaged)."""
+        self.earlier_checked = True
+        recorded = self.manifest.recorded
+        earlier = [name for name in recorded if name not in self.fresh]
+        sizes = {name: self.manifest.units[name]["nbytes"] for name in earlier}
+        stored = self.stored_checksums(self.layout, earlier, sizes)
+        self.fresh.update(name for name in earlier if stored.get(name) == recorded[name])
 
     def _redo(self, damaged: list[str]) -> None:
         self.fresh.difference_update(damaged)
@@ -439,15 +456,19 @@ def status(out_dir: str | Path) -> dict:
     return info
 
 
-def verify(out_dir: str | Path) -> list[str]:
+def verify(out_dir: str | Path, cluster: str | None = None) -> list[str]:
     """Re-read a merge's output and check it against its manifest: every tensor's bytes against
     their checksums, and every file the output must have. Returns the problems found (empty: the
-    output is whole and as written)."""
+    output is whole and as written). `cluster`: a Ray cluster's address (or "auto") whose actors
+    read and check the tensors, spread over its nodes; this process reads only the metadata."""
     adapter = adapter_output.find(out_dir)
     if adapter is not None:  # a merge of adapters: its files against its record's checksums
         return adapter_output.problems(adapter)
     manifest, layout = open_output(out_dir)
-    problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)
+    if cluster is None:
+        problems = layout.problems(manifest.recorded, manifest.side_files, deep=True)
+    else:
+        problems = _checked_on(_executor(None, None, cluster, None, log=lambda line: None), manifest, layout)
     if manifest.damage:
         problems.insert(0, f"{manifest.damage} Its previous copy was read instead; rerun the same `dist-svc merge` "
                            f"command to repair it")
@@ -457,6 +478,23 @@ def verify(out_dir: str | Path) -> list[str]:
         problems.insert(0, f"{layout.out_dir}: the merge is not finished ({p['units_done']}/{p['units_total']} "
                            f"tensors); rerun the same `dist-svc merge` command to finish it{failed}")
     return problems
+
+
+def _checked_on(executor: Executor, manifest: Manifest, layout: OutputLayout) -> list[str]:
+    """`problems(deep=True)`, with the tensors' bytes checked by `executor` where they are
+    stored: the files' presence, sizes and headers and the side files are checked here."""
+    from dist_svc.storage.output import side_file_problems
+
+    problems = layout.problems(manifest.recorded, manifest.side_files, deep=False)
+    sizes = {name: unit["nbytes"] for name, unit in manifest.units.items()}
+    stored = executor.stored_checksums(layout, list(manifest.recorded), sizes)
+    for name, digest in manifest.recorded.items():
+        if stored.get(name) is not None and stored[name] != digest:
+            problems.append(f"{layout.out_dir}: tensor '{name}' does not match its checksum (corrupted)")
+        elif stored.get(name) is None and not problems:
+            problems.append(f"{layout.out_dir}: tensor '{name}' cannot be read")
+    return problems + [p for p in side_file_problems(layout.out_dir, manifest.side_files, deep=True)
+                       if p not in problems]
 
 
 @contextmanager

@@ -282,3 +282,275 @@ def test_the_local_cluster_script_stops_its_own_cluster_and_no_other():
         for pid in _session_pids(other.pid):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# -- the driver off the data path ------------------------------------------------------------------------
+
+# A few tensors of 2-16 MiB (80 MiB of float32 output) in one file per input: the output dwarfs
+# what the driver reads and writes whatever the model's size (the inputs' headers: the reader
+# takes the first MiB of each file; the manifest, the index, the side files).
+WIDE = TinyLlama(vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=1,
+                 num_attention_heads=8, num_key_value_heads=4)
+DRIVER_SHARE = 0.05  # of the output's bytes, at most, read and written by the driver process
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """(config, the local executor's output files) of a merge of WIDE, calibration off (no
+    arithmetic worth the wait: the bytes are the point)."""
+    from dist_svc import merge
+    from dist_svc.commands.demo import make_family
+
+    root = tmp_path_factory.mktemp("wide-family")
+    base, fts = make_family(root, k=2, arch=WIDE, dtype=torch.float32, shards=1)
+    cfg = write_config(root / "m.yaml", base, fts)
+    merge(cfg, root / "local", calibrate=False, shard_size="16MB", progress="off", device="cpu")
+    return cfg, file_bytes(root / "local")
+
+
+def _proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
+
+
+def _driver_moves(call) -> tuple[object, int]:
+    """(what `call()` returns, the bytes this process read and wrote meanwhile: files and pipes
+    (rchar, wchar) and what reached storage (read_bytes, write_bytes), the larger of the two)."""
+    before = _proc_io()
+    result = call()
+    after = _proc_io()
+    delta = {k: after[k] - before[k] for k in after}
+    return result, max(delta["rchar"] + delta["wchar"], delta["read_bytes"] + delta["write_bytes"])
+
+
+def _cluster_merge(cfg, out, address, executor=None, **options):
+    from dist_svc import merge
+    from dist_svc.executors import build_executor
+
+    return merge(cfg, out, progress="off", executor=executor or build_executor(cluster=address),
+                 **({"calibrate": False, "shard_size": "16MB"} | options))
+
+
+def _output_bytes(files: dict[str, bytes]) -> int:
+    return sum(len(data) for name, data in files.items() if name.endswith(".safetensors"))
+
+
+def test_the_driver_reads_and_writes_under_5_percent_of_the_output_and_the_bytes_equal_the_local_merge(
+        tmp_path, cluster, wide, model):
+    """The actors write, fsync and check their own bytes; the driver plans, queues and records.
+    Measured after the driver's imports: a first merge (of the small model, its units several
+    to a call) imports what the driver needs."""
+    cfg, local = wide
+    _idle()
+    _cluster_merge(model[0], tmp_path / "small", cluster[0].address, calibrate=None, shard_size="1MB")
+    assert file_bytes(tmp_path / "small") == model[1]
+    _idle()
+    report, moved = _driver_moves(lambda: _cluster_merge(cfg, tmp_path / "out", cluster[0].address))
+    assert report.units_run == report.units_total
+    assert file_bytes(tmp_path / "out") == local
+    assert moved <= DRIVER_SHARE * _output_bytes(local), (moved, _output_bytes(local))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(executor, count: int):
+    """`executor`, whose run stops (as a killed driver would) once `count` units are recorded."""
+    run = executor.run
+
+    def interrupted(job, units, on_result, on_progress=None):
+        seen = []
+
+        def record(result):
+            on_result(result)
+            seen.append(result.name)
+            if len(seen) == count:
+                raise _Interrupted
+
+        run(job, units, record, on_progress)
+
+    executor.run = interrupted
+    return executor
+
+
+def test_units_an_earlier_run_recorded_are_checked_by_the_actors_not_the_driver(tmp_path, cluster, wide):
+    """A run stopped after some units; one of its recorded tensors is then damaged on disk. The
+    rerun has the actors check what the earlier run recorded: the driver reads again only the
+    damaged tensor (which is merged again), and the output equals the local merge."""
+    from dist_svc.executors import build_executor
+    from tests.conftest import stored_at, units_done
+
+    cfg, local = wide
+    out = tmp_path / "out"
+    _idle()
+    with pytest.raises(_Interrupted):
+        _cluster_merge(cfg, out, None, _interrupt_after(build_executor(cluster=cluster[0].address), 4))
+    done, total = units_done(out)
+    assert 4 <= done < total
+    from dist_svc.manifest import Manifest
+
+    recorded = Manifest.load(out).recorded
+    unsealed = [n for n in recorded if stored_at(out, n)[0].name.endswith(".partial")]
+    assert unsealed, "every recorded tensor is in a sealed shard: nothing to check"
+    path, offset, nbytes, _ = stored_at(out, unsealed[0])
+    with open(path, "r+b") as f:  # same size, other bytes
+        f.seek(offset)
+        first = f.read(1)
+        f.seek(offset)
+        f.write(bytes([first[0] ^ 0xFF]))
+    _idle()
+    report, moved = _driver_moves(lambda: _cluster_merge(cfg, out, cluster[0].address))
+    assert report.units_run == total - done + 1  # the damaged one again
+    assert file_bytes(out) == local
+    assert moved <= DRIVER_SHARE * _output_bytes(local) + nbytes, (moved, _output_bytes(local), nbytes)
+
+
+def test_verify_on_a_cluster_checks_every_tensor_on_the_actors_and_finds_a_damaged_one(tmp_path, cluster, wide):
+    from dist_svc.driver import verify
+    from tests.conftest import stored_at
+
+    cfg, local = wide
+    out = tmp_path / "out"
+    _idle()
+    _cluster_merge(cfg, out, cluster[0].address)
+    _idle()
+    problems, moved = _driver_moves(lambda: verify(out, cluster=cluster[0].address))
+    assert problems == []
+    assert moved <= DRIVER_SHARE * _output_bytes(local), moved
+    name = "model.layers.0.mlp.down_proj.weight"
+    path, offset, _, _ = stored_at(out, name)
+    with open(path, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    _idle()
+    result = run_cli("verify", "--cluster", cluster[0].address, out, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"tensor '{name}' does not match its checksum (corrupted)" in result.stderr
+    assert result.stderr.count("does not match its checksum") == 1 and "verified" not in result.stdout
+
+
+ACTOR_KILL_HOOK = '''
+import os, signal
+
+_mark = os.environ.get("DIST_SVC_TEST_KILL_AFTER_SYNC")
+if _mark:  # the first fdatasync of a tensor's bytes in any actor, once: then the actor dies
+    _fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        _fdatasync(fd)
+        try:
+            os.close(os.open(_mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.fdatasync = fdatasync
+'''
+
+
+def test_an_actor_killed_after_writing_and_before_returning_is_run_again_to_identical_bytes(tmp_path, cluster, model):
+    """The kill lands after a unit's bytes are written and durable, before the actor checks and
+    returns them: the unit is unrecorded, runs again on another actor, and the output equals the
+    local merge's. The hook reaches the actors through the job's runtime environment, as Ray
+    Jobs passes one to a driver."""
+    import json
+    from pathlib import Path
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(ACTOR_KILL_HOOK)
+    mark = tmp_path / "killed"
+    path = os.pathsep.join([str(hooks), str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
+    job = {"runtime_env": {"env_vars": {"PYTHONPATH": path, "DIST_SVC_TEST_KILL_AFTER_SYNC": str(mark)}}}
+    _idle()
+    out = tmp_path / "out"
+    log = _finish(_merge(model[0], out, cluster[0].address,
+                         env=dict(os.environ, RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps(job))))
+    assert mark.exists(), "no actor was killed"
+    assert "an actor died" in log
+    assert file_bytes(out) == model[1]
+
+
+class _CountingRelay:
+    """A TCP relay in this process between its S3 client and the S3 server, counting the bytes
+    that pass either way: what the driver itself sends to and receives from the storage (the
+    actors, in their own processes, reach the server directly)."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.bytes = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(1 << 20):
+                with self.lock:
+                    self.bytes += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.xfail(strict=True, reason="shards on object storage are still assembled by the driver, which "
+                                       "downloads every staged tensor and uploads it again "
+                                       "(storage/safetensors_output.py: _assemble); passes once they are "
+                                       "assembled by the storage service (UploadPartCopy)")
+def test_into_s3_the_driver_moves_under_5_percent_of_the_output_and_the_bytes_equal_the_local_merge(
+        tmp_path, cluster, wide, model, s3_server, bucket, monkeypatch):
+    """As on a shared directory, counting the driver's S3 traffic (through a relay) with its file
+    and pipe bytes (/proc/self/io)."""
+    import s3fs
+
+    cfg, local = wide
+    relay = _CountingRelay(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)  # this process only: the actors keep the server's
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        _idle()
+        # The driver's imports and its S3 client (botocore's service models) come first.
+        _cluster_merge(model[0], f"{bucket}/small", cluster[0].address, calibrate=None, shard_size="1MB")
+        relay.bytes = 0
+        _idle()
+        report, moved = _driver_moves(lambda: _cluster_merge(cfg, f"{bucket}/out", cluster[0].address))
+    finally:
+        relay.close()
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    got = {name: fs.cat_file(f"{bucket}/out/{name}") for name in local}
+    assert got == local
+    assert moved + relay.bytes <= DRIVER_SHARE * _output_bytes(local), (moved, relay.bytes, _output_bytes(local))

@@ -40,6 +40,12 @@ class Executor(Protocol):
         the executor can, `on_progress(name, nbytes)` as parts of a unit are done); return when
         all are done, or raise (DistSvcError for the user's mistakes)."""
 
+    # Optional, for executors whose workers are where the bytes are (the cluster's actors):
+    # `stored_checksums(layout, names, sizes) -> {name: checksum or None}`, the checksums of
+    # stored tensors computed there. The driver then checks an earlier run's units and `verify
+    # --cluster` checks an output without reading a tensor; without it, the layout reads them in
+    # the driver's process.
+
 
 def build_executor(cluster: str | None = None, device: str | None = None, threads: int | None = None,
                    memory_limit: int | None = None, log: Callable[[str], None] = lambda line: None) -> Executor:

@@ -1,13 +1,17 @@
 """The cluster executor: units run in Ray actors on every node, one per GPU (or per node on a
 cluster without GPUs), reading inputs from and writing outputs to storage all nodes see.
 
-Tensors never travel through Ray: an actor runs the same `Worker` as the local executor, writes
-its unit's bytes at their planned offset, fsyncs, and returns only the checksum. The driver
-keeps the queue (largest units first, two calls in flight per actor so the next unit's reads
-overlap the current one's arithmetic), and accepts a result only after reading the bytes back
-and checking them. An actor that dies, or whose node goes away, costs only its units in flight:
-they are queued again and the actor is replaced (a replacement that cannot be placed is simply
-not used). A driver that dies is recovered by rerunning the same command (the manifest).
+Tensors never travel through Ray, nor through the driver: an actor runs the same `Worker` as the
+local executor, writes its unit's bytes at their planned offset, fsyncs, reads them back where
+it wrote them and checks them against the checksum it computed while writing, and returns only
+that checksum. The driver keeps the queue (largest units first, two calls in flight per actor so
+the next unit's reads overlap the current one's arithmetic; small units go several to a call,
+so that Ray's cost per call does not set the rate of a model of many tiny tensors) and records
+what the actors return. Checking stored bytes (units an earlier run recorded, `verify
+--cluster`) is spread over actors too. An actor that dies, or whose node goes away, costs only
+its units in flight: they are queued again and the actor is replaced (a replacement that cannot
+be placed is simply not used). A driver that dies is recovered by rerunning the same command
+(the manifest).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from dist_svc.errors import DistSvcError
 from dist_svc.memory import Footprint, MemoryBudget, device_budget, too_big, unit_footprint
@@ -25,6 +29,12 @@ from dist_svc.worker import Job, UnitResult, Worker, setup_process
 NAMESPACE = "dist-svc"
 IN_FLIGHT_PER_ACTOR = 2
 MAX_FAILURES_PER_UNIT = 4  # a unit that kills this many actors is a bug, not bad luck
+# Units smaller than BATCH_BYTES go to an actor several per call, up to BATCH_BYTES or
+# BATCH_UNITS together: a call costs the driver ~1 ms of CPU whatever it carries (a 47k-tensor
+# MoE merge: docs/benchmarks.md), and a batch of tiny experts is still done in milliseconds.
+BATCH_BYTES = 8 << 20
+BATCH_UNITS = 64
+CHECK_BATCH_BYTES = 256 << 20  # stored tensors checked per call (`stored_checksums`)
 
 
 def _ray():
@@ -78,8 +88,9 @@ def _messages_to_file() -> Callable[[], str | None]:
 
 class MergeActor:
     """One worker process on a node, on that node's GPU (or CPU). It runs IN_FLIGHT_PER_ACTOR
-    calls at once, each thread with a `Worker` of its own over the same opened inputs; a unit
-    starts once its footprint fits the actor's memory (what it declared to Ray)."""
+    calls of units at once (and answers `ready` beside them), each thread with a `Worker` of its
+    own over the same opened inputs; a unit starts once its footprint fits the actor's memory
+    (what it declared to Ray)."""
 
     def __init__(self, job: Job, memory: int, block_elements: int | None = None):
         import threading
@@ -102,22 +113,64 @@ class MergeActor:
     def ready(self) -> str:
         return self.where
 
-    def run(self, unit: Unit) -> UnitResult:
+    def run(self, units: list[Unit]) -> list[UnitResult | None]:
+        """Merge `units` one after another. A unit's result is returned only once its bytes,
+        durable, read back where they were written to the checksum the worker computed as it
+        wrote them; None where they do not (the driver runs that unit again)."""
         worker = getattr(self.local, "worker", None)
         if worker is None:
             worker = self.local.worker = Worker(self.job, self.device, sync=True, checkpoints=self.checkpoints,
                                                 **self.options)
-        ticket = self.budget.admit(unit, self.footprint(unit), self.device_index)
-        try:
-            return worker.run(unit, ticket)
-        finally:
-            ticket.release()
+        results: list[UnitResult | None] = []
+        for unit in units:
+            ticket = self.budget.admit(unit, self.footprint(unit), self.device_index)
+            try:
+                result = worker.run(unit, ticket)
+            finally:
+                ticket.release()
+            results.append(result if self.job.layout.stored_checksum(unit.name) == result.checksum else None)
+        return results
+
+
+class CheckActor:
+    """Checksums of stored tensors, computed on a node of the cluster (`stored_checksums`)."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def ready(self) -> str:
+        return f"{os.uname().nodename}:{os.getpid()}"
+
+    def checksums(self, names: list[str]) -> list[str | None]:
+        return [self.layout.stored_checksum(name) for name in names]
+
+
+def batches(units: Sequence[Unit], actors: int) -> list[list[Unit]]:
+    """`units` as calls, in their order: a unit of BATCH_BYTES or more alone, smaller ones
+    together, up to BATCH_BYTES and BATCH_UNITS per call, and to few enough per call that every
+    actor gets several calls (a small model's units are not all given to one actor)."""
+    most = max(1, min(BATCH_UNITS, len(units) // (4 * IN_FLIGHT_PER_ACTOR * max(actors, 1))))
+    return _groups(units, lambda unit: unit.nbytes, BATCH_BYTES, most)
+
+
+def _groups(items: Sequence, size: Callable[[object], int], limit: int, most: int = 1 << 62) -> list[list]:
+    """`items` in order, in groups of at most `limit` bytes and `most` items (an item of
+    `limit` bytes or more alone)."""
+    out: list[list] = []
+    total = limit
+    for item in items:
+        if total + size(item) > limit or len(out[-1]) >= most:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += size(item)
+    return out
 
 
 class RayExecutor:
     name = "ray"
-    # Workers on other hosts fsync their own writes; their results are verified by the driver
-    # (below) before they are reported, so sealing need not read them again.
+    # Workers on other hosts fsync their own writes and read them back before they report them
+    # (MergeActor.run), so sealing need not read them again.
     results_verified = True
     driver_syncs = False
 
@@ -195,7 +248,8 @@ class RayExecutor:
 
         self.connect()
         count, resources, memory = self._layout()
-        remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, max_task_retries=0)(MergeActor)
+        # One thread more than calls in flight: `ready` is answered while both run units.
+        remote_cls = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR + 1, max_restarts=0, max_task_retries=0)(MergeActor)
 
         started = iter(range(1 << 30))
 
@@ -208,9 +262,9 @@ class RayExecutor:
 
         starting = dict(start_actor() for _ in range(count))  # handle -> ready ref
         ready_actors: list = []
-        queue = collections.deque(units)
-        inflight: dict = {}  # ref -> (unit, actor)
-        load: dict = {}  # actor -> units in flight
+        queue = collections.deque(batches(units, count))
+        inflight: dict = {}  # ref -> (batch of units, actor)
+        load: dict = {}  # actor -> calls in flight
         failures: collections.Counter = collections.Counter()
         done = 0
         try:
@@ -230,8 +284,8 @@ class RayExecutor:
                             self.log(f"cluster: actor ready on {where}")
                 for actor in ready_actors:
                     while queue and load[actor] < IN_FLIGHT_PER_ACTOR:
-                        unit = queue.popleft()
-                        inflight[actor.run.remote(unit)] = (unit, actor)
+                        batch = queue.popleft()
+                        inflight[actor.run.remote(batch)] = (batch, actor)
                         load[actor] += 1
                 if not inflight:
                     if not starting:
@@ -241,22 +295,23 @@ class RayExecutor:
                     continue
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
-                    unit, actor = inflight.pop(ref)
+                    batch, actor = inflight.pop(ref)
                     load[actor] = load.get(actor, 1) - 1
                     try:
-                        result = ray.get(ref)
+                        results = ray.get(ref)
                     except RayTaskError as e:
                         cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
                         if isinstance(cause, DistSvcError):
                             raise DistSvcError(str(cause)) from None
                         raise
                     except (RayActorError, GetTimeoutError) as e:
-                        failures[unit.name] += 1
-                        if failures[unit.name] >= MAX_FAILURES_PER_UNIT:
-                            raise DistSvcError(f"tensor '{unit.name}' failed on {failures[unit.name]} actors "
-                                               f"(last: {type(e).__name__}); see Ray's account in "
-                                               f"{self.messages or 'the Ray logs'}.") from None
-                        queue.appendleft(unit)  # partial bytes never count: it is written again
+                        for unit in batch:
+                            failures[unit.name] += 1
+                            if failures[unit.name] >= MAX_FAILURES_PER_UNIT:
+                                raise DistSvcError(f"tensor '{unit.name}' failed on {failures[unit.name]} actors "
+                                                   f"(last: {type(e).__name__}); see Ray's account in "
+                                                   f"{self.messages or 'the Ray logs'}.") from None
+                        queue.appendleft(batch)  # partial bytes never count: they are written again
                         if actor in ready_actors:
                             self._retire(ray, actor, ready_actors, load, inflight, queue)
                             handle, ref_ready = start_actor()
@@ -265,28 +320,64 @@ class RayExecutor:
                                      f"again and a replacement is starting"
                                      + (f" (Ray's account: {self.messages})" if self.messages else ""))
                         continue
-                    if not self._verify(job, unit, result):
-                        failures[unit.name] += 1
-                        queue.appendleft(unit)
-                        continue
-                    on_result(result)
-                    done += 1
+                    for unit, result in zip(batch, results):
+                        if result is None:  # its bytes did not read back as hashed: written again
+                            failures[unit.name] += 1
+                            queue.appendleft([unit])
+                            continue
+                        on_result(result)
+                        done += 1
         finally:
             for actor in ready_actors + list(starting):
                 ray.kill(actor, no_restart=True)
 
     @staticmethod
     def _retire(ray, actor, ready_actors, load, inflight, queue) -> None:
-        """Drop a dead actor: its other units in flight go back to the queue."""
+        """Drop a dead actor: its other calls in flight go back to the queue."""
         ready_actors.remove(actor)
         load.pop(actor, None)
-        for ref, (unit, owner) in list(inflight.items()):
+        for ref, (batch, owner) in list(inflight.items()):
             if owner is actor:
                 del inflight[ref]
-                queue.appendleft(unit)
+                queue.appendleft(batch)
         ray.kill(actor, no_restart=True)
 
-    @staticmethod
-    def _verify(job: Job, unit: Unit, result: UnitResult) -> bool:
-        """The bytes on shared storage are the ones the actor hashed."""
-        return job.layout.stored_checksum(unit.name) == result.checksum
+    def stored_checksums(self, layout, names: Sequence[str], sizes: Mapping[str, int]) -> dict[str, str | None]:
+        """The checksum of each named tensor as stored now (None: missing or unreadable),
+        computed by actors on the cluster's nodes, in parallel; the driver sees only the
+        digests. `sizes`: each tensor's bytes (to size the calls)."""
+        ray = _ray()
+        from ray.exceptions import RayActorError
+
+        self.connect()
+        if not names:
+            return {}
+        count, resources, _ = self._layout()
+        remote_cls = ray.remote(max_concurrency=1, max_restarts=0, max_task_retries=0)(CheckActor)
+        actors = [remote_cls.options(scheduling_strategy="SPREAD", **resources).remote(layout) for _ in range(count)]
+        queue = collections.deque(_groups(names, sizes.__getitem__, CHECK_BATCH_BYTES))
+        out: dict[str, str | None] = {}
+        inflight: dict = {}  # ref -> (names, actor)
+        try:
+            while queue or inflight:
+                busy = {actor for _, actor in inflight.values()}
+                for actor in actors:
+                    if queue and actor not in busy:
+                        batch = queue.popleft()
+                        inflight[actor.checksums.remote(batch)] = (batch, actor)
+                if not inflight:
+                    raise DistSvcError("the Ray cluster has no live actors left to check the stored tensors "
+                                       "with; add nodes, then run the same command again.")
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    batch, actor = inflight.pop(ref)
+                    try:
+                        out.update(zip(batch, ray.get(ref)))
+                    except RayActorError:  # its node went away: another actor checks its tensors
+                        actors.remove(actor)
+                        queue.appendleft(batch)
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        return out
+
