@@ -486,12 +486,13 @@ def _checked_on(executor: Executor, manifest: Manifest, layout: OutputLayout) ->
     from dist_svc.storage.output import side_file_problems
 
     problems = layout.problems(manifest.recorded, manifest.side_files, deep=False)
+    files_whole = not problems  # else a tensor that cannot be read is in a file already named
     sizes = {name: unit["nbytes"] for name, unit in manifest.units.items()}
     stored = executor.stored_checksums(layout, list(manifest.recorded), sizes)
     for name, digest in manifest.recorded.items():
         if stored.get(name) is not None and stored[name] != digest:
             problems.append(f"{layout.out_dir}: tensor '{name}' does not match its checksum (corrupted)")
-        elif stored.get(name) is None and not problems:
+        elif stored.get(name) is None and files_whole:
             problems.append(f"{layout.out_dir}: tensor '{name}' cannot be read")
     return problems + [p for p in side_file_problems(layout.out_dir, manifest.side_files, deep=True)
                        if p not in problems]

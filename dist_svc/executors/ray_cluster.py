@@ -138,9 +138,6 @@ class CheckActor:
     def __init__(self, layout):
         self.layout = layout
 
-    def ready(self) -> str:
-        return f"{os.uname().nodename}:{os.getpid()}"
-
     def checksums(self, names: list[str]) -> list[str | None]:
         return [self.layout.stored_checksum(name) for name in names]
 
@@ -323,6 +320,11 @@ class RayExecutor:
                     for unit, result in zip(batch, results):
                         if result is None:  # its bytes did not read back as hashed: written again
                             failures[unit.name] += 1
+                            if failures[unit.name] >= MAX_FAILURES_PER_UNIT:
+                                raise DistSvcError(f"tensor '{unit.name}': its bytes read back from "
+                                                   f"{job.layout.out_dir} differed from those written, "
+                                                   f"{failures[unit.name]} times; the storage may be failing. "
+                                                   f"Check it, then rerun the same command.")
                             queue.appendleft([unit])
                             continue
                         on_result(result)
