@@ -30,12 +30,11 @@ from dist_svc.methods import METHODS, Method, Param
 from dist_svc.methods.base import as_bool, show
 from dist_svc.storage import source_of
 from dist_svc.storage.durable import local_path
-from dist_svc.storage.output import FORMATS as OUTPUT_FORMATS
+from dist_svc.storage.output import DEFAULT_FORMAT, FORMATS as OUTPUT_FORMATS, all_options
 
 # Names containing these are embedding-like and skipped by calibration by default: the authors
 # skip "embedding"; in LLM checkpoints that is embed_tokens / wte / wpe and the tied-shape lm_head.
 DEFAULT_SKIP = ("*embed*", "*wte*", "*wpe*", "*lm_head*")
-DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
 
 # What a config may cost before it is parsed: real configs are a few KB (a long evolved one with
 # filters on every parameter, ~100 KB).
@@ -116,19 +115,18 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How the merged model is stored (dist_svc.storage.output): Hugging Face safetensors
-    shards of at most `shard_bytes`, or a zarr v3 store (`compression: zstd` or none)."""
+    """How the merged model is stored: an output format (dist_svc.storage.output: FORMATS) and
+    the options written for it (`values`: by layout key, as read; e.g. shard_bytes, compression),
+    which stay when the command line chooses another format."""
 
-    format: str = "safetensors"
-    compression: str = "none"
-    shard_bytes: int = DEFAULT_SHARD_BYTES
+    format: str = DEFAULT_FORMAT
+    values: Mapping[str, Any] = field(default_factory=dict)
     given: bool = field(default=False, compare=False)  # written in the config (else OUT_DIR's suffix may choose)
 
     def options(self) -> dict[str, Any]:
-        """What the layout needs, and what decides its bytes (part of the fingerprint)."""
-        if self.format == "safetensors":
-            return {"shard_bytes": self.shard_bytes}
-        return {"compression": self.compression}
+        """What the layout needs, and what decides its bytes (part of the fingerprint): every
+        option of the format, written or its default."""
+        return OUTPUT_FORMATS[self.format].layout_options(self.values)
 
 
 @dataclass(frozen=True)
@@ -174,12 +172,15 @@ class MergeConfig:
         cal = dataclasses.replace(self.calibration, enabled=enabled)
         return dataclasses.replace(self, calibration=cal)
 
-    def with_output(self, fmt: str | None = None, shard_bytes: int | None = None) -> "MergeConfig":
+    def with_output(self, fmt: str | None = None, **options: Any) -> "MergeConfig":
+        """The command line's output format and options (by `output:` name, e.g. shard_size=
+        bytes; None: as the config says)."""
         output = self.output
         if fmt is not None:
             output = dataclasses.replace(output, format=fmt)
-        if shard_bytes is not None:
-            output = dataclasses.replace(output, shard_bytes=shard_bytes)
+        given = {all_options()[name].key: value for name, value in options.items() if value is not None}
+        if given:
+            output = dataclasses.replace(output, values={**output.values, **given})
         return dataclasses.replace(self, output=output)
 
     def with_options(self, copy_tokenizer: bool | None = None, allow_crimes: bool | None = None,
@@ -865,26 +866,19 @@ def _output(raw: Any, problems: _Problems) -> OutputSpec:
     if not isinstance(raw, dict):
         problems.add("output", "expected a mapping such as {format: zarr, compression: zstd}.")
         return OutputSpec()
+    options = all_options()
+    known = sorted({"format", *options})
     for key in raw:
-        if key not in ("format", "compression", "shard_size"):
-            problems.add(f"output.{_name(key)}", "unknown option. Options: compression, format, shard_size.")
-    fmt = raw.get("format", "safetensors")
+        if key not in known:
+            problems.add(f"output.{_name(key)}", f"unknown option. Options: {', '.join(known)}.")
+    fmt = raw.get("format", DEFAULT_FORMAT)
     if fmt not in OUTPUT_FORMATS:
         problems.add("output.format", f"{show(fmt)} is not one of: {', '.join(OUTPUT_FORMATS)}.")
-        fmt = "safetensors"
-    compression = raw.get("compression", "none")
-    if compression not in ("none", "zstd"):
-        problems.add("output.compression", f"{show(compression)} is not one of: none, zstd.")
-        compression = "none"
-    if compression != "none" and fmt != "zarr":
-        problems.add("output.compression", "only zarr output is compressed; safetensors files are not.")
-    shard_bytes = DEFAULT_SHARD_BYTES
-    if "shard_size" in raw:
-        try:
-            shard_bytes = parse_size(raw["shard_size"])
-        except DistSvcError as e:
-            problems.add("output.shard_size", str(e))
-    return OutputSpec(fmt, compression, shard_bytes, given=True)
+        fmt = DEFAULT_FORMAT
+    values, found = OUTPUT_FORMATS[fmt].read_options({k: v for k, v in raw.items() if k in options})
+    for option, message in found:
+        problems.add(f"output.{option}", message)
+    return OutputSpec(fmt, values, given=True)
 
 
 def parse_size(text: str | int) -> int:
