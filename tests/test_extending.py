@@ -44,7 +44,8 @@ def scaled_sum(deltas, p, where):
         out = out + d * (w * p["scale"])
     return out
 '''
-METHOD_ROW = "| `scaled_sum` | (not in mergekit) | `scale * sum_i w_i tau_i` | `scale` (required) | `weight` (1.0) | element | as TA |\n"
+METHOD_ROW = ("| `scaled_sum` | (not in mergekit) | `scale * sum_i w_i tau_i` | `scale` (required) | `weight` (1.0) "
+              "| element | as TA |\n")
 
 # File 1 of a new output format: its layout (in practice dist_svc/storage/<name>_output.py).
 LAYOUT_MODULE = '''
@@ -61,7 +62,7 @@ from dist_svc.storage.output import FORMATS, SHARD_SIZE, Option, OutputFormat
 
 FORMATS["small_shards"] = OutputFormat("small_shards", "small_shards_output:SmallShardsLayout",
                                        {"shard_size": Option("shard_bytes", 64 << 10, SHARD_SIZE.read)},
-                                       suffix=".small", help="safetensors shards of 64 KiB")
+                                       suffix=".small")
 '''
 # File 3: its row in docs/storage.md's table of output formats.
 FORMAT_ROW = "| `small_shards` | safetensors shards of 64 KiB | `shard_size` (64 KiB) | `.small` |\n"

@@ -39,7 +39,6 @@ class Option:
     key: str
     default: Any
     read: Callable[[Any], Any]
-    help: str = ""
 
 
 def _choice(*values: str) -> Callable[[Any], str]:
@@ -59,8 +58,8 @@ def _size(value: Any) -> int:
     return parse_size(value)
 
 
-SHARD_SIZE = Option("shard_bytes", DEFAULT_SHARD_BYTES, _size, "largest shard, e.g. 5GB")
-COMPRESSION = Option("compression", "none", _choice("none", "zstd"), "compress chunks with zstd")
+SHARD_SIZE = Option("shard_bytes", DEFAULT_SHARD_BYTES, _size)  # the largest shard, e.g. 5GB
+COMPRESSION = Option("compression", "none", _choice("none", "zstd"))  # of zarr chunks
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,6 @@ class OutputFormat:
     options: Mapping[str, Option] = field(default_factory=dict)
     suffix: str | None = None
     marker: str | None = None
-    help: str = ""
 
     def read_options(self, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """The options `given` (by `output:` name) as the layout reads them (by its key; those
@@ -116,14 +114,12 @@ def _takes(option: Option, value: Any) -> bool:
 # in `--output-format` and in `convert --format` (a format with a layout), and its options
 # valid in `output:`.
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
-    OutputFormat("safetensors", "dist_svc.storage.safetensors_output:SafetensorsLayout", {"shard_size": SHARD_SIZE},
-                 help="Hugging Face safetensors shards with their index"),
+    OutputFormat("safetensors", "dist_svc.storage.safetensors_output:SafetensorsLayout", {"shard_size": SHARD_SIZE}),
     OutputFormat("zarr", "dist_svc.storage.zarr_output:ZarrLayout", {"compression": COMPRESSION}, suffix=".zarr",
-                 marker="zarr.json", help="a zarr v3 store, one array per tensor"),
-    # A merge of LoRA adapters written as one adapter (dist_svc.lowrank): not a layout. Its adapter
-    # file is not compressed; the option stays declared because the fingerprint records it.
-    OutputFormat("peft", None, {"compression": Option("compression", "none", _choice("none"))},
-                 help="LoRA adapters of the base merged as one PEFT adapter"),
+                 marker="zarr.json"),
+    # LoRA adapters of the base merged as one PEFT adapter (dist_svc.lowrank): not a layout. Its
+    # adapter file is not compressed; the option stays declared because the fingerprint records it.
+    OutputFormat("peft", None, {"compression": Option("compression", "none", _choice("none"))}),
 )}
 DEFAULT_FORMAT = "safetensors"
 
