@@ -401,10 +401,10 @@ def out_path(path: str | Path) -> Path | str:
 def settle(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, calibrate: bool | None,
            output_format: str | None, shard_size: str | int | None = None) -> tuple[MergeConfig, Path]:
     """The config as this run will use it (loaded if a path, parsed if a dict of a file's
-    fields; the CLI's overrides applied; zarr output when OUT_DIR ends in .zarr and neither the
-    flag nor the config says otherwise) and OUT_DIR as an absolute path."""
+    fields; the CLI's overrides applied; the format OUT_DIR's name says (e.g. zarr for .zarr,
+    dist_svc.storage.output: format_of) when neither the flag nor the config names one) and OUT_DIR as an absolute path."""
     from dist_svc.config import MergeConfig, load_config, parse_config, parse_size
-    from dist_svc.storage.zarr_format import is_zarr
+    from dist_svc.storage.output import format_of
 
     if isinstance(config, (str, Path)):
         config = load_config(config, calibrate)
@@ -415,10 +415,10 @@ def settle(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | 
     else:
         raise DistSvcError(f"config: expected a path to a YAML file, a dict of its fields (merge_method, "
                            f"base_model, models, ...) or a MergeConfig; got a {type(config).__name__}.")
-    if output_format is None and not config.output.given and is_zarr(out_dir):
-        output_format = "zarr"
+    if output_format is None and not config.output.given:
+        output_format = format_of(out_dir)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    return config.with_output(output_format, shard_bytes), out_path(out_dir)
+    return config.with_output(output_format, shard_size=shard_bytes), out_path(out_dir)
 
 
 def open_output(out_dir: str | Path) -> tuple[Manifest, OutputLayout]:

@@ -32,9 +32,10 @@ from typing import Any, Sequence
 
 from dist_svc import __version__
 from dist_svc.calibration import should_calibrate
-from dist_svc.config import MergeConfig, SliceSpec, SourceSpec, layer_position, resolve, split_layer
+from dist_svc.config import MergeConfig, SliceSpec, SourceSpec
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import Method
+from dist_svc.resolution import layer_position, resolve, split_layer
 from dist_svc.storage import open_checkpoint, read_blocks
 from dist_svc.storage.hub import pins as hub_pins
 from dist_svc.storage.output import side_files, source_files

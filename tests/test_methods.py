@@ -38,18 +38,37 @@ def call(name: str, tensors, base: int | None = None, tensor: str = "w", **given
     for the rest), per-model ones as one value per input they apply to."""
     method = METHODS[name]
     inputs = [torch.as_tensor(np.asarray(t)) for t in tensors]
-    fine_tunes = len(inputs) - (base is not None and method.operates_on == "weights")
+    p = resolved(name, len(inputs), base, given)
+    where = Where(tensor, lambda: torch.arange(inputs[0].numel()).view(inputs[0].shape), base)
+    return method.merge(inputs, p, where).numpy()
+
+
+def resolved(name: str, inputs: int, base: int | None, given) -> dict:
+    """Every declared parameter of method `name` for one tensor of `inputs` inputs: `given`
+    values (a list: one per input it applies to), defaults for the rest."""
+    method = METHODS[name]
+    fine_tunes = inputs - (base is not None and method.operates_on == "weights")
     p = {}
     for q in method.params:
         value = given.get(q.name, q.default)
         assert value is not REQUIRED, f"{name}: give {q.name}"
         if q.per_model:
-            count = len(inputs) if q.scope == "input" else fine_tunes
+            count = inputs if q.scope == "input" else fine_tunes
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * count
             assert len(value) == count
         p[q.name] = value
-    where = Where(tensor, lambda: torch.arange(inputs[0].numel()).view(inputs[0].shape), base)
-    return method.merge(inputs, p, where).numpy()
+    return p
+
+
+def sample_inputs(name: str) -> tuple[int, int | None]:
+    """How many tensors the tests give a method (three where its contract allows) and which one
+    is the base (for a method on weights that needs one)."""
+    method = METHODS[name]
+    if method.operates_on == "weights" and method.base == "required":
+        return 1 + min(2, method.most_fine_tunes or 2), 0
+    if method.operates_on == "weights":  # the base, if any, is one input among the others
+        return min(3, method.max_inputs or 3), None
+    return min(3, method.max_fine_tunes or 3), None
 
 
 # -- every method against its definition ------------------------------------------------------------
@@ -102,7 +121,7 @@ CASES = [
 @pytest.mark.parametrize("name, given, base, reference", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_every_method_matches_its_float64_definition(name, given, base, reference):
-    count = {"slerp": 2, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+    count, _ = sample_inputs(name)
     tensors = _taus(count, seed=len(name))
     if name in ("slerp", "model_stock", "karcher"):  # weights near each other, as fine-tunes are
         tensors = [tensors[0] + 0.3 * t for t in tensors]
@@ -112,23 +131,37 @@ def test_every_method_matches_its_float64_definition(name, given, base, referenc
     assert _rel(got, reference(tensors)) <= 1e-10, name
 
 
-def test_every_registered_method_is_tested_here_and_documented():
-    """A new method is one function, one registration, its tests and its docs line."""
-    tested = {c[0] for c in CASES} | {"dare_linear", "dare_ties"}  # DARE: tests below
-    assert set(METHODS) == tested
-    table = (REPO / "docs" / "methods.md").read_text()
-    for name in METHODS:
-        assert re.search(rf"^\| `{name}` \|", table, re.M), f"docs/methods.md has no row for {name}"
+def test_every_registered_method_is_checked_against_a_reference_here():
+    """Each method of the package has a float64 reference case in CASES (DARE: tests below)."""
+    tested = {c[0] for c in CASES} | {"dare_linear", "dare_ties"}
+    untested = [f"{name} ({METHODS[name].fn.__module__})" for name in METHODS if name not in tested]
+    assert not untested, f"no float64 reference case in tests/test_methods.py: CASES for {', '.join(untested)}"
+    assert not tested - set(METHODS), f"CASES names methods not registered: {', '.join(tested - set(METHODS))}"
+
+
+def documented(name: str, docs: Path = REPO / "docs" / "methods.md") -> None:
+    """docs/methods.md has a row for method `name`."""
+    table = docs.read_text()
+    assert re.search(rf"^\| `{re.escape(name)}` \|", table, re.M), (
+        f"docs/methods.md has no row for {name} (registered in {METHODS[name].fn.__module__}); add "
+        f"'| `{name}` | ...' to its table of methods")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_has_its_row_in_the_docs(name):
+    documented(name)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_method_leaves_its_inputs_as_they_were_and_gives_the_same_bytes_twice(name):
     """The worker forms task vectors in place and calibrates against them after the merge."""
-    method = METHODS[name]
-    count = {"slerp": 2, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+    leaves_its_inputs_and_repeats_itself(name)
+
+
+def leaves_its_inputs_and_repeats_itself(name: str) -> None:
+    count, base = sample_inputs(name)
     tensors = [t + 1.0 for t in _taus(count, (12, 9), seed=3)]
-    given = {"t": 0.4} if name == "slerp" else {"weight": [1.0] * count} if name in ("linear", "nuslerp") else {}
-    base = 0 if method.operates_on == "weights" and method.base == "required" else None
+    given = dict(METHODS[name].sample)
     before = [t.copy() for t in tensors]
     first = call(name, tensors, base, **given)
     assert all(np.array_equal(a, b) for a, b in zip(tensors, before))
@@ -136,25 +169,33 @@ def test_a_method_leaves_its_inputs_as_they_were_and_gives_the_same_bytes_twice(
     assert first.shape == tensors[0].shape
 
 
-@pytest.mark.parametrize("name", [n for n, m in sorted(METHODS.items()) if m.granularity(
-    {p.name: p.default for p in m.shared_params}) != "tensor"])
+def streamed(name: str) -> bool:
+    """Whether method `name` with its sample setting works on blocks smaller than a tensor."""
+    m = METHODS[name]
+    return m.granularity({p.name: m.sample.get(p.name, p.default) for p in m.shared_params}) != "tensor"
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(METHODS) if streamed(n)])
 def test_streamed_methods_give_the_same_result_block_by_block(name):
     """What a method declares it needs is what it uses: an element-wise method on any block of
     elements, a row-local one on blocks of whole rows, gives the whole tensor's result."""
+    gives_the_same_result_block_by_block(name)
+
+
+def gives_the_same_result_block_by_block(name: str) -> None:
     method = METHODS[name]
-    count = {"passthrough": 1, "nuslerp": 2}.get(name, 3)
+    count, base = sample_inputs(name)
     tensors = _taus(count, (20, 7), seed=5)
-    given = {"weight": [1.0, 2.0, 0.5][:count]} if method.param("weight") else {}
-    given |= {"density": 0.5} if method.param("density") else {}
-    given |= {"nuslerp_flatten": False} if name == "nuslerp" else {}
-    p = {q.name: given.get(q.name, q.default) for q in method.params}
-    for q in method.model_params:
-        p[q.name] = tuple(p[q.name]) if isinstance(p[q.name], list) else (p[q.name],) * count
+    given = dict(method.sample)
+    weight = method.param("weight")
+    if weight is not None and weight.per_model and base is None:  # unequal weights
+        given["weight"] = [1.0, 2.0, 0.5][:count]
+    p = resolved(name, count, base, given)
     ts = [torch.from_numpy(t) for t in tensors]
     idx = torch.arange(140).view(20, 7)
-    whole = method.merge(ts, p, Where("w", lambda: idx))
+    whole = method.merge(ts, p, Where("w", lambda: idx, base))
     step = 3
-    blocks = torch.cat([method.merge([t[r:r + step] for t in ts], p, Where("w", lambda r=r: idx[r:r + step]))
+    blocks = torch.cat([method.merge([t[r:r + step] for t in ts], p, Where("w", lambda r=r: idx[r:r + step], base))
                         for r in range(0, 20, step)])
     assert torch.equal(whole, blocks)
 

@@ -12,34 +12,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from dist_svc.config import DEFAULT_SHARD_BYTES
 from dist_svc.errors import DistSvcError
 from dist_svc.progress import Progress
 from dist_svc.storage import open_checkpoint, read_blocks, source_of
 from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import staged_directory
-from dist_svc.storage.output import LAYOUTS, layout_for, source_files
+from dist_svc.storage.output import DEFAULT_FORMAT, DEFAULT_SHARD_BYTES, FORMATS, format_names, format_of, \
+    layout_for, source_files
 from dist_svc.storage.types import tensor_bytes
-from dist_svc.storage.zarr_format import is_zarr
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compression: str = "none",
             shard_size: int = DEFAULT_SHARD_BYTES, progress: str = "auto", trust_pickle: bool = False,
             log: Callable[[str], None] = lambda s: None) -> dict:
     """Convert checkpoint `src` (any source: a local path, a URL, a Hub ID, BASE+ADAPTER, a .bin
-    state dict) into `dst` ("zarr" or "safetensors"; by default zarr when `dst` ends in .zarr).
+    state dict) into `dst` in format `fmt`, a layout of dist_svc.storage.output's FORMATS
+    ("zarr" or "safetensors"; by default the one `dst`'s name says: zarr for .zarr).
     `trust_pickle` loads a .bin/.pt whose pickle needs code (running it). Returns {"tensors",
     "bytes", "format"}."""
     if isinstance(dst, str) and is_url(dst):
         raise DistSvcError(f"{dst}: convert writes a local DST (it renames it into place when complete); convert to "
                            f"a local directory and upload it, or merge straight to s3://.")
     dst = Path(dst).expanduser().resolve()
-    fmt = fmt or ("zarr" if is_zarr(dst) else "safetensors")
-    if fmt not in LAYOUTS:
-        raise DistSvcError(f"unknown output format '{fmt}'; use one of: {', '.join(LAYOUTS)}.")
-    if compression != "none" and fmt != "zarr":
-        raise DistSvcError("only zarr output can be compressed; drop --compression or write a .zarr store.")
+    fmt = fmt or format_of(dst) or DEFAULT_FORMAT
+    options = _options(fmt, {"compression": compression, "shard_size": shard_size})
     if dst.exists():
         raise DistSvcError(f"{dst} already exists; dist-svc never overwrites. Choose a new destination or remove it.")
     src = source_of(src) if isinstance(src, str) else Path(src).expanduser().resolve()
@@ -52,7 +49,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
     bar = Progress(total, len(names), mode=progress)
     try:
         with staged_directory(dst, "converting") as tmp:
-            _copy(source, src, dst, tmp, fmt, names, recorded_before, shard_size, compression, bar)
+            _copy(source, src, dst, tmp, fmt, names, recorded_before, options, bar)
     finally:
         bar.close()
         source.close()
@@ -61,11 +58,11 @@ def convert(src: str | Path, dst: str | Path, fmt: str | None = None, compressio
 
 
 def _copy(source, src, dst: Path, tmp: Path, fmt: str, names: list[str], recorded_before: dict[str, str],
-          shard_size, compression: str, bar: Progress) -> None:
+          options: dict, bar: Progress) -> None:
     """Every tensor of `source` into `tmp` in format `fmt`, each checked against the checksum
     its source records (if any) and read back."""
     entries = [(n, source.tensors[n].dtype, source.tensors[n].shape) for n in names]
-    layout = layout_for(fmt, tmp, entries, {"shard_bytes": shard_size, "compression": compression})
+    layout = layout_for(fmt, tmp, entries, options)
     layout.prepare({})
     recorded: dict[str, str] = {}
     for name in names:
@@ -91,6 +88,18 @@ def _copy(source, src, dst: Path, tmp: Path, fmt: str, names: list[str], recorde
             layout.seal(recorded, fresh=set(recorded))  # every tensor verified just now
         bar.advance(source.tensors[name].nbytes)
     layout.finish(recorded, source_files(source))
+
+
+def _options(fmt: str, given: dict) -> dict:
+    """The layout options of format `fmt` from convert's options, checked by the format."""
+    if fmt not in format_names(convertible=True):
+        raise DistSvcError(f"unknown output format '{fmt}' for convert; use one of: "
+                           f"{', '.join(format_names(convertible=True))}.")
+    out = FORMATS[fmt]
+    values, problems = out.read_options(given)
+    if problems:
+        raise DistSvcError("; ".join(f"--{name.replace('_', '-')}: {message}" for name, message in problems))
+    return out.layout_options(values)
 
 
 def _recorded_checksums(src: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ shared part K times and calibration brings it back to one task's strength.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,28 +215,40 @@ def write_config(path: Path, base_dir: Path, ft_dirs: list[Path], lam: float = 1
     return path
 
 
-# What each method's merge of the demo family is written as (a mergekit config with a base model,
-# so that it can be calibrated): its parameters and, per fine-tune, its own.
-DEMO_METHODS: dict[str, tuple[dict, dict, int | None]] = {
-    # method: (parameters, each fine-tune's parameters, how many fine-tunes (None: all))
-    "task_arithmetic": ({}, {"weight": 1.0}, None),
-    "ties": ({}, {"weight": 1.0, "density": 0.5}, None),
-    "dare_ties": ({}, {"weight": 1.0, "density": 0.5}, None),
-    "dare_linear": ({}, {"weight": 1.0, "density": 0.5}, None),
-    "breadcrumbs": ({}, {"weight": 1.0, "density": 0.8, "gamma": 0.02}, None),
-    "breadcrumbs_ties": ({}, {"weight": 1.0, "density": 0.8, "gamma": 0.02}, None),
-    "della": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, None),
-    "della_linear": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, None),
-    "sce": ({"select_topk": 0.5}, {}, None),
-    "linear": ({"weight": 1.0}, {"weight": 1.0}, None),
-    "model_stock": ({}, {}, None),
-    "karcher": ({}, {}, None),
-    "slerp": ({"t": 0.5}, {}, 1),
-    "nuslerp": ({}, {"weight": 1.0}, 2),
-    "tsv": ({}, {}, None),
-    "iso_c": ({}, {}, None),
-    "star": ({}, {}, None),
-}
+class _DemoMethods(Mapping):
+    """What each method's merge of the demo family is written as, from its registration's
+    `sample=` (dist_svc.methods): method -> (parameters, each fine-tune's parameters, how many
+    fine-tunes (None: all)). A mergekit config with a base model, so that it can be calibrated:
+    a per-model parameter goes to each fine-tune (and, where the base is an input too, to the
+    shared parameters: mergekit gives the base no entry of its own), a shared one to
+    `parameters:`. Every registered method that merges a base and a fine-tune is here, in the
+    order of the registry; read when used, so a method registered later is here too."""
+
+    def __getitem__(self, name: str) -> tuple[dict, dict, int | None]:
+        from dist_svc.methods import METHODS
+
+        method = METHODS.get(name)
+        if method is None or method.most_fine_tunes == 0:
+            raise KeyError(name)
+        params, own = {}, {}
+        for pname, value in method.sample.items():
+            param = method.param(pname)
+            if param.per_model:
+                own[pname] = value
+            if not param.per_model or param.scope == "input":
+                params[pname] = value
+        return params, own, method.most_fine_tunes
+
+    def __iter__(self):
+        from dist_svc.methods import METHODS
+
+        return (name for name, method in METHODS.items() if method.most_fine_tunes != 0)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+DEMO_METHODS: Mapping[str, tuple[dict, dict, int | None]] = _DemoMethods()
 
 
 def write_method_config(path: Path, method: str, base_dir: Path, ft_dirs: list[Path],

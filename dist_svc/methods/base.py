@@ -19,7 +19,7 @@ A method function is called as `fn(tensors, p, where)`:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -118,14 +118,27 @@ class Method:
     random: bool = False  # draws counter-based random numbers (dist_svc.methods.random)
     alpha_is_one: bool = False  # calibration's alpha when the config gives none: 1.0 (else 1/K)
     reference: str = ""
+    # A setting to try the method with, as a config's `parameters:` are written (a per-model
+    # parameter: every model's value): every required parameter given, values that exercise the
+    # method (a density below 1). The contract tests and `dist-svc demo --methods` run it.
+    sample: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         names = [p.name for p in self.params]
         assert len(set(names)) == len(names), f"{self.name}: a parameter is declared twice"
+        assert set(self.sample) <= set(names), f"{self.name}: sample= names an undeclared parameter"
+        missing = [p.name for p in self.params if p.required and p.name not in self.sample]
+        assert not missing, f"{self.name}: give the required {', '.join(missing)} in sample="
         assert self.operates_on in ("deltas", "weights") and self.base in ("required", "optional", "ignored")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def most_fine_tunes(self) -> int | None:
+        """The most fine-tunes one tensor takes beside a base (None: any number)."""
+        limits = [self.max_fine_tunes, None if self.max_inputs is None else self.max_inputs - 1]
+        return min((n for n in limits if n is not None), default=None)
 
     @property
     def shared_params(self) -> tuple[Param, ...]:

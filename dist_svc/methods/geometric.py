@@ -48,7 +48,8 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
 
 
 @register("slerp", Param("t", REQUIRED, doc="0: the base, 1: the other model"), operates_on="weights",
-          needs="tensor", min_inputs=2, max_inputs=2, reference="https://en.wikipedia.org/wiki/Slerp")
+          needs="tensor", min_inputs=2, max_inputs=2, sample={"t": 0.5},
+          reference="https://en.wikipedia.org/wiki/Slerp")
 def slerp(weights, p, where):
     base = where.base
     return slerp_vectors(p["t"], weights[base], weights[1 - base])
@@ -86,7 +87,7 @@ def _nuslerp_needs(p) -> str:
 @register("nuslerp", Param("weight", REQUIRED, scope="model", doc="t = w_2 / (w_1 + w_2)"),
           Param("nuslerp_row_wise", False, bool, doc="interpolate each column (dim 0)"),
           Param("nuslerp_flatten", True, bool, doc="interpolate the whole tensor as one vector"),
-          needs=_nuslerp_needs, base="optional", min_fine_tunes=2, max_fine_tunes=2)
+          needs=_nuslerp_needs, base="optional", min_fine_tunes=2, max_fine_tunes=2, sample={"weight": 1.0})
 def nuslerp(tensors, p, where):
     w0, w1 = p["weight"]
     total = w0 + w1

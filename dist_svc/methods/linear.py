@@ -43,7 +43,7 @@ def weighted_sum(task_deltas: Iterable[torch.Tensor], weights: Sequence[float], 
 
 
 @register("task_arithmetic", LAMBDA, normalize(False), rescale(False), INT8_MASK, WEIGHT, DENSITY,
-          reference="https://arxiv.org/abs/2212.04089")
+          sample={"weight": 1.0}, reference="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(deltas, p, where):
     # `rescale` and `density` are declared by mergekit's task arithmetic too, and do nothing there.
     return weighted_sum(deltas, p["weight"], p["lambda"], p["normalize"])
@@ -57,7 +57,7 @@ def _weights_sum_nonzero(p) -> str | None:
 
 @register("linear", Param("weight", REQUIRED, scope="input", doc="each input's weight, the base's too"),
           normalize(True), operates_on="weights", base="ignored", check=_weights_sum_nonzero,
-          reference="https://arxiv.org/abs/2203.05482")
+          sample={"weight": 1.0}, reference="https://arxiv.org/abs/2203.05482")
 def linear(weights, p, where):
     """mergekit's linear: accumulated from zero in input order, then divided by the summed
     weights (as a tensor of the compute dtype)."""

@@ -207,7 +207,8 @@ def _gta(normalize_default: bool, rescale_default: bool, *extra: Param) -> tuple
     return (LAMBDA, normalize(normalize_default), rescale(rescale_default), INT8_MASK, WEIGHT, DENSITY, *extra)
 
 
-@register("ties", *_gta(True, False), needs="tensor", reference="https://arxiv.org/abs/2306.01708")
+@register("ties", *_gta(True, False), needs="tensor", sample={"weight": 1.0, "density": 0.5},
+          reference="https://arxiv.org/abs/2306.01708")
 def ties(deltas, p, where):
     pruned = [magnitude_prune(t, d, p["rescale"]) for t, d in zip(deltas, p["density"])]
     return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus=True)
@@ -220,12 +221,14 @@ def _dare(deltas, p, where, consensus: bool):
     return combine(dropped, p["weight"], p["lambda"], p["normalize"], consensus)
 
 
-@register("dare_linear", *_gta(False, True, SEED), random=True, reference="https://arxiv.org/abs/2311.03099")
+@register("dare_linear", *_gta(False, True, SEED), random=True, sample={"weight": 1.0, "density": 0.5},
+          reference="https://arxiv.org/abs/2311.03099")
 def dare_linear(deltas, p, where):
     return _dare(deltas, p, where, consensus=False)
 
 
-@register("dare_ties", *_gta(False, True, SEED), random=True, reference="https://arxiv.org/abs/2311.03099")
+@register("dare_ties", *_gta(False, True, SEED), random=True, sample={"weight": 1.0, "density": 0.5},
+          reference="https://arxiv.org/abs/2311.03099")
 def dare_ties(deltas, p, where):
     return _dare(deltas, p, where, consensus=True)
 
@@ -235,13 +238,14 @@ def _breadcrumbs(deltas, p, consensus: bool):
     return combine(kept, p["weight"], p["lambda"], p["normalize"], consensus)
 
 
-@register("breadcrumbs", *_gta(False, False, GAMMA), needs="tensor", reference="https://arxiv.org/abs/2312.06795")
+@register("breadcrumbs", *_gta(False, False, GAMMA), needs="tensor",
+          sample={"weight": 1.0, "density": 0.8, "gamma": 0.02}, reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(deltas, p, where):
     return _breadcrumbs(deltas, p, consensus=False)
 
 
 @register("breadcrumbs_ties", *_gta(False, False, GAMMA), needs="tensor",
-          reference="https://arxiv.org/abs/2312.06795")
+          sample={"weight": 1.0, "density": 0.8, "gamma": 0.02}, reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs_ties(deltas, p, where):
     return _breadcrumbs(deltas, p, consensus=True)
 
@@ -262,20 +266,20 @@ def _della(deltas, p, where, consensus: bool):
 
 
 @register("della", *_gta(True, True, EPSILON, SEED), needs="row", random=True, check=_della_bounds,
-          reference="https://arxiv.org/abs/2406.11617")
+          sample={"weight": 1.0, "density": 0.5, "epsilon": 0.1}, reference="https://arxiv.org/abs/2406.11617")
 def della(deltas, p, where):
     return _della(deltas, p, where, consensus=True)
 
 
 @register("della_linear", *_gta(False, True, EPSILON, SEED), needs="row", random=True, check=_della_bounds,
-          reference="https://arxiv.org/abs/2406.11617")
+          sample={"weight": 1.0, "density": 0.5, "epsilon": 0.1}, reference="https://arxiv.org/abs/2406.11617")
 def della_linear(deltas, p, where):
     return _della(deltas, p, where, consensus=False)
 
 
 @register("sce", INT8_MASK, Param("select_topk", 1.0, float, 0.0, 1.0, low_inclusive=True,
                                   doc="fraction of entries kept, by variance across the tasks"),
-          needs="tensor", reference="https://arxiv.org/abs/2408.07990")
+          needs="tensor", sample={"select_topk": 0.5}, reference="https://arxiv.org/abs/2408.07990")
 def sce(deltas, p, where):
     """mergekit's SCE: select by variance, elect signs, weight each task by its mean square."""
     tvs = torch.stack(deltas)

@@ -7,8 +7,11 @@ the driver decides when things happen, and the manifest records which tensors ar
 their checksums (`recorded`: name -> sha256 of the tensor's bytes in row-major order, the same
 for every layout).
 
-To add a layout: one module implementing `OutputLayout` (and a `UnitWriter`), one line in
-`LAYOUTS`, and a subclass of `tests/contracts.py: OutputLayoutContract`. docs/extending.md.
+The formats a merge can write are registered here (`FORMATS`), each with its name, the options
+it takes (checked here, for the config, `convert` and the CLI alike) and the suffix that names it
+in OUT_DIR. To add a layout: one module implementing `OutputLayout` (and a `UnitWriter`), one
+line in `FORMATS`, and a row in docs/storage.md; `tests/contracts.py: OutputLayoutContract`
+checks it. docs/extending.md.
 """
 
 from __future__ import annotations
@@ -16,24 +19,134 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
+
+from dist_svc.errors import DistSvcError
 
 Entry = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype code, shape)
 
-# format name -> "module:class"; imported only when that format is used.
-LAYOUTS: dict[str, str] = {
-    "safetensors": "dist_svc.storage.safetensors_output:SafetensorsLayout",
-    "zarr": "dist_svc.storage.zarr_output:ZarrLayout",
-}
-# "peft" is not a layout: a merge of LoRA adapters written as one adapter (dist_svc.lowrank).
-FORMATS = (*LAYOUTS, "peft")
+DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
+
+
+@dataclass(frozen=True)
+class Option:
+    """An option of `output:` (and of `convert`): the name the layout reads it under (and the
+    fingerprint records), its default, and how a written value is read (`read` raises
+    ValueError or DistSvcError saying what is wrong)."""
+
+    key: str
+    default: Any
+    read: Callable[[Any], Any]
+
+
+def _choice(*values: str) -> Callable[[Any], str]:
+    def read(value: Any) -> str:
+        if value not in values:
+            from dist_svc.methods.base import show
+
+            raise ValueError(f"{show(value)} is not one of: {', '.join(values)}")
+        return value
+
+    return read
+
+
+def _size(value: Any) -> int:
+    from dist_svc.config import parse_size
+
+    return parse_size(value)
+
+
+SHARD_SIZE = Option("shard_bytes", DEFAULT_SHARD_BYTES, _size)  # the largest shard, e.g. 5GB
+COMPRESSION = Option("compression", "none", _choice("none", "zstd"))  # of zarr chunks
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """An output format: `layout` names its `OutputLayout` as "module:class" (imported only
+    when the format is used; None for a format written by a pipeline of its own), `options`
+    the `output:` options it takes, `suffix` what an OUT_DIR name ending in it means when
+    neither the config nor the command line names a format, `marker` a file that makes an
+    existing directory one of its outputs."""
+
+    name: str
+    layout: str | None
+    options: Mapping[str, Option] = field(default_factory=dict)
+    suffix: str | None = None
+    marker: str | None = None
+
+    def read_options(self, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """The options `given` (by `output:` name) as the layout reads them (by its key; those
+        not given are left out: `layout_options` adds their defaults), and the problems found,
+        as (option, message): a value its option refuses, or an option of another format set
+        to anything but its default."""
+        options, problems = {}, []
+        for name, value in given.items():
+            option = self.options.get(name) or all_options()[name]
+            try:
+                value = option.read(value)
+            except (ValueError, DistSvcError) as e:
+                problems.append((name, f"{str(e).rstrip('.')}."))
+                continue
+            if name not in self.options and value != option.default:
+                takers = [f.name for f in FORMATS.values() if name in f.options and _takes(f.options[name], value)]
+                problems.append((name, f"only {' and '.join(takers)} output takes {name}; {self.name} does not "
+                                       f"(drop it, or write {takers[0]} output)."))
+            elif name in self.options:
+                options[option.key] = value
+        return options, problems
+
+    def layout_options(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option of this format under its layout's key, `values` over the defaults."""
+        return {o.key: values.get(o.key, o.default) for o in self.options.values()}
+
+
+def _takes(option: Option, value: Any) -> bool:
+    try:
+        option.read(value)
+        return True
+    except (ValueError, DistSvcError):
+        return False
+
+
+# Every output format, by name. A line here makes a layout valid in `output: {format: ...}`,
+# in `--output-format` and in `convert --format` (a format with a layout), and its options
+# valid in `output:`.
+FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
+    OutputFormat("safetensors", "dist_svc.storage.safetensors_output:SafetensorsLayout", {"shard_size": SHARD_SIZE}),
+    OutputFormat("zarr", "dist_svc.storage.zarr_output:ZarrLayout", {"compression": COMPRESSION}, suffix=".zarr",
+                 marker="zarr.json"),
+    # LoRA adapters of the base merged as one PEFT adapter (dist_svc.lowrank): not a layout. Its
+    # adapter file is not compressed; the option stays declared because the fingerprint records it.
+    OutputFormat("peft", None, {"compression": Option("compression", "none", _choice("none"))}),
+)}
+DEFAULT_FORMAT = "safetensors"
+
+
+def all_options() -> dict[str, Option]:
+    """Every option some format takes, by `output:` name (the first format to declare a name
+    defines it)."""
+    out: dict[str, Option] = {}
+    for f in FORMATS.values():
+        for name, option in f.options.items():
+            out.setdefault(name, option)
+    return out
 
 
 def format_names(convertible: bool = False) -> list[str]:
-    """The output formats a merge can write (`convertible`: those `convert` can write), for
-    the CLI's choices and the config's validation."""
-    return list(LAYOUTS) if convertible else list(FORMATS)
+    """The output formats a merge can write (`convertible`: those `convert` can write, the
+    layouts), for the CLI's choices and the config's validation."""
+    return [name for name, f in FORMATS.items() if f.layout is not None or not convertible]
+
+
+def format_of(path: str | Path) -> str | None:
+    """The format OUT_DIR's name (or, for an existing directory, its marker file) says, if any."""
+    text = str(path).rstrip("/")
+    for f in FORMATS.values():
+        if (f.suffix and text.endswith(f.suffix)) or (f.marker and (Path(text) / f.marker).is_file()):
+            return f.name
+    return None
 
 
 class UnitWriter(Protocol):
@@ -110,8 +223,8 @@ class OutputLayout(Protocol):
 
 def layout_for(fmt: str, out_dir: Path, entries: Sequence[Entry], options: Mapping) -> OutputLayout:
     """The layout of format `fmt` for these tensors in OUT_DIR. `options` are the output spec's
-    (shard size, compression)."""
-    module, cls = LAYOUTS[fmt].split(":")
+    (`OutputFormat.layout_options`: shard size, compression)."""
+    module, cls = FORMATS[fmt].layout.split(":")
     return getattr(importlib.import_module(module), cls)(out_dir, entries, options)
 
 

@@ -1,15 +1,12 @@
-"""The merge configuration: mergekit's YAML (and a few dist-svc fields), parsed once into typed
-objects.
+"""Parsing and validating a merge config: mergekit's YAML (and a few dist-svc fields) into a
+`MergeConfig` (dist_svc.config.schema).
 
-Everything downstream receives a validated `MergeConfig`. Field names are mergekit's, so a
-mergekit config runs unchanged: `models:` or `slices:`, `merge_method`, `base_model`,
-`parameters` (values, layer gradients and filters, per model or global), `dtype`, `out_dtype`,
-`tokenizer_source` / `tokenizer`, `chat_template`; dist-svc adds `calibrate` and `output`. A
-file may hold several YAML documents (mergekit-multimerge's stages, dist_svc.stages).
-
-Every problem found is reported at once, in one `DistSvcError` that names the file and each
-field and says what to write instead. What the YAML may cost is bounded before anything is
-built from it: the file's size, its nesting, and how far aliases expand it.
+Field names are mergekit's, so a mergekit config runs unchanged: `models:` or `slices:`,
+`merge_method`, `base_model`, `parameters` (values, layer gradients and filters, per model or
+global, each checked against the method's declaration), `dtype`, `out_dtype`, `tokenizer_source`
+/ `tokenizer`, `chat_template`; dist-svc adds `calibrate` and `output` (its options checked by
+the output format, dist_svc.storage.output). Every problem found is reported at once, in one
+`DistSvcError` that names the file and each field and says what to write instead.
 """
 
 from __future__ import annotations
@@ -18,30 +15,20 @@ import dataclasses
 import difflib
 import math
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import yaml
-
+from dist_svc.config.schema import (
+    DEFAULT_SKIP, CalibrationSpec, MergeConfig, OutputSpec, SliceSpec, SourceSpec, TokenizerSpec, TokenSource,
+    no_base_for_calibration,
+)
+from dist_svc.config.yaml import read_documents
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import METHODS, Method, Param
 from dist_svc.methods.base import as_bool, show
 from dist_svc.storage import source_of
 from dist_svc.storage.durable import local_path
-from dist_svc.storage.output import FORMATS as OUTPUT_FORMATS
-
-# Names containing these are embedding-like and skipped by calibration by default: the authors
-# skip "embedding"; in LLM checkpoints that is embed_tokens / wte / wpe and the tied-shape lm_head.
-DEFAULT_SKIP = ("*embed*", "*wte*", "*wpe*", "*lm_head*")
-DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
-
-# What a config may cost before it is parsed: real configs are a few KB (a long evolved one with
-# filters on every parameter, ~100 KB).
-MAX_CONFIG_BYTES = 4 << 20
-MAX_YAML_NODES = 200_000  # values after alias expansion
-MAX_YAML_DEPTH = 64
+from dist_svc.storage.output import DEFAULT_FORMAT, FORMATS as OUTPUT_FORMATS, all_options
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -59,278 +46,6 @@ _TOP_FIELDS = {
 _REFUSED_TOP = {
     "modules": "per-module configurations are not supported; write the merge with `models:` or `slices:`",
 }
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One input of an output slice (mergekit's InputSliceDefinition; a `models:` entry is a
-    source covering every layer)."""
-
-    model: int  # index into MergeConfig.checkpoints
-    layer_range: tuple[int, int] | None  # None: every layer of the model
-    parameters: Mapping[str, Any]  # its own settings, validated, as written
-    field: str  # where it is written, for messages ("models[1]", "slices[0].sources[2]")
-
-
-@dataclass(frozen=True)
-class SliceSpec:
-    sources: tuple[SourceSpec, ...]
-    parameters: Mapping[str, Any]
-    field: str
-
-
-@dataclass(frozen=True)
-class TokenSource:
-    """Where a token's embedding row comes from (mergekit's TokenEmbeddingConfig.source)."""
-
-    kind: str  # "default" (mergekit's rule), "model" (the token's row in that model), "model_token", "zero"
-    model: str | None = None  # a checkpoint's path
-    token: str | None = None  # model_token: the donor token ...
-    token_id: int | None = None  # ... or its id
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """mergekit's `tokenizer:` (or `tokenizer_source:`): the output vocabulary and each token's rows."""
-
-    source: str  # "base", "union", or a model's path
-    tokens: tuple[tuple[str, TokenSource, bool], ...] = ()  # (token, source, force)
-    pad_to_multiple_of: int | None = None
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Singular Value Calibration options (see docs/calibration.md)."""
-
-    enabled: bool = True
-    alpha: float | None = None  # None: 1/K of each tensor (1 for methods that say so)
-    side: str = "column"
-    target: int | None = None  # index into the fine-tunes (0-based) to calibrate against one task
-    skip: tuple[str, ...] = DEFAULT_SKIP
-
-    def resolved_alpha(self, k: int, alpha_is_one: bool = False) -> float:
-        if self.alpha is not None:
-            return self.alpha
-        return 1.0 if alpha_is_one else 1.0 / k
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """How the merged model is stored (dist_svc.storage.output): Hugging Face safetensors
-    shards of at most `shard_bytes`, or a zarr v3 store (`compression: zstd` or none)."""
-
-    format: str = "safetensors"
-    compression: str = "none"
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    given: bool = field(default=False, compare=False)  # written in the config (else OUT_DIR's suffix may choose)
-
-    def options(self) -> dict[str, Any]:
-        """What the layout needs, and what decides its bytes (part of the fingerprint)."""
-        if self.format == "safetensors":
-            return {"shard_bytes": self.shard_bytes}
-        return {"compression": self.compression}
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    merge_method: str
-    checkpoints: tuple[Path | str, ...]  # every model the merge reads (a URL, Hub ID or MODEL+ADAPTER stays a str)
-    base: int | None  # index of base_model in `checkpoints` (0), or None
-    slices: tuple[SliceSpec, ...]
-    whole_models: bool = True  # written as `models:` (one slice of whole models)
-    parameters: Mapping[str, Any] = field(default_factory=dict)  # global settings, validated
-    dtype: str = "float32"
-    out_dtype: str | None = None
-    calibration: CalibrationSpec = CalibrationSpec()
-    output: OutputSpec = OutputSpec()
-    tokenizer: TokenizerSpec | None = None
-    chat_template: str | None = None
-    copy_tokenizer: bool = True  # mergekit's --copy-tokenizer: the donor's tokenizer files go along
-    allow_crimes: bool = False  # mergekit's --allow-crimes: inputs of different architectures
-    notes: tuple[str, ...] = field(default=(), compare=False)  # what was accepted but has no effect
-    source: str = "<config>"
-    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # as written (the model card)
-
-    @property
-    def method(self) -> Method:
-        return METHODS[self.merge_method]
-
-    @property
-    def base_model(self) -> Path | None:
-        return None if self.base is None else self.checkpoints[self.base]
-
-    @property
-    def k(self) -> int:
-        """The most fine-tunes (non-base inputs) one tensor merges."""
-        return max(sum(s.model != self.base for s in sl.sources) for sl in self.slices)
-
-    # -- what the command line may change ----------------------------------------------------------
-
-    def with_calibration(self, enabled: bool | None) -> "MergeConfig":
-        if enabled is None:
-            return self
-        if enabled and self.base is None:
-            raise DistSvcError(_no_base_for_calibration(self.source, self.merge_method, "--calibrate"))
-        cal = dataclasses.replace(self.calibration, enabled=enabled)
-        return dataclasses.replace(self, calibration=cal)
-
-    def with_output(self, fmt: str | None = None, shard_bytes: int | None = None) -> "MergeConfig":
-        output = self.output
-        if fmt is not None:
-            output = dataclasses.replace(output, format=fmt)
-        if shard_bytes is not None:
-            output = dataclasses.replace(output, shard_bytes=shard_bytes)
-        return dataclasses.replace(self, output=output)
-
-    def with_options(self, copy_tokenizer: bool | None = None, allow_crimes: bool | None = None,
-                     random_seed: int | None = None) -> "MergeConfig":
-        """mergekit's merge options: --copy-tokenizer, --allow-crimes, --random-seed (the seed of
-        a method that draws random numbers)."""
-        config = self
-        if copy_tokenizer is not None:
-            config = dataclasses.replace(config, copy_tokenizer=copy_tokenizer)
-        if allow_crimes is not None:
-            config = dataclasses.replace(config, allow_crimes=allow_crimes)
-        if random_seed is not None and self.method.param("seed") is not None:
-            config = dataclasses.replace(config, parameters={**config.parameters, "seed": int(random_seed)})
-        return config
-
-    def fingerprint_dict(self) -> dict[str, Any]:
-        """What determines the output bytes, in a stable JSON-able form (no source path): every
-        parameter of every model as written, so that any change is a different merge."""
-        cal = self.calibration
-        return {
-            "merge_method": self.merge_method,
-            "base_model": None if self.base is None else str(self.checkpoints[self.base]),
-            # Keyed by where each is written, so that a changed value is named in the refusal
-            # of a rerun ('sources.models[1].parameters.gamma' was 0.01, now 0.05).
-            "sources": {s.field: {"model": str(self.checkpoints[s.model]), "layer_range": s.layer_range,
-                                  "parameters": _sorted(s.parameters)} for sl in self.slices for s in sl.sources},
-            "slices": {sl.field: _sorted(sl.parameters) for sl in self.slices} if not self.whole_models else None,
-            "parameters": _sorted(self.parameters),
-            "dtype": self.dtype,
-            "out_dtype": self.out_dtype,
-            "calibrate": {
-                "enabled": cal.enabled,
-                "alpha": cal.alpha if cal.enabled else None,  # None: 1/K of each tensor
-                "side": cal.side,
-                "target": cal.target,
-                "skip": list(cal.skip),
-            },
-            "tokenizer": None if self.tokenizer is None else dataclasses.asdict(self.tokenizer),
-            "chat_template": self.chat_template,
-            "copy_tokenizer": self.copy_tokenizer,
-            "output": {"format": self.output.format, **self.output.options()},
-        }
-
-
-def _sorted(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(sorted(mapping.items()))
-
-
-# -- reading the file -------------------------------------------------------------------------------
-
-def load_config(path: str | Path, calibrate: bool | None = None) -> MergeConfig:
-    """Read a YAML config file of one merge; `calibrate` (the CLI flag) overrides the file's
-    `calibrate:`. A file of several merges (stages) is read with dist_svc.stages."""
-    documents = read_documents(path)
-    if len(documents) != 1:
-        raise DistSvcError(f"{path} holds {len(documents)} merges (YAML documents, mergekit-multimerge's stages); "
-                           f"run it with `dist-svc merge {path} OUT_DIR`, which runs them in order.")
-    return parse_config(documents[0], source=str(path), calibrate=calibrate)
-
-
-def read_documents(path: str | Path) -> list[Any]:
-    """The YAML documents of a config file, refused with one clear paragraph when the file is not
-    UTF-8 YAML, repeats a key, or costs more than a config can (size, nesting, alias expansion)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise DistSvcError(f"cannot read config file {path}: {e.strerror}.") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise DistSvcError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a merge config is a few KB. "
-                           f"Is this the right file?")
-    if b"\0" in raw:
-        raise DistSvcError(f"{path}: a binary file (it contains NUL bytes), not a YAML config. Is this the right file?")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DistSvcError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); mergekit "
-                           f"configs are UTF-8 YAML. Save the file as UTF-8.") from None
-    try:
-        loader = _Loader(text)
-        loader.name = str(path)  # for PyYAML's own messages, and ours
-        documents = []
-        try:
-            while loader.check_node():
-                node = loader.get_node()
-                _check_size(node, str(path))
-                documents.append(loader.construct_document(node))
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        raise DistSvcError(f"{path} is not valid YAML: {show(str(e), 400)}") from None
-    except RecursionError:
-        raise DistSvcError(f"{path}: nested more than {MAX_YAML_DEPTH} levels deep; not a merge config.") from None
-    documents = [d for d in documents if d is not None]
-    if not documents:
-        raise DistSvcError(f"{path}: empty. A merge config names 'merge_method', 'base_model' and 'models'.")
-    return documents
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last
-    one silently; mergekit inherits that)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # PyYAML refuses it below, with its own message
-            if key in seen:
-                raise DistSvcError(f"{self.name}: key {show(key)} "
-                                   f"is written twice in one mapping (lines {seen[key].start_mark.line + 1} and "
-                                   f"{key_node.start_mark.line + 1}); YAML keeps only the last one. "
-                                   f"Keep one of them.")
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_size(root: yaml.Node, where: str) -> None:
-    """Refuse a document that expands (through aliases) to more than MAX_YAML_NODES values or
-    nests deeper than MAX_YAML_DEPTH: linear in the YAML's own size, whatever it expands to."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: yaml.Node, depth: int) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if depth > MAX_YAML_DEPTH:
-            raise DistSvcError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep; not a merge config.")
-        if key in active:
-            raise DistSvcError(f"{where}: an alias refers to the value that contains it (a recursive "
-                               f"structure); a merge config cannot hold one.")
-        active.add(key)
-        if isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(size(child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        else:
-            total = 1
-        active.discard(key)
-        if total > MAX_YAML_NODES:
-            raise DistSvcError(f"{where}: expands to more than {MAX_YAML_NODES} values (through YAML aliases); "
-                               f"a merge config has a few hundred. Write the values out, or check the anchors.")
-        sizes[key] = total
-        return total
-
-    size(root, 0)
 
 
 # -- parsing ----------------------------------------------------------------------------------------
@@ -415,7 +130,7 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
     calibration = _calibration(raw.get("calibrate"), base is not None, method_name, problems, source)
     if calibrate is not None:
         if calibrate and base is None:
-            problems.add("calibrate", _no_base_for_calibration(source, method_name, "--calibrate").split(": ", 1)[1])
+            problems.add("calibrate", no_base_for_calibration(source, method_name, "--calibrate").split(": ", 1)[1])
         calibration = dataclasses.replace(calibration, enabled=calibrate)
     k = max((sum(s.model != base for s in sl.sources) for sl in slices), default=0)
     if calibration.target is not None and calibration.target >= k:
@@ -432,10 +147,14 @@ def parse_config(raw: Any, source: str = "<config>", calibrate: bool | None = No
     )
 
 
-def _no_base_for_calibration(source: str, method: str | None, how: str) -> str:
-    return (f"{source}: calibration ({how}) needs a base model: it rescales the merged delta (merged - base) "
-            f"against the task vectors (fine-tune - base). Set `base_model:`, or turn calibration off "
-            f"(`calibrate: false`, --no-calibrate) to run {method or 'this method'} without one.")
+def load_config(path: str | Path, calibrate: bool | None = None) -> MergeConfig:
+    """Read a YAML config file of one merge; `calibrate` (the CLI flag) overrides the file's
+    `calibrate:`. A file of several merges (stages) is read with dist_svc.stages."""
+    documents = read_documents(path)
+    if len(documents) != 1:
+        raise DistSvcError(f"{path} holds {len(documents)} merges (YAML documents, mergekit-multimerge's stages); "
+                           f"run it with `dist-svc merge {path} OUT_DIR`, which runs them in order.")
+    return parse_config(documents[0], source=str(path), calibrate=calibrate)
 
 
 def _model_path(text: Any, name: str, problems: _Problems) -> Path | str | None:
@@ -671,49 +390,6 @@ def _setting(value: Any, param: Param, name: str, problems: _Problems) -> Any:
     return _INVALID if len(problems.items) > before else out
 
 
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\..+)$")
-
-
-def split_layer(tensor: str) -> tuple[str, int, str] | None:
-    """(prefix, layer index, suffix) of a tensor inside a layer ("model.layers.", 3,
-    ".mlp.up_proj.weight"); None outside the layers."""
-    match = _LAYER.match(tensor)
-    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
-
-
-def layer_index(tensor: str) -> int | None:
-    split = split_layer(tensor)
-    return split[1] if split else None
-
-
-def layer_position(tensor: str, num_layers: int) -> float:
-    """mergekit's t: layer i of L at i / (L - 1) (1 when L is 1); 0 outside the layers."""
-    i = layer_index(tensor)
-    if i is None:
-        return 0.0
-    return i / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def resolve(setting: Any, tensor: str, t: float) -> Any:
-    """mergekit's `evaluate_setting`: the value of a setting for one tensor at layer position t
-    (0 for the first layer and for tensors outside the layers, 1 for the last); None when a
-    filtered list has no entry for this tensor."""
-    if setting is None or isinstance(setting, (bool, int, float)):
-        return setting
-    if all(not isinstance(v, dict) for v in setting):
-        if any(isinstance(v, bool) or v is None for v in setting):  # discrete: no interpolation
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    for cond in setting:
-        if cond["filter"] is None or cond["filter"] == "*" or cond["filter"] in tensor:
-            return resolve(cond["value"], tensor, t)
-    return None
-
-
 # -- the rest of the fields ------------------------------------------------------------------------
 
 def _calibration(raw: Any, has_base: bool, method: str | None, problems: _Problems, source: str) -> CalibrationSpec:
@@ -738,7 +414,7 @@ def _calibration(raw: Any, has_base: bool, method: str | None, problems: _Proble
     except ValueError as e:
         problems.add("calibrate.enabled", f"{e}.")
     if enabled and not has_base:
-        problems.add("calibrate", _no_base_for_calibration(source, method, "calibrate: true").split(": ", 1)[1])
+        problems.add("calibrate", no_base_for_calibration(source, method, "calibrate: true").split(": ", 1)[1])
     alpha = raw.get("alpha")
     if alpha is not None:
         try:
@@ -865,26 +541,19 @@ def _output(raw: Any, problems: _Problems) -> OutputSpec:
     if not isinstance(raw, dict):
         problems.add("output", "expected a mapping such as {format: zarr, compression: zstd}.")
         return OutputSpec()
+    options = all_options()
+    known = sorted({"format", *options})
     for key in raw:
-        if key not in ("format", "compression", "shard_size"):
-            problems.add(f"output.{_name(key)}", "unknown option. Options: compression, format, shard_size.")
-    fmt = raw.get("format", "safetensors")
+        if key not in known:
+            problems.add(f"output.{_name(key)}", f"unknown option. Options: {', '.join(known)}.")
+    fmt = raw.get("format", DEFAULT_FORMAT)
     if fmt not in OUTPUT_FORMATS:
         problems.add("output.format", f"{show(fmt)} is not one of: {', '.join(OUTPUT_FORMATS)}.")
-        fmt = "safetensors"
-    compression = raw.get("compression", "none")
-    if compression not in ("none", "zstd"):
-        problems.add("output.compression", f"{show(compression)} is not one of: none, zstd.")
-        compression = "none"
-    if compression != "none" and fmt != "zarr":
-        problems.add("output.compression", "only zarr output is compressed; safetensors files are not.")
-    shard_bytes = DEFAULT_SHARD_BYTES
-    if "shard_size" in raw:
-        try:
-            shard_bytes = parse_size(raw["shard_size"])
-        except DistSvcError as e:
-            problems.add("output.shard_size", str(e))
-    return OutputSpec(fmt, compression, shard_bytes, given=True)
+        fmt = DEFAULT_FORMAT
+    values, found = OUTPUT_FORMATS[fmt].read_options({k: v for k, v in raw.items() if k in options})
+    for option, message in found:
+        problems.add(f"output.{option}", message)
+    return OutputSpec(fmt, values, given=True)
 
 
 def parse_size(text: str | int) -> int:
