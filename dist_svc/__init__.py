@@ -1,8 +1,7 @@
 """dist-svc: distributed, resumable model merging with Singular Value Calibration."""
 
-__version__ = "0.1.0"
-
-from dist_svc.errors import DistSvcError  # noqa: E402
+from dist_svc.errors import DistSvcError
+from dist_svc.version import __version__
 
 # The Python API, from dist_svc.driver: loaded (with the pipeline and torch) on first use, not
 # on `import dist_svc`: the CLI's `--version`, `--help` and `status` stay fast.

@@ -348,10 +348,10 @@ def plan_merge(config: MergeConfig) -> Plan:
 def dry_run(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
             shard_size: str | int | None = None, output_format: str | None = None,
             device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
-    """The plan, its estimate (dist_svc.commands.estimate) of the units still to run and what
+    """The plan, its estimate (dist_svc.estimate) of the units still to run and what
     `out_dir` holds of it already (its progress, or None for a fresh start), without merging or
     writing anything."""
-    from dist_svc.commands.estimate import estimate
+    from dist_svc.estimate import estimate
     from dist_svc.plan import build_plan, open_inputs
 
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
