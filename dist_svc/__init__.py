@@ -4,7 +4,7 @@ from dist_svc.errors import DistSvcError
 from dist_svc.version import __version__
 
 # The Python API, from dist_svc.driver: loaded (with the pipeline and torch) on first use, not
-# on `import dist_svc`: the CLI's `--version`, `--help` and `status` stay fast.
+# on `import dist_svc`: the CLI's `--version`, `status` and `verify` stay fast.
 _API = ("merge", "status", "verify", "dry_run", "MergeReport")
 
 
