@@ -30,6 +30,7 @@ from dist_svc.storage.output import OutputLayout, layout_for
 if TYPE_CHECKING:
     from dist_svc.config import MergeConfig
     from dist_svc.executors import Executor
+    from dist_svc.lowrank import AdapterReport
     from dist_svc.plan import Plan
     from dist_svc.progress import Progress
     from dist_svc.worker import Job, UnitResult
@@ -76,7 +77,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
           calibrate: bool | None = None, shard_size: str | int | None = None, progress: str = "auto",
           output_format: str | None = None, device: str | None = None, threads: int | None = None,
           cluster: str | None = None, memory_limit: str | int | None = None, executor: Executor | None = None,
-          model_card: bool = True, log: Callable[[str], None] = lambda line: None) -> MergeReport:
+          model_card: bool = True, log: Callable[[str], None] = lambda line: None) -> MergeReport | AdapterReport:
     """Merge into `out_dir`, resuming whatever an earlier run finished. `config`: a mergekit
     YAML file, or its fields as a dict (validated as the file would be), or a `MergeConfig`.
     The output is HF safetensors shards (of at most `shard_size`), or a zarr v3 store when
@@ -85,7 +86,9 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
     Where units run, as the command line's options: `device` ("cpu", "cuda", "cuda:1"),
     `threads` (units in flight), `memory_limit` (bytes or a size such as "16GiB") for this
     process, or `cluster` (a Ray address, or "auto"); or an `executor` built outright.
-    `model_card`: write README.md (dist_svc.card) when the merge finishes, as mergekit does."""
+    `model_card`: write README.md (dist_svc.card) when the merge finishes, as mergekit does.
+    A merge of LoRA adapters written as one (`output: {format: peft}`) reports an
+    `AdapterReport` (dist_svc.lowrank)."""
     # The pipeline (and torch) is imported here, not with this module: `status` and `verify`
     # need only the manifest and the output layout.
     from dist_svc.progress import Progress
@@ -168,10 +171,10 @@ def _failure(e: Exception, out_dir: Path) -> str:
 def _executor(device: str | None, threads: int | None, cluster: str | None, memory_limit: str | int | None,
               log: Callable[[str], None]) -> Executor:
     from dist_svc.config import parse_size
-    from dist_svc.executors import build_executor
+    from dist_svc.executors import ExecutionOptions, build_executor
 
     memory = None if memory_limit is None else parse_size(memory_limit)
-    return build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=log)
+    return build_executor(cluster, ExecutionOptions(device=device, threads=threads, memory_limit=memory), log)
 
 
 def _write_model_card(out, config: MergeConfig, plan: Plan, report: MergeReport) -> None:
@@ -365,10 +368,10 @@ def plan_merge(config: MergeConfig) -> Plan:
 def dry_run(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, calibrate: bool | None = None,
             shard_size: str | int | None = None, output_format: str | None = None,
             device: str | None = None, workers: int = 2) -> tuple[Plan, "object", dict | None]:
-    """The plan, its estimate (dist_svc.commands.estimate) of the units still to run and what
+    """The plan, its estimate (dist_svc.estimate) of the units still to run and what
     `out_dir` holds of it already (its progress, or None for a fresh start), without merging or
     writing anything."""
-    from dist_svc.commands.estimate import estimate
+    from dist_svc.estimate import estimate
     from dist_svc.plan import build_plan, open_inputs
 
     config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)

@@ -30,12 +30,12 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from dist_svc import __version__
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import is_digest
 from dist_svc.storage.durable import temp_path
 from dist_svc.storage.outdir import LocalDir, ObjectDir, output_dir
 from dist_svc.storage.types import MANIFEST_NAME
+from dist_svc.version import __version__
 
 if TYPE_CHECKING:
     from dist_svc.plan import Plan

@@ -30,7 +30,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from dist_svc import __version__
 from dist_svc.calibration import should_calibrate
 from dist_svc.config import MergeConfig, SliceSpec, SourceSpec
 from dist_svc.errors import DistSvcError
@@ -42,6 +41,7 @@ from dist_svc.storage.output import side_files, source_files
 from dist_svc.storage.types import (
     NAME_TO_ST, SIDE_FILES, ST_TO_NAME, Checkpoint, is_float, natural_key, tensor_nbytes,
 )
+from dist_svc.version import __version__
 
 PLAN_FORMAT = 3
 _PRE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")

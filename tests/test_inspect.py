@@ -158,7 +158,7 @@ def test_the_dry_run_probes_in_proportion_to_the_job_and_not_at_all_when_it_is_d
     """Every read probe together reads at most PROBE_SHARE of what the merge reads (a dry run
     of a small merge must not take longer than the merge); a resumed merge is estimated for the
     tensors left, a finished one is not probed."""
-    from dist_svc.commands.estimate import PROBE_SHARE
+    from dist_svc.estimate import PROBE_SHARE
     from dist_svc.commands.demo import TinyLlama
     from dist_svc.driver import dry_run
 

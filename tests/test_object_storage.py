@@ -94,7 +94,7 @@ def test_a_dry_run_on_object_storage_probes_its_round_trips_within_its_share_and
     probed."""
     import fsspec
 
-    from dist_svc.commands.estimate import PROBE_SHARE
+    from dist_svc.estimate import PROBE_SHARE
     from dist_svc.driver import dry_run
 
     base, fts = family(3)

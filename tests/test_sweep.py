@@ -91,3 +91,17 @@ def test_settings_reach_models_and_methods(tmp_path, family):
                      "weight=2,merge_method=task_arithmetic", "weight=2,merge_method=ties"]
     card = (out / "weight=2,merge_method=ties" / "README.md").read_text()
     assert "ties" in card
+
+
+def test_the_python_api_sweeps_a_dict_config_and_reports_failures_without_raising(tmp_path, family):
+    """`dist_svc.sweep(config, out_dir, sets)`: the report lists the variants; one whose merge is
+    refused (here: not finite, lambda 1e39 overflows float32) is in `failed`, named, the other complete."""
+    import dist_svc
+
+    base, fts = family(k=2)
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(f)} for f in fts]}
+    report = dist_svc.sweep(config, tmp_path / "sweep", ["parameters.lambda=0.5,1e39"], calibrate=False,
+                            progress="off")
+    assert [v.path for v in report.variants] == ["lambda=0.5", "lambda=1e39"]
+    assert [v.path for v in report.failed] == ["lambda=1e39"] and "finite" in report.failed[0].error
+    assert dist_svc.status(tmp_path / "sweep" / "lambda=0.5")["state"] == "complete"

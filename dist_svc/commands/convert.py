@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import click
+
 from dist_svc.errors import DistSvcError
-from dist_svc.progress import Progress
+from dist_svc.progress import Progress, human_bytes
 from dist_svc.storage import open_checkpoint, read_blocks, source_of
 from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
@@ -113,3 +115,40 @@ def _recorded_checksums(src: Path) -> dict[str, str]:
         return dict(Manifest.load(src).recorded)
     except DistSvcError:  # a manifest of an earlier format: the tensors' own checksums, if any, are checked
         return {}
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--format", "fmt", type=click.Choice(format_names(convertible=True)), default=None,
+              help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
+@click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+              help="zarr output: compress chunks with zstd.")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="safetensors output: largest shard, e.g. 5GB.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto", show_default=True)
+@click.option("--trust-pickle", is_flag=True,
+              help="Load a .bin/.pt checkpoint whose pickle needs code (a class of the program that saved it). "
+                   "This RUNS that code: only for files you trust. Merges never do.")
+def convert_command(src: str, dst: str, fmt: str | None, compression: str, shard_size: str, progress: str,
+            trust_pickle: bool) -> None:
+    """Convert checkpoint SRC into DST (safetensors or a zarr store). SRC is any model a merge
+    reads: a safetensors directory, a zarr store, a legacy .bin/.pt state dict, BASE+ADAPTER (a
+    PEFT LoRA adapter merged into its base), a Hub ID or an s3:// (gs://, ...) URL. Every tensor
+    is read back and checked after writing; DST appears only when complete, and an existing DST
+    is never overwritten. Config and tokenizer files are copied along.
+
+    \b
+    Example:
+      dist-svc convert ./llama-ft1 ./llama-ft1.zarr
+      dist-svc convert ./llama-ft1 ./llama-ft1.zarr --compression zstd
+      dist-svc convert ./merged.zarr ./merged-hf
+      dist-svc convert ./old-model ./old-model-st          # pytorch_model.bin -> safetensors
+      dist-svc convert ./base+./my-lora ./merged-lora      # a LoRA merged into its base
+    """
+    from dist_svc.config import parse_size
+
+    result = convert(src, dst, fmt=fmt, compression=compression, shard_size=parse_size(shard_size),
+                         progress=progress, trust_pickle=trust_pickle)
+    click.echo(f"{dst}: {result['tensors']} tensors, {human_bytes(result['bytes'])}, {result['format']}; "
+               f"every tensor read back and verified.")

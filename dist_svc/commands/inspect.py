@@ -21,7 +21,9 @@ import json
 import re
 from pathlib import Path
 
-from dist_svc.config import layer_index, split_layer
+import click
+
+from dist_svc.resolution import layer_index, split_layer
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import Manifest
 
@@ -266,3 +268,48 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+@click.command("inspect")
+@click.argument("out_dir")
+@click.option("--tensors", "patterns", multiple=True, metavar="PATTERN",
+              help="Plot the spectra of these matrices (fnmatch, repeatable), e.g. '*layers.3.*'. "
+                   "Default: where over-accumulation was strongest.")
+@click.option("--top", default=6, show_default=True, help="How many matrices to plot and list.")
+@click.option("--out", "prefix", type=click.Path(path_type=Path), default=None,
+              help="Write PREFIX.png, PREFIX.json and PREFIX.csv (default: ./<OUT_DIR name>-spectra).")
+def inspect_command(out_dir: str, patterns: tuple[str, ...], top: int, prefix: Path | None) -> None:
+    """Show what calibration did to the merge in OUT_DIR (finished or in progress; a local
+    directory, an s3:// URL, or a merge of adapters written as one PEFT adapter): per matrix,
+    the norm of the merged delta after / before, the share of its energy in directions held more
+    than once (shrunk) and in task-specific ones (grown), eta over the whole spectrum, the top
+    singular values before and after and the overlap coefficients s_ri (copies of task i in
+    direction r). Writes a PNG (heat maps per layer and module, eta per matrix, the spectra of
+    chosen matrices) and the table as JSON and CSV. Nothing in OUT_DIR is changed.
+
+    \b
+    Example:
+      dist-svc inspect ./merged
+      dist-svc inspect ./merged --tensors '*layers.10.*' --out reports/llama-ta-svc
+    """
+    from dist_svc.driver import out_path
+
+    prefix = prefix or Path(f"{Path(str(out_path(out_dir))).name}-spectra")
+    result = inspect(out_dir, prefix, patterns, top)
+    o = result["overall"]
+    click.echo(f"{result['count']} calibrated matrices" + (f", {result['unchanged']} of them unchanged by the "
+                                                          f"fine-tunes (a zero delta)" if result["unchanged"] else "") + ".")
+    click.echo(o["verdict"])
+    if o["matrices"]:
+        click.echo(f"Over the whole spectra: the merged updates' energy in directions held more than once "
+                   f"(eta > 1) {100 * o['shrunk'][0]:.0f}% -> {100 * o['shrunk'][1]:.0f}% after calibration, in "
+                   f"task-specific ones (eta < 1) {100 * o['grown'][0]:.0f}% -> {100 * o['grown'][1]:.0f}%; "
+                   f"median norm ratio {o['norm_ratio_median']:.2f} ({o['amplified']} of {o['matrices']} grew).")
+        click.echo("Strongest over-accumulation (top singular value before -> after calibration):"
+                   if 2 * o["amplified"] <= o["matrices"] else
+                   "Top singular value most divided (before -> after calibration):")
+    for r in result["strongest"]:
+        overlap = ", ".join(f"{x:.2f}" for x in r["overlaps"][0]) if r["overlaps"] else "-"
+        click.echo(f"  {r['tensor']:<48} {r['sigma_before'][0]:.4g} -> {r['sigma_after'][0]:.4g} "
+                   f"({r['top_ratio']:.2f}x; s_1i = {overlap}; norm x{r['norm_ratio']:.2f})")
+    click.echo("wrote " + ", ".join(str(p) for p in result["paths"].values()))

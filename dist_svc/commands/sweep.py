@@ -1,5 +1,5 @@
 """`dist-svc sweep`: many merges of one config's inputs, one per combination of values
-(dist_svc.sweep)."""
+(dist_svc.batch)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def sweep(config: Path, out_dir: str, sets: tuple[str, ...], eval_command: str |
     """
     from dist_svc.config import parse_size
     from dist_svc.executors import build_executor
-    from dist_svc.sweep import sweep as run_sweep
+    from dist_svc.batch import sweep as run_sweep
 
     memory = None if memory_limit is None else parse_size(memory_limit)
     executor = build_executor(cluster=cluster, device=device, threads=threads, memory_limit=memory, log=say)

@@ -16,6 +16,7 @@ import threading
 from typing import Callable, Sequence
 
 from dist_svc.errors import DistSvcError
+from dist_svc.executors import Capacity, ExecutionOptions, execution_options
 from dist_svc.memory import Footprint, MemoryBudget, Pending, default_budget, device_budget, too_big, unit_footprint
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.progress import human_bytes
@@ -35,32 +36,35 @@ class LocalExecutor:
     results_verified = True
     driver_syncs = True
 
-    def __init__(self, device: str | None = None, threads: int | None = None, memory_limit: int | None = None,
-                 devices: Sequence[str] | None = None, **worker_options):
-        """`device`: "cuda" (every GPU of this machine, a group of workers on each), "cuda:N"
-        (that one), or "cpu"; default: the GPUs when present, else the CPU. `threads`: units in
-        flight at most (default: the CPU's cores; 8 per GPU). `memory_limit`: bytes of host
-        memory the units in flight may hold (default: what the machine has, minus a margin);
-        each GPU's own memory bounds the units on it. `devices` names the devices outright.
-        `worker_options` go to `Worker` (block size, pass-2 cache budget)."""
+    def __init__(self, options: ExecutionOptions | None = None, **given):
+        """`options` (or its fields as keywords): `device` "cuda" (every GPU of this machine, a
+        group of workers on each), "cuda:N" (that one), or "cpu"; default: the GPUs when present,
+        else the CPU. `threads`: units in flight at most (default: the CPU's cores; 8 per GPU).
+        `memory_limit`: bytes of host memory the units in flight may hold (default: what the
+        machine has, minus a margin); each GPU's own memory bounds the units on it. `devices`
+        names the devices outright. `block_elements`, `cache_bytes` go to every `Worker`."""
         import torch
 
+        self.options = options = execution_options(options, given)
+        device = options.device
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.on_gpu = str(device).startswith("cuda")
+        devices = options.devices
         if devices is None:
             count = torch.cuda.device_count() if self.on_gpu and torch.cuda.is_available() else 0
             devices = [f"cuda:{i}" for i in range(count)] if device == "cuda" and count > 1 else [device]
         self.devices = list(devices)
+        threads = options.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise DistSvcError(f"--threads {threads} (threads=, mergekit's -j): the units in flight at once must be "
                                f"a whole number of at least 1 (default: the CPU's cores; {GPU_THREADS} per GPU). "
                                f"Nothing was written.")
         default = GPU_THREADS * len(self.devices) if self.on_gpu else (os.cpu_count() or 1)
         self.threads = threads if threads is not None else default
-        self.memory_limit = memory_limit
-        self.worker_options = worker_options
+        self.memory_limit = options.memory_limit
+        self.worker_options = options.worker_options()
         self.peak_units = 0  # the most units that were in flight at once, after `run`
 
     def budget(self) -> Footprint:
@@ -68,9 +72,11 @@ class LocalExecutor:
         host = self.memory_limit if self.memory_limit is not None else default_budget()
         return Footprint(host, min(device_budget(d) for d in self.devices) if self.on_gpu else 0)
 
+    def capacity(self) -> Capacity:
+        return Capacity(1, self.threads, self.budget(), self.device, here=True, pool="process")
+
     def footprint(self, unit: Unit, config) -> Footprint:
-        return unit_footprint(unit, config, self.on_gpu, **{k: v for k, v in self.worker_options.items()
-                                                             if k in ("block_elements", "cache_bytes")})
+        return unit_footprint(unit, config, self.on_gpu, **self.worker_options)
 
     def check(self, config, units: Sequence[Unit]) -> None:
         """Every unit fits the budget on its own (checked before anything is written)."""

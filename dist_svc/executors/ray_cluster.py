@@ -22,6 +22,7 @@ import sys
 from typing import Callable, Mapping, Sequence
 
 from dist_svc.errors import DistSvcError
+from dist_svc.executors import Capacity, ExecutionOptions, execution_options, refuse_options
 from dist_svc.memory import Footprint, MemoryBudget, device_budget, too_big, unit_footprint
 from dist_svc.plan import Unit, open_inputs
 from dist_svc.worker import Job, UnitResult, Worker, setup_process
@@ -92,15 +93,15 @@ class MergeActor:
     own over the same opened inputs; a unit starts once its footprint fits the actor's memory
     (what it declared to Ray)."""
 
-    def __init__(self, job: Job, memory: int, block_elements: int | None = None):
+    def __init__(self, job: Job, memory: int, worker_options: dict, device: str | None = None):
         import threading
 
         import torch
 
         self.job = job
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         setup_process(self.device)
-        self.options = {} if block_elements is None else {"block_elements": block_elements}
+        self.options = worker_options
         self.local = threading.local()
         first, rest = open_inputs(job.config, pins=job.pins)
         self.checkpoints = [first, *rest]
@@ -171,22 +172,39 @@ class RayExecutor:
     results_verified = True
     driver_syncs = False
 
-    def __init__(self, address: str | None = "auto", actors: int | None = None, block_elements: int | None = None,
-                 memory_limit: int | None = None, log: Callable[[str], None] = lambda line: None):
-        """`memory_limit`: bytes each actor may hold for its units in flight (default: the
-        memory Ray offers on the smallest node, shared by that node's actors); declared to Ray,
-        which places actors where it is free."""
+    # What the local executor's options mean here, where they do not apply.
+    REFUSED = {"threads": f"on a cluster each actor runs {IN_FLIGHT_PER_ACTOR} units at once and there is one actor "
+                          f"per GPU (or per node without GPUs); drop it",
+               "devices": "on a cluster Ray gives each actor its device; use --device cpu or cuda"}
+
+    def __init__(self, address: str | None = "auto", options: ExecutionOptions | None = None, *,
+                 actors: int | None = None, log: Callable[[str], None] = lambda line: None, **given):
+        """`options` (or its fields as keywords): `memory_limit`, bytes each actor may hold for
+        its units in flight (default: the memory Ray offers on the smallest node, shared by that
+        node's actors), declared to Ray, which places actors where it is free; `device` "cuda"
+        (one GPU per actor; the cluster must have GPUs) or "cpu" (one CPU per actor, one actor
+        per node; GPUs unused), default: GPUs when the cluster has them; `block_elements`,
+        `cache_bytes` go to every actor's workers. `threads` and `devices` are refused (REFUSED)."""
+        self.options = options = execution_options(options, given)
+        refuse_options(options, self.REFUSED, "--cluster")
+        if options.device is not None and options.device not in ("cpu", "cuda"):
+            raise DistSvcError(f"--cluster: --device {options.device}: on a cluster Ray gives each actor its own GPU "
+                               f"(or none); use --device cuda or --device cpu. Nothing was written.")
         self.address = address
         self.actors = actors
-        self.block_elements = block_elements
-        self.memory_limit = memory_limit
+        self.device = options.device
+        self.worker_options = options.worker_options()
+        self.memory_limit = options.memory_limit
         self.log = log
         self.messages: str | None = None  # where Ray's messages to this driver go (`connect`)
 
     def _layout(self) -> tuple[int, dict, int]:
         """(actors, resources of each, memory of each) on the cluster as it is now."""
         ray = _ray()
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = 0 if self.device == "cpu" else int(ray.cluster_resources().get("GPU", 0))
+        if self.device == "cuda" and not gpus:
+            raise DistSvcError(f"--device cuda: the Ray cluster at {self.address or 'auto'} has no GPUs; nothing was "
+                               f"written. Merge on its CPUs (--device cpu, or no --device), or add GPU nodes.")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         count = self.actors or (gpus if gpus else len(nodes))
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -195,13 +213,18 @@ class RayExecutor:
         memory = self.memory_limit or int(min((m / max(k, 1) for m, k in per_node), default=0))
         return count, resources, memory
 
+    def capacity(self) -> Capacity:
+        """An actor's GPU memory is known only once it starts (0 here)."""
+        count, resources, memory = self._layout()
+        return Capacity(count, IN_FLIGHT_PER_ACTOR, Footprint(memory, 0), "cuda" if "num_gpus" in resources else "cpu",
+                        here=False, pool="actor")
+
     def check(self, config, units: Sequence[Unit]) -> None:
         """Every unit fits one actor's memory (checked before anything is written)."""
         _, _, memory = self._layout()
         limit = Footprint(memory, 1 << 62)  # an actor's GPU memory is checked when it starts units
         for unit in units:
-            need = unit_footprint(unit, config, False, **({} if self.block_elements is None else
-                                                         {"block_elements": self.block_elements}))
+            need = unit_footprint(unit, config, False, **self.worker_options)
             if not need.fits(limit):
                 raise DistSvcError(too_big(unit, need, limit))
 
@@ -254,7 +277,8 @@ class RayExecutor:
             # Named, so that operators (and the tests) can find the workers of a run.
             name = f"merge-{os.getpid()}-{next(started)}"
             handle = remote_cls.options(name=name, namespace=NAMESPACE, scheduling_strategy="SPREAD", memory=memory,
-                                        **resources).remote(job, memory, self.block_elements)
+                                        **resources).remote(job, memory, self.worker_options,
+                                                            "cpu" if self.device == "cpu" else None)
             return handle, handle.ready.remote()
 
         starting = dict(start_actor() for _ in range(count))  # handle -> ready ref

@@ -1,4 +1,5 @@
-"""`dist-svc merge --dry-run`: the plan in numbers, from metadata and probes of this machine.
+"""The dry run's estimate (`dist-svc merge --dry-run`, `dist_svc.dry_run`): the plan in numbers,
+from metadata and probes of this machine.
 
 Nothing is merged and nothing is written. Bytes and memory are exact consequences of the plan
 (memory: dist_svc.memory's footprints, the largest and whether it fits); only the units still
@@ -53,6 +54,7 @@ import torch
 from dist_svc.blocks import BLOCK_ELEMENTS
 from dist_svc.calibration import calibrate_gram, oriented
 from dist_svc.config import MergeConfig
+from dist_svc.executors import Capacity
 from dist_svc.memory import Footprint, compute_bytes, unit_footprint
 from dist_svc.methods import Where
 from dist_svc.plan import Plan, Unit
@@ -99,6 +101,16 @@ class Estimate:
     @property
     def worker_memory_bytes(self) -> int:
         return max(self.largest[1].host, self.largest[1].device)
+
+
+def at_once(need: Footprint, capacity: Capacity) -> int:
+    """How many units that each need `need` run at once on an executor's `capacity`: in each of
+    its pools as many as the pool's memory holds, at most its units in flight (a GPU memory not
+    known before the pool starts, 0, bounds nothing here)."""
+    per_pool = min(capacity.per_pool, capacity.memory.host // max(need.host, 1),
+                   capacity.memory.device // max(need.device, 1) if need.device and capacity.memory.device
+                   else capacity.per_pool)
+    return capacity.pools * per_pool
 
 
 def estimate(config: MergeConfig, plan: Plan, base, models, device: str, workers: int,
