@@ -24,10 +24,10 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - a non-float tensor, copied: `b o (1 + WRITE_BEHIND)` on the host (the block as read, the
   blocks waiting to be written);
 - a method that needs the whole tensor but streams in passes (`streamed`: TIES, breadcrumbs,
-  SCE, SLERP, NuSLERP, Karcher, Model Stock): the streaming path above with `(8 + 8 F c) b` more (a
+  SCE, SLERP, NuSLERP, Karcher, Model Stock): the streaming path above with `(8 + 6 F c) b` more (a
   selection's boolean masks and int64 tie ranks of a block, the pruned task vectors and the sign
   election's stacks of them, and the allocator's share of these many block-sized temporaries:
-  a TIES unit of K = 3 measured up to ~200 bytes per element of a block) and `STREAM_SLACK` (the
+  a TIES unit of K = 3 measured 65-200 bytes per element of a block, more with small blocks) and `STREAM_SLACK` (the
   histograms), plus the inputs' blocks kept between passes `N E c` while that fits
   `cache_bytes` (else every pass reads them again; calibrated, pass 1 turns them into the
   smaller pass-2 cache): independent of the tensor's size beyond `cache_bytes`;
@@ -71,7 +71,8 @@ MIN_MARGIN = 1 << 30
 UNIT_SLACK = 4 << 20  # whatever a unit holds besides its tensors (objects, small buffers, thread stacks
 # touched; 1 MiB was 1 MiB short of a small-block unit's peak in a loaded test run)
 ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
-STREAM_SLACK = 8 << 20  # a streamed method's histograms (16-bit digits, int64, two per task at most) and sums
+STREAM_SLACK = 16 << 20  # a streamed method's histograms (16-bit digits, int64, two per task at most), sums, and
+# the arenas' share of its many differently sized block temporaries (measured: +10-20 MiB at small blocks)
 MMAP_MAX = 32 << 20  # glibc serves allocations from this size up by mmap, returned to the system on free
 
 
@@ -112,7 +113,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
     passes = streamed(unit, config.method)
     if passes:  # a selection's masks and int64 ranks of the block; the sign election's stacks
-        per_element += 8 + 8 * f * c
+        per_element += 8 + 6 * f * c
     compute = block * (per_element + READ_AHEAD * n_in * (c + s)) + (STREAM_SLACK if passes else 0)
     host_only = block * (s + o + WRITE_BEHIND * o)
     grams = 0
