@@ -23,7 +23,15 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   fits: `MemoryBudget.exchange`);
 - a non-float tensor, copied: `b o (1 + WRITE_BEHIND)` on the host (the block as read, the
   blocks waiting to be written);
-- a method that needs the whole tensor: `E ((2N + 4) c + s + o + 8)` (the 8: a selection's
+- a method that needs the whole tensor but streams in passes (`streamed`: TIES, breadcrumbs,
+  SCE, SLERP, NuSLERP, Karcher, Model Stock): the streaming path above with `(8 + 6 F c) b` more (a
+  selection's boolean masks and int64 tie ranks of a block, the pruned task vectors and the sign
+  election's stacks of them, and the allocator's share of these many block-sized temporaries:
+  a TIES unit of K = 3 measured 65-200 bytes per element of a block, more with small blocks) and `STREAM_SLACK` (the
+  histograms), plus the inputs' blocks kept between passes `N E c` while that fits
+  `cache_bytes` (else every pass reads them again; calibrated, pass 1 turns them into the
+  smaller pass-2 cache): independent of the tensor's size beyond `cache_bytes`;
+- a method that needs the whole tensor otherwise: `E ((2N + 4) c + s + o + 8)` (the 8: a selection's
   boolean masks and candidates, or a sort's int64 indices), plus, calibrated, the Grams and workspace above and
   `3 E 8`: the calibrated delta and its product in float64, and the float64 copy of one
   matrix that bounds its Gram entries (the finite check).
@@ -52,6 +60,7 @@ from dist_svc.storage.types import ITEMSIZE
 
 if TYPE_CHECKING:
     from dist_svc.config import MergeConfig
+    from dist_svc.methods import Method
     from dist_svc.plan import Unit
 
 WRITE_BEHIND = 2  # output blocks waiting for a worker's write thread, at most
@@ -62,6 +71,8 @@ MIN_MARGIN = 1 << 30
 UNIT_SLACK = 4 << 20  # whatever a unit holds besides its tensors (objects, small buffers, thread stacks
 # touched; 1 MiB was 1 MiB short of a small-block unit's peak in a loaded test run)
 ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
+STREAM_SLACK = 16 << 20  # a streamed method's histograms (16-bit digits, int64, two per task at most), sums, and
+# the arenas' share of its many differently sized block temporaries (measured: +10-20 MiB at small blocks)
 MMAP_MAX = 32 << 20  # glibc serves allocations from this size up by mmap, returned to the system on free
 
 
@@ -89,7 +100,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
         block = min(elements, block_length(unit, False, block_elements) * (elements // _length(unit, False)))
         return _placed(0, block * o * (1 + WRITE_BEHIND), on_gpu)
     per_element = (2 * n_in + 4) * c + s + o
-    if whole_tensor(unit):
+    if whole_tensor(unit, config.method):
         compute = elements * (per_element + 8)
         grams = 0
         if unit.calibrate:
@@ -100,15 +111,22 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
         return _placed(compute, elements * (s + o), on_gpu, grams)
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
-    compute = block * (per_element + READ_AHEAD * n_in * (c + s))
+    passes = streamed(unit, config.method)
+    if passes:  # a selection's masks and int64 ranks of the block; the sign election's stacks
+        per_element += 8 + 6 * f * c
+    compute = block * (per_element + READ_AHEAD * n_in * (c + s)) + (STREAM_SLACK if passes else 0)
     host_only = block * (s + o + WRITE_BEHIND * o)
     grams = 0
+    # Blocks kept between passes: the pass-2 cache of a calibrated unit, and a streamed unit's
+    # inputs (pass 1 of the calibration consumes them as it fills the smaller pass-2 cache).
+    kept = n_in * elements * c if passes and keeps_inputs(unit, config, cache_bytes) else 0
     if unit.calibrate:
         grams = _grams(unit, config, f)
         if min(unit.shape) ** 2 * 8 < MMAP_MAX:
             compute, grams = compute + grams, 0
         if 2 * elements * c <= cache_bytes:
-            compute += 2 * elements * c  # kept as the blocks they were read in
+            kept = max(kept, 2 * elements * c)  # kept as the blocks they were read in
+    compute += kept
 
     return _placed(compute, host_only, on_gpu, grams)
 
@@ -120,13 +138,28 @@ def fallback_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False
     return _placed(compute, elements * (READ_BYTES + ITEMSIZE[unit.out_dtype]), on_gpu)
 
 
-def whole_tensor(unit: "Unit") -> bool:
-    """Whether the worker reads every input's whole tensor at once (not in blocks)."""
+def whole_tensor(unit: "Unit", method: "Method | None" = None) -> bool:
+    """Whether the worker reads every input's whole tensor at once (not in blocks): a method
+    that needs it and has no streaming form (`method`: the merge's; None counts as none)."""
     if unit.needs == "tensor":
-        return True
+        return method is None or not streamed(unit, method)
     if unit.needs == "row":  # blocks of rows hold whole rows, column blocks do not
         return len(unit.shape) < 2 or (unit.calibrate and oriented(unit.shape, "column")[0])
     return False
+
+
+def streamed(unit: "Unit", method: "Method") -> bool:
+    """Whether the worker runs a whole-tensor method in passes over blocks (its streaming form,
+    `Method.passes`): every such unit but a vocabulary tensor (aligned token by token, whole)
+    and a merge without task vectors (the base, as it is)."""
+    return (unit.needs == "tensor" and method.passes is not None and not unit.vocabulary
+            and (method.operates_on == "weights" or bool(unit.fine_tunes)))
+
+
+def keeps_inputs(unit: "Unit", config: "MergeConfig", cache_bytes: int = CACHE_BYTES) -> bool:
+    """Whether a streamed unit keeps its inputs' blocks between passes (else each pass reads
+    them again): while every input's whole tensor, widened, fits `cache_bytes`."""
+    return len(unit.inputs) * math.prod(unit.shape) * compute_bytes(config) <= cache_bytes
 
 
 def _grams(unit: "Unit", config: "MergeConfig", fine_tunes: int) -> int:

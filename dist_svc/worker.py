@@ -26,18 +26,21 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
-from dist_svc.memory import CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, whole_tensor
+from dist_svc.memory import (
+    CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, keeps_inputs, streamed, whole_tensor,
+)
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
 )
 from dist_svc.config import MergeConfig
 from dist_svc.errors import DistSvcError
 from dist_svc.methods import Where
+from dist_svc.methods.base import Extent, Output, drive
 from dist_svc.plan import Unit, open_inputs, side_file_reader
 from dist_svc.storage.output import OutputLayout, UnitWriter
 from dist_svc.storage.types import DTYPES, ST_TO_NAME, tensor_bytes
@@ -129,6 +132,9 @@ class Worker:
         self._ticket: Ticket | None = None
         self._progress = progress
         self._writes = _WriteThread()
+        # A streamed method's output pass (`Method.passes`) and this traversal's function of it.
+        self._output_pass: Output | None = None
+        self._blockwise: Callable | None = None
 
     def run(self, unit: Unit, ticket: Ticket | None = None) -> UnitResult:
         """Merge one unit. `ticket`: its admission to a memory budget, which a full-SVD fallback
@@ -136,11 +142,12 @@ class Worker:
         start = time.perf_counter()
         read_before = self.reader.seconds
         self._ticket = ticket
+        self._output_pass = self._blockwise = None
         writer = _WriteBehind(self.job.layout.writer(unit.name, self.sync), self._writes)
         try:
             if unit.copied:
                 stats = self._copied(unit, writer)
-            elif whole_tensor(unit):
+            elif whole_tensor(unit, self.method):
                 stats = self._whole(unit, writer)
             elif unit.calibrate:
                 stats = self._calibrated(unit, writer)
@@ -171,9 +178,50 @@ class Worker:
             self._advance(unit, block, 1)
 
     def _plain(self, unit: Unit, writer: UnitWriter) -> None:
-        for block, tensors in self.reader.stream(unit, self.reader.blocks(unit)):
+        blocks = self.reader.blocks(unit)
+        for block, tensors in self._passes(unit, blocks):
             writer.write(tensor_bytes(self._output(unit, block, tensors)))
             self._advance(unit, block, 1)
+
+    def _passes(self, unit: Unit, blocks: list[Block]) -> Iterable[tuple[Block, list[torch.Tensor]]]:
+        """The unit's blocks for the pass that merges them. A method with a streaming form
+        (`memory.streamed`) first runs its reductions, each a pass over the blocks; the inputs'
+        blocks are kept from the first pass to the last while they fit (`memory.keeps_inputs`),
+        else each pass reads them again."""
+        if not streamed(unit, self.method):
+            return self.reader.stream(unit, blocks)
+        kept = [] if keeps_inputs(unit, self.job.config, self.cache_bytes) else None
+        read = False
+
+        def each_block():
+            nonlocal read
+            if read and kept is not None:
+                yield from kept
+                return
+            for block, tensors in self.reader.stream(unit, blocks):
+                if kept is not None:
+                    kept.append((block, tensors))
+                yield block, tensors
+            read = True
+
+        extent = Extent(unit.name, unit.shape, unit.base, not (blocks and blocks[0].transposed), self.compute_dtype)
+        self._output_pass = drive(self.method.passes, unit.call_params(self.method), extent,
+                                  lambda: ((self._views(unit, t), self._where(unit, b)) for b, t in each_block()))
+        self._restart()
+        if not (read and kept):
+            return self.reader.stream(unit, blocks)
+
+        def consumed():  # the last pass frees each block as it goes
+            for j, item in enumerate(kept):
+                kept[j] = None
+                yield item
+
+        return consumed()
+
+    def _restart(self) -> None:
+        """A new pass of a streamed method's output over the blocks, in order."""
+        if self._output_pass is not None:
+            self._blockwise = self._output_pass()
 
     def _calibrated(self, unit: Unit, writer: UnitWriter) -> dict:
         cal = self.job.config.calibration
@@ -183,7 +231,7 @@ class Worker:
         blocks = self.reader.blocks(unit, transposed)
         keep = 2 * math.prod(unit.shape) * torch.finfo(self.compute_dtype).bits // 8 <= self.cache_bytes
         cache: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for block, tensors in self.reader.stream(unit, blocks):  # pass 1: Grams
+        for block, tensors in self._passes(unit, blocks):  # pass 1: Grams
             base, merged, taus = self._delta(unit, block, tensors)
             _finite(merged, unit, "the base method's result")
             gram.add(merged, taus)
@@ -194,6 +242,7 @@ class Worker:
         for matrix in (gram.gram, *gram.cross, *(gram.task_grams or ())):
             _finite(matrix, unit, "the calibration's float64 Gram matrices")
         if gram.needs_projections:  # the row side without task Grams: the task vectors once more
+            self._restart()
             for block, tensors in self.reader.stream(unit, blocks):
                 gram.add_projections(self._delta(unit, block, tensors)[2])
         solution = gram.solve()
@@ -213,6 +262,7 @@ class Worker:
         # A wide matrix is produced by columns: written in place where the writer can, else
         # assembled here.
         out = torch.empty(unit.shape, dtype=DTYPES[unit.out_dtype][0]) if transposed and not writer.columns else None
+        self._restart()
         again = ((block, None) for block in blocks) if keep else self.reader.stream(unit, blocks)
         for j, (block, tensors) in enumerate(again):  # pass 2: Wm' = Wm P, block by block
             if keep:
@@ -235,6 +285,7 @@ class Worker:
     def _svd_fallback(self, unit: Unit, writer: UnitWriter) -> dict:
         cal = self.job.config.calibration
         block = self.reader.whole(unit.shape)
+        self._output_pass = self._blockwise = None  # the method on the whole tensors
         base, merged, taus = self._delta(unit, block, self._inputs_whole(unit))
         result = calibrate_singular_values(merged, taus, unit.alpha, cal.side, cal.target)
         writer.write(tensor_bytes(self._finish(base, result.delta, unit)))
@@ -271,10 +322,22 @@ class Worker:
             tensors = align(self.vocabulary, tensors, [s.checkpoint for s in unit.inputs])
         return tensors
 
+    def _where(self, unit: Unit, block: Block) -> Where:
+        return Where(unit.name, lambda: flat_indices(unit.shape, block, self.device), unit.base)
+
     def _merge(self, unit: Unit, block: Block, tensors: list[torch.Tensor],
                base: torch.Tensor | None = None) -> torch.Tensor:
-        where = Where(unit.name, lambda: flat_indices(unit.shape, block, self.device), unit.base)
-        return self.method.merge(tensors, unit.call_params(self.method), where, base)
+        if self._blockwise is not None:  # a streamed method's output pass
+            return self._blockwise(tensors, self._where(unit, block))
+        return self.method.merge(tensors, unit.call_params(self.method), self._where(unit, block), base)
+
+    def _views(self, unit: Unit, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the method takes of a block's inputs: the weights, or the task vectors (new
+        tensors: the inputs' blocks may be kept for the next pass)."""
+        if self.method.operates_on == "weights":
+            return tensors
+        base = None if unit.base is None else tensors[unit.base]
+        return [tensors[i] if base is None else tensors[i] - base for i in unit.fine_tunes]
 
     def _output(self, unit: Unit, block: Block, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The merged block, uncalibrated, in the output dtype."""

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from dist_svc.methods.sparse import L1_EPS, combine, sign_majority
+
 
 def svc_reference(wm: np.ndarray, taus: list[np.ndarray], alpha: float, side: str = "column",
                   target: int | None = None) -> np.ndarray:
@@ -329,3 +331,275 @@ def sce_reference(taus, select_topk=1.0):
     w = np.full(len(taus), 1 / len(taus)) if abs(ms.sum()) < 1e-6 else ms / ms.sum()
     erased = w.reshape(-1, *[1] * (tvs.ndim - 1)) * erase
     return (tvs * erased).sum(0) / np.maximum(erased.sum(0), 1e-6)
+
+
+# -- the whole-tensor torch implementations the streamed methods replaced (dist-svc before issue 23):
+# float32 references of their values, bit for bit where the streamed order of operations allows
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of `values` (non-negative: magnitudes, variances) in the selection order:
+    larger first, equal values by flat index, lowest first. The same choice on every device.
+
+    Found without sorting, as a streaming selection would: the k-th largest by a radix selection
+    on the values' bit patterns (`_kth_largest_bits`), every value above it, and of those equal to
+    it the first `k - above` by index (`_first_true`). Beside the input it holds a few boolean
+    masks and one chunk of digits; a sort or torch.topk holds 3-5x the input."""
+    flat = values.reshape(-1)
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if k >= flat.numel():
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # exact, and the same order
+    bits = flat.view(_BITS[flat.dtype])  # for non-negative floats, ordered as the values (NaN above inf)
+    threshold = _kth_largest_bits(bits, k)
+    keep = bits > threshold
+    need = k - int(torch.count_nonzero(keep))
+    at = bits == threshold
+    keep |= _first_true(at, need)
+    return keep.view(values.shape)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_DIGIT = 16  # bits per radix pass: a float32 takes 2 passes, a float64 4
+_CHUNK = 1 << 22  # elements per step of a pass over the whole input
+
+
+def _kth_largest_bits(bits: torch.Tensor, k: int) -> int:
+    """The k-th largest (1-based) of non-negative integers, most significant digit first: a
+    histogram of the candidates' digit, the digit where the count from the top reaches k, and
+    only the candidates with that digit go on to the next pass."""
+    prefix, remaining, candidates = 0, k, bits
+    for shift in range(bits.element_size() * 8 - _DIGIT, -1, -_DIGIT):
+        hist = torch.zeros(1 << _DIGIT, dtype=torch.int64, device=bits.device)
+        for part in candidates.split(_CHUNK):
+            hist += torch.bincount(((part >> shift) & ((1 << _DIGIT) - 1)).int(), minlength=1 << _DIGIT)
+        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[d]: candidates whose digit is >= d
+        digit = int(torch.nonzero(at_least >= remaining).max())
+        if digit + 1 < 1 << _DIGIT:
+            remaining -= int(at_least[digit + 1])
+        prefix |= digit << shift
+        if shift:
+            candidates = torch.cat([part[((part >> shift) & ((1 << _DIGIT) - 1)) == digit]
+                                    for part in candidates.split(_CHUNK)])
+    return prefix
+
+
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` with only its first `count` True entries (by index) left True (1-D; modified)."""
+    if count <= 0:
+        return mask.zero_()
+    counts = torch.stack([torch.count_nonzero(part) for part in mask.split(_CHUNK)]).cumsum(0)
+    chunk = int(torch.searchsorted(counts, count))  # the chunk holding the count-th True
+    before = int(counts[chunk - 1]) if chunk else 0
+    part = mask[chunk * _CHUNK:(chunk + 1) * _CHUNK]
+    last = chunk * _CHUNK + int(torch.nonzero(part)[count - before - 1])
+    mask[last + 1:] = False
+    return mask
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit's `rescaled_masked_tensor` with the L1 norm: what was kept, scaled back to the
+    task vector's L1 norm (unless either norm is below 1e-7)."""
+    before = tau.abs().sum()
+    after = kept.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude_prune(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the `max(1, int(density * numel))` entries of largest magnitude (any positive density
+    keeps at least one, as mergekit does), zero the rest."""
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    kept = tau * top_k_mask(tau.abs(), max(1, int(density * tau.numel())))
+    return l1_rescaled(tau, kept) if rescale else kept
+
+
+def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: in the selection order (larger magnitudes first, equal ones lowest index
+    first), skip the first `int(gamma numel)` as outliers and keep the next `int(density numel)`;
+    fewer outliers are skipped when the density needs them (mergekit's arithmetic)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target = int(density * n)
+    skip = min(int(gamma * n), n - target)
+    magnitudes = tau.abs()
+    keep = top_k_mask(magnitudes, skip + target)
+    keep &= ~top_k_mask(magnitudes, skip)
+    kept = tau * keep
+    return l1_rescaled(tau, kept) if rescale else kept
+
+
+
+def sce_whole(deltas, p, where):
+    """mergekit's SCE: select by variance, elect signs, weight each task by its mean square."""
+    tvs = torch.stack(deltas)
+    if p["select_topk"] < 1:
+        tvs = tvs * _variance_mask(tvs, p["select_topk"]).unsqueeze(0)
+    erase = tvs.sign() == sign_majority(tvs)
+    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = float(weights.sum())
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    erased = weights.view(-1, *([1] * (tvs.ndim - 1))) * erase
+    return (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+def _variance_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
+    if density <= 0:
+        return torch.zeros_like(tvs[0], dtype=torch.bool)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)  # a tensor product, rounded as mergekit's
+    return top_k_mask(var.abs(), k)
+
+SLERP_CHUNK = 1 << 20  # elements per chunk of the norms and the dot product, as mergekit's
+
+
+def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's `slerp` of two tensors, each taken as one vector."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([[t]], dtype=dtype, device=v0.device)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
+    starts = range(0, a.shape[1], SLERP_CHUNK)
+    norm_a = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(a[:, s:s + SLERP_CHUNK].to(dtype), dim=1, keepdim=True) for s in starts]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(b[:, s:s + SLERP_CHUNK].to(dtype), dim=1, keepdim=True) for s in starts]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([((a[:, s:s + SLERP_CHUNK].to(dtype) / norm_a) * (b[:, s:s + SLERP_CHUNK].to(dtype) / norm_b))
+                       .sum(dim=1, keepdim=True) for s in starts]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for s in starts:
+        result[:, s:s + SLERP_CHUNK] = coef_a * a[:, s:s + SLERP_CHUNK].to(dtype) + coef_b * b[:, s:s + SLERP_CHUNK].to(dtype)
+    return result.reshape(v0.shape)
+
+
+def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8,
+                    flatten: bool = False) -> torch.Tensor:
+    """mergekit's `nuslerp`: SLERP along `dim` (or of the flattened tensors)."""
+    out_shape = v0.shape
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    cos_theta = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(out_shape)
+
+
+def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10,
+                 tol: float = 1e-5) -> torch.Tensor:
+    """mergekit's weighted Karcher mean on the unit sphere, scaled by the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms, units = [], []
+    for tensor in tensors:
+        norm = torch.linalg.vector_norm(tensor.to(dtype))
+        norms.append(norm)
+        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)
+    alpha_sum = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / alpha_sum for i in valid]
+    valid_units = [units[i] for i in valid]
+    mean = torch.zeros_like(valid_units[0])
+    for alpha, unit in zip(weights, valid_units):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(weights, valid_units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    return scale * mean
+
+
+def model_stock_whole(weights, p, where):
+    """mergekit's Model Stock (the base and at least two fine-tunes)."""
+    w_0 = weights[where.base]
+    ws = [w for i, w in enumerate(weights) if i != where.base]
+    out_shape = w_0.shape
+    if p["filter_wise"]:
+        if w_0.dim() == 1:
+            w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w_0 for w in ws]
+    cos_thetas = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norm_product = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos_thetas.append(((a * b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6  # no finite estimate: keep the base there
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+def ties_whole(deltas, p, where):
+    pruned = [magnitude_prune(t, d, p["rescale"]) for t, d in zip(deltas, p["density"])]
+    return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus=True)
+
+
+def breadcrumbs_whole(deltas, p, where, consensus=False):
+    kept = [magnitude_outliers(t, d, g, p["rescale"]) for t, d, g in zip(deltas, p["density"], p["gamma"])]
+    return combine(kept, p["weight"], p["lambda"], p["normalize"], consensus)
+
+
+def slerp_whole(weights, p, where):
+    return slerp_vectors(p["t"], weights[where.base], weights[1 - where.base])
+
+
+def nuslerp_whole(tensors, p, where):
+    w0, w1 = p["weight"]
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    return nuslerp_vectors(t, tensors[0], tensors[1], dim=0 if p["nuslerp_row_wise"] else -1,
+                           flatten=p["nuslerp_flatten"])
+
+
+def karcher_whole(weights, p, where):
+    if len(weights) == 1:
+        return weights[0]
+    return karcher_mean(weights, [1.0 / len(weights)] * len(weights), p["max_iter"], p["tol"])

@@ -146,3 +146,43 @@ def test_workers_spread_over_several_devices_write_the_same_bytes(tmp_path, fami
     assert "cpu, cpu" in two.describe()
     merge(cfg, tmp_path / "two", progress="off", executor=two)
     assert file_bytes(tmp_path / "two") == file_bytes(tmp_path / "one")
+
+
+# Methods that need whole tensors and stream in passes (dist_svc.methods.base.Passes): their
+# inputs' blocks kept between passes (the default cache) or read again each pass (cache 0), in
+# row blocks or, calibrated on a wide matrix, in column blocks.
+STREAMED = [
+    # (tensor, method, parameters, fine-tunes, calibrate, worker options)
+    ("model.layers.0.mlp.up_proj.weight", "ties", {"density": 0.3}, 3, False, {"block_elements": 1 << 18}),
+    ("model.layers.0.mlp.up_proj.weight", "ties", {"density": 0.3}, 3, False,
+     {"block_elements": 1 << 18, "cache_bytes": 0}),
+    ("model.layers.0.mlp.up_proj.weight", "ties", {"density": 0.3, "rescale": True}, 3, True,
+     {"block_elements": 1 << 18}),
+    ("model.layers.0.mlp.down_proj.weight", "breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}, 3, True,
+     {"block_elements": 1 << 18}),  # wide, calibrated: column blocks, ties resolved by index passes
+    ("model.layers.0.mlp.gate_proj.weight", "sce", {"select_topk": 0.4}, 3, False, {"block_elements": 1 << 18}),
+    ("model.embed_tokens.weight", "breadcrumbs", {"density": 0.5}, 3, False, {"cache_bytes": 0}),
+    ("model.layers.0.mlp.up_proj.weight", "model_stock", {}, 3, True, {"block_elements": 1 << 18}),
+    ("model.layers.0.mlp.up_proj.weight", "karcher", {}, 3, False, {"block_elements": 1 << 18}),
+    ("model.layers.0.mlp.up_proj.weight", "slerp", {"t": 0.3}, 1, False, {"block_elements": 1 << 18}),
+    ("model.layers.0.mlp.down_proj.weight", "nuslerp", {"nuslerp_row_wise": True, "nuslerp_flatten": False}, 2, True,
+     {"block_elements": 1 << 18, "cache_bytes": 0}),
+]
+
+
+@pytest.mark.parametrize("tensor, method, parameters, fine_tunes, calibrate, options", STREAMED,
+                         ids=[f"{c[1]}-{c[0].split('.')[-2]}-{i}" for i, c in enumerate(STREAMED)])
+def test_a_streamed_units_footprint_bounds_the_memory_its_worker_really_holds(
+        tmp_path, family, tensor, method, parameters, fine_tunes, calibrate, options):
+    root, base, fts = family
+    cfg = write_config(tmp_path / "m.yaml", base, fts[:fine_tunes], merge_method=method, dtype="float32",
+                       parameters=parameters, calibrate=calibrate)
+    out = tmp_path / "out"
+    out.mkdir()
+    measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_UNIT, str(cfg), str(out), tensor,
+                                          json.dumps(options)], capture_output=True, text=True, check=True).stdout)
+    grew, footprint = measured["grew"], measured["footprint"]
+    assert grew <= footprint, f"{tensor}: held {grew / 2**20:.0f} MiB, footprint {footprint / 2**20:.0f} MiB"
+    if footprint > 64 << 20:
+        assert footprint <= 3 * grew + (16 << 20), f"{tensor}: footprint {footprint / 2**20:.0f} MiB is loose " \
+                                                   f"(held {grew / 2**20:.0f} MiB)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import torch
 
@@ -122,6 +122,8 @@ class Method:
     # parameter: every model's value): every required parameter given, values that exercise the
     # method (a density below 1). The contract tests and `dist-svc demo --methods` run it.
     sample: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # The streaming form of a method that needs whole tensors (`Passes`), set by `@streams`.
+    passes: "Passes | None" = None
 
     def __post_init__(self):
         names = [p.name for p in self.params]
@@ -179,6 +181,78 @@ def register(name: str, *params: Param, **options) -> Callable:
         return fn
 
     return wrap
+
+
+# -- streaming forms: whole-tensor methods in passes over blocks ------------------------------------
+
+@dataclass(frozen=True)
+class Extent:
+    """What a streaming form knows of a tensor before any pass: its name and shape, which input
+    is the base (methods on weights), and whether its blocks come in flat-index order (blocks of
+    rows) or not (blocks of columns of a wide matrix that is calibrated)."""
+
+    name: str
+    shape: tuple[int, ...]
+    base: int | None = None
+    ordered: bool = True
+    dtype: torch.dtype = torch.float32  # the compute dtype of the blocks
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# A reduction: one pass over every block of the tensor, `fn(tensors, where)` of each block
+# (blocks in order), the results summed over the blocks (a new tensor, or a tuple of them).
+Reduction = Callable[[list, Where], Any]
+# An output pass: `begin()` gives the function of each block's output, called on the blocks in
+# order; `begin` is called anew for each traversal (a calibrated merge makes two).
+Output = Callable[[], Callable[[list, Where], torch.Tensor]]
+# A streaming form: `passes(p, extent)` is a generator that yields reductions, is sent each one's
+# sum, and returns the output pass. Exact: the same values as the whole tensor, in memory that
+# does not depend on the tensor's size. docs/methods.md counts each method's passes.
+Passes = Callable[[Mapping[str, Any], Extent], Generator[Reduction, Any, Output]]
+
+
+def streams(name: str) -> Callable[[Passes], Passes]:
+    """Declare the decorated generator the streaming form of registered method `name`."""
+
+    def wrap(passes: Passes) -> Passes:
+        import dataclasses
+
+        METHODS[name] = dataclasses.replace(METHODS[name], passes=passes)
+        return passes
+
+    return wrap
+
+
+def drive(passes: Passes, p: Mapping[str, Any], extent: Extent,
+          traverse: Callable[[], Iterable[tuple[list, Where]]]) -> Output:
+    """Run a streaming form's reductions over `traverse()` (every block's method inputs and
+    where, in order; called once per pass) and return its output pass."""
+    steps = passes(p, extent)
+    total = None
+    try:
+        while True:
+            reduction = steps.send(total)
+            total = None
+            for tensors, where in traverse():
+                part = reduction(tensors, where)
+                total = part if total is None else _add(total, part)
+    except StopIteration as done:
+        return done.value
+
+
+def _add(total, part):
+    if isinstance(total, tuple):
+        return tuple(_add(a, b) for a, b in zip(total, part))
+    return total.add_(part)  # in place: each block's result is a tensor of its own
+
+
+def whole(passes: Passes, tensors: list, p: Mapping[str, Any], where: Where) -> torch.Tensor:
+    """A streaming form on the whole tensor as its one block: the method's whole-tensor call."""
+    extent = Extent(where.name, tuple(tensors[0].shape), where.base, dtype=tensors[0].dtype)
+    return drive(passes, p, extent, lambda: [(tensors, where)])()(tensors, where)
 
 
 # -- values as mergekit's (pydantic) validation accepts them -------------------------------------

@@ -22,12 +22,14 @@ equal magnitudes to the sort implementation (docs/methods.md); bf16 task vectors
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 
 from dist_svc.methods.base import (
-    DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, Param, normalize, register, rescale,
+    DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, Extent, Param, Reduction, Where, drive, normalize, register, rescale,
+    streams, whole,
 )
 from dist_svc.methods.random import stream_key, uniform
 
@@ -38,99 +40,238 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """The first k of `values` (non-negative: magnitudes, variances) in the selection order:
     larger first, equal values by flat index, lowest first. The same choice on every device.
 
-    Found without sorting, as a streaming selection would: the k-th largest by a radix selection
-    on the values' bit patterns (`_kth_largest_bits`), every value above it, and of those equal to
-    it the first `k - above` by index (`_first_true`). Beside the input it holds a few boolean
-    masks and one chunk of digits; a sort or torch.topk holds 3-5x the input."""
-    flat = values.reshape(-1)
-    if k <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    if k >= flat.numel():
-        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # exact, and the same order
-    bits = flat.view(_BITS[flat.dtype])  # for non-negative floats, ordered as the values (NaN above inf)
-    threshold = _kth_largest_bits(bits, k)
-    keep = bits > threshold
-    need = k - int(torch.count_nonzero(keep))
-    at = bits == threshold
-    keep |= _first_true(at, need)
-    return keep.view(values.shape)
+    The streaming selection (`select`) on the whole tensor as its one block: a radix selection
+    on the values' bit patterns, no sort (a sort or torch.topk holds 3-5x the input)."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()  # exact, and the same order
+    where = Where("", lambda: torch.arange(values.numel(), device=values.device).view(values.shape))
+    extent = Extent("", tuple(values.shape), dtype=values.dtype)
+    cuts = drive(lambda p, e: select(lambda tensors, where: [_bits(tensors[0])], [k], e), {}, extent,
+                 lambda: [([values], where)])
+    return Keeper(cuts)(0, _bits(values), where)
 
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 _DIGIT = 16  # bits per radix pass: a float32 takes 2 passes, a float64 4
-_CHUNK = 1 << 22  # elements per step of a pass over the whole input
+_RADIX = 1 << _DIGIT
+_CHUNK = 1 << 22  # elements per bincount
 
 
-def _kth_largest_bits(bits: torch.Tensor, k: int) -> int:
-    """The k-th largest (1-based) of non-negative integers, most significant digit first: a
-    histogram of the candidates' digit, the digit where the count from the top reaches k, and
-    only the candidates with that digit go on to the next pass."""
-    prefix, remaining, candidates = 0, k, bits
-    for shift in range(bits.element_size() * 8 - _DIGIT, -1, -_DIGIT):
-        hist = torch.zeros(1 << _DIGIT, dtype=torch.int64, device=bits.device)
-        for part in candidates.split(_CHUNK):
-            hist += torch.bincount(((part >> shift) & ((1 << _DIGIT) - 1)).int(), minlength=1 << _DIGIT)
-        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[d]: candidates whose digit is >= d
-        digit = int(torch.nonzero(at_least >= remaining).max())
-        if digit + 1 < 1 << _DIGIT:
-            remaining -= int(at_least[digit + 1])
-        prefix |= digit << shift
-        if shift:
-            candidates = torch.cat([part[((part >> shift) & ((1 << _DIGIT) - 1)) == digit]
-                                    for part in candidates.split(_CHUNK)])
-    return prefix
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative floats as integers of the same order (NaN above inf): their bit patterns."""
+    return values.view(_BITS[values.dtype])
 
 
-def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """`mask` with only its first `count` True entries (by index) left True (1-D; modified)."""
-    if count <= 0:
-        return mask.zero_()
-    counts = torch.stack([torch.count_nonzero(part) for part in mask.split(_CHUNK)]).cumsum(0)
-    chunk = int(torch.searchsorted(counts, count))  # the chunk holding the count-th True
-    before = int(counts[chunk - 1]) if chunk else 0
-    part = mask[chunk * _CHUNK:(chunk + 1) * _CHUNK]
-    last = chunk * _CHUNK + int(torch.nonzero(part)[count - before - 1])
-    mask[last + 1:] = False
-    return mask
+@dataclass(frozen=True)
+class Cut:
+    """Where a selection of the first k (of `numel`) ends: every key above `threshold`, and of
+    the `tied` keys equal to it the first `need` by flat index; for blocks out of flat order,
+    those up to flat index `last`."""
+
+    k: int
+    numel: int
+    threshold: int = 0
+    need: int = 0
+    tied: int = 0
+    last: int | None = None
+
+    @property
+    def trivial(self) -> bool:
+        return self.k <= 0 or self.k >= self.numel
+
+    @property
+    def split(self) -> bool:
+        """Whether the cut falls among equal keys (some of them kept, some not)."""
+        return not self.trivial and 0 < self.need < self.tied
 
 
-def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """mergekit's `rescaled_masked_tensor` with the L1 norm: what was kept, scaled back to the
-    task vector's L1 norm (unless either norm is below 1e-7)."""
-    before = tau.abs().sum()
-    after = kept.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return kept
-    return kept * (before / after)
+def select(keys_of: Callable[[list, Where], list[torch.Tensor]], ks, extent: Extent, first: Reduction | None = None,
+           width: int | None = None):
+    """The exact selection of the first k of each of several key sequences, streamed (a
+    generator of reductions for `drive`, returning one `Cut` per selection). `keys_of(tensors,
+    where)`: one block's keys per selection (non-negative integers, the flat order of the block).
+
+    Radix selection, most significant digit first: one pass per 16 bits of the keys (2 for a
+    float32's bits), each a histogram of the digit of the keys that match the digits chosen so
+    far; the digit where the count from the top reaches k is chosen. The last histogram counts
+    the keys equal to the k-th (`tied`). Blocks in flat order resolve a split tie while they are
+    merged (`Keeper` counts the ties before each block); blocks out of order (columns) take two
+    more passes, which select the `need`-th lowest flat index among the tied keys the same way.
+    `first`: a reduction folded into the first pass, whose sum `ks(sum)` turns into the ks."""
+    width = width or torch.finfo(extent.dtype).bits
+    count = len(ks) if first is None else None
+    prefix, remaining, tied = None, None, None
+    shifts = range(width - _DIGIT, -1, -_DIGIT)
+    cuts: list[Cut] = []
+    for shift in shifts:
+        chosen = tuple(prefix or ())
+
+        def histograms(tensors, where, shift=shift, chosen=chosen):
+            keys = keys_of(tensors, where)
+            hist = torch.zeros(len(keys), _RADIX, dtype=torch.int64, device=keys[0].device if keys else None)
+            high = shift + _DIGIT
+            for j, key in enumerate(keys):
+                if chosen and (remaining[j] is None):
+                    continue  # a trivial selection
+                key = key.reshape(-1)
+                if high < width:
+                    key = key[(key >> high) == (chosen[j] >> high)]
+                for part in key.split(_CHUNK):
+                    counts = torch.bincount(((part >> shift) & (_RADIX - 1)).int())
+                    hist[j, :counts.shape[0]] += counts
+            return hist if first is None or chosen else (first(tensors, where), hist)
+
+        if remaining is not None and all(r is None for r in remaining):
+            break  # every selection is trivial: no pass at all
+        if remaining is None and first is None and all(k <= 0 or k >= extent.numel for k in ks):
+            return [Cut(k, extent.numel) for k in ks]
+        result = yield histograms
+        if remaining is None:
+            if first is not None:
+                extra, result = result
+                ks = ks(extra)
+            count = len(ks)
+            cuts = [Cut(k, extent.numel) for k in ks]
+            prefix = [0] * count
+            remaining = [None if cut.trivial else cut.k for cut in cuts]
+            tied = [0] * count
+        for j in range(count):
+            if remaining[j] is None:
+                continue
+            hist = result[j]
+            at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[d]: keys whose digit is >= d
+            digit = int(torch.nonzero(at_least >= remaining[j]).max())
+            if digit + 1 < _RADIX:
+                remaining[j] -= int(at_least[digit + 1])
+            prefix[j] |= digit << shift
+            tied[j] = int(hist[digit])
+    if remaining is None:
+        return cuts
+    cuts = [cut if remaining[j] is None else replace(cut, threshold=prefix[j], need=remaining[j], tied=tied[j])
+            for j, cut in enumerate(cuts)]
+    if extent.ordered or not any(cut.split for cut in cuts):
+        return cuts
+    top = extent.numel - 1  # the lowest index is the largest key
+
+    def tie_keys(tensors, where):
+        index = where.indices().reshape(-1)
+        return [top - index[key.reshape(-1) == cut.threshold] if cut.split else index[:0]
+                for key, cut in zip(keys_of(tensors, where), cuts)]
+
+    index_width = -(-max(top.bit_length(), 1) // _DIGIT) * _DIGIT
+    lasts = yield from select(tie_keys, [cut.need if cut.split else 0 for cut in cuts],
+                              replace(extent, ordered=True), width=index_width)
+    return [replace(cut, last=top - last.threshold) if cut.split else cut for cut, last in zip(cuts, lasts)]
 
 
-def magnitude_prune(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the `max(1, int(density * numel))` entries of largest magnitude (any positive density
-    keeps at least one, as mergekit does), zero the rest."""
+class Keeper:
+    """Which keys of each block the cuts keep, the blocks given in order (one Keeper per pass
+    over the blocks: it counts the ties seen before each block)."""
+
+    def __init__(self, cuts: Sequence[Cut]):
+        self.cuts = cuts
+        self.seen = [0] * len(cuts)
+
+    def __call__(self, j: int, key: torch.Tensor, where: Where) -> torch.Tensor:
+        cut = self.cuts[j]
+        if cut.k <= 0:
+            return torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+        if cut.k >= cut.numel:
+            return torch.ones(key.shape, dtype=torch.bool, device=key.device)
+        keep = key > cut.threshold
+        if cut.need == 0:
+            return keep
+        at = key == cut.threshold
+        if cut.need >= cut.tied:
+            return keep.logical_or_(at)
+        if cut.last is not None:
+            return keep.logical_or_(at.logical_and_(where.indices() <= cut.last))
+        rank = at.reshape(-1).cumsum(0).view(at.shape)
+        rank += self.seen[j]
+        self.seen[j] = int(rank.reshape(-1)[-1]) if rank.numel() else self.seen[j]
+        return keep.logical_or_(at.logical_and_(rank <= cut.need))
+
+
+def pruning(windows: Sequence, rescale: bool, extent: Extent):
+    """The magnitude pruning of TIES and breadcrumbs, streamed (a generator for `drive`): each
+    task vector keeps a window of its selection order, `windows[i]`: "all" (density 1: the task
+    vector itself), "none" (zeros), or `(lo, hi)`: positions lo <= r < hi of the order (larger
+    magnitudes first, equal ones lowest flat index first). With `rescale` a windowed task vector
+    is scaled back to its L1 norm (mergekit's `rescaled_masked_tensor`; not where either norm
+    is below 1e-7): one more pass, of the norms. Returns the output pass's factory: `begin()`
+    gives the function of a block's task vectors to their pruned blocks.
+
+    Passes: 2 for the selection (4 with dtype float64), +1 with `rescale`, before the output."""
+    selections = []  # (task, k): the first k of task's order
+    for i, window in enumerate(windows):
+        if isinstance(window, tuple):
+            selections += [(i, window[1])] + ([(i, window[0])] if window[0] > 0 else [])
+
+    def keys_of(taus, where):
+        magnitudes = {i: _bits(taus[i].abs()) for i, _ in selections}
+        return [magnitudes[i] for i, _ in selections]
+
+    cuts = yield from select(keys_of, [k for _, k in selections], extent)
+
+    def prune(keeper: Keeper, taus, where) -> list[torch.Tensor]:
+        keys, j, out = keys_of(taus, where), 0, []
+        for tau, window in zip(taus, windows):
+            if window == "all":
+                out.append(tau)
+            elif window == "none":
+                out.append(torch.zeros_like(tau))
+            else:
+                keep = keeper(j, keys[j], where)
+                if window[0] > 0:
+                    keep &= ~keeper(j + 1, keys[j + 1], where)
+                out.append(tau * keep)
+                j += 1 + (window[0] > 0)
+        return out
+
+    scales: list[torch.Tensor | None] = [None] * len(windows)
+    if rescale and selections:
+        def norms(taus, where, keeper=Keeper(cuts)):
+            kept = prune(keeper, taus, where)
+            return torch.stack([torch.stack([t.abs().sum(dtype=torch.float64), k.abs().sum(dtype=torch.float64)])
+                                for t, k in zip(taus, kept)])
+
+        sums = (yield norms).cpu()
+        for i, window in enumerate(windows):
+            before, after = (torch.tensor(float(x), dtype=extent.dtype) for x in sums[i])
+            if isinstance(window, tuple) and before >= L1_EPS and after >= L1_EPS:
+                scales[i] = before / after
+
+    def begin():
+        keeper = Keeper(cuts)
+
+        def pruned(taus, where):
+            kept = prune(keeper, taus, where)
+            return [k if scale is None else k * scale.to(k.device) for k, scale in zip(kept, scales)]
+
+        return pruned
+
+    return begin
+
+
+def _top(density: float, numel: int):
+    """TIES's window: the `max(1, int(density * numel))` largest magnitudes (any positive
+    density keeps at least one, as mergekit does)."""
     if density >= 1:
-        return tau
-    if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
-    kept = tau * top_k_mask(tau.abs(), max(1, int(density * tau.numel())))
-    return l1_rescaled(tau, kept) if rescale else kept
+        return "all"
+    if density <= 0 or numel == 0:
+        return "none"
+    return (0, max(1, int(density * numel)))
 
 
-def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Model Breadcrumbs: in the selection order (larger magnitudes first, equal ones lowest index
-    first), skip the first `int(gamma numel)` as outliers and keep the next `int(density numel)`;
-    fewer outliers are skipped when the density needs them (mergekit's arithmetic)."""
+def _outliers(density: float, gamma: float, numel: int):
+    """Model Breadcrumbs' window: skip the first `int(gamma numel)` as outliers and keep the next
+    `int(density numel)`; fewer outliers are skipped when the density needs them (mergekit's
+    arithmetic)."""
     if density >= 1:
-        return tau
-    n = tau.numel()
-    target = int(density * n)
-    skip = min(int(gamma * n), n - target)
-    magnitudes = tau.abs()
-    keep = top_k_mask(magnitudes, skip + target)
-    keep &= ~top_k_mask(magnitudes, skip)
-    kept = tau * keep
-    return l1_rescaled(tau, kept) if rescale else kept
+        return "all"
+    target = int(density * numel)
+    skip = min(int(gamma * numel), numel - target)
+    return (skip, skip + target)
 
 
 def random_drop(tau: torch.Tensor, density: float, key: tuple[int, int], indices: torch.Tensor,
@@ -210,8 +351,23 @@ def _gta(normalize_default: bool, rescale_default: bool, *extra: Param) -> tuple
 @register("ties", *_gta(True, False), needs="tensor", sample={"weight": 1.0, "density": 0.5},
           reference="https://arxiv.org/abs/2306.01708")
 def ties(deltas, p, where):
-    pruned = [magnitude_prune(t, d, p["rescale"]) for t, d in zip(deltas, p["density"])]
-    return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus=True)
+    return whole(ties_passes, deltas, p, where)
+
+
+@streams("ties")
+def ties_passes(p, extent):
+    windows = [_top(d, extent.numel) for d in p["density"]]
+    return (yield from _pruned_combine(p, extent, windows, consensus=True))
+
+
+def _pruned_combine(p, extent, windows, consensus: bool):
+    begin = yield from pruning(windows, p["rescale"], extent)
+
+    def output():
+        pruned = begin()
+        return lambda taus, where: combine(pruned(taus, where), p["weight"], p["lambda"], p["normalize"], consensus)
+
+    return output
 
 
 def _dare(deltas, p, where, consensus: bool):
@@ -233,21 +389,31 @@ def dare_ties(deltas, p, where):
     return _dare(deltas, p, where, consensus=True)
 
 
-def _breadcrumbs(deltas, p, consensus: bool):
-    kept = [magnitude_outliers(t, d, g, p["rescale"]) for t, d, g in zip(deltas, p["density"], p["gamma"])]
-    return combine(kept, p["weight"], p["lambda"], p["normalize"], consensus)
+def _breadcrumbs(p, extent, consensus: bool):
+    windows = [_outliers(d, g, extent.numel) for d, g in zip(p["density"], p["gamma"])]
+    return (yield from _pruned_combine(p, extent, windows, consensus))
 
 
 @register("breadcrumbs", *_gta(False, False, GAMMA), needs="tensor",
           sample={"weight": 1.0, "density": 0.8, "gamma": 0.02}, reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(deltas, p, where):
-    return _breadcrumbs(deltas, p, consensus=False)
+    return whole(breadcrumbs_passes, deltas, p, where)
+
+
+@streams("breadcrumbs")
+def breadcrumbs_passes(p, extent):
+    return (yield from _breadcrumbs(p, extent, consensus=False))
 
 
 @register("breadcrumbs_ties", *_gta(False, False, GAMMA), needs="tensor",
           sample={"weight": 1.0, "density": 0.8, "gamma": 0.02}, reference="https://arxiv.org/abs/2312.06795")
 def breadcrumbs_ties(deltas, p, where):
-    return _breadcrumbs(deltas, p, consensus=True)
+    return whole(breadcrumbs_ties_passes, deltas, p, where)
+
+
+@streams("breadcrumbs_ties")
+def breadcrumbs_ties_passes(p, extent):
+    return (yield from _breadcrumbs(p, extent, consensus=True))
 
 
 def _della_bounds(p) -> str | None:
@@ -281,21 +447,47 @@ def della_linear(deltas, p, where):
                                   doc="fraction of entries kept, by variance across the tasks"),
           needs="tensor", sample={"select_topk": 0.5}, reference="https://arxiv.org/abs/2408.07990")
 def sce(deltas, p, where):
-    """mergekit's SCE: select by variance, elect signs, weight each task by its mean square."""
-    tvs = torch.stack(deltas)
-    if p["select_topk"] < 1:
-        tvs = tvs * _variance_mask(tvs, p["select_topk"]).unsqueeze(0)
-    erase = tvs.sign() == sign_majority(tvs)
-    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
-    total = float(weights.sum())
-    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
-    erased = weights.view(-1, *([1] * (tvs.ndim - 1))) * erase
-    return (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    return whole(sce_passes, deltas, p, where)
 
 
-def _variance_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
-    if density <= 0:
-        return torch.zeros_like(tvs[0], dtype=torch.bool)
-    var = torch.var(tvs, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * density)  # a tensor product, rounded as mergekit's
-    return top_k_mask(var.abs(), k)
+@streams("sce")
+def sce_passes(p, extent):
+    """mergekit's SCE: select by variance, elect signs, weight each task by its mean square.
+    Passes: the selection (2, 4 with dtype float64; none with select_topk 1), the tasks' mean
+    squares (1), the output."""
+    density = p["select_topk"]
+    cuts = None
+    if density < 1:
+        if density <= 0:
+            cuts = [Cut(0, extent.numel)]
+        else:  # k = count_nonzero(var) * density, a tensor product rounded as mergekit's
+            cuts = yield from select(lambda taus, where: [_bits(_variance(taus))], lambda nonzero: [int(nonzero * density)],
+                                     extent, first=lambda taus, where: torch.count_nonzero(_variance(taus)))
+
+    def selected(keeper, taus, where):
+        tvs = torch.stack(taus)
+        return tvs if cuts is None else tvs * keeper(0, _bits(_variance(taus)), where).unsqueeze(0)
+
+    def squares(taus, where, keeper=Keeper(cuts or ())):
+        return selected(keeper, taus, where).square().reshape(len(taus), -1).sum(dim=1, dtype=torch.float64)
+
+    means = ((yield squares) / extent.numel).to(extent.dtype)
+    total = float(means.sum())
+    weights = torch.ones_like(means) / means.shape[0] if abs(total) < 1e-6 else means / total
+
+    def begin():
+        keeper = Keeper(cuts or ())
+
+        def output(taus, where):
+            tvs = selected(keeper, taus, where)
+            erase = tvs.sign() == sign_majority(tvs)
+            erased = weights.to(tvs.device).view(-1, *([1] * (tvs.ndim - 1))) * erase
+            return (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+        return output
+
+    return begin
+
+
+def _variance(taus) -> torch.Tensor:
+    return torch.var(torch.stack(taus), dim=0, unbiased=False).abs()
