@@ -19,7 +19,7 @@ from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint
 from tests.conftest import S3_ENV, file_bytes, free_port, run_cli, upload, write_config
-from tests.contracts import CheckpointContract
+from tests.contracts import CheckpointContract, LocationContract, OutputDirContract, OutputLayoutContract
 from tests.test_hostile import hook_dir, killed_merge  # noqa: F401 (a fixture; kills at named points)
 
 
@@ -49,6 +49,77 @@ class TestS3Zarr(CheckpointContract):
         return open_checkpoint(upload(tmp_path / "m.zarr", f"{self.bucket}/{tmp_path.name}/m.zarr"))
 
 
+class TestS3Location(LocationContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path, files):
+        url = f"{self.bucket}/{tmp_path.name}/ckpt"
+        for name, data in files.items():
+            self.rewrite(url, name, data)
+        return url
+
+    def rewrite(self, where, name, data):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(where)
+        fs.pipe_file(f"{path}/{name}", data)
+
+
+class TestObjectDir(OutputDirContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out"
+
+
+class TestS3SafetensorsLayout(OutputLayoutContract):
+    """The safetensors layout where it stages tensors and assembles shards (object storage)."""
+
+    FORMAT = "safetensors"
+    OPTIONS = {"shard_bytes": 1000}  # several shards, one tensor larger than a shard
+
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def out_dir(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out"
+
+    def flip_a_byte(self, out, layout, name):
+        from dist_svc.storage.outdir import output_dir
+
+        place = layout.placements[name]
+        shard = layout.shards[place.shard].file
+        raw = bytearray(output_dir(out).read(shard))
+        raw[place.offset + place.nbytes // 2] ^= 0x01
+        output_dir(out).write(shard, bytes(raw))
+
+
+class TestS3ZarrLayout(OutputLayoutContract):
+    FORMAT = "zarr"
+    OPTIONS = {"compression": "zstd"}
+
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def out_dir(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out.zarr"
+
+    def flip_a_byte(self, out, layout, name):
+        from dist_svc.storage.outdir import output_dir
+
+        store = output_dir(out)
+        chunk = next(f"{name}/c/{key}" for key, _, _ in store.walk(f"{name}/c"))
+        raw = bytearray(store.read(chunk))
+        raw[len(raw) // 2] ^= 0x01
+        store.write(chunk, bytes(raw))
+
+
 def test_a_row_slice_fetches_the_header_then_only_its_own_bytes_in_concurrent_parts(tmp_path, bucket, monkeypatch):
     from dist_svc.storage import location
 
@@ -69,7 +140,7 @@ def test_a_row_slice_fetches_the_header_then_only_its_own_bytes_in_concurrent_pa
     assert len(requests) == 1  # one call, its parts in flight together
     parts = requests[0]
     assert sum(e - s for s, e in parts) == 2000 * 1024 * 4  # exactly the slice, nothing more
-    assert len(parts) == -(-2000 * 1024 * 4 // location.PART_BYTES)
+    assert len(parts) == -(-2000 * 1024 * 4 // location.READ_PART_BYTES)
 
 
 def test_a_merge_of_remote_inputs_equals_the_local_merge_byte_for_byte(tmp_path, bucket, family):
