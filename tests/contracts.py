@@ -516,7 +516,9 @@ class OutputDirContract:
 
     def test_an_assembled_file_appears_whole_or_not_at_all(self, tmp_path):
         """Catches an assembly that leaves a partial object when it fails midway, parts out of
-        order, and a staged upload that appears though it was abandoned."""
+        order or bytes lost where ranges of other files of every size meet bytes and each other
+        (parts copied inside the service, topped up, gathered), and a streamed upload that
+        appears before it is closed."""
         out = self.out(tmp_path)
         if not out.multipart_assembly:
             pytest.skip("files are written in place here (write_at_offset), never assembled")
@@ -527,6 +529,20 @@ class OutputDirContract:
         def failing():
             yield pieces[0] * 7
             raise RuntimeError("the producer failed")
+
+        # ranges of other files, of every size around a part's 5 MiB, after bytes and after each other
+        MiB = 1 << 20
+        sources = {f"src/{k}": bytes(np.random.default_rng(k).integers(0, 256, size, dtype=np.uint8))
+                   for k, size in enumerate([MiB // 3, 4 * MiB, 5 * MiB, 5 * MiB + 7, 9 * MiB + 1, 11 * MiB, 4096])}
+        for source, data in sources.items():
+            out.write(source, data)
+        names = list(sources)
+        mixed = [b"header", (names[4], 0, len(sources[names[4]])), (names[1], 0, 4 * MiB), (names[3], 3, 5 * MiB + 7),
+                 (names[6], 0, 4096), (names[5], 0, 11 * MiB), (names[0], 10, 200), b"tail", (names[2], 0, 5 * MiB),
+                 (names[6], 0, 4096), (names[4], MiB, 9 * MiB + 1)]
+        out.assemble("mixed", iter(mixed))
+        expected = b"".join(p if isinstance(p, bytes) else sources[p[0]][p[1]:p[2]] for p in mixed)
+        assert out.read("mixed") == expected
 
         with pytest.raises(RuntimeError):
             out.assemble("broken", failing())

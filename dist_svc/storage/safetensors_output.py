@@ -12,10 +12,12 @@ and the side files (config, tokenizer) are written last, each via temp file + fs
 
 Where it cannot (object storage: an object is written once, whole), it stages and assembles:
 each tensor is staged as an object of its own (`.dist-svc-staging/SHARD/TENSOR`, written by
-whichever worker or node computed it, hashed on the way), and sealing a shard streams its header
-and its tensors' staged objects, in order and each checked against its recorded checksum, into
-one multipart upload of the shard (`OutputDir.assemble`), whose completion makes it appear whole
-under its final name; the staged objects are deleted then. A killed run leaves staged objects
+whichever worker or node computed it, hashed on the way; a shard's first tensor behind the
+shard's header), and sealing a shard assembles its tensors' staged objects, in order, into one
+multipart upload of the shard inside the storage service (`OutputDir.assemble`: UploadPartCopy,
+the bytes are not downloaded), whose completion makes it appear whole under its final name; the
+staged objects are deleted then. A staged tensor this run did not hash as it uploaded it is
+re-read against its recorded checksum first. A killed run leaves staged objects
 (kept: their tensors are recorded) and at most an unfinished upload (invisible, aborted by the
 next run).
 """
@@ -28,11 +30,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import ClassVar, Iterable, Mapping, Sequence
 
 from dist_svc.storage.checksum import Hasher, range_checksum
 from dist_svc.storage.durable import fsync_dir, sync_file
-from dist_svc.storage.outdir import ASSEMBLY_PART_BYTES, output_dir
+from dist_svc.storage.outdir import output_dir
 from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
@@ -213,6 +215,8 @@ class SafetensorsLayout:
         self.in_place = self.out.write_at_offset
         self.shards, self.placements = layout_shards(entries, int(options.get("shard_bytes") or DEFAULT_SHARD_BYTES))
         self.shapes = {name: tuple(shape) for name, _, shape in entries}
+        # staged, each shard's first tensor is staged behind the shard's header
+        self._leads = {min(shard.tensors, key=lambda n: self.placements[n].offset) for shard in self.shards}
         self._remaining: list[int] = []  # per shard: tensors not yet recorded (after `prepare`)
         self._sealed: list[bool] = []
         self._ready: set[int] = set()  # shards with every tensor recorded, not yet sealed
@@ -231,6 +235,14 @@ class SafetensorsLayout:
         """Staged: the name of a tensor's own object until its shard is assembled."""
         place = self.placements[name]
         return f"{STAGING}/{self.shards[place.shard].file}/{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+
+    def _prefix(self, name: str) -> bytes:
+        """Staged: what precedes the tensor's bytes in its staged object (its shard's header, for
+        the shard's first tensor: the header is then copied into the shard with it)."""
+        return self.shards[self.placements[name].shard].header if name in self._leads else b""
+
+    def _staged_bytes(self, name: str) -> int:
+        return len(self._prefix(name)) + self.placements[name].nbytes
 
     def _is_sealed(self, k: int) -> bool:
         shard = self.shards[k]
@@ -300,7 +312,7 @@ class SafetensorsLayout:
                 unrecorded += len(lost)
             else:
                 for name in shard.tensors:
-                    if name in recorded and staged.get(self.staged(name)) != self.placements[name].nbytes:
+                    if name in recorded and staged.get(self.staged(name)) != self._staged_bytes(name):
                         redo.append(name)
                         unrecorded += 1
             self._remaining.append(unrecorded)
@@ -331,13 +343,12 @@ class SafetensorsLayout:
         return bool(self._ready)
 
     def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
-        """Seal each ready shard once the bytes of its tensors match their checksums (in place:
-        those not in `fresh` are re-read; staged: each is checked as its shard is assembled); a
-        shard with damaged tensors waits for them to be run again."""
+        """Seal each ready shard once the bytes of its tensors not in `fresh` match their
+        checksums (re-read); a shard with damaged tensors waits for them to be run again."""
         damaged: list[str] = []
         for k in sorted(self._ready):
             self._ready.discard(k)
-            bad = self._seal_in_place(k, recorded, fresh) if self.in_place else self._assemble(k, recorded)
+            bad = self._seal_in_place(k, recorded, fresh) if self.in_place else self._assemble(k, recorded, fresh)
             if bad:
                 self._remaining[k] += len(bad)
                 damaged += bad
@@ -357,35 +368,28 @@ class SafetensorsLayout:
             seal_file(partial, self.final(k))
         return bad
 
-    def _assemble(self, k: int, recorded: Mapping[str, str]) -> list[str]:
-        """The shard as one upload of its header and its staged tensors in order, each checked
-        against its recorded checksum on the way (a damaged one stops the upload)."""
+    def _assemble(self, k: int, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        """The shard as one upload of its header and its staged tensors in order, assembled
+        inside the storage service (`OutputDir.assemble`: the tensors' bytes are copied there,
+        not through this process). First every staged tensor is checked: of its planned size,
+        and, unless this run's writer hashed it as it uploaded it (`fresh`), re-read against its
+        recorded checksum; a damaged one stops the shard and is run again."""
         shard = self.shards[k]
-        bad: list[str] = []
+        order = sorted(shard.tensors, key=lambda n: self.placements[n].offset)
+        sizes = {f"{STAGING}/{shard.file}/{key}": size for key, size, _ in self.out.walk(f"{STAGING}/{shard.file}")}
+        bad = [n for n in order if sizes.get(self.staged(n)) != self._staged_bytes(n) or
+               (n not in fresh and self._staged_checksum(n) != recorded[n])]
+        if not bad:
+            self.out.assemble(shard.file, [(self.staged(n), 0, self._staged_bytes(n)) for n in order])
+        return bad
 
-        def pieces() -> Iterator[bytes]:
-            yield shard.header
-            for name in sorted(shard.tensors, key=lambda n: self.placements[n].offset):
-                place = self.placements[name]
-                if self.out.size(self.staged(name)) != place.nbytes:
-                    bad.append(name)
-                    continue
-                digest = Hasher()
-                for start in range(0, place.nbytes, ASSEMBLY_PART_BYTES):
-                    data = self.out.read_range(self.staged(name), start,
-                                               min(start + ASSEMBLY_PART_BYTES, place.nbytes))
-                    digest.update(data)
-                    yield data
-                if digest.digest() != recorded[name]:
-                    bad.append(name)
-            if bad:
-                raise _Damaged(bad)
-
-        try:
-            self.out.assemble(shard.file, pieces())
-        except _Damaged as e:
-            return e.names
-        return []
+    def _staged_checksum(self, name: str) -> str | None:
+        """The checksum of a tensor's staged bytes (None: gone, or a header in front of them
+        that is not its shard's)."""
+        prefix = self._prefix(name)
+        if prefix and self.out.read_range(self.staged(name), 0, len(prefix)) != prefix:
+            return None
+        return self.out.range_checksum(self.staged(name), len(prefix), self.placements[name].nbytes)
 
     def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
         self.out.delete_many([f"{STAGING}/{key}" for key, _, _ in self.out.walk(STAGING)])  # what a killed run left
@@ -399,7 +403,7 @@ class SafetensorsLayout:
         place = self.placements[name]
         if self.in_place:
             return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync, self.shapes[name])
-        return ObjectTensorWriter(self.out, self.staged(name), place.nbytes)
+        return ObjectTensorWriter(self.out, self.staged(name), place.nbytes, self._prefix(name))
 
     def make_durable(self, names: Iterable[str]) -> None:
         if not self.in_place:
@@ -415,8 +419,8 @@ class SafetensorsLayout:
             if not path.exists():
                 path = self.final(place.shard)
             return range_checksum(path, place.offset, place.nbytes)
-        if self.out.size(self.staged(name)) == place.nbytes:
-            return self.out.range_checksum(self.staged(name), 0, place.nbytes)
+        if self.out.size(self.staged(name)) == self._staged_bytes(name):
+            return self._staged_checksum(name)
         return self.out.range_checksum(self.shards[place.shard].file, place.offset, place.nbytes)
 
     # -- checking ----------------------------------------------------------------------------------
@@ -471,20 +475,18 @@ class SafetensorsLayout:
         return [f"shards  {sealed}/{len(self.shards)} written"]
 
 
-class _Damaged(Exception):
-    def __init__(self, names: list[str]):
-        self.names = names
-
-
 class ObjectTensorWriter:
-    """One tensor's bytes uploaded as one object (multipart when large), hashed on the way; the
+    """One tensor's bytes uploaded as one object (multipart when large) behind `prefix` (not
+    part of the tensor: its shard's header, for a shard's first tensor), hashed on the way; the
     object exists only once `close` has uploaded all of it."""
 
     columns = False  # an object is uploaded in order, once
 
-    def __init__(self, out, name: str, nbytes: int):
+    def __init__(self, out, name: str, nbytes: int, prefix: bytes = b""):
         self.out, self.name, self.nbytes = out, name, nbytes
         self.file = out.writer(name)
+        if prefix:
+            self.out.call(self.file.write, prefix, what=self.out.where(name))
         self.written = 0
         self.hash = Hasher()
         self.seconds = {"checksum": 0.0, "write": 0.0}
