@@ -10,8 +10,6 @@ uninterrupted run's.
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
 import statistics
 import time
 from contextlib import contextmanager, suppress
@@ -24,7 +22,7 @@ from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
 from dist_svc.storage import adapter_output
 from dist_svc.storage.durable import local_path
 from dist_svc.storage.location import is_url
-from dist_svc.storage.outdir import RemoteLock, output_dir
+from dist_svc.storage.outdir import output_dir
 from dist_svc.storage.output import OutputLayout, layout_for
 
 if TYPE_CHECKING:
@@ -123,8 +121,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
         log(executor.describe())
         out = output_dir(out_dir)
         out.mkdir()
-        with _exclusive(out, log) as held, _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) \
-                as manifest:
+        with out.exclusive(LOCK_NAME, log) as held, \
+                _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) as manifest:
             if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
                 return _report(manifest, layout, 0, True, start)
             # Files of a finished merge that changed since: their tensors are checked again.
@@ -512,68 +510,18 @@ def _writing(manifest: Manifest) -> Iterator[Manifest]:
         manifest.close()
 
 
-@contextmanager
-def _exclusive(out, log: Callable[[str], None] = lambda line: None) -> Iterator[Callable[[], None]]:
-    """One run per output directory. Locally a `flock`: it dies with its process (kill -9
-    included); a run that ends in any other way removes the lock file too (after kill -9 it
-    stays, harmless, until the next run). On object storage a lease (`RemoteLock`): a killed
-    run's lock is taken over once it has not been renewed for the lease. Yields a check that
-    raises if this run lost the lock."""
-    if not out.is_local:
-        lock = RemoteLock(out, LOCK_NAME, log=log)
-        lock.acquire()
-        try:
-            yield lock.check
-        finally:
-            lock.release()
-        return
-    out_dir = out.path
-    path = out_dir / LOCK_NAME
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DistSvcError(f"another dist-svc run is merging into {out_dir}; wait for it to finish "
-                               f"(see `dist-svc status {out_dir}`).") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # locked the file that is there now, not one a finishing run just removed
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield lambda: None
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-
-
 def _held(out) -> tuple[bool, list[str]]:
     """Whether a live run holds the output's lock now, and what status says of the lock. A lock
-    file left by a killed run is not held: locally its `flock` died with the run; on object
-    storage its lease is not renewed."""
-    if not out.is_local:
-        lease = RemoteLock.holder(out, LOCK_NAME)
-        if lease is None:
-            return False, []
-        age = "" if lease.age is None else f" {lease.age:.0f} s ago"
-        if lease.alive:
-            return True, [f"lock    held: its run renewed its lease{age} (lease {lease.period:g} s)"]
-        return False, [f"lock    left by a run that stopped renewing its lease{age} (lease {lease.period:g} s): "
-                       f"killed, or cut off from the storage; a rerun takes the lock over"]
-    try:
-        fd = os.open(out.path / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False, []
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False, []
-    except BlockingIOError:
-        return True, []
-    finally:
-        os.close(fd)
+    left by a killed run is not held: locally its `flock` died with the run; on object storage
+    its lease is not renewed."""
+    lease = out.lock_holder(LOCK_NAME)
+    if lease is None or lease.period is None:  # none, or one that dies with its run: nothing to explain
+        return lease is not None and lease.alive, []
+    age = "" if lease.age is None else f" {lease.age:.0f} s ago"
+    if lease.alive:
+        return True, [f"lock    held: its run renewed its lease{age} (lease {lease.period:g} s)"]
+    return False, [f"lock    left by a run that stopped renewing its lease{age} (lease {lease.period:g} s): "
+                   f"killed, or cut off from the storage; a rerun takes the lock over"]
 
 
 def _report(manifest: Manifest, layout: OutputLayout, units_run: int, already: bool, start: float,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import is_digest
 from dist_svc.storage.durable import temp_path
-from dist_svc.storage.outdir import LocalDir, ObjectDir, output_dir
+from dist_svc.storage.outdir import OutputDir, output_dir
 from dist_svc.storage.types import MANIFEST_NAME
 from dist_svc.version import __version__
 
@@ -51,7 +51,7 @@ class OtherFormat(DistSvcError):
 
 
 class Manifest:
-    def __init__(self, out: "LocalDir | ObjectDir", data: dict[str, Any]):
+    def __init__(self, out: "OutputDir", data: dict[str, Any]):
         self.out = out  # where the snapshot and the journal are
         self.path = out.where(MANIFEST_NAME)  # the snapshot, for messages
         self.data = data
@@ -67,11 +67,11 @@ class Manifest:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, out_dir: "Path | str | LocalDir | ObjectDir",
+    def load(cls, out_dir: "Path | str | OutputDir",
              log: Callable[[str], None] = lambda line: None) -> "Manifest":
         """The manifest in `out_dir`. If it is damaged (edited by hand, or its disk lost bits), its
         previous copy (kept at every save) is used: what was recorded since is run again."""
-        out = _out(out_dir)
+        out = output_dir(out_dir)
         snapshot, previous = out.read(MANIFEST_NAME), out.read(PREV_NAME)
         if snapshot is None and previous is None:
             raise DistSvcError(f"{out}: no dist-svc merge here ({MANIFEST_NAME} is missing).")
@@ -90,11 +90,11 @@ class Manifest:
             return manifest
 
     @classmethod
-    def check(cls, out_dir: "Path | str | LocalDir | ObjectDir", plan: "Plan",
+    def check(cls, out_dir: "Path | str | OutputDir", plan: "Plan",
               log: Callable[[str], None] = lambda line: None) -> "Manifest | None":
         """Read-only: this plan's manifest in `out_dir` if it is the same merge, None if the
         directory is new or empty; refused (nothing touched) if it holds anything else."""
-        out = _out(out_dir)
+        out = output_dir(out_dir)
         names = out.names()
         if MANIFEST_NAME in names or PREV_NAME in names:
             manifest = cls.load(out, log)
@@ -103,7 +103,7 @@ class Manifest:
                     f"{out} holds a different merge ({manifest.explain_mismatch(plan)}). Nothing was changed. "
                     f"Use a new output directory, or delete {out} to start this merge over.")
             return manifest
-        if out.is_local and out.path.exists() and not out.path.is_dir():
+        if out.exists() and not out.is_dir():
             raise DistSvcError(f"{out} exists and is not a directory. Choose another output directory.")
         ours = {LOCK_NAME, temp_path(Path(MANIFEST_NAME)).name}  # a first save killed midway
         others = [n for n in names if n not in ours]
@@ -114,8 +114,8 @@ class Manifest:
         return None
 
     @classmethod
-    def create(cls, out_dir: "Path | str | LocalDir | ObjectDir", plan: "Plan") -> "Manifest":
-        manifest = cls(_out(out_dir), _initial(plan))
+    def create(cls, out_dir: "Path | str | OutputDir", plan: "Plan") -> "Manifest":
+        manifest = cls(output_dir(out_dir), _initial(plan))
         manifest.compact()
         return manifest
 
@@ -326,8 +326,6 @@ class Manifest:
 PREV_NAME = f".{MANIFEST_NAME}.prev"  # the manifest's previous copy
 
 
-def _out(out_dir) -> "LocalDir | ObjectDir":
-    return out_dir if isinstance(out_dir, (LocalDir, ObjectDir)) else output_dir(out_dir)
 
 
 _UNIT_KEYS = {"shape": list, "dtype": str, "nbytes": int, "done": bool}

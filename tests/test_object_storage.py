@@ -19,7 +19,7 @@ from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage import open_checkpoint
 from tests.conftest import S3_ENV, file_bytes, free_port, run_cli, upload, write_config
-from tests.contracts import CheckpointContract
+from tests.contracts import CheckpointContract, LocationContract, OutputDirContract, OutputLayoutContract
 from tests.test_hostile import hook_dir, killed_merge  # noqa: F401 (a fixture; kills at named points)
 
 
@@ -49,6 +49,77 @@ class TestS3Zarr(CheckpointContract):
         return open_checkpoint(upload(tmp_path / "m.zarr", f"{self.bucket}/{tmp_path.name}/m.zarr"))
 
 
+class TestS3Location(LocationContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path, files):
+        url = f"{self.bucket}/{tmp_path.name}/ckpt"
+        for name, data in files.items():
+            self.rewrite(url, name, data)
+        return url
+
+    def rewrite(self, where, name, data):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(where)
+        fs.pipe_file(f"{path}/{name}", data)
+
+
+class TestObjectDir(OutputDirContract):
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def make(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out"
+
+
+class TestS3SafetensorsLayout(OutputLayoutContract):
+    """The safetensors layout where it stages tensors and assembles shards (object storage)."""
+
+    FORMAT = "safetensors"
+    OPTIONS = {"shard_bytes": 1000}  # several shards, one tensor larger than a shard
+
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def out_dir(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out"
+
+    def flip_a_byte(self, out, layout, name):
+        from dist_svc.storage.outdir import output_dir
+
+        place = layout.placements[name]
+        shard = layout.shards[place.shard].file
+        raw = bytearray(output_dir(out).read(shard))
+        raw[place.offset + place.nbytes // 2] ^= 0x01
+        output_dir(out).write(shard, bytes(raw))
+
+
+class TestS3ZarrLayout(OutputLayoutContract):
+    FORMAT = "zarr"
+    OPTIONS = {"compression": "zstd"}
+
+    @pytest.fixture(autouse=True)
+    def _bucket(self, bucket):
+        self.bucket = bucket
+
+    def out_dir(self, tmp_path):
+        return f"{self.bucket}/{tmp_path.name}/out.zarr"
+
+    def flip_a_byte(self, out, layout, name):
+        from dist_svc.storage.outdir import output_dir
+
+        store = output_dir(out)
+        chunk = next(f"{name}/c/{key}" for key, _, _ in store.walk(f"{name}/c"))
+        raw = bytearray(store.read(chunk))
+        raw[len(raw) // 2] ^= 0x01
+        store.write(chunk, bytes(raw))
+
+
 def test_a_row_slice_fetches_the_header_then_only_its_own_bytes_in_concurrent_parts(tmp_path, bucket, monkeypatch):
     from dist_svc.storage import location
 
@@ -69,7 +140,7 @@ def test_a_row_slice_fetches_the_header_then_only_its_own_bytes_in_concurrent_pa
     assert len(requests) == 1  # one call, its parts in flight together
     parts = requests[0]
     assert sum(e - s for s, e in parts) == 2000 * 1024 * 4  # exactly the slice, nothing more
-    assert len(parts) == -(-2000 * 1024 * 4 // location.PART_BYTES)
+    assert len(parts) == -(-2000 * 1024 * 4 // location.READ_PART_BYTES)
 
 
 def test_a_merge_of_remote_inputs_equals_the_local_merge_byte_for_byte(tmp_path, bucket, family):
@@ -484,3 +555,142 @@ def test_status_of_a_killed_local_merge_says_stopped_at_once(tmp_path, family, h
     assert (out / LOCK_NAME).exists()  # left by the killed run
     assert status(out)["state"] == "stopped"
     assert f"{out}: stopped" in run_cli("status", out).stdout
+
+
+# -- shards assembled inside the storage service ------------------------------------------------------
+
+
+class _S3Traffic:
+    """The bytes one S3 client sends (request bodies) and receives (response bodies), counted
+    at the client by botocore's own events, while installed."""
+
+    def __init__(self, fs):
+        fs.call_s3("list_buckets")  # the client exists from here on
+        self.client = fs.s3
+        self.sent = self.received = 0
+        self.calls: list[str] = []
+
+    def _request(self, request, **kwargs):
+        body = request.body
+        if isinstance(body, (bytes, bytearray)):
+            self.sent += len(body)
+        else:
+            self.sent += int(request.headers.get("Content-Length") or 0)
+
+    def _response(self, http_response, model, **kwargs):
+        self.calls.append(model.name)
+        self.received += int(http_response.headers.get("content-length") or 0)
+
+    def __enter__(self):
+        self.client.meta.events.register("before-send.s3", self._request)
+        self.client.meta.events.register("after-call.s3", self._response)
+        return self
+
+    def __exit__(self, *exc):
+        self.client.meta.events.unregister("before-send.s3", self._request)
+        self.client.meta.events.unregister("after-call.s3", self._response)
+
+
+def test_a_shard_of_large_tensors_is_assembled_inside_the_storage_service(tmp_path, bucket):
+    """Sealing a shard on S3 copies its staged tensors into it inside the service
+    (UploadPartCopy); the header travels with the first tensor's staged object. Through the
+    assembling process pass only the small tensor at the end (downloaded, then uploaded as the
+    last part) and the requests themselves: measured at the S3 client, for a shard of 3 tensors
+    of 8 MiB and a norm, under 5% of the shard's bytes (it was all of them, twice, when the
+    shard was streamed through the driver)."""
+    from dist_svc.storage.output import layout_for
+    from dist_svc.storage.types import TORCH_TO_ST, tensor_bytes
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = {f"model.layers.{k}.mlp.up_proj.weight": torch.randn(2048, 1024, generator=gen) for k in range(3)}
+    tensors["model.norm.weight"] = torch.randn(1024, generator=gen)
+    entries = [(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    url = f"{bucket}/out"
+    layout = layout_for("safetensors", url, entries, {"shard_bytes": 1 << 30})
+    assert layout.prepare({}) == [] and len(layout.shards) == 1
+    recorded = {}
+    for name, t in tensors.items():
+        writer = layout.writer(name, sync=False)
+        writer.write(tensor_bytes(t))
+        recorded[name] = writer.close()
+    with _S3Traffic(layout.out.fs) as traffic:
+        assert any(layout.on_recorded(name) for name in list(recorded))
+        assert layout.seal(recorded, fresh=set(recorded)) == []
+    shard = layout.shards[0]
+    expected = bytearray(shard.header) + bytes(shard.size - len(shard.header))
+    for name, t in tensors.items():
+        place = layout.placements[name]
+        expected[place.offset:place.offset + place.nbytes] = bytes(tensor_bytes(t))
+    assert layout.out.read(shard.file) == bytes(expected)
+    assert traffic.calls.count("UploadPartCopy") == 3 and traffic.calls.count("UploadPart") == 1
+    through = traffic.sent + traffic.received
+    assert through <= 2 * 4 * tensors["model.norm.weight"].numel() + (64 << 10), traffic.calls
+    assert through <= 0.05 * shard.size, (through, shard.size)
+
+
+S3_KILL_HOOK = '''
+import os, signal
+
+_spec = os.environ.get("DIST_SVC_TEST_S3_KILL_AT")
+if _spec:  # OPERATION:N:before|after -- the Nth S3 call of OPERATION (an s3fs client's name for it)
+    import s3fs.core
+
+    _op, _nth, _when = _spec.split(":")
+    _count = [0]
+    _real = s3fs.core.S3FileSystem._call_s3
+
+    async def _call_s3(self, method, *args, **kwargs):
+        if method == _op:
+            _count[0] += 1
+            if _count[0] == int(_nth) and _when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+        out = await _real(self, method, *args, **kwargs)
+        if method == _op and _count[0] == int(_nth) and _when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    s3fs.core.S3FileSystem._call_s3 = _call_s3
+    s3fs.core.S3FileSystem.call_s3 = s3fs.core.sync_wrapper(_call_s3)
+'''
+
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """Tensors of 5 to 6 MiB (float32) beside small norms: a shard of them is assembled of
+    copied parts and of gathered ones."""
+    from dist_svc.commands.demo import TinyLlama, make_family
+
+    root = tmp_path_factory.mktemp("s3-wide-family")
+    arch = TinyLlama(vocab_size=1408, hidden_size=1024, intermediate_size=1376, num_hidden_layers=1,
+                     num_attention_heads=8, num_key_value_heads=2)
+    return make_family(root, k=2, arch=arch, dtype=torch.float32, shards=1)
+
+
+@pytest.mark.parametrize("kill_at", [
+    "create_multipart_upload:1:after",  # the shard's upload created, no part yet
+    "upload_part_copy:2:after",  # some parts copied
+    "complete_multipart_upload:1:before",  # every part there, the upload not completed
+])
+def test_a_merge_to_s3_killed_at_each_step_of_a_shard_assembly_resumes_to_the_local_bytes(
+        tmp_path, tmp_path_factory, bucket, wide_family, kill_at, monkeypatch):
+    """A kill while a shard is assembled leaves no shard and an unfinished upload, which the
+    rerun aborts and does again: the output is the local merge's, byte for byte, and verifies."""
+    import fsspec
+
+    monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "1")
+    base, fts = wide_family
+    cfg = write_config(tmp_path / "m.yaml", base, fts)
+    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "30MB")
+    hook = tmp_path_factory.mktemp("s3-kill-hook")
+    (hook / "sitecustomize.py").write_text(S3_KILL_HOOK)
+    out = f"{bucket}/merged"
+    path = [str(hook), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]
+    env = dict(os.environ, DIST_SVC_TEST_S3_KILL_AT=kill_at, PYTHONPATH=os.pathsep.join(path))
+    killed = subprocess.run([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "30MB",
+                             "--progress", "off"], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    fs, root = fsspec.core.url_to_fs(out, skip_instance_cache=True)
+    assert not fs.exists(f"{root}/model.safetensors.index.json")  # killed before it finished
+    run_cli("merge", cfg, out, "--shard-size", "30MB")
+    assert _objects(out) == _local_files(tmp_path / "local")
+    assert "verified" in run_cli("verify", out).stdout

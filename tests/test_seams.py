@@ -60,3 +60,53 @@ def test_design_md_lists_every_module_once():
                if p.name != "__init__.py" or p.parent.name in ("storage", "executors", "methods")]
     assert len(named) == len(set(named)), "a module is listed twice"
     assert sorted(named) == sorted(modules)
+
+
+IMPLEMENTATIONS = {"LocalLocation", "RemoteLocation", "LocalFile", "RemoteFile", "LocalDir", "ObjectDir"}
+STORAGE_MODULES = {"dist_svc/storage/location.py", "dist_svc/storage/outdir.py"}
+
+
+def local_or_remote_checks(root: Path) -> list[str]:
+    """Where the package under `root` asks whether storage is local or remote instead of asking
+    what it can do: `.is_local`, `hasattr(x, "is_local")`, `isinstance(x, LocalDir)` and the
+    like, as "file:line", outside the modules that implement `Location` and `OutputDir`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        name = str(path.relative_to(root.parent))
+        if name in STORAGE_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            hit = False
+            if isinstance(node, ast.Attribute) and node.attr == "is_local":
+                hit = True
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
+                args = [a for a in node.args[1:] for a in (a.elts if isinstance(a, ast.Tuple) else [a])]
+                if node.func.id == "hasattr":
+                    hit = any(isinstance(a, ast.Constant) and a.value == "is_local" for a in args)
+                elif node.func.id == "isinstance":
+                    hit = any(isinstance(a, (ast.Name, ast.Attribute)) and
+                              (a.id if isinstance(a, ast.Name) else a.attr) in IMPLEMENTATIONS for a in args)
+            if hit:
+                found.append((name, node.lineno))
+    return [f"{name}:{line}" for name, line in sorted(found)]
+
+
+def test_only_the_storage_implementations_know_local_from_remote():
+    """Readers, layouts, the manifest and the driver ask a `Location` or an `OutputDir` for a
+    capability (`write_at_offset`, `file_paths`, ...), never which implementation it is: a
+    new storage backend is then one module and its contract suite subclass."""
+    assert local_or_remote_checks(PACKAGE) == []
+
+
+def test_the_local_or_remote_count_sees_each_kind_of_check(tmp_path):
+    """The counter above can fail: it finds each form of the check it forbids."""
+    package = tmp_path / "dist_svc"
+    package.mkdir()
+    (package / "reader.py").write_text(
+        "def f(loc, out):\n"
+        "    if loc.is_local:\n"
+        "        pass\n"
+        "    x = hasattr(out, 'is_local')\n"
+        "    y = isinstance(out, (LocalDir, storage.ObjectDir))\n"
+        "    z = isinstance(out, dict)\n")
+    assert local_or_remote_checks(package) == ["dist_svc/reader.py:2", "dist_svc/reader.py:4", "dist_svc/reader.py:5"]

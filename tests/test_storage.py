@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.storage.safetensors_reader import SafetensorsCheckpoint
-from tests.contracts import CheckpointContract, OutputLayoutContract
+from tests.contracts import CheckpointContract, LocationContract, OutputDirContract, OutputLayoutContract
 
 
 class TestSafetensorsCheckpoint(CheckpointContract):
@@ -29,6 +29,22 @@ class TestSafetensorsLayout(OutputLayoutContract):
         raw = bytearray(path.read_bytes())
         raw[place.offset + place.nbytes // 2] ^= 0x01
         path.write_bytes(bytes(raw))
+
+
+class TestLocalLocation(LocationContract):
+    def make(self, tmp_path, files):
+        for name, data in files.items():
+            self.rewrite(tmp_path / "ckpt", name, data)
+        return tmp_path / "ckpt"
+
+    def rewrite(self, where, name, data):
+        (where / name).parent.mkdir(parents=True, exist_ok=True)
+        (where / name).write_bytes(data)
+
+
+class TestLocalDir(OutputDirContract):
+    def make(self, tmp_path):
+        return tmp_path / "out"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 if TYPE_CHECKING:
     import torch
 
+    from dist_svc.storage.location import Location
     from dist_svc.storage.types import Checkpoint
 
 BLOCK_BYTES = 64 << 20  # what `read_blocks` reads at once
@@ -44,7 +45,8 @@ def source_of(text: str) -> Path | str:
     return local_path(text)
 
 
-def open_checkpoint(source: str | Path, base: "Checkpoint | None" = None, pins: "Mapping[str, str] | None" = None,
+def open_checkpoint(source: "str | Path | Location", base: "Checkpoint | None" = None,
+                    pins: "Mapping[str, str] | None" = None,
                     trust_pickle: bool = False, identity_only: bool = False) -> "Checkpoint":
     """The reader for a checkpoint source (see `source_of`). A PEFT adapter named alone applies to
     `base` (the merge's base model); `MODEL+ADAPTER` applies to MODEL (`base` itself when MODEL
@@ -84,8 +86,7 @@ def open_checkpoint(source: str | Path, base: "Checkpoint | None" = None, pins: 
         weights_file = next((f for f in WEIGHT_FILES if loc.is_file(f)), None)
         if weights_file is None:
             raise DistSvcError(f"{loc}: a PEFT adapter config without its weights ({' or '.join(WEIGHT_FILES)}).")
-        weights = open_checkpoint(loc.child(weights_file).url if not loc.is_local else loc.path / weights_file,
-                                  identity_only=identity_only)
+        weights = open_checkpoint(loc.child(weights_file), identity_only=identity_only)
         return LoraCheckpoint(loc, base, weights, source=text, extra_identity=extra, identity_only=identity_only)
     if kind == "torch":
         from dist_svc.storage.torch_reader import TorchCheckpoint

@@ -1,5 +1,7 @@
 """Where a checkpoint's files are: a local directory, or a prefix on object storage (s3://,
-gs://, anything fsspec serves). Readers see one interface, `Location`, and never branch on it.
+gs://, anything fsspec serves). Readers are written over one interface, `Location` (a Protocol,
+below), and ask it what it can do through its capability flags, never which implementation it
+is: `LocalLocation` and `RemoteLocation` are the only places that know local from remote.
 
 Paths stay strings at the edge: only a local location holds a `Path`. Remote files are read by
 ranges (`RemoteFile.read_into`: a read is split into parts fetched concurrently); endpoint and
@@ -17,13 +19,13 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
 from dist_svc.errors import DistSvcError
 
-PART_BYTES = 8 << 20  # a remote read is split into ranges of this size, fetched concurrently
+READ_PART_BYTES = 8 << 20  # a remote read is split into ranges of this size, fetched concurrently
 HEADER_PROBE = 1 << 20  # the first request for a safetensors header (most headers fit)
 MAP_WINDOW = 32 * 1024 * 1024  # bytes of a local file mapped at once by a column read
 # A client that gives up in seconds, not minutes, when the endpoint does not answer.
@@ -34,8 +36,90 @@ def is_url(text: str | Path) -> bool:
     return isinstance(text, str) and "://" in text and not text.startswith("file://")
 
 
-def location(source: str | Path) -> "LocalLocation | RemoteLocation":
-    """The location of a checkpoint named by a local path or a URL."""
+class File(Protocol):
+    """One file of a checkpoint, read by position (`Location.file`)."""
+
+    name: str  # its name in its location
+    where: str  # its path or URL, for messages
+
+    @property
+    def size(self) -> int: ...
+
+    def identity(self) -> dict:
+        """What changes when the file is written again (name, size, and a modification time
+        or version), JSON-able: part of a merge's fingerprint."""
+
+    def read(self, offset: int, nbytes: int) -> bytes: ...
+
+    def read_into(self, offset: int, buf) -> None:
+        """`len(buf)` bytes from `offset` into `buf`; a short file is an error."""
+
+    def read_columns(self, offset: int, shape: tuple[int, ...], itemsize: int, rows: range, cols: range) -> np.ndarray:
+        """rows x cols of a row-major array of `shape` stored at `offset`, as unsigned integers
+        of the element's size (the caller views them as its dtype)."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Location(Protocol):
+    """Where a checkpoint's files are (the read side of storage). `location()` makes one from a
+    path or URL. What an implementation can do is declared by its capability flags:
+
+    - `file_paths`: its files are paths on this machine's filesystem (`path`), which libraries
+      that open files themselves (torch.load, memory maps) can read. Else `path` is None.
+    - `ordered_versions`: the version `walk` gives a file is its modification time, which only
+      grows: the newest of a set of files says whether any of them changed. Else versions are
+      opaque (ETags), and a set's identity must name every one.
+    - `cheap_lookups`: asking whether one file exists costs no round trip (a local stat), so a
+      reader asks file by file; else it lists a prefix once and looks in the listing.
+    """
+
+    file_paths: ClassVar[bool]
+    ordered_versions: ClassVar[bool]
+    cheap_lookups: ClassVar[bool]
+    url: str  # the path or URL, as messages and identities name it
+    path: Path | None  # where `file_paths`: the local path
+
+    def exists(self) -> bool: ...
+
+    def is_dir(self) -> bool: ...
+
+    def is_file(self, name: str = "") -> bool:
+        """Whether `name` (a path relative to this location; "" for itself) is a file."""
+
+    def names(self) -> list[str]:
+        """The files directly in the directory, sorted."""
+
+    def where(self, name: str = "") -> str:
+        """`name`'s path or URL, for messages."""
+
+    def file(self, name: str = "") -> File: ...
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A whole (small) file; None when absent."""
+
+    def child(self, name: str) -> "Location": ...
+
+    def parent(self) -> "Location": ...
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, int, object]]:
+        """(key relative to `prefix`, size, version) of every file under it (see
+        `ordered_versions`)."""
+
+    def zarr_store(self, read_only: bool = True):
+        """What zarr opens this location with."""
+
+    def problem(self, e: BaseException, what: str) -> DistSvcError | None:
+        """A failure of the storage service under `what`, as one paragraph naming it; None where
+        no service stands between this process and the bytes (a local filesystem: its errors
+        are the file's own, for the reader to explain)."""
+
+
+def location(source: "str | Path | Location") -> Location:
+    """The location of a checkpoint named by a local path or a URL (a `Location` is itself)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
     if isinstance(source, str) and source.startswith("file://"):
         source = source.removeprefix("file://")
     if is_url(source):
@@ -121,7 +205,9 @@ class LocalFile:
 class LocalLocation:
     """A checkpoint on a local filesystem: a directory, or one file."""
 
-    is_local = True
+    file_paths = True
+    ordered_versions = True
+    cheap_lookups = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -178,12 +264,15 @@ class LocalLocation:
     def zarr_store(self, read_only: bool = True):
         return str(self.path)
 
+    def problem(self, e: BaseException, what: str) -> None:
+        return None  # no service in between: the reader explains what the file's error means
+
 
 # -- remote ----------------------------------------------------------------------------------------
 
 
 class RemoteFile:
-    """One object read by ranges. A read is split into parts of PART_BYTES fetched concurrently
+    """One object read by ranges. A read is split into parts of READ_PART_BYTES fetched concurrently
     (fsspec's `cat_ranges`); columns of a matrix are strided, so a column read first copies the
     tensor's bytes once into a local scratch file and reads from there."""
 
@@ -225,8 +314,8 @@ class RemoteFile:
         view = memoryview(buf).cast("B")
         if not len(view):
             return
-        starts = list(range(offset, offset + len(view), PART_BYTES))
-        ends = [min(s + PART_BYTES, offset + len(view)) for s in starts]
+        starts = list(range(offset, offset + len(view), READ_PART_BYTES))
+        ends = [min(s + READ_PART_BYTES, offset + len(view)) for s in starts]
         parts = self.loc.call(self.loc.fs.cat_ranges, [self.key] * len(starts), starts, ends, what=self.where)
         for start, end, part in zip(starts, ends, parts):
             if isinstance(part, BaseException):
@@ -268,7 +357,9 @@ class RemoteFile:
 class RemoteLocation:
     """A prefix (or one object) on object storage, through fsspec."""
 
-    is_local = False
+    file_paths = False
+    ordered_versions = False
+    cheap_lookups = False
     path = None
 
     def __init__(self, url: str, _fs=None):
@@ -361,7 +452,7 @@ class RemoteLocation:
         """The objects directly under the prefix (listed once)."""
         if self._listing is None:
             try:
-                entries = self.fs.ls(self.root, detail=True)
+                entries = self.fs.ls(self.root, detail=True, refresh=True)  # as it is now, not as cached
             except FileNotFoundError as e:
                 if "bucket" in str(e):
                     raise self.problem(e, self.url) from None
@@ -379,10 +470,10 @@ class RemoteLocation:
         return bool(self._list())
 
     def is_file(self, name: str = "") -> bool:
-        if name:
+        if name and "/" not in name:
             return name in self._list()
         try:
-            return self.fs.info(self.root).get("type") == "file"
+            return self.fs.info(self._key(name)).get("type") == "file"
         except FileNotFoundError:
             return False
         except Exception as e:
@@ -408,7 +499,7 @@ class RemoteLocation:
     def walk(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         """(key relative to `prefix`, size, version) of every object under it."""
         root = self._key(prefix)
-        found = self.call(self.fs.find, root, detail=True, what=self.where(prefix))
+        found = self.call(self.fs.find, root, detail=True, refresh=True, what=self.where(prefix))
         for key, info in sorted(found.items()):
             version = info.get("ETag") or info.get("LastModified") or info.get("mtime")
             yield key[len(root):].lstrip("/"), int(info["size"]), str(version).strip('"')
@@ -502,6 +593,7 @@ def storage_errors(loc, what: str):
     except DistSvcError:
         raise
     except Exception as e:
-        if isinstance(loc, RemoteLocation):
-            raise loc.problem(e, what) from None
-        raise
+        problem = loc.problem(e, what)
+        if problem is None:
+            raise
+        raise problem from None

@@ -1,51 +1,160 @@
 """Where a merge's output goes: a local directory, or a prefix on object storage (s3://).
 
-`OutputDir` is what the manifest, the run's lock and the output layouts write through; two
-implementations keep the same promises in their own terms:
+`OutputDir` (a Protocol, below) is what the manifest, the run's lock and the output layouts
+write through; `output_dir()` makes one from a path or URL. Layouts ask it what it can do
+through its capability flags, never which implementation it is: `LocalDir` and `ObjectDir`
+are the only places that know local from remote. The two keep the same promises in their own
+terms:
 
 | promise | local directory (`LocalDir`) | object storage (`ObjectDir`) |
 | --- | --- | --- |
 | a file appears whole or not at all | temp file + fsync + rename + fsync of the directory | a PUT (or a completed multipart upload) is atomic |
 | durable once written | fsync / fdatasync | acknowledged by the service |
 | the manifest's journal | one file, appended (O_APPEND + fdatasync) | one object per save (`NAME.00000007`), created only if absent (`If-None-Match: *`) |
-| one writer at a time | `flock`, released by the kernel when the process dies | conditional writes: the journal's next segment and every new snapshot are conditional puts, so a second writer fails at its first write; and a lease lock (`RemoteLock`) |
+| one writer at a time (`exclusive`) | `flock`, released by the kernel when the process dies | conditional writes: the journal's next segment and every new snapshot are conditional puts, so a second writer fails at its first write; and a lease lock (`RemoteLock`) |
 
 Only local paths are `Path`s; an object-storage output is named by its URL throughout.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, ClassVar, Iterable, Iterator, Protocol, runtime_checkable
 
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import READ_PIECE, Hasher, range_checksum
-from dist_svc.storage.durable import atomic_write, fsync_dir, sync_tree
+from dist_svc.storage.durable import atomic_write, fsync_dir, sync_tree, temp_path
 from dist_svc.storage.location import RemoteLocation, is_url
 
 SEGMENT = re.compile(r"\.(\d{8})$")
+ASSEMBLY_PART_BYTES = 16 << 20  # bytes gathered for an assembled object are uploaded in parts of this size
+MIN_PART_BYTES = 5 << 20  # S3: every part of a multipart upload but the last is at least this
+MAX_COPY_BYTES = 5 << 30  # S3: one UploadPartCopy copies at most this
 
 
-def output_dir(out: str | Path) -> "LocalDir | ObjectDir":
+@runtime_checkable
+class OutputDir(Protocol):
+    """Where a merge's output goes (the write side of storage). Names are paths relative to
+    the directory ("a/zarr.json"). What an implementation can do is declared by its
+    capability flags; the methods listed under a flag exist only where it is true:
+
+    - `write_at_offset`: a file can be created at its full size and then written in place, at
+      byte offsets, by any process that sees the directory (`path`: positional writes, fsync).
+      Else every file is written once, whole.
+    - `conditional_put`: `create` (only if absent) and `replace_if` (only if still the version
+      last seen): what keeps a second writer out where no lock dies with its process.
+    - `multipart_assembly`: a large file is uploaded in parts and appears only once complete
+      (`writer`, `assemble`); an unfinished upload is invisible, and `abort_uploads` drops the
+      ones a killed run left, of the names given only.
+    - `ordered_versions`: the version `walk` gives a file is its modification time, which only
+      grows, so the newest of a set says whether any changed; else versions are opaque (ETags).
+    """
+
+    write_at_offset: ClassVar[bool]
+    conditional_put: ClassVar[bool]
+    multipart_assembly: ClassVar[bool]
+    ordered_versions: ClassVar[bool]
+    url: str  # the path or URL, as messages name it
+    named: "Path | str"  # the directory as the rest of dist-svc names it: a Path if local, else its URL
+
+    def where(self, name: str = "") -> str: ...
+
+    def exists(self) -> bool: ...
+
+    def is_dir(self) -> bool: ...
+
+    def mkdir(self) -> None: ...
+
+    def names(self) -> list[str]:
+        """What is directly in the directory (files and subdirectories), sorted."""
+
+    def read(self, name: str) -> bytes | None:
+        """A whole file; None when absent."""
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes: ...
+
+    def write(self, name: str, data: bytes) -> None:
+        """`name` becomes `data`, whole or not at all, durably."""
+
+    def delete(self, name: str) -> None:
+        """Removed if present."""
+
+    def delete_many(self, names: list[str]) -> None: ...
+
+    def size(self, name: str) -> int | None: ...
+
+    def stamp(self, name: str) -> str | None:
+        """What identifies the file as it is now without reading it ("size:mtime_ns" locally,
+        "size:ETag" on object storage); None if missing. A rewrite gives a new one."""
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, int, object]]:
+        """(name relative to `prefix`, size, version) of every file under `prefix` (one
+        listing; see `ordered_versions`)."""
+
+    def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None: ...
+
+    def sync(self, prefix: str) -> None:
+        """Everything under `prefix` is durable."""
+
+    def zarr_store(self, read_only: bool = False): ...
+
+    def replace(self, name: str, data: bytes, keep: str | None = None) -> None:
+        """`name` becomes `data`, durably; the file it replaces is kept as `keep`. A second
+        writer that replaced it meanwhile is an error where the storage can tell."""
+
+    def journal_read(self, name: str) -> bytes:
+        """Everything appended to the journal `name` so far."""
+
+    def journal_append(self, name: str, data: bytes) -> None:
+        """`data` appended to the journal `name`, durably."""
+
+    def journal_remove(self, name: str) -> None: ...
+
+    def journal_close(self, name: str | None = None) -> None: ...
+
+    def journals(self, pattern: str) -> list[str]:
+        """The journals whose name matches the glob `pattern`."""
+
+    def exclusive(self, name: str, log: Callable[[str], None] = lambda line: None):
+        """A context manager: this process holds the lock `name` until the block ends, or the
+        block is not entered (an error naming the run that holds it). Yields a check that raises
+        if the lock was lost meanwhile. A lock left by a killed process is taken over."""
+
+    def lock_holder(self, name: str) -> "Lease | None":
+        """Whether a live run holds the lock `name` now, without waiting for it (None: no lock)."""
+
+
+def output_dir(out: "str | Path | OutputDir") -> OutputDir:
+    """The output directory named by a local path or an s3:// URL (an `OutputDir` is itself)."""
+    if not isinstance(out, (str, os.PathLike)):
+        return out
     if isinstance(out, str) and is_url(out):
         return ObjectDir(out)
     return LocalDir(Path(out))
 
 
 class LocalDir:
-    is_local = True
+    """A directory on a local (or shared, POSIX) filesystem."""
+
+    write_at_offset = True
+    conditional_put = False
+    multipart_assembly = False
+    ordered_versions = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.url = str(self.path)
+        self.named = self.path
         self._journals: dict[str, int] = {}
 
     def __str__(self) -> str:
@@ -75,17 +184,53 @@ class LocalDir:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        with open(self.path / name, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+
     def write(self, name: str, data: bytes) -> None:
-        atomic_write(self.path / name, data)
+        path = self.path / name
+        made = [d for d in path.parents if d.is_relative_to(self.path) and not d.is_dir()]
+        if made:  # a name in folders not there yet: made, as object storage takes any key
+            path.parent.mkdir(parents=True)
+            for folder in reversed(made):
+                fsync_dir(folder.parent)
+        atomic_write(path, data)
 
     def delete(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
+
+    def delete_many(self, names: list[str]) -> None:
+        for name in names:
+            self.delete(name)
 
     def size(self, name: str) -> int | None:
         try:
             return (self.path / name).stat().st_size
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def stamp(self, name: str) -> str | None:
+        """Size and modification time in ns: a rewrite in place that keeps the size still
+        changes the time."""
+        try:
+            st = os.stat(self.path / name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, int, int]]:
+        root = self.path / prefix
+        if root.is_file():
+            st = root.stat()
+            yield "", st.st_size, st.st_mtime_ns
+            return
+        for dirpath, _, filenames in os.walk(root):
+            for f in filenames:
+                full = os.path.join(dirpath, f)
+                st = os.stat(full)
+                yield os.path.relpath(full, root), st.st_size, st.st_mtime_ns
 
     def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None:
         return range_checksum(self.path / name, offset, nbytes)
@@ -100,8 +245,6 @@ class LocalDir:
 
     def replace(self, name: str, data: bytes, keep: str | None = None) -> None:
         """`name` becomes `data`, durably; the file it replaces is kept as `keep`."""
-        from dist_svc.storage.durable import temp_path
-
         path = self.path / name
         if keep and path.exists():
             held = temp_path(self.path / keep)
@@ -142,16 +285,61 @@ class LocalDir:
     def journals(self, pattern: str) -> list[str]:
         return sorted(p.name for p in self.path.glob(pattern))
 
+    # -- one run at a time ---------------------------------------------------------------------
+
+    @contextmanager
+    def exclusive(self, name: str, log: Callable[[str], None] = lambda line: None) -> Iterator[Callable[[], None]]:
+        """A `flock` on the file `name`: it dies with its process (kill -9 included); a run
+        that ends in any other way removes the file too (after kill -9 it stays, harmless, until
+        the next run)."""
+        path = self.path / name
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DistSvcError(f"another dist-svc run is merging into {self.path}; wait for it to finish "
+                                   f"(see `dist-svc status {self.path}`).") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # locked the file that is there now, not one a finishing run just removed
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield lambda: None
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def lock_holder(self, name: str) -> "Lease | None":
+        """A lock file left by a killed run is not held: its `flock` died with the run."""
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return Lease(False, None, None)
+        except BlockingIOError:
+            return Lease(True, None, None)
+        finally:
+            os.close(fd)
+
 
 class ObjectDir:
     """A prefix on object storage (S3 and S3-compatible services: conditional writes are
     needed for the single-writer rule)."""
 
-    is_local = False
-    path = None
+    write_at_offset = False
+    conditional_put = True
+    multipart_assembly = True
+    ordered_versions = False
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        self.named = self.url
         self.loc = RemoteLocation(self.url)
         self.protocol = self.loc.protocol
         if self.protocol not in ("s3", "s3a"):
@@ -233,6 +421,9 @@ class ObjectDir:
 
     def read(self, name: str) -> bytes | None:
         try:
+            # a whole read asks the object's size first, from fsspec's listings cache: one made
+            # before `name` was written says it is missing
+            self.fs.invalidate_cache(self.key(name))
             return self.fs.cat_file(self.key(name))
         except FileNotFoundError:
             return None
@@ -240,6 +431,8 @@ class ObjectDir:
             raise self.loc.problem(e, self.where(name)) from None
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
+        if stop <= start:
+            return b""  # fsspec reads an empty range as the whole object
         return self.call(self.fs.cat_file, self.key(name), start=start, end=stop, what=self.where(name))
 
     def write(self, name: str, data: bytes) -> None:
@@ -316,6 +509,17 @@ class ObjectDir:
         info = self.info(name)
         return None if info is None else int(info["size"])
 
+    def stamp(self, name: str) -> str | None:
+        """Size and ETag: every PUT of new bytes gives a new ETag."""
+        info = self.info(name)
+        return None if info is None else f"{info['size']}:{_etag(info)}"
+
+    def walk(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        root = prefix.rstrip("/")
+        for name, info in sorted(self.list(root).items()):
+            if name == root or name.startswith(root + "/") or not root:
+                yield name[len(root):].lstrip("/"), int(info["size"]), _etag(info)
+
     def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None:
         digest = Hasher()
         size = self.size(name)
@@ -335,6 +539,70 @@ class ObjectDir:
         """A file-like object that uploads `name` (multipart for large objects); the object
         appears only when it is closed, whole."""
         return self.call(self.fs.open, self.key(name), "wb", block_size=16 << 20, what=self.where(name))
+
+    def assemble(self, name: str, pieces: Iterable["bytes | tuple[str, int, int]"]) -> None:
+        """`name` becomes the concatenation of `pieces`, each bytes or a range (NAME, START,
+        STOP) of another object of this directory, as one multipart upload that appears whole
+        only once complete. Ranges are copied inside the storage service (UploadPartCopy) where
+        they can make parts of their own; every part but the last must be at least 5 MiB, so
+        bytes pieces and ranges under 5 MiB are gathered here and uploaded together, and a
+        gathered run is topped up to 5 MiB by the head of the range that follows it (the whole
+        range when what would be left of it is under 5 MiB). What passes through this process is
+        so the bytes pieces, the ranges under 5 MiB and, per gathered run, under 10 MiB of the
+        range after it. If taking a piece raises, the upload is aborted (invisible; the next
+        run's `abort_uploads` drops it if this process could not) and the error goes on."""
+        key = self.object_key(name)
+        what = self.where(name)
+        upload = self.call(self.fs.call_s3, "create_multipart_upload", Bucket=self.bucket, Key=key,
+                           what=what)["UploadId"]
+        parts: list[dict] = []
+        gathered = bytearray()
+
+        def send() -> None:
+            etag = self.call(self.fs.call_s3, "upload_part", Bucket=self.bucket, Key=key, UploadId=upload,
+                             PartNumber=len(parts) + 1, Body=bytes(gathered), what=what)["ETag"]
+            parts.append({"PartNumber": len(parts) + 1, "ETag": etag})
+            gathered.clear()
+
+        def gather(data) -> None:
+            gathered.extend(data)
+            if len(gathered) >= ASSEMBLY_PART_BYTES:
+                send()
+
+        def copy(source: str, start: int, stop: int) -> None:
+            count = math.ceil((stop - start) / MAX_COPY_BYTES)  # parts of <= 5 GiB, each >= 5 MiB
+            for k in range(count):
+                a, b = start + (stop - start) * k // count, start + (stop - start) * (k + 1) // count
+                result = self.call(self.fs.call_s3, "upload_part_copy", Bucket=self.bucket, Key=key,
+                                   UploadId=upload, PartNumber=len(parts) + 1,
+                                   CopySource={"Bucket": self.bucket, "Key": self.object_key(source)},
+                                   CopySourceRange=f"bytes={a}-{b - 1}", what=what)
+                parts.append({"PartNumber": len(parts) + 1, "ETag": result["CopyPartResult"]["ETag"]})
+
+        try:
+            for piece in pieces:
+                if not isinstance(piece, tuple):
+                    gather(piece)
+                    continue
+                source, start, stop = piece
+                head = max(0, MIN_PART_BYTES - len(gathered)) if gathered else 0
+                if stop - start - head < MIN_PART_BYTES:  # too small for a part of its own
+                    gather(self.read_range(source, start, stop))
+                    continue
+                if gathered:
+                    gathered.extend(self.read_range(source, start, start + head))
+                    send()
+                copy(source, start + head, stop)
+            if gathered or not parts:
+                send()
+            self.call(self.fs.call_s3, "complete_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload,
+                      MultipartUpload={"Parts": parts}, what=what)
+        except BaseException:
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload)
+            except Exception:
+                pass  # the next run aborts it
+            raise
 
     # -- the manifest's snapshot and journal ----------------------------------------------------
 
@@ -384,6 +652,26 @@ class ObjectDir:
         return sorted({SEGMENT.sub("", n) for n in self.list("") if "/" not in n and SEGMENT.search(n)
                        and fnmatch.fnmatch(SEGMENT.sub("", n), pattern)})
 
+    # -- one run at a time ---------------------------------------------------------------------
+
+    @contextmanager
+    def exclusive(self, name: str, log: Callable[[str], None] = lambda line: None) -> Iterator[Callable[[], None]]:
+        """A lease (`RemoteLock`): no lock dies with its process here, so a killed run's lock
+        is taken over once it has not been renewed for its lease."""
+        lock = RemoteLock(self, name, log=log)
+        lock.acquire()
+        try:
+            yield lock.check
+        finally:
+            lock.release()
+
+    def lock_holder(self, name: str) -> "Lease | None":
+        return RemoteLock.holder(self, name)
+
+
+def _etag(info: dict) -> str:
+    return info.get("ETag") or info.get("etag")
+
 
 def _precondition(e: BaseException) -> bool:
     text = str(e)
@@ -399,11 +687,11 @@ def _second_writer(where: str) -> DistSvcError:
 @dataclass(frozen=True)
 class Lease:
     """What an output's lock says of the run that holds it: whether it is alive (renewed within
-    its lease), its lease in seconds, and how long ago it was last renewed (None where the
-    service's clock cannot be read)."""
+    its lease), its lease in seconds (None for a lock that dies with its process, a `flock`),
+    and how long ago it was last renewed (None where the service's clock cannot be read)."""
 
     alive: bool
-    period: float
+    period: float | None
     age: float | None
 
 

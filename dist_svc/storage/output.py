@@ -4,8 +4,8 @@ An `OutputLayout` is built from the output spec, OUT_DIR and the planned tensors
 shape, in plan order) alone, so the driver, the workers (in any process) and `verify` all
 rebuild the same one. It decides where each tensor's bytes go and how a finished output looks;
 the driver decides when things happen, and the manifest records which tensors are done and
-their checksums (`recorded`: name -> sha256 of the tensor's bytes in row-major order, the same
-for every layout).
+their checksums (`recorded`: name -> the checksum of the tensor's bytes in row-major order, a
+BLAKE3-named digest (dist_svc.storage.checksum), the same for every layout).
 
 The formats a merge can write are registered here (`FORMATS`), each with its name, the options
 it takes (checked here, for the config, `convert` and the CLI alike) and the suffix that names it
@@ -171,7 +171,7 @@ class UnitWriter(Protocol):
 
 class OutputLayout(Protocol):
     format: ClassVar[str]
-    out_dir: Path
+    out_dir: Path | str  # OUT_DIR as the run names it: a Path if local, else its URL (`OutputDir.named`)
 
     def prepare(self, recorded: Mapping[str, str]) -> list[str]:
         """Before any worker writes (driver only): create what writers need, and bring what an
@@ -255,29 +255,12 @@ def _with_dtype(config_bytes: bytes, dtype: str) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def stat_stamp(path) -> str | None:
-    """A local file's size and modification time in ns (None: missing): a rewrite in place that
-    keeps the size still changes the time."""
-    import os
-
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def object_stamp(info: dict | None) -> str | None:
-    """An object's size and ETag (None: missing): every PUT of new bytes gives a new ETag."""
-    return None if info is None else f"{info['size']}:{info.get('ETag') or info.get('etag')}"
-
-
 def side_file_problems(out_dir, side_files: Mapping[str, str], deep: bool) -> list[str]:
-    """Side files of an output (a local directory or an `OutputDir`) that are missing or
+    """Side files of an output (a local path, a URL or an `OutputDir`) that are missing or
     (`deep`) not as written."""
     from dist_svc.storage.outdir import output_dir
 
-    folder = out_dir if hasattr(out_dir, "is_local") else output_dir(out_dir)
+    folder = output_dir(out_dir)
     out = []
     for name, digest in side_files.items():
         if (folder.size(name) if not deep else 0) is None:

@@ -1,20 +1,25 @@
-"""Output as Hugging Face sharded safetensors, written in place.
+"""Output as Hugging Face sharded safetensors, in an `OutputDir`, written as the directory can.
 
 Every output tensor's shape and dtype is known from the plan, so each shard's header, and so
-every tensor's byte offset, is fixed before any data exists. A shard is first created as
-`NAME.partial` (header + pre-sized data area); workers write their tensor's bytes at its offset
-in any order, from any process or node that sees the directory. Once all of a shard's tensors
-are recorded and their bytes verify against their checksums, the file is fsynced and renamed to
-NAME: a file under a shard's final name is always complete. The index and the side files
-(config, tokenizer) are written last, each via temp file + fsync + rename.
+every tensor's byte offset, is fixed before any data exists.
 
-On object storage (an s3:// OUT_DIR, `ObjectSafetensorsLayout`) there is no writing in place:
+Where the directory can `write_at_offset` (a local or shared filesystem), a shard is first
+created as `NAME.partial` (header + pre-sized data area); workers write their tensor's bytes at
+its offset in any order, from any process or node that sees the directory. Once all of a
+shard's tensors are recorded and their bytes verify against their checksums, the file is
+fsynced and renamed to NAME: a file under a shard's final name is always complete. The index
+and the side files (config, tokenizer) are written last, each via temp file + fsync + rename.
+
+Where it cannot (object storage: an object is written once, whole), it stages and assembles:
 each tensor is staged as an object of its own (`.dist-svc-staging/SHARD/TENSOR`, written by
-whichever worker or node computed it, hashed on the way), and sealing a shard streams its header
-and its tensors' staged objects, in order and each checked against its recorded checksum, into
-one multipart upload of the shard, whose completion makes it appear whole under its final
-name; the staged objects are deleted then. A killed run leaves staged objects (kept: their
-tensors are recorded) and at most an unfinished upload (invisible, aborted by the next run).
+whichever worker or node computed it, hashed on the way; a shard's first tensor behind the
+shard's header), and sealing a shard assembles its tensors' staged objects, in order, into one
+multipart upload of the shard inside the storage service (`OutputDir.assemble`: UploadPartCopy,
+the bytes are not downloaded), whose completion makes it appear whole under its final name; the
+staged objects are deleted then. A staged tensor this run did not hash as it uploaded it is
+re-read against its recorded checksum first. A killed run leaves staged objects
+(kept: their tensors are recorded) and at most an unfinished upload (invisible, aborted by the
+next run).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from pathlib import Path
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from dist_svc.storage.checksum import Hasher, range_checksum
-from dist_svc.storage.durable import atomic_write, fsync_dir, sync_file
-from dist_svc.storage.output import Entry, object_stamp, side_file_problems, stat_stamp
+from dist_svc.storage.durable import fsync_dir, sync_file
+from dist_svc.storage.outdir import output_dir
+from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
-
 PARTIAL_SUFFIX = ".partial"
+STAGING = ".dist-svc-staging"  # staged tensors, where shards are assembled rather than written in place
 DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
 
 
@@ -198,47 +204,71 @@ def index_bytes(shards: Sequence[ShardLayout], placements: Mapping[str, Placemen
 
 
 class SafetensorsLayout:
+    """Sharded safetensors in an `OutputDir`, written as the directory can (see the module's
+    docstring): in place where it can `write_at_offset`, else staged and assembled."""
+
     format: ClassVar[str] = "safetensors"
 
-    def __new__(cls, out_dir, entries: Sequence[Entry], options: Mapping):
-        from dist_svc.storage.location import is_url
-
-        if cls is SafetensorsLayout and is_url(str(out_dir)):
-            return super().__new__(ObjectSafetensorsLayout)
-        return super().__new__(cls)
-
-    def __getnewargs__(self):
-        return (self.out_dir, [], {})
-
-    def __init__(self, out_dir: Path, entries: Sequence[Entry], options: Mapping):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir, entries: Sequence[Entry], options: Mapping):
+        self.out = output_dir(out_dir)
+        self.out_dir = self.out.named
+        self.in_place = self.out.write_at_offset
         self.shards, self.placements = layout_shards(entries, int(options.get("shard_bytes") or DEFAULT_SHARD_BYTES))
         self.shapes = {name: tuple(shape) for name, _, shape in entries}
+        # staged, each shard's first tensor is staged behind the shard's header
+        self._leads = {min(shard.tensors, key=lambda n: self.placements[n].offset) for shard in self.shards}
         self._remaining: list[int] = []  # per shard: tensors not yet recorded (after `prepare`)
         self._sealed: list[bool] = []
         self._ready: set[int] = set()  # shards with every tensor recorded, not yet sealed
 
-    # -- paths ---------------------------------------------------------------------------------
+    # -- names -----------------------------------------------------------------------------------
 
     def final(self, k: int) -> Path:
-        return self.out_dir / self.shards[k].file
+        """In place: the shard's path under its final name."""
+        return self.out.path / self.shards[k].file
 
     def partial(self, k: int) -> Path:
-        return self.out_dir / (self.shards[k].file + PARTIAL_SUFFIX)
+        """In place: the shard's path while it is written."""
+        return self.out.path / (self.shards[k].file + PARTIAL_SUFFIX)
+
+    def staged(self, name: str) -> str:
+        """Staged: the name of a tensor's own object until its shard is assembled."""
+        place = self.placements[name]
+        return f"{STAGING}/{self.shards[place.shard].file}/{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+
+    def _prefix(self, name: str) -> bytes:
+        """Staged: what precedes the tensor's bytes in its staged object (its shard's header, for
+        the shard's first tensor: the header is then copied into the shard with it)."""
+        return self.shards[self.placements[name].shard].header if name in self._leads else b""
+
+    def _staged_bytes(self, name: str) -> int:
+        return len(self._prefix(name)) + self.placements[name].nbytes
 
     def _is_sealed(self, k: int) -> bool:
-        final = self.final(k)
-        return final.is_file() and final.stat().st_size == self.shards[k].size
+        shard = self.shards[k]
+        if self.in_place:
+            final = self.final(k)
+            return final.is_file() and final.stat().st_size == shard.size
+        if self.out.size(shard.file) != shard.size:
+            return False
+        return self.out.read_range(shard.file, 0, len(shard.header)) == shard.header
 
     # -- the driver's side ----------------------------------------------------------------------
 
     def prepare(self, recorded: Mapping[str, str]) -> list[str]:
+        self._remaining, self._sealed, self._ready = [], [], set()
+        redo = self._prepare_in_place(recorded) if self.in_place else self._prepare_staged(recorded)
+        for k in range(len(self.shards)):
+            if not self._remaining[k] and not self._sealed[k]:
+                self._ready.add(k)
+        return redo
+
+    def _prepare_in_place(self, recorded: Mapping[str, str]) -> list[str]:
         """A shard under its final name stays sealed only if every tensor in it is recorded (a
         run killed between sealing and saving the manifest, or a forged manifest, sends it back
         to `.partial`, to be verified and sealed again). A partial that is missing, or whose
         header or size is not the planned one, is recreated and its recorded tensors run again."""
         redo: list[str] = []
-        self._remaining, self._sealed, self._ready = [], [], set()
         for k, shard in enumerate(self.shards):
             final, partial = self.final(k), self.partial(k)
             unrecorded = sum(name not in recorded for name in shard.tensors)
@@ -257,9 +287,43 @@ class SafetensorsLayout:
                 unrecorded += len(lost)
             self._remaining.append(unrecorded)
             self._sealed.append(False)
-            if not unrecorded:
-                self._ready.add(k)
         return redo
+
+    def _prepare_staged(self, recorded: Mapping[str, str]) -> list[str]:
+        """Unfinished uploads of shards (a seal killed midway) are aborted. A sealed shard stays
+        sealed if every tensor in it is recorded; otherwise (a forged or rolled-back manifest) it
+        is deleted and its tensors run again. In an unsealed shard, a recorded tensor whose
+        staged object is missing or of the wrong size runs again."""
+        self._abort_uploads()
+        staged = {f"{STAGING}/{key}": size for key, size, _ in self.out.walk(STAGING)}
+        redo: list[str] = []
+        for k, shard in enumerate(self.shards):
+            unrecorded = sum(name not in recorded for name in shard.tensors)
+            if self._is_sealed(k):
+                if not unrecorded:
+                    self._remaining.append(0)
+                    self._sealed.append(True)
+                    # a seal killed after the upload, before its staged tensors were deleted
+                    self.out.delete_many([self.staged(n) for n in shard.tensors if self.staged(n) in staged])
+                    continue
+                self.out.delete(shard.file)
+                lost = [name for name in shard.tensors if name in recorded]
+                redo += lost
+                unrecorded += len(lost)
+            else:
+                for name in shard.tensors:
+                    if name in recorded and staged.get(self.staged(name)) != self._staged_bytes(name):
+                        redo.append(name)
+                        unrecorded += 1
+            self._remaining.append(unrecorded)
+            self._sealed.append(False)
+        return redo
+
+    def _abort_uploads(self) -> None:
+        """This output's own unfinished uploads, of its shards and of its staged tensors (not
+        other clients' uploads in the bucket: see `OutputDir.abort_uploads`)."""
+        self.out.abort_uploads(shard.file for shard in self.shards)
+        self.out.abort_uploads(self.staged(name) for name in self.placements)
 
     def _partial_ok(self, k: int) -> bool:
         shard = self.shards[k]
@@ -280,254 +344,83 @@ class SafetensorsLayout:
 
     def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
         """Seal each ready shard once the bytes of its tensors not in `fresh` match their
-        checksums; a shard with damaged tensors waits for them to be run again."""
+        checksums (re-read); a shard with damaged tensors waits for them to be run again."""
         damaged: list[str] = []
         for k in sorted(self._ready):
             self._ready.discard(k)
-            partial = self.partial(k)
-            if not self._partial_ok(k):  # gone or cut short under us: every tensor again
-                create_partial(partial, self.shards[k])
-                bad = list(self.shards[k].tensors)
-            else:
-                bad = [n for n in self.shards[k].tensors
-                       if n not in fresh and self.stored_checksum(n) != recorded[n]]
+            bad = self._seal_in_place(k, recorded, fresh) if self.in_place else self._assemble(k, recorded, fresh)
             if bad:
                 self._remaining[k] += len(bad)
                 damaged += bad
                 continue
+            self._sealed[k] = True
+            if not self.in_place:
+                self.out.delete_many([self.staged(n) for n in self.shards[k].tensors])
+        return damaged
+
+    def _seal_in_place(self, k: int, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        partial = self.partial(k)
+        if not self._partial_ok(k):  # gone or cut short under us: every tensor again
+            create_partial(partial, self.shards[k])
+            return list(self.shards[k].tensors)
+        bad = [n for n in self.shards[k].tensors if n not in fresh and self.stored_checksum(n) != recorded[n]]
+        if not bad:
             seal_file(partial, self.final(k))
-            self._sealed[k] = True
-        return damaged
+        return bad
+
+    def _assemble(self, k: int, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
+        """The shard as one upload of its header and its staged tensors in order, assembled
+        inside the storage service (`OutputDir.assemble`: the tensors' bytes are copied there,
+        not through this process). First every staged tensor is checked: of its planned size,
+        and, unless this run's writer hashed it as it uploaded it (`fresh`), re-read against its
+        recorded checksum; a damaged one stops the shard and is run again."""
+        shard = self.shards[k]
+        order = sorted(shard.tensors, key=lambda n: self.placements[n].offset)
+        sizes = {f"{STAGING}/{shard.file}/{key}": size for key, size, _ in self.out.walk(f"{STAGING}/{shard.file}")}
+        bad = [n for n in order if sizes.get(self.staged(n)) != self._staged_bytes(n) or
+               (n not in fresh and self._staged_checksum(n) != recorded[n])]
+        if not bad:
+            self.out.assemble(shard.file, [(self.staged(n), 0, self._staged_bytes(n)) for n in order])
+        return bad
+
+    def _staged_checksum(self, name: str) -> str | None:
+        """The checksum of a tensor's staged bytes (None: gone, or a header in front of them
+        that is not its shard's)."""
+        prefix = self._prefix(name)
+        if prefix and self.out.read_range(self.staged(name), 0, len(prefix)) != prefix:
+            return None
+        return self.out.range_checksum(self.staged(name), len(prefix), self.placements[name].nbytes)
 
     def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
-        atomic_write(self.out_dir / INDEX_NAME, index_bytes(self.shards, self.placements))
-        for name, data in side_files.items():
-            atomic_write(self.out_dir / name, data)
-
-    # -- any process -----------------------------------------------------------------------------
-
-    def writer(self, name: str, sync: bool) -> TensorWriter:
-        place = self.placements[name]
-        return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync, self.shapes[name])
-
-    def make_durable(self, names: Iterable[str]) -> None:
-        for k in sorted({self.placements[n].shard for n in names}):
-            if self.partial(k).exists():  # a sealed shard was synced when it was sealed
-                sync_file(self.partial(k))
-
-    def stored_checksum(self, name: str) -> str | None:
-        place = self.placements[name]
-        path = self.partial(place.shard)
-        if not path.exists():
-            path = self.final(place.shard)
-        return range_checksum(path, place.offset, place.nbytes)
-
-    # -- checking ----------------------------------------------------------------------------------
-
-    def problems(self, recorded: Mapping[str, str], side_files: Mapping[str, str], deep: bool) -> list[str]:
-        out = []
-        for k, shard in enumerate(self.shards):
-            final = self.final(k)
-            if not final.is_file():
-                state = "still being written (.partial)" if self.partial(k).exists() else "missing"
-                out.append(f"{final}: {state}")
-                continue
-            size = final.stat().st_size
-            if size != shard.size:
-                out.append(f"{final}: {size} bytes, planned {shard.size} (truncated or extended)")
-                continue
-            with open(final, "rb") as f:
-                if f.read(len(shard.header)) != shard.header:
-                    out.append(f"{final}: its header is not the planned one")
-                    continue
-            if deep:
-                for name in shard.tensors:
-                    if name not in recorded:
-                        out.append(f"{final}: tensor '{name}' is not recorded as merged")
-                    elif self.stored_checksum(name) != recorded[name]:
-                        out.append(f"{final}: tensor '{name}' does not match its checksum (corrupted)")
-        index = self.out_dir / INDEX_NAME
-        try:
-            written = index.read_bytes()
-        except OSError:
-            out.append(f"{index}: missing")
-        else:
-            if written != index_bytes(self.shards, self.placements):
-                out.append(f"{index}: does not map every tensor to its shard as planned")
-        return out + side_file_problems(self.out_dir, side_files, deep)
-
-    def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
-        names = [*(shard.file for shard in self.shards), INDEX_NAME, *side_files]
-        return {name: stamp for name in names if (stamp := self._stamp(name)) is not None}
-
-    def _stamp(self, name: str) -> str | None:
-        return stat_stamp(self.out_dir / name)
-
-    def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
-        """The recorded tensors of each changed shard whose bytes fail their checksums (the index
-        and side files are rewritten by every run's `finish`)."""
-        changed = set(changed)
-        return [name for k, shard in enumerate(self.shards) if shard.file in changed and self._is_sealed(k)
-                for name in shard.tensors if name in recorded and self.stored_checksum(name) != recorded[name]]
-
-    def state(self) -> list[str]:
-        sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
-        return [f"shards  {sealed}/{len(self.shards)} written"]
-
-
-STAGING = ".dist-svc-staging"
-PART_BYTES = 16 << 20  # parts of a shard's multipart upload (S3: at least 5 MiB but the last)
-
-
-class ObjectSafetensorsLayout(SafetensorsLayout):
-    """Sharded safetensors on object storage: tensors staged as objects, shards assembled from
-    them when sealed (see the module's docstring)."""
-
-    def __init__(self, out_dir: str, entries: Sequence[Entry], options: Mapping):
-        from dist_svc.storage.outdir import output_dir
-
-        super().__init__(Path("."), entries, options)
-        self.out_dir = str(out_dir)
-        self.out = output_dir(self.out_dir)
-
-    def staged(self, name: str) -> str:
-        place = self.placements[name]
-        return f"{STAGING}/{self.shards[place.shard].file}/{hashlib.sha256(name.encode()).hexdigest()[:40]}"
-
-    def _stamp(self, name: str) -> str | None:
-        return object_stamp(self.out.info(name))
-
-    def _is_sealed(self, k: int) -> bool:
-        shard = self.shards[k]
-        if self.out.size(shard.file) != shard.size:
-            return False
-        return self.out.read_range(shard.file, 0, len(shard.header)) == shard.header
-
-    # -- the driver's side ----------------------------------------------------------------------
-
-    def prepare(self, recorded: Mapping[str, str]) -> list[str]:
-        """Unfinished uploads of shards (a seal killed midway) are aborted. A sealed shard stays
-        sealed if every tensor in it is recorded; otherwise (a forged or rolled-back manifest) it
-        is deleted and its tensors run again. In an unsealed shard, a recorded tensor whose
-        staged object is missing or of the wrong size runs again."""
-        self._abort_uploads()
-        staged = {n: int(info["size"]) for n, info in self.out.list(STAGING).items()}
-        redo: list[str] = []
-        self._remaining, self._sealed, self._ready = [], [], set()
-        for k, shard in enumerate(self.shards):
-            unrecorded = sum(name not in recorded for name in shard.tensors)
-            if self._is_sealed(k):
-                if not unrecorded:
-                    self._remaining.append(0)
-                    self._sealed.append(True)
-                    # a seal killed after the upload, before its staged tensors were deleted
-                    self.out.delete_many([self.staged(n) for n in shard.tensors if self.staged(n) in staged])
-                    continue
-                self.out.delete(shard.file)
-                lost = [name for name in shard.tensors if name in recorded]
-                redo += lost
-                unrecorded += len(lost)
-            else:
-                for name in shard.tensors:
-                    if name in recorded and staged.get(self.staged(name)) != self.placements[name].nbytes:
-                        redo.append(name)
-                        unrecorded += 1
-            self._remaining.append(unrecorded)
-            self._sealed.append(False)
-            if not unrecorded:
-                self._ready.add(k)
-        return redo
-
-    def _abort_uploads(self) -> None:
-        """This output's own unfinished uploads, of its shards and of its staged tensors (not
-        other clients' uploads in the bucket: see `ObjectDir.abort_uploads`)."""
-        self.out.abort_uploads(shard.file for shard in self.shards)
-        self.out.abort_uploads(self.staged(name) for name in self.placements)
-
-    def seal(self, recorded: Mapping[str, str], fresh: set[str]) -> list[str]:
-        """Assemble each ready shard from its staged tensors, each checked against its recorded
-        checksum on the way (a damaged one stops that shard's upload and is run again)."""
-        damaged: list[str] = []
-        for k in sorted(self._ready):
-            self._ready.discard(k)
-            bad = self._assemble(k, recorded)
-            if bad:
-                self._remaining[k] += len(bad)
-                damaged += bad
-                continue
-            self._sealed[k] = True
-            self.out.delete_many([self.staged(n) for n in self.shards[k].tensors])
-        return damaged
-
-    def _assemble(self, k: int, recorded: Mapping[str, str]) -> list[str]:
-        out = self.out
-        shard = self.shards[k]
-        key = out.object_key(shard.file)
-        upload = out.call(out.fs.call_s3, "create_multipart_upload", Bucket=out.bucket, Key=key,
-                          what=out.where(shard.file))["UploadId"]
-        parts: list[dict] = []
-        buffer = bytearray(shard.header)
-
-        def flush(last: bool = False) -> None:
-            while len(buffer) >= PART_BYTES or (last and buffer):
-                piece = bytes(buffer[:PART_BYTES])
-                del buffer[:PART_BYTES]
-                number = len(parts) + 1
-                etag = out.call(out.fs.call_s3, "upload_part", Bucket=out.bucket, Key=key, UploadId=upload,
-                                PartNumber=number, Body=piece, what=out.where(shard.file))["ETag"]
-                parts.append({"PartNumber": number, "ETag": etag})
-
-        try:
-            bad = []
-            for name in sorted(shard.tensors, key=lambda n: self.placements[n].offset):
-                place = self.placements[name]
-                digest = Hasher()
-                size = out.size(self.staged(name))
-                if size != place.nbytes:
-                    bad.append(name)
-                    continue
-                for start in range(0, place.nbytes, PART_BYTES):
-                    data = out.read_range(self.staged(name), start, min(start + PART_BYTES, place.nbytes))
-                    digest.update(data)
-                    buffer += data
-                    flush()
-                if digest.digest() != recorded[name]:
-                    bad.append(name)
-            if bad:
-                raise _Damaged(bad)
-            flush(last=True)
-            out.call(out.fs.call_s3, "complete_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload,
-                     MultipartUpload={"Parts": parts}, what=out.where(shard.file))
-            return []
-        except _Damaged as e:
-            out.call(out.fs.call_s3, "abort_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload,
-                     what=out.url)
-            return e.names
-        except BaseException:
-            try:
-                out.fs.call_s3("abort_multipart_upload", Bucket=out.bucket, Key=key, UploadId=upload)
-            except Exception:
-                pass  # the next run aborts it
-            raise
-
-    def finish(self, recorded: Mapping[str, str], side_files: Mapping[str, bytes]) -> None:
-        self.out.delete_many(list(self.out.list(STAGING + "/")))  # whatever a killed run left
+        self.out.delete_many([f"{STAGING}/{key}" for key, _, _ in self.out.walk(STAGING)])  # what a killed run left
         self.out.write(INDEX_NAME, index_bytes(self.shards, self.placements))
         for name, data in side_files.items():
             self.out.write(name, data)
 
     # -- any process -----------------------------------------------------------------------------
 
-    def writer(self, name: str, sync: bool) -> "ObjectTensorWriter":
-        return ObjectTensorWriter(self.out, self.staged(name), self.placements[name].nbytes)
+    def writer(self, name: str, sync: bool) -> "TensorWriter | ObjectTensorWriter":
+        place = self.placements[name]
+        if self.in_place:
+            return TensorWriter(self.partial(place.shard), place.offset, place.nbytes, sync, self.shapes[name])
+        return ObjectTensorWriter(self.out, self.staged(name), place.nbytes, self._prefix(name))
 
     def make_durable(self, names: Iterable[str]) -> None:
-        pass  # an uploaded object is durable
+        if not self.in_place:
+            return  # an uploaded object is durable
+        for k in sorted({self.placements[n].shard for n in names}):
+            if self.partial(k).exists():  # a sealed shard was synced when it was sealed
+                sync_file(self.partial(k))
 
     def stored_checksum(self, name: str) -> str | None:
         place = self.placements[name]
-        if self.out.size(self.staged(name)) == place.nbytes:
-            return self.out.range_checksum(self.staged(name), 0, place.nbytes)
+        if self.in_place:
+            path = self.partial(place.shard)
+            if not path.exists():
+                path = self.final(place.shard)
+            return range_checksum(path, place.offset, place.nbytes)
+        if self.out.size(self.staged(name)) == self._staged_bytes(name):
+            return self._staged_checksum(name)
         return self.out.range_checksum(self.shards[place.shard].file, place.offset, place.nbytes)
 
     # -- checking ----------------------------------------------------------------------------------
@@ -538,8 +431,7 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
             where = self.out.where(shard.file)
             size = self.out.size(shard.file)
             if size is None:
-                staged = self.out.list(f"{STAGING}/{shard.file}")
-                out.append(f"{where}: {'still being written (tensors staged)' if staged else 'missing'}")
+                out.append(f"{where}: {self._unsealed_state(k)}")
                 continue
             if size != shard.size:
                 out.append(f"{where}: {size} bytes, planned {shard.size} (truncated or extended)")
@@ -561,25 +453,40 @@ class ObjectSafetensorsLayout(SafetensorsLayout):
             out.append(f"{self.out.where(INDEX_NAME)}: does not map every tensor to its shard as planned")
         return out + side_file_problems(self.out, side_files, deep)
 
+    def _unsealed_state(self, k: int) -> str:
+        shard = self.shards[k]
+        if self.in_place:
+            return "still being written (.partial)" if self.partial(k).exists() else "missing"
+        return "still being written (tensors staged)" if any(self.out.walk(f"{STAGING}/{shard.file}")) else "missing"
+
+    def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
+        names = [*(shard.file for shard in self.shards), INDEX_NAME, *side_files]
+        return {name: stamp for name in names if (stamp := self.out.stamp(name)) is not None}
+
+    def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
+        """The recorded tensors of each changed shard whose bytes fail their checksums (the index
+        and side files are rewritten by every run's `finish`)."""
+        changed = set(changed)
+        return [name for k, shard in enumerate(self.shards) if shard.file in changed and self._is_sealed(k)
+                for name in shard.tensors if name in recorded and self.stored_checksum(name) != recorded[name]]
+
     def state(self) -> list[str]:
         sealed = sum(self._is_sealed(k) for k in range(len(self.shards)))
         return [f"shards  {sealed}/{len(self.shards)} written"]
 
 
-class _Damaged(Exception):
-    def __init__(self, names: list[str]):
-        self.names = names
-
-
 class ObjectTensorWriter:
-    """One tensor's bytes uploaded as one object (multipart when large), hashed on the way; the
+    """One tensor's bytes uploaded as one object (multipart when large) behind `prefix` (not
+    part of the tensor: its shard's header, for a shard's first tensor), hashed on the way; the
     object exists only once `close` has uploaded all of it."""
 
     columns = False  # an object is uploaded in order, once
 
-    def __init__(self, out, name: str, nbytes: int):
+    def __init__(self, out, name: str, nbytes: int, prefix: bytes = b""):
         self.out, self.name, self.nbytes = out, name, nbytes
         self.file = out.writer(name)
+        if prefix:
+            self.out.call(self.file.write, prefix, what=self.out.where(name))
         self.written = 0
         self.hash = Hasher()
         self.seconds = {"checksum": 0.0, "write": 0.0}

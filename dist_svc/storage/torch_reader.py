@@ -41,7 +41,7 @@ class TorchCheckpoint:
         self.loc = loc
         self.source = source or str(path)
         self.path = loc.path
-        if not loc.is_local:
+        if not loc.file_paths:  # torch.load opens (and memory-maps) a file by its path
             raise DistSvcError(f"{loc}: a legacy PyTorch checkpoint (.bin/.pt) is read from local files only. "
                                f"Copy it to a local directory and convert it once (`dist-svc convert DIR "
                                f"DIR-safetensors`); safetensors and zarr are read from object storage directly.")

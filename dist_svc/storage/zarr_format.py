@@ -85,19 +85,3 @@ def chunk_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
         return (max(1, min(shape[0], TILE)), max(1, min(shape[1], TILE)))
     row_bytes = math.prod(shape[1:]) * ITEMSIZE[dtype]
     return (max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1))), *shape[1:])
-
-
-def chunk_files(root: Path) -> tuple[int, int, int]:
-    """(count, total size, newest mtime_ns) of one array's chunk files under `root`."""
-    import os
-
-    size, newest, count = 0, 0, 0
-    chunks = root / "c"
-    if chunks.is_file():  # a 0-d array's single chunk
-        st = chunks.stat()
-        return 1, st.st_size, st.st_mtime_ns
-    for dirpath, _, filenames in os.walk(chunks):
-        for f in filenames:
-            st = os.stat(os.path.join(dirpath, f))
-            size, newest, count = size + st.st_size, max(newest, st.st_mtime_ns), count + 1
-    return count, size, newest

@@ -23,9 +23,9 @@ import numpy as np
 
 from dist_svc.storage.checksum import Hasher
 from dist_svc.storage.outdir import output_dir
-from dist_svc.storage.output import Entry, object_stamp, side_file_problems, stat_stamp
+from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.zarr_format import (
-    CHECKSUM_ATTR, DTYPE_ATTR, ORDER_ATTR, STORED, array_name, chunk_files, chunk_shape, zarr_module,
+    CHECKSUM_ATTR, DTYPE_ATTR, ORDER_ATTR, STORED, array_name, chunk_shape, zarr_module,
 )
 
 
@@ -163,7 +163,7 @@ class ZarrLayout:
 
     def __init__(self, out_dir: Path | str, entries: Sequence[Entry], options: Mapping):
         self.out = output_dir(out_dir)
-        self.out_dir = self.out.path if self.out.is_local else self.out.url
+        self.out_dir = self.out.named
         # tensor -> (array name, dtype, shape); an impossible name is refused here, before writing
         self.entries = {name: (array_name(name), dtype, tuple(shape)) for name, dtype, shape in entries}
         self.compression = options.get("compression") or "none"
@@ -225,34 +225,33 @@ class ZarrLayout:
         return out + side_file_problems(self.out, side_files, deep)
 
     def stamps(self, side_files: Iterable[str]) -> dict[str, str]:
-        """One stamp for the whole store: a digest of every array's chunk files (count, bytes,
-        newest mtime_ns; on object storage each chunk's size and ETag), its metadata and the
-        side files."""
+        """One stamp for the whole store: a digest of its metadata, the side files and every
+        array's chunk files: where versions are ordered (modification times), each array's
+        chunk count, bytes and newest version; else (ETags) each chunk's size and version."""
         digest = hashlib.sha256()
         names = ["zarr.json", *side_files, *(f"{array}/zarr.json" for array, _, _ in self.entries.values())]
-        if self.out.is_local:
+        if self.out.ordered_versions:
             for name in names:
-                digest.update(f"{name}={stat_stamp(self.out.path / name)}\n".encode())
+                digest.update(f"{name}={self.out.stamp(name)}\n".encode())
             for array, _, _ in self.entries.values():
-                digest.update(f"{array}={chunk_files(self.out.path / array)}\n".encode())
+                chunks = [(size, version) for _, size, version in self.out.walk(f"{array}/c")]
+                summary = (len(chunks), sum(c[0] for c in chunks), max((c[1] for c in chunks), default=0))
+                digest.update(f"{array}={summary}\n".encode())
         else:
-            listed = self.out.list("")
             wanted = set(names)
-            for key in sorted(listed):
+            for key, size, version in self.out.walk(""):
                 array, sep, rest = key.partition("/")
                 if key in wanted or (sep and (rest == "c" or rest.startswith("c/"))):
-                    digest.update(f"{key}={object_stamp(listed[key])}\n".encode())
+                    digest.update(f"{key}={size}:{version}\n".encode())
         return {"store": digest.hexdigest()}
 
     def damaged(self, recorded: Mapping[str, str], changed: Iterable[str]) -> list[str]:
         return []  # `prepare` re-hashes every recorded tensor anyway
 
     def _chunk_counts(self):
-        """array -> its chunk files (one listing of the whole store on object storage)."""
-        if self.out.is_local:
-            return lambda array: chunk_files(self.out.path / array)[0]
+        """array -> its chunk files (one listing of the whole store)."""
         counts: dict[str, int] = {}
-        for key in self.out.list(""):
+        for key, _, _ in self.out.walk(""):
             array, sep, rest = key.partition("/")
             if sep and (rest == "c" or rest.startswith("c/")):
                 counts[array] = counts.get(array, 0) + 1

@@ -112,9 +112,9 @@ class ZarrCheckpoint:
                 if entry.complete and count < expected:
                     raise DistSvcError(f"{self.loc}: tensor '{name}' has {count} of its {expected} chunk files; "
                                        f"the store is incomplete (an interrupted copy?). Convert or copy it again.")
-                if self.loc.is_local:
+                if self.loc.ordered_versions:  # the newest modification time says whether any changed
                     version = {"mtime_ns": max((c[2] for c in chunks), default=0)}
-                else:
+                else:  # opaque versions (ETags): every one counts
                     version = {"versions_sha256": hashlib.sha256(json.dumps(chunks).encode()).hexdigest()}
                 meta = self.loc.read_bytes(f"{entry.key}/zarr.json") or b""
                 out.append({"array": name, "shape": list(entry.info.shape), "dtype": entry.info.dtype,
@@ -148,8 +148,9 @@ class ZarrCheckpoint:
         except DistSvcError:
             raise
         except Exception as e:
-            if not self.loc.is_local and not isinstance(e, (ValueError, TypeError)):
-                raise self.loc.problem(e, entry.info.where) from None
+            problem = None if isinstance(e, (ValueError, TypeError)) else self.loc.problem(e, entry.info.where)
+            if problem is not None:
+                raise problem from None
             raise DistSvcError(f"{self.loc}: cannot read tensor '{name}' ({type(e).__name__}: {e}); "
                                f"a chunk is corrupt or truncated. Convert or copy the store again.") from None
         tensor = torch.from_numpy(data)
@@ -169,10 +170,10 @@ class ZarrCheckpoint:
             chunk = array.chunks[axis]
             ranges.append(range(start // chunk, (stop - 1) // chunk + 1))
         encode = array.metadata.chunk_key_encoding.encode_chunk_key
-        if self.loc.is_local:
+        if self.loc.cheap_lookups:
             def present(key: str) -> bool:
-                return (self.loc.path / entry.key / key).is_file()
-        else:
+                return self.loc.is_file(f"{entry.key}/{key}")
+        else:  # one listing of the array's chunks, looked up in
             if entry.key not in self._chunk_keys:
                 with storage_errors(self.loc, entry.info.where):
                     self._chunk_keys[entry.key] = {f"c/{k}" if k else "c" for k, _, _ in self.loc.walk(f"{entry.key}/c")}
