@@ -34,7 +34,7 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 from dist_svc.storage.checksum import Hasher, range_checksum
 from dist_svc.storage.durable import fsync_dir, sync_file
-from dist_svc.storage.outdir import output_dir
+from dist_svc.storage.outdir import MIN_PART_BYTES, output_dir
 from dist_svc.storage.output import Entry, side_file_problems
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
@@ -69,7 +69,11 @@ def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[
     of tensor data (a tensor larger than that gets a shard of its own), and fix every offset.
 
     Within a shard, tensors are laid out by dtype size (largest first) so every tensor's data is
-    aligned to its element size, as safetensors' own writer does.
+    aligned to its element size, as safetensors' own writer does; tensors smaller than an object
+    store's smallest multipart part come after the others (where that keeps the alignment): a
+    shard assembled inside the storage service then copies each large tensor as parts of its
+    own and passes only the small ones through the assembling process, as its last part
+    (`ObjectDir.assemble`; the same order on every storage, so the bytes are the same).
     """
     groups: list[list[Entry]] = []
     current: list[Entry] = []
@@ -87,7 +91,7 @@ def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[
     shards: list[ShardLayout] = []
     placements: dict[str, Placement] = {}
     for k, group in enumerate(groups):
-        ordered = sorted(group, key=lambda e: -ITEMSIZE[e[1]])  # stable: keeps plan order per dtype
+        ordered = _small_last(sorted(group, key=lambda e: -ITEMSIZE[e[1]]))  # stable: plan order per dtype
         header: dict = {"__metadata__": {"format": "pt"}}
         position = 0
         for name, dtype, shape in ordered:
@@ -103,6 +107,17 @@ def layout_shards(entries: Sequence[Entry], max_shard_bytes: int) -> tuple[list[
         shards.append(ShardLayout(shard_name(k, len(groups)), prefix, len(prefix) + position,
                                   tuple(name for name, _, _ in ordered)))
     return shards, placements
+
+
+def _small_last(ordered: list[Entry]) -> list[Entry]:
+    """`ordered` (by dtype size, largest first) with the tensors under MIN_PART_BYTES moved to
+    the end, each part still by dtype size, when every small tensor's data stays aligned to its
+    element size; else as it was."""
+    small = [e for e in ordered if tensor_nbytes(e[1], e[2]) < MIN_PART_BYTES]
+    large = [e for e in ordered if tensor_nbytes(e[1], e[2]) >= MIN_PART_BYTES]
+    if not small or not large or sum(tensor_nbytes(e[1], e[2]) for e in large) % ITEMSIZE[small[0][1]]:
+        return ordered
+    return large + small
 
 
 class TensorWriter:
