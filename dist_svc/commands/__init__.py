@@ -1,2 +1,3 @@
-"""The commands around the merge pipeline: `demo`, `convert`, `inspect`, `bench` and the dry
-run's `estimate`. They use the pipeline (driver, storage) and are not part of it."""
+"""The commands around the merge pipeline: `demo`, `convert`, `inspect` and the dry
+run's `estimate` (the benchmarks are `dist_svc.bench`). They use the pipeline (driver,
+storage) and are not part of it."""
