@@ -132,7 +132,7 @@ def bench_merge(workdir, method: str = "task_arithmetic", layers: Sequence[int] 
         if not (root / f"ft-{k}" / "config.json").is_file():
             log(f"generating {root} ...")
             make_family(root, k=k, arch=arch, dtype=getattr(torch, in_dtype), shards=2)
-        _read_once(root)
+        _read_once([root / "base", *(root / f"ft-{i + 1}" for i in range(k))])
         config = bench_config(root, method, k, out_dtype)
         tools = {"dist-svc": [sys.executable, "-m", "dist_svc.cli", "merge", str(config), None,
                               "--no-calibrate", "--progress", "off"]}
@@ -175,8 +175,8 @@ def bench_merge(workdir, method: str = "task_arithmetic", layers: Sequence[int] 
     return rows
 
 
-def _read_once(root: Path) -> None:
-    for f in sorted(root.glob("*/*.safetensors")):
+def _read_once(checkpoints: list[Path]) -> None:
+    for f in sorted(f for d in checkpoints for f in d.glob("*.safetensors")):
         with open(f, "rb") as src:
             while src.read(64 << 20):
                 pass
