@@ -77,7 +77,8 @@ class BlockReader:
         """Every block with its inputs (as `read` gives them), the next `read_ahead` blocks'
         reads in flight meanwhile, each input on a thread of its own: the storage has work while
         the block before is computed, and many reads at once (a disk or an object store serves
-        one stream at a fraction of its rate)."""
+        one stream at a fraction of its rate). A block's list of inputs is emptied when the next
+        block is asked for: keep what you need of it by other names."""
         if self.read_ahead <= 0 or len(blocks) <= 1:
             for block in blocks:
                 yield block, self.read(unit, block)
@@ -103,6 +104,9 @@ class BlockReader:
                 tensors = self._assemble(unit, [f.result() for f in futures])
                 self.seconds += time.perf_counter() - start
                 yield block, tensors  # computed while the next `read_ahead` blocks are read
+                # The caller is done with this block: its inputs are freed before the next read
+                # allocates, so that exactly `read_ahead` blocks are held beside the one computed.
+                tensors.clear()
                 submit()
         finally:
             for _, futures in ahead:  # stopped early (an error, a fallback): no read outlives us

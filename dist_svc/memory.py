@@ -37,12 +37,12 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
   matrix that bounds its Gram entries (the finite check).
 
 On a GPU the blocks, Grams and cache live in device memory; the host holds read and write
-buffers. Every unit also counts 1 MiB for what it holds besides tensors, and 1/16 of its
-block- and tensor-sized buffers for the allocator: memory one thread frees (a read-ahead or
-write-behind thread, an intra-op thread) goes back to that thread's arena and is not at once
-reused by another, so the resident peak runs above the live bytes (measured up to ~9% over them
-under load). Grams of 32 MiB or more are not counted twice: glibc maps each of them on its own
-and returns it to the system when freed.
+buffers. Every unit also counts a few MiB for what it holds besides tensors, and 1/16 of its
+block- and tensor-sized buffers for what the formulas do not follow (a method's small
+temporaries, the allocator's rounding). The resident peak follows the live bytes because the
+worker has glibc map every buffer of `MMAP_THRESHOLD` or more on its own and return it to the
+system when freed (dist_svc.worker: blocks served from a shared heap fragmented it, up to 3x the
+live bytes); Grams below that size come from the heap and are counted with the blocks.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ MARGIN = 0.1  # of the machine's memory left to everything else, by default
 MIN_MARGIN = 1 << 30
 UNIT_SLACK = 4 << 20  # whatever a unit holds besides its tensors (objects, small buffers, thread stacks
 # touched; 1 MiB was 1 MiB short of a small-block unit's peak in a loaded test run)
-ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: freed to one thread's arena, reused late by others
+ARENA_SHARE = 16  # 1/16 of a unit's tensor bytes: small temporaries, the allocator's rounding
 STREAM_SLACK = 16 << 20  # a streamed method's histograms (16-bit digits, int64, two per task at most), sums, and
 # the arenas' share of its many differently sized block temporaries (measured: +10-20 MiB at small blocks)
-MMAP_MAX = 32 << 20  # glibc serves allocations from this size up by mmap, returned to the system on free
+MMAP_THRESHOLD = 1 << 20  # glibc maps allocations from this size up, returned to the system on free
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
         if unit.calibrate:
             compute += 3 * elements * 8
             grams = _grams(unit, config, f)
-            if min(unit.shape) ** 2 * 8 < MMAP_MAX:  # small Grams come from the pooled heap too
+            if min(unit.shape) ** 2 * 8 < MMAP_THRESHOLD:  # small Grams come from the pooled heap too
                 compute, grams = compute + grams, 0
         return _placed(compute, elements * (s + o), on_gpu, grams)
     transposed = unit.calibrate and oriented(unit.shape, config.calibration.side)[0]
@@ -122,7 +122,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     kept = n_in * elements * c if passes and keeps_inputs(unit, config, cache_bytes) else 0
     if unit.calibrate:
         grams = _grams(unit, config, f)
-        if min(unit.shape) ** 2 * 8 < MMAP_MAX:
+        if min(unit.shape) ** 2 * 8 < MMAP_THRESHOLD:
             compute, grams = compute + grams, 0
         if 2 * elements * c <= cache_bytes:
             kept = max(kept, 2 * elements * c)  # kept as the blocks they were read in

@@ -32,7 +32,7 @@ import torch
 
 from dist_svc.blocks import BLOCK_ELEMENTS, Block, BlockReader, flat_indices
 from dist_svc.memory import (
-    CACHE_BYTES, WRITE_BEHIND, Ticket, fallback_footprint, keeps_inputs, streamed, whole_tensor,
+    CACHE_BYTES, MMAP_THRESHOLD, WRITE_BEHIND, Ticket, fallback_footprint, keeps_inputs, streamed, whole_tensor,
 )
 from dist_svc.calibration import (
     GramCalibration, calibrate_gram, calibrate_singular_values, calibration_summary, oriented,
@@ -74,7 +74,7 @@ def setup_process(device: str | torch.device) -> None:
     """Process-wide settings every worker relies on; each executor calls this once per process
     before its workers start."""
     device = torch.device(device)
-    _keep_freed_memory()
+    _allocator_settings()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # never round the Grams' inputs
         _init_cuda_linalg(device)
@@ -82,23 +82,23 @@ def setup_process(device: str | torch.device) -> None:
         torch.set_num_threads(CPU_INTRA_OP_THREADS)  # see CPU_INTRA_OP_THREADS
 
 
-def _keep_freed_memory() -> None:
-    """glibc maps every allocation above its mmap threshold afresh and unmaps it when freed, so
-    each block's buffers were page-faulted in anew (most of a plain merge's time on a CPU). The
-    threshold is raised to its maximum (32 MiB) and freed memory is kept for reuse instead of
-    trimmed; the memory budget already counts the peak. Threads share two arenas (glibc gives
-    each thread one of its own, up to 8 per core): a block freed by a worker is reused by the
-    reading thread that allocates the next one, instead of staying in the worker's arena (the
-    291M-parameter merge of docs/benchmarks.md: 1.24-1.32 GiB peak with an arena per thread,
-    0.99-1.09 GiB with two; allocations are few and large, so the shared lock costs nothing
-    measurable)."""
+def _allocator_settings() -> None:
+    """glibc keeps freed memory in its arenas for reuse. With blocks freed by the reading, computing
+    and writing threads in an order no allocator can predict, and blocks of every size (a row of
+    2048 or of 5632 elements, a tensor's last block), the arenas fragment: the wide 310M-parameter
+    merge of docs/benchmarks.md peaked at 1.2-1.5 GiB with blocks served from the heap, against
+    ~0.45 GiB of live buffers. Every allocation of 1 MiB or more (every block) is therefore mapped
+    on its own and returned to the system when freed: the resident memory is what is live, which
+    is what the footprints (dist_svc.memory) count. It costs a page fault per 4 KiB of a fresh
+    block, ~10% more CPU time on that merge. Smaller allocations stay on the heap, kept for reuse
+    up to 32 MiB; threads share two arenas."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD (an int)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: its own allocator decides

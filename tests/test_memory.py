@@ -14,7 +14,8 @@ import torch
 from dist_svc import DistSvcError, merge
 from dist_svc.commands.demo import TinyLlama, make_family
 from dist_svc.executors import LocalExecutor
-from dist_svc.memory import Footprint, MemoryBudget, Pending, unit_footprint
+from dist_svc.blocks import BLOCK_ELEMENTS, READ_AHEAD
+from dist_svc.memory import WRITE_BEHIND, Footprint, MemoryBudget, Pending, unit_footprint
 from tests.conftest import file_bytes, write_config
 
 # Matrices large enough that their buffers dwarf the allocator's noise (tens of MiB).
@@ -186,3 +187,42 @@ def test_a_streamed_units_footprint_bounds_the_memory_its_worker_really_holds(
     if footprint > 64 << 20:
         assert footprint <= 3 * grew + (16 << 20), f"{tensor}: footprint {footprint / 2**20:.0f} MiB is loose " \
                                                    f"(held {grew / 2**20:.0f} MiB)"
+
+
+_PEAK_OF_A_MERGE = """
+import json, re, sys
+from dist_svc import merge
+from dist_svc.config import load_config
+from dist_svc.driver import plan_merge
+from dist_svc.executors import LocalExecutor
+from dist_svc.memory import unit_footprint
+
+config = load_config(sys.argv[1])
+status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+needs = sorted(unit_footprint(u, config).host for u in plan_merge(config).units)
+before = status("VmRSS")
+executor = LocalExecutor(device="cpu", threads=2)
+merge(sys.argv[1], sys.argv[2], progress="off", executor=executor)
+print(json.dumps({"grew": status("VmHWM") - before, "two_largest": sum(needs[-2:]), "units": executor.peak_units}))
+"""
+
+
+def test_a_two_worker_merge_of_wide_float32_matrices_holds_its_live_blocks_not_a_fragmented_heap(tmp_path):
+    """Blocks of several sizes (rows of 2048 and of 5632 elements, each tensor's last block)
+    allocated and freed by the reading, computing and writing threads of two workers: what the
+    process holds follows its live buffers (per unit: the block computed and the one read ahead,
+    of every input; the output block computed, the ones queued and the one being written), not
+    the allocator's fragmentation (served from glibc's heap, the same merge held ~2x its live
+    buffers, and the wide 310M merge of docs/benchmarks.md 1.2-1.5 GiB)."""
+    arch = TinyLlama(vocab_size=4096, hidden_size=2048, intermediate_size=5632, num_hidden_layers=1,
+                     num_attention_heads=16, num_key_value_heads=4)
+    base, fts = make_family(tmp_path / "wide", k=3, arch=arch, dtype=torch.float32, shards=1)
+    cfg = write_config(tmp_path / "m.yaml", base, fts, dtype="float32", out_dtype="float32",
+                       parameters={"lambda": 0.3}, calibrate=False)
+    measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_MERGE, str(cfg), str(tmp_path / "out")],
+                                         capture_output=True, text=True, check=True).stdout)
+    block = BLOCK_ELEMENTS * 4
+    live = 2 * ((1 + READ_AHEAD) * 4 * block + (2 + WRITE_BEHIND) * block)  # two units, 4 inputs each
+    assert measured["units"] == 2
+    assert measured["grew"] <= measured["two_largest"]
+    assert measured["grew"] <= 1.25 * live, f"held {measured['grew'] / 2**20:.0f} MiB, live {live / 2**20:.0f} MiB"

@@ -1,4 +1,5 @@
-"""Benchmarks, measured in one run against a baseline measured in the same run.
+"""Benchmarks, measured in one run against a baseline measured in the same run (dist-svc against
+mergekit: dist_svc.bench.merge).
 
 `calibration`: the calibration kernel on Llama-3-70B matrix shapes (optionally scaled down),
 K task vectors: the paper's approach (float32 `torch.linalg.svd` of Wm, default driver, plus
@@ -73,115 +74,6 @@ def bench_calibration(scale: int = 1, k: int = 3, repeats: int = 3, device: str 
         })
         del kernels, taus, wm, reference, d_paper, d_gram
     return rows
-
-
-_MEASURE = """
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-wall = time.perf_counter() - start
-print(json.dumps({"rc": proc.returncode, "wall_s": wall, "stderr": proc.stderr[-2000:],
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
-"""
-
-
-def measure(command: list[str]) -> dict:
-    """Wall time and peak resident memory of one command, measured by a fresh process of its own
-    (RUSAGE_CHILDREN is the largest child it ever waited for: this command alone)."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    if result["rc"] != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result['rc']}):\n{result['stderr']}")
-    return result
-
-
-def bench_merge(workdir, layers: Sequence[int] = (10, 20), k: int = 3, repeats: int = 3,
-                mergekit: str | None = "mergekit-yaml", hidden: int = 1024, method: str = "task_arithmetic",
-                log=print) -> list[dict]:
-    """dist-svc against mergekit on the same mergekit YAML and inputs (`method`, calibration off,
-    float32 compute, bf16 output): medians of wall time and peak RSS, per model size. Task
-    arithmetic runs with lambda 0.3; other methods with the demo's settings
-    (dist_svc.commands.demo.DEMO_METHODS: TIES and DARE at density 0.5, DELLA at 0.5 +- 0.1, ...).
-    Models are generated (and kept) under `workdir`; ~300M parameters at 20 layers with the
-    defaults."""
-    import shutil
-    import sys
-    from pathlib import Path
-
-    from dist_svc.commands.demo import TinyLlama, make_family
-
-    workdir = Path(workdir).resolve()
-    rows = []
-    for n_layers in layers:
-        arch = TinyLlama(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=n_layers, num_attention_heads=16, num_key_value_heads=4)
-        root = workdir / f"llama-{n_layers}l-k{k}"
-        if not (root / "base").is_dir():
-            log(f"generating {root} ...")
-            make_family(root, k=k, arch=arch, dtype=torch.bfloat16, shards=2)
-        params = sum(math.prod(s) for s in arch.shapes().values())
-        config = _bench_config(root, method, k)
-        tools = {"dist-svc": [sys.executable, "-m", "dist_svc.cli", "merge", str(config), None,
-                              "--no-calibrate", "--progress", "off"]}
-        if mergekit:
-            tools["mergekit"] = [mergekit, str(config), None, "--quiet"]
-        runs: dict[str, list[dict]] = {name: [] for name in tools}
-        for rep in range(repeats + 1):  # the first round warms the page cache and is not counted
-            for name, command in tools.items():
-                out = root / f"out-{name}"
-                shutil.rmtree(out, ignore_errors=True)
-                result = measure([c if c is not None else str(out) for c in command])
-                if rep:
-                    runs[name].append(result)
-                    log(f"{n_layers} layers, {name}: {result['wall_s']:.1f} s, "
-                        f"{result['peak_rss_bytes'] / 2**20:.0f} MiB")
-        row = {"layers": n_layers, "params": params, "k": k}
-        for name, results in runs.items():
-            row[f"{name}_wall_s"] = statistics.median(r["wall_s"] for r in results)
-            row[f"{name}_peak_rss_mib"] = statistics.median(r["peak_rss_bytes"] for r in results) / 2**20
-        if mergekit:  # random methods draw other numbers than mergekit's (docs/methods.md)
-            from dist_svc.methods import METHODS
-
-            row["same_output"] = None if METHODS[method].random else _same_tensors(root / "out-dist-svc",
-                                                                                   root / "out-mergekit")
-        rows.append(row)
-    return rows
-
-
-def _bench_config(root, method: str, k: int):
-    """The mergekit YAML both tools run."""
-    import yaml
-
-    from dist_svc.commands.demo import DEMO_METHODS
-
-    fts = [root / f"ft-{i + 1}" for i in range(k)]
-    if method == "task_arithmetic":
-        params, own, count = {"lambda": 0.3}, {"weight": 1.0}, None
-    else:
-        params, own, count = DEMO_METHODS[method]
-    config = {"merge_method": method, "base_model": str(root / "base"),
-              "models": [{"model": str(f), **({"parameters": own} if own else {})} for f in fts[:count]],
-              **({"parameters": params} if params else {}), "dtype": "float32", "out_dtype": "bfloat16"}
-    path = root / f"mergekit-{method}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _same_tensors(a, b) -> bool:
-    from safetensors.torch import load_file
-
-    def load(d):
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    ta, tb = load(a), load(b)
-    return set(ta) == set(tb) and all(torch.equal(ta[n], tb[n]) for n in ta)
 
 
 def machine_description(device: str) -> str:
@@ -402,6 +294,7 @@ def bench_tensors(workdir, layers: Sequence[int] = (2, 24, 61), k: int = 3, repe
     import sys
     from pathlib import Path
 
+    from dist_svc.bench.merge import bench_config, measure
     from dist_svc.commands.demo import TinyMoE, make_family, write_config
 
     workdir = Path(workdir).resolve()
@@ -434,7 +327,7 @@ def bench_tensors(workdir, layers: Sequence[int] = (2, 24, 61), k: int = 3, repe
                 row["status_s"] = statistics.median(
                     measure([sys.executable, "-m", "dist_svc.cli", "status", str(out)])["wall_s"] for _ in range(repeats))
         if mergekit:
-            config = _bench_config(root, "task_arithmetic", k)
+            config = bench_config(root, "task_arithmetic", k, "bfloat16")
             out = root / "out-mergekit"
             shutil.rmtree(out, ignore_errors=True)
             result = measure([mergekit, str(config), str(out), "--quiet"])
