@@ -24,7 +24,7 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - a non-float tensor, copied: `b o (1 + WRITE_BEHIND)` on the host (the block as read, the
   blocks waiting to be written);
 - a method that needs the whole tensor but streams in passes (`streamed`: TIES, breadcrumbs,
-  SCE, SLERP, NuSLERP, Karcher, Model Stock): the streaming path above with `(8 + 6 F c) b` more (a
+  SCE, SLERP, NuSLERP, Karcher, Model Stock): the streaming path above with `(8 + 4 F c) b` more (a
   selection's boolean masks and int64 tie ranks of a block, the pruned task vectors and the sign
   election's stacks of them, and the allocator's share of these many block-sized temporaries:
   a TIES unit of K = 3 measured 65-200 bytes per element of a block, more with small blocks) and `STREAM_SLACK` (the
@@ -113,7 +113,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     block = min(elements, block_length(unit, transposed, block_elements) * (elements // _length(unit, transposed)))
     passes = streamed(unit, config.method)
     if passes:  # a selection's masks and int64 ranks of the block; the sign election's stacks
-        per_element += 8 + 6 * f * c
+        per_element += 8 + 4 * f * c
     compute = block * (per_element + READ_AHEAD * n_in * (c + s)) + (STREAM_SLACK if passes else 0)
     host_only = block * (s + o + WRITE_BEHIND * o)
     grams = 0

@@ -199,8 +199,8 @@ class Worker:
                 yield from kept
                 return
             for block, tensors in self.reader.stream(unit, blocks):
-                if kept is not None:
-                    kept.append((block, tensors))
+                if kept is not None:  # its own list: the stream empties the one it yields
+                    kept.append((block, list(tensors)))
                 yield block, tensors
             read = True
 

@@ -239,7 +239,7 @@ def test_a_calibrated_streamed_merge_is_the_whole_tensor_one(tmp_path, family, m
 # -- memory ---------------------------------------------------------------------------------------
 
 def _frontier(tmp_path, rows: int, method: str = "ties"):
-    from dist_svc.commands.bench import write_sparse_checkpoint
+    from dist_svc.bench.suites import write_sparse_checkpoint
 
     shapes = {"model.embed_tokens.weight": (rows, 16384), "model.norm.weight": (16384,)}
     for d in ("base", "ft-1", "ft-2", "ft-3"):
