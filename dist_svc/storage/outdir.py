@@ -34,7 +34,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Protocol, runtime_che
 from dist_svc.errors import DistSvcError
 from dist_svc.storage.checksum import READ_PIECE, Hasher, range_checksum
 from dist_svc.storage.durable import atomic_write, fsync_dir, sync_tree, temp_path
-from dist_svc.storage.location import RemoteLocation, is_url
+from dist_svc.storage.location import LocalLocation, RemoteLocation, is_url
 
 SEGMENT = re.compile(r"\.(\d{8})$")
 ASSEMBLY_PART_BYTES = 16 << 20  # bytes gathered for an assembled object are uploaded in parts of this size
@@ -221,16 +221,7 @@ class LocalDir:
         return f"{st.st_size}:{st.st_mtime_ns}"
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int, int]]:
-        root = self.path / prefix
-        if root.is_file():
-            st = root.stat()
-            yield "", st.st_size, st.st_mtime_ns
-            return
-        for dirpath, _, filenames in os.walk(root):
-            for f in filenames:
-                full = os.path.join(dirpath, f)
-                st = os.stat(full)
-                yield os.path.relpath(full, root), st.st_size, st.st_mtime_ns
+        return LocalLocation(self.path).walk(prefix)
 
     def range_checksum(self, name: str, offset: int, nbytes: int) -> str | None:
         return range_checksum(self.path / name, offset, nbytes)
