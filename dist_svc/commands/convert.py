@@ -20,7 +20,7 @@ from dist_svc.storage import open_checkpoint, read_blocks, source_of
 from dist_svc.storage.checksum import ALGORITHM, Hasher, algorithm_of
 from dist_svc.storage.location import is_url
 from dist_svc.storage.durable import staged_directory
-from dist_svc.storage.output import DEFAULT_FORMAT, DEFAULT_SHARD_BYTES, FORMATS, format_names, format_of, \
+from dist_svc.storage.output import COMPRESSIONS, DEFAULT_FORMAT, DEFAULT_SHARD_BYTES, FORMATS, format_names, format_of, \
     layout_for, source_files
 from dist_svc.storage.types import tensor_bytes
 
@@ -122,7 +122,7 @@ def _recorded_checksums(src: Path) -> dict[str, str]:
 @click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice(format_names(convertible=True)), default=None,
               help="Layout of DST (default: zarr when DST ends in .zarr, else safetensors).")
-@click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True,
               help="zarr output: compress chunks with zstd.")
 @click.option("--shard-size", default="5GB", show_default=True,
               help="safetensors output: largest shard, e.g. 5GB.")

@@ -59,7 +59,8 @@ def _size(value: Any) -> int:
 
 
 SHARD_SIZE = Option("shard_bytes", DEFAULT_SHARD_BYTES, _size)  # the largest shard, e.g. 5GB
-COMPRESSION = Option("compression", "none", _choice("none", "zstd"))  # of zarr chunks
+COMPRESSIONS = ("none", "zstd")  # of zarr chunks; `convert --compression` offers the same
+COMPRESSION = Option("compression", "none", _choice(*COMPRESSIONS))
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,11 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 from dist_svc.storage.checksum import Hasher, range_checksum
 from dist_svc.storage.durable import fsync_dir, sync_file
 from dist_svc.storage.outdir import MIN_PART_BYTES, output_dir
-from dist_svc.storage.output import Entry, side_file_problems
+from dist_svc.storage.output import DEFAULT_SHARD_BYTES, Entry, side_file_problems
 from dist_svc.storage.types import INDEX_NAME, ITEMSIZE, tensor_nbytes
 
 PARTIAL_SUFFIX = ".partial"
 STAGING = ".dist-svc-staging"  # staged tensors, where shards are assembled rather than written in place
-DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' and mergekit's default of "5GB"
 
 
 def shard_name(index: int, count: int) -> str:

@@ -31,7 +31,6 @@ CONCURRENCY = 4  # chunks zarr decodes at once: bounds a read's memory to a few 
 STORED = {code: ("uint16" if code == "BF16" else name, name) for code, name in ST_TO_NAME.items()}
 FROM_ATTR = {attr: code for code, (_, attr) in STORED.items()}
 FROM_NUMPY = {stored: code for code, (stored, _) in STORED.items() if code != "BF16"}
-COMPRESSIONS = ("none", "zstd")
 CHECKSUM_ATTR = "dist_svc.checksum"  # array attribute: the tensor's checksum, set once the store is complete
 SHA_ATTR = "dist_svc.sha256"  # the same, as stores written before BLAKE3 recorded it (hex, no prefix)
 MAX_NAME_BYTES = 255  # a file name's limit on common filesystems
