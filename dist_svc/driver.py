@@ -10,6 +10,7 @@ uninterrupted run's.
 from __future__ import annotations
 
 import errno
+import importlib
 import statistics
 import time
 from contextlib import contextmanager, suppress
@@ -23,7 +24,7 @@ from dist_svc.storage import adapter_output
 from dist_svc.storage.durable import local_path
 from dist_svc.storage.location import is_url
 from dist_svc.storage.outdir import output_dir
-from dist_svc.storage.output import OutputLayout, layout_for
+from dist_svc.storage.output import FORMATS, OutputLayout, layout_for
 
 if TYPE_CHECKING:
     from dist_svc.config import MergeConfig
@@ -99,10 +100,10 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
         raise DistSvcError(f"merge(): pass an `executor` or the options that build one "
                            f"({', '.join(k for k, v in choice.items() if v is not None)}), not both.")
     _refuse_inside_inputs(config, out_dir)
-    if config.output.format == "peft":  # LoRA adapters merged as one adapter, in factored form
-        from dist_svc.lowrank import merge_adapters
-
-        return merge_adapters(config, out_dir, log)
+    own = FORMATS[config.output.format].pipeline
+    if own is not None:  # a format written by a pipeline of its own (peft: LoRA adapters in factored form)
+        module, function = own.split(":")
+        return getattr(importlib.import_module(module), function)(config, out_dir, log)
     done = _already_complete(config, out_dir, start)
     if done is not None:
         return done

@@ -76,6 +76,9 @@ class OutputFormat:
     options: Mapping[str, Option] = field(default_factory=dict)
     suffix: str | None = None
     marker: str | None = None
+    # A format without a layout is written by a pipeline of its own, "module:function" called as
+    # `function(config, out_dir, log)` in place of the units' run, returning the merge's report.
+    pipeline: str | None = None
 
     def read_options(self, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """The options `given` (by `output:` name) as the layout reads them (by its key; those
@@ -120,7 +123,8 @@ FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
                  marker="zarr.json"),
     # LoRA adapters of the base merged as one PEFT adapter (dist_svc.lowrank): not a layout. Its
     # adapter file is not compressed; the option stays declared because the fingerprint records it.
-    OutputFormat("peft", None, {"compression": Option("compression", "none", _choice("none"))}),
+    OutputFormat("peft", None, {"compression": Option("compression", "none", _choice("none"))},
+                 pipeline="dist_svc.lowrank:merge_adapters"),
 )}
 DEFAULT_FORMAT = "safetensors"
 
