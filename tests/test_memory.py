@@ -72,15 +72,7 @@ def test_a_units_footprint_bounds_the_memory_its_worker_really_holds(tmp_path, f
     root, base, fts = family
     cfg = write_config(tmp_path / "m.yaml", base, fts, merge_method=method, dtype="float32",
                        parameters={"density": 0.5} if method == "ties" else {})
-    out = tmp_path / "out"
-    out.mkdir()
-    measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_UNIT, str(cfg), str(out), tensor,
-                                          json.dumps(options)], capture_output=True, text=True, check=True).stdout)
-    grew, footprint = measured["grew"], measured["footprint"]
-    assert grew <= footprint, f"{tensor}: held {grew / 2**20:.0f} MiB, footprint {footprint / 2**20:.0f} MiB"
-    if footprint > 64 << 20:  # below, what the warm-up left for reuse hides the unit's own growth
-        assert footprint <= 3 * grew + (16 << 20), f"{tensor}: footprint {footprint / 2**20:.0f} MiB is loose " \
-                                                   f"(held {grew / 2**20:.0f} MiB)"
+    _check_footprint(cfg, tmp_path / "out", tensor, options)
 
 
 def test_more_units_run_at_once_when_memory_allows_and_the_bytes_do_not_change(tmp_path, family):
@@ -178,15 +170,7 @@ def test_a_streamed_units_footprint_bounds_the_memory_its_worker_really_holds(
     root, base, fts = family
     cfg = write_config(tmp_path / "m.yaml", base, fts[:fine_tunes], merge_method=method, dtype="float32",
                        parameters=parameters, calibrate=calibrate)
-    out = tmp_path / "out"
-    out.mkdir()
-    measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_UNIT, str(cfg), str(out), tensor,
-                                          json.dumps(options)], capture_output=True, text=True, check=True).stdout)
-    grew, footprint = measured["grew"], measured["footprint"]
-    assert grew <= footprint, f"{tensor}: held {grew / 2**20:.0f} MiB, footprint {footprint / 2**20:.0f} MiB"
-    if footprint > 64 << 20:
-        assert footprint <= 3 * grew + (16 << 20), f"{tensor}: footprint {footprint / 2**20:.0f} MiB is loose " \
-                                                   f"(held {grew / 2**20:.0f} MiB)"
+    _check_footprint(cfg, tmp_path / "out", tensor, options)
 
 
 _PEAK_OF_A_MERGE = """
@@ -226,3 +210,16 @@ def test_a_two_worker_merge_of_wide_float32_matrices_holds_its_live_blocks_not_a
     assert measured["units"] == 2
     assert measured["grew"] <= measured["two_largest"]
     assert measured["grew"] <= 1.25 * live, f"held {measured['grew'] / 2**20:.0f} MiB, live {live / 2**20:.0f} MiB"
+
+
+def _check_footprint(cfg, out, tensor: str, options: dict) -> None:
+    """One unit's peak resident growth in a worker process (_PEAK_OF_A_UNIT) is within its
+    footprint, and the footprint not loose beyond 3x."""
+    out.mkdir()
+    measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_UNIT, str(cfg), str(out), tensor,
+                                          json.dumps(options)], capture_output=True, text=True, check=True).stdout)
+    grew, footprint = measured["grew"], measured["footprint"]
+    assert grew <= footprint, f"{tensor}: held {grew / 2**20:.0f} MiB, footprint {footprint / 2**20:.0f} MiB"
+    if footprint > 64 << 20:  # below, what the warm-up left for reuse hides the unit's own growth
+        assert footprint <= 3 * grew + (16 << 20), f"{tensor}: footprint {footprint / 2**20:.0f} MiB is loose " \
+                                                   f"(held {grew / 2**20:.0f} MiB)"
