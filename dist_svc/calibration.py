@@ -15,8 +15,9 @@ Two implementations of the same definition:
   kept for the benchmark). The reference path, and the fallback.
 - `GramCalibration`: the streamable formulation. Everything the calibration needs is a set of
   float64 Gram matrices on the smaller side, which are sums over row blocks; an `eigh` of the
-  n x n Gram replaces the SVD; the result is `Wm P` with an n x n projector P, applied block by
-  block again. Memory O(n^2 (K+1)) instead of O(m n K), and several times faster.
+  n x n Gram replaces the SVD; the result is `(Wm V) diag(1/eta) V^T`, applied block by block
+  again. Memory O(n^2 (K+1)) instead of O(m n K), and several times faster. One Gram pass and
+  one eigh serve every final scale of `Wm` (a merge's lambda), alpha and target.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class GramCalibration:
     `solve()` takes the eigendecomposition G = V diag(S^2) V^T and the overlaps
       column side: <a_m, a_i> = <v_r, x_ri>,  ||a_i||^2 = ||x_ri||^2 / S_r^2,  x_ri = C_i^T v_r
       row side:    <a_m, a_i> = v_r^T C_i v_r, ||a_i||^2 = v_r^T T_i v_r = sum over rows of (tau_i V)_r^2
-    and returns the projector P = V diag(1/eta) V^T, so that Wm' = Wm P, block by block.
+    and the solution Wm' = Wm V diag(1/eta) V^T, applied block by block.
 
     On the row side the task Grams T_i (K more n x n matrices) are kept only while they take at
     most TASK_GRAMS_BYTES (`keep_task_grams`); beyond, `needs_projections` is true and the
@@ -200,6 +201,8 @@ class GramCalibration:
         self.rows = 0
         self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # (descending eigenvalues, V)
         self._projections: list[torch.Tensor] | None = None  # per task, sum of (tau_i V)^2 over rows
+        self._solved: tuple | None = None  # `_spectrum()`
+        self._finite_spectrum = True
 
     @property
     def needs_projections(self) -> bool:
@@ -236,41 +239,60 @@ class GramCalibration:
         for i, tau in enumerate(task_rows):
             self._projections[i] += (tau.to(torch.float64) @ v).square().sum(dim=0)
 
-    def solve(self) -> "GramSolution":
-        """eta per direction and the projector; `trusted` is False when the spectrum needs the
-        full-SVD path for float64-level accuracy (see GRAM_TOLERANCE). Works in ascending order
-        (no copy of V), on column chunks of V (no n x n temporaries), and builds the projector
-        from V scaled in place: at most K + 2 matrices of n x n at once after the eigh."""
-        if self.needs_projections and self._projections is None and self.k:
-            raise ValueError("the row side without task Grams needs add_projections() before solve()")
-        evals, v = self.decompose()
-        s = evals.clamp_min(0).sqrt()  # ascending
-        s_max = s[-1] if s.numel() else torch.zeros((), dtype=s.dtype)
-        live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
-        rel_err = EPS64 / torch.where(live, s / s_max, torch.ones_like(s)).square() if s_max > 0 else s
+    def solve(self, scale: float = 1.0, alpha: float | None = None, target: int | None = -1) -> "GramSolution":
+        """eta per direction and the solution for the merged delta `scale * Wm` (the Grams were
+        fed `Wm`); `alpha`, `target`: this solution's (default: the constructor's). `trusted` is
+        False when the spectrum needs the full-SVD path for float64-level accuracy (see
+        GRAM_TOLERANCE).
+
+        The eigendecomposition and the overlaps are computed once and serve every call: the SVD
+        of `scale * Wm` has the same V and singular values |scale| S, and its overlaps are
+        `scale * s_ri` (numerator and projection both scale with it; its square cancels), so
+        merges that differ only in a final scale of their delta, in alpha or in target share
+        one Gram pass and one eigh (batch merging, dist_svc.batch)."""
+        alpha = self.alpha if alpha is None else alpha
+        target = self.target if target == -1 else target
+        s, v, live, rel_err, overlaps = self._spectrum()
+        s = s * abs(scale)  # ascending
         eta_sum = torch.zeros_like(s)
         moving = torch.zeros_like(s)  # sum over unclamped i of s_ri: how much eta follows the s_ri
-        overlaps = []
-        for i in range(self.k):
-            num, den = self._overlap_terms(i, v, s, live)
-            overlap = num / den.clamp_min(EPS_PROJ)
-            overlaps.append(torch.where(live, overlap, torch.zeros_like(overlap)))
-            unclamped = overlap.abs() * (1 + rel_err) > self.alpha
-            if self.target is None:
-                eta_sum += overlap.clamp_min(self.alpha)
-            elif i == self.target:
-                eta_sum = torch.where(overlap > 0, overlap.clamp_min(self.alpha), torch.ones_like(overlap))
-            if self.target is None or i == self.target:
+        scaled = []
+        for i, base_overlap in enumerate(overlaps):
+            overlap = base_overlap * scale
+            scaled.append(torch.where(live, overlap, torch.zeros_like(overlap)))
+            unclamped = overlap.abs() * (1 + rel_err) > alpha
+            if target is None:
+                eta_sum += overlap.clamp_min(alpha)
+            elif i == target:
+                eta_sum = torch.where(overlap > 0, overlap.clamp_min(alpha), torch.ones_like(overlap))
+            if target is None or i == target:
                 moving += torch.where(unclamped, overlap.abs(), torch.zeros_like(overlap))
-        count = self.k if self.target is None else 1
+        count = self.k if target is None else 1
         eta = torch.where(live, eta_sum / count, torch.ones_like(eta_sum))  # null space: eta = 1
-        trusted = bool(torch.isfinite(evals).all()) and self._error_bound(s, eta, moving / count, rel_err, live) \
-            <= GRAM_TOLERANCE
-        scaled = v.mul_(eta.rsqrt())  # V diag(eta)^-1/2, in place: V is not needed after this
-        projector = scaled @ scaled.T
-        self._eigen = None
-        return GramSolution(projector=projector, singular_values=s.flip(0), eta=eta.flip(0), trusted=trusted,
-                            overlaps=torch.stack(overlaps).flip(1) if overlaps else None)
+        trusted = self._finite_spectrum and self._error_bound(s, eta, moving / count, rel_err, live) <= GRAM_TOLERANCE
+        return GramSolution(v=v, factors=scale / eta, singular_values=s.flip(0), eta=eta.flip(0), trusted=trusted,
+                            overlaps=torch.stack(scaled).flip(1) if scaled else None)
+
+    def _spectrum(self):
+        """(S ascending, V, live directions, S's relative error, s_ri per task) of the Grams as
+        fed, computed once; the Grams are freed."""
+        if self._solved is None:
+            if self.needs_projections and self._projections is None and self.k:
+                raise ValueError("the row side without task Grams needs add_projections() before solve()")
+            evals, v = self.decompose()
+            self._finite_spectrum = bool(torch.isfinite(evals).all())
+            s = evals.clamp_min(0).sqrt()  # ascending
+            s_max = s[-1] if s.numel() else torch.zeros((), dtype=s.dtype)
+            live = s > NULL_REL * s_max if s_max > 0 else torch.zeros_like(s, dtype=torch.bool)
+            rel_err = EPS64 / torch.where(live, s / s_max, torch.ones_like(s)).square() if s_max > 0 else s
+            overlaps = []
+            for i in range(self.k):
+                num, den = self._overlap_terms(i, v, s, live)
+                overlaps.append(num / den.clamp_min(EPS_PROJ))
+            self._solved = (s, v, live, rel_err, overlaps)
+            self._eigen = None
+            self.cross = self.task_grams = self._projections = None
+        return self._solved
 
     def _overlap_terms(self, i: int, v: torch.Tensor, s: torch.Tensor, live: torch.Tensor):
         """<a_m, a_i> and ||a_i||^2 of task i for every direction, a chunk of V's columns at a
@@ -315,14 +337,26 @@ def keep_task_grams(n: int, k: int) -> bool:
 
 @dataclass(frozen=True)
 class GramSolution:
-    projector: torch.Tensor  # n x n, float64: Wm' = Wm @ projector
+    """Wm' = scale * Wm V diag(1 / eta) V^T: `apply` computes it for a block of Wm's rows as
+    `(Wm_b V) diag(scale / eta) V^T`, two products of the block with V. Solutions of one
+    `GramCalibration` share V, so one rotation `Wm_b V` serves all of them (`rotate`, then
+    `finish` per solution)."""
+    v: torch.Tensor  # n x n, float64, ascending order; shared by the solutions of one calibration
+    factors: torch.Tensor  # scale / eta per direction, ascending
     singular_values: torch.Tensor
     eta: torch.Tensor
     trusted: bool
     overlaps: torch.Tensor | None = None  # K x n
 
+    @staticmethod
+    def rotate(v: torch.Tensor, merged_rows: torch.Tensor) -> torch.Tensor:
+        return merged_rows.to(torch.float64) @ v
+
+    def finish(self, rotated: torch.Tensor) -> torch.Tensor:
+        return (rotated * self.factors) @ self.v.T
+
     def apply(self, merged_rows: torch.Tensor) -> torch.Tensor:
-        return merged_rows.to(torch.float64) @ self.projector
+        return self.finish(self.rotate(self.v, merged_rows))
 
 
 def oriented(shape: Sequence[int], side: str) -> tuple[bool, str]:

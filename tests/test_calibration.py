@@ -191,3 +191,34 @@ def test_exactly_shared_task_vectors_are_calibrated_back_to_one_of_them(k):
     for got in (calibrate_singular_values(torch.from_numpy(wm), taus, 1 / k),
                 calibrate_gram(torch.from_numpy(wm), taus, 1 / k)):
         assert _rel(got.delta, tau) <= 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(2, 20), n=st.integers(2, 20), k=st.integers(1, 4), side=st.sampled_from(["column", "row"]),
+    seed=st.integers(0, 2**31 - 1), target=st.sampled_from([None, 0]),
+)
+def test_one_gram_pass_serves_every_lambda_alpha_and_target_to_1e_10(m, n, k, side, seed, target):
+    """The Grams of M = sum_i tau_i, solved for lambda * M with each alpha: the float64
+    reference of calibrating lambda * M itself (negative and zero lambda included)."""
+    from dist_svc.calibration import GramCalibration, oriented
+
+    rng = np.random.default_rng(seed)
+    taus = [rng.standard_normal((m, n)) for _ in range(k)]
+    merged = sum(taus)
+    transpose, gram_side = oriented((m, n), side)
+    orient = (lambda x: x.T) if transpose else (lambda x: x)
+    gram = GramCalibration(orient(merged).shape[1], k, 0.5, gram_side)
+    gram.add(torch.from_numpy(orient(merged).copy()), [torch.from_numpy(orient(t).copy()) for t in taus])
+    if gram.needs_projections:
+        gram.add_projections([torch.from_numpy(orient(t).copy()) for t in taus])
+    for lam in (0.3, 1.0, -1.7, 0.0):
+        for alpha in (0.2, 1.0):
+            solution = gram.solve(lam, alpha, target)
+            want = svc_reference(lam * merged, taus, alpha, side, target)
+            got = orient(solution.apply(torch.from_numpy(orient(merged).copy())).numpy())
+            if solution.trusted:
+                assert _rel(got, want) <= 1e-10, (lam, alpha)
+            assert np.allclose(solution.singular_values.numpy(),
+                               np.linalg.svd(lam * merged, compute_uv=False)[:len(solution.singular_values)],
+                               rtol=1e-9, atol=1e-12)
