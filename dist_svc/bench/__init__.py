@@ -125,6 +125,55 @@ def bench_merge_cmd(workdir: Path, method: str, layers: str, shape: str, hidden:
         json_path.write_text(json.dumps({"machine": machine_description("cpu"), "rows": rows}, indent=1))
 
 
+@bench.command("sweep")
+@click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
+@click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default="llama-2048", show_default=True,
+              help="Matrix sizes (as for `bench merge`).")
+@click.option("--dtype", "in_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="float32",
+              show_default=True, help="dtype of the generated inputs.")
+@click.option("--out-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="float32",
+              show_default=True)
+@click.option("-k", "--models", "k", default=3, show_default=True, help="Number of fine-tunes.")
+@click.option("--lambdas", default="0.3,0.5,1.0", show_default=True, help="The sweep's values of lambda.")
+@click.option("--alphas", default="0.3333,1.0", show_default=True, help="The sweep's values of alpha (calibrated).")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True)
+@click.option("--cluster", default=None, help="Run both on this Ray cluster ('auto': RAY_ADDRESS or the local one).")
+@click.option("--separate", is_flag=True, help="Also time merging each variant on its own (slow: one merge each).")
+@click.option("--repeats", default=3, show_default=True, help="Measured rounds (the median is shown).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the row, with the machine, to this JSON file.")
+def bench_sweep_cmd(workdir: Path, layers: int, shape: str, in_dtype: str, out_dtype: str, k: int, lambdas: str,
+                    alphas: str, calibrate: bool, cluster: str | None, separate: bool, repeats: int,
+                    json_path: Path | None) -> None:
+    """Time a sweep of task arithmetic (lambda x alpha, calibrated: 6 variants) against one merge
+    of the same config, in the same rounds.
+
+    \b
+    Example:
+      dist-svc bench sweep ./bench-out --layers 4 --shape llama-2048
+      dist-svc bench sweep ./bench-out --no-calibrate --cluster auto
+    """
+    from dist_svc.bench.merge import bench_sweep
+    from dist_svc.bench.suites import machine_description
+
+    h, i, v = SHAPES[shape]
+    row = bench_sweep(workdir, layers=layers, hidden=h, intermediate=i, vocab=v, in_dtype=in_dtype,
+                      out_dtype=out_dtype, k=k, repeats=repeats, lambdas=[float(x) for x in lambdas.split(",")],
+                      alphas=[float(x) for x in alphas.split(",")], calibrate=calibrate, cluster=cluster,
+                      separate=separate, log=_say)
+    where = f"cluster {cluster}" if cluster else "local executor"
+    click.echo(f"task arithmetic sweep, {row['variants']} variants, K={k}, {layers} layers, hidden {h}, "
+               f"{row['params'] / 1e6:.0f}M params, calibration {'on' if calibrate else 'off'}, {where}, "
+               f"median of {repeats}, on {machine_description('cpu')}")
+    click.echo(f"one merge {row['one merge_wall_s']:.1f} s, {row['one merge_peak_mib']:.0f} MiB; "
+               f"sweep {row['sweep_wall_s']:.1f} s, {row['sweep_peak_mib']:.0f} MiB: "
+               f"{row['time_ratio']:.2f}x the time, {row['memory_ratio']:.2f}x the memory of one merge"
+               + (f"; separate merges {row['separate_wall_s']:.1f} s ({row['separate_ratio']:.2f}x)" if separate else ""))
+    if json_path:
+        json_path.write_text(json.dumps({"machine": machine_description("cpu"), "row": row}, indent=1))
+
+
 @bench.command("throughput")
 @click.argument("workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"))
 @click.option("--layers", default=4, show_default=True, help="Decoder layers of the generated model.")

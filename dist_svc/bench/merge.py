@@ -175,6 +175,71 @@ def bench_merge(workdir, method: str = "task_arithmetic", layers: Sequence[int] 
     return rows
 
 
+def bench_sweep(workdir, layers: int = 4, hidden: int = 1024, intermediate: int = 2816, vocab: int = 32000,
+                in_dtype: str = "float32", out_dtype: str = "float32", k: int = 3, repeats: int = 3,
+                lambdas: Sequence[float] = (0.3, 0.5, 1.0), alphas: Sequence[float] = (0.3333, 1.0),
+                calibrate: bool = True, cluster: str | None = None, separate: bool = False, log=print) -> dict:
+    """`dist-svc sweep` of lambda x alpha task arithmetic against one `dist-svc merge` of the same
+    config (and, with `separate`, against merging each variant on its own), interleaved round by
+    round: medians of wall time and peak memory, and the ratios."""
+    import torch
+    import yaml
+
+    from dist_svc.commands.demo import TinyLlama, make_family
+
+    workdir = Path(workdir).resolve()
+    arch = TinyLlama(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                     num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256))
+    root = workdir / f"llama-h{hidden}-i{intermediate}-v{vocab}-{layers}l-k{k}-{in_dtype}"
+    if not (root / f"ft-{k}" / "config.json").is_file():
+        log(f"generating {root} ...")
+        make_family(root, k=k, arch=arch, dtype=getattr(torch, in_dtype), shards=2)
+    _read_once([root / "base", *(root / f"ft-{i + 1}" for i in range(k))])
+    config = bench_config(root, "task_arithmetic", k, out_dtype)
+    sets = ["--set", "parameters.lambda=" + ",".join(map(str, lambdas))]
+    if calibrate:
+        sets += ["--set", "calibrate.alpha=" + ",".join(map(str, alphas))]
+    common = ["--progress", "off"] + ([] if calibrate else ["--no-calibrate"]) + (["--cluster", cluster] if cluster else [])
+    cli = [sys.executable, "-m", "dist_svc.cli"]
+    tools = {"one merge": cli + ["merge", str(config), None] + common,
+             "sweep": cli + ["sweep", str(config), None] + sets + common}
+    variants = len(lambdas) * (len(alphas) if calibrate else 1)
+    runs: dict[str, list[dict]] = {name: [] for name in [*tools, *(["separate"] if separate else [])]}
+    for _ in range(repeats):
+        for name, command in tools.items():
+            out = root / f"out-{name.replace(' ', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs[name].append(measure([c if c is not None else str(out) for c in command]))
+            log(f"{name}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['peak_rss_bytes'] / 2**20:.0f} MiB")
+        if separate:  # each variant merged on its own, one after another
+            doc = yaml.safe_load(config.read_text())
+            total, peak = 0.0, 0
+            for lam in lambdas:
+                for alpha in (alphas if calibrate else (None,)):
+                    one = dict(doc, parameters=dict(doc.get("parameters", {}), **{"lambda": lam}))
+                    if alpha is not None:
+                        one["calibrate"] = {"alpha": alpha}
+                    path = root / "separate.yaml"
+                    path.write_text(yaml.safe_dump(one, sort_keys=False))
+                    out = root / "out-separate"
+                    shutil.rmtree(out, ignore_errors=True)
+                    result = measure(cli + ["merge", str(path), str(out)] + common)
+                    total, peak = total + result["wall_s"], max(peak, result["peak_rss_bytes"])
+            runs["separate"].append({"wall_s": total, "peak_rss_bytes": peak})
+            log(f"separate: {total:.1f} s, {peak / 2**20:.0f} MiB")
+    row = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "vocab": vocab, "k": k,
+           "params": sum(math.prod(s) for s in arch.shapes().values()), "in_dtype": in_dtype, "out_dtype": out_dtype,
+           "variants": variants, "calibrate": calibrate, "cluster": cluster, "repeats": repeats}
+    for name, results in runs.items():
+        row[f"{name}_wall_s"] = statistics.median(r["wall_s"] for r in results)
+        row[f"{name}_peak_mib"] = statistics.median(r["peak_rss_bytes"] for r in results) / 2**20
+    row["time_ratio"] = row["sweep_wall_s"] / row["one merge_wall_s"]
+    row["memory_ratio"] = row["sweep_peak_mib"] / row["one merge_peak_mib"]
+    if separate:
+        row["separate_ratio"] = row["separate_wall_s"] / row["one merge_wall_s"]
+    return row
+
+
 def _read_once(checkpoints: list[Path]) -> None:
     for f in sorted(f for d in checkpoints for f in d.glob("*.safetensors")):
         with open(f, "rb") as src:
