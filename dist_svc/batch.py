@@ -10,6 +10,12 @@ Bad input is found before anything is written, all of it at once: an unknown key
 ones are listed), a value that does not parse, a key given twice, an empty list, a value given
 twice on one axis, and each combination the config's own validation refuses (named).
 
+The variants are merged together (dist_svc.driver.merge_many): each unit's inputs are read
+once for every variant, variants that differ only in the method's final scale (lambda) compute
+the method once, and calibrated ones share one Gram pass and one eigh per matrix for every
+lambda, alpha and target (dist_svc.calibration.GramCalibration.solve). Each variant's bytes are
+those of `dist-svc merge` of its config: a merge runs the same code, as a batch of one.
+
 Rerunning the same command resumes: each variant resumes as a merge does, a finished one is
 skipped, a score once recorded is kept (the variant's merge unchanged); adding a value to an
 axis merges only the new variants.
@@ -359,7 +365,7 @@ def sweep(config: Mapping[str, Any] | str | Path, out_dir: str | Path, sets: Seq
     import time
 
     from dist_svc.config import read_documents
-    from dist_svc.driver import merge, out_path
+    from dist_svc.driver import merge_many, out_path
     from dist_svc.storage.outdir import output_dir
 
     start = time.perf_counter()
@@ -383,17 +389,16 @@ def sweep(config: Mapping[str, Any] | str | Path, out_dir: str | Path, sets: Seq
     scores = earlier_scores(root.read(RECORD)) if root.exists() else {}
     root.mkdir()
     base = str(out_dir).rstrip("/")
-    for n, variant in enumerate(variants, 1):
+    log(f"sweep: {len(variants)} variants, merged together (each unit's inputs read once for all)")
+    results = merge_many([(v.config, f"{base}/{v.path}") for v in variants], log=log, **merge_options)
+    for variant, result in zip(variants, results):
         where = f"{base}/{variant.path}"
-        log(f"variant {n}/{len(variants)}: {variant.path}")
-        try:
-            report = merge(variant.config, where, log=log, **merge_options)
-        except DistSvcError as e:
-            variant.error = str(e)
-            log(f"variant {variant.path} failed: {e}")
+        if isinstance(result, DistSvcError):
+            variant.error = str(result)
+            log(f"variant {variant.path} failed: {result}")
             continue
         known = scores.get((variant.path, json.dumps(variant.settings, sort_keys=True)))
-        if known is not None and report.already_complete:
+        if known is not None and result.already_complete:
             variant.score = known
         elif eval_command:
             try:
@@ -402,7 +407,7 @@ def sweep(config: Mapping[str, Any] | str | Path, out_dir: str | Path, sets: Seq
             except DistSvcError as e:
                 variant.error = str(e)
                 log(f"variant {variant.path}: {e}")
-        _write_record(root, variants, axes, minimize)
+            _write_record(root, variants, axes, minimize)
     _write_record(root, variants, axes, minimize)
     top = best(variants, minimize)
     return SweepReport(str(out_dir), variants, top.path if top else None, time.perf_counter() - start)

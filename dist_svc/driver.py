@@ -13,10 +13,10 @@ import errno
 import importlib
 import statistics
 import time
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from dist_svc.errors import DistSvcError
 from dist_svc.manifest import LOCK_NAME, MANIFEST_NAME, Manifest
@@ -88,74 +88,239 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
     `model_card`: write README.md (dist_svc.card) when the merge finishes, as mergekit does.
     A merge of LoRA adapters written as one (`output: {format: peft}`) reports an
     `AdapterReport` (dist_svc.lowrank)."""
-    # The pipeline (and torch) is imported here, not with this module: `status` and `verify`
-    # need only the manifest and the output layout.
-    from dist_svc.progress import Progress
-    from dist_svc.worker import Job
+    result = merge_many([(config, out_dir)], calibrate=calibrate, shard_size=shard_size, progress=progress,
+                        output_format=output_format, device=device, threads=threads, cluster=cluster,
+                        memory_limit=memory_limit, executor=executor, model_card=model_card, log=log)[0]
+    if isinstance(result, DistSvcError):
+        raise result
+    return result
 
+
+def merge_many(items: Sequence[tuple[MergeConfig | Mapping[str, Any] | str | Path, str | Path]], *,
+               calibrate: bool | None = None, shard_size: str | int | None = None, progress: str = "auto",
+               output_format: str | None = None, device: str | None = None, threads: int | None = None,
+               cluster: str | None = None, memory_limit: str | int | None = None, executor: Executor | None = None,
+               model_card: bool = True, log: Callable[[str], None] = lambda line: None
+               ) -> list[MergeReport | AdapterReport | DistSvcError]:
+    """`merge` of each (config, out_dir), with merge's options, in one run: merges of the same
+    inputs read them once for all (`run_merges`). One result per item: its report, or the
+    DistSvcError that refused or stopped it alone; whatever else fails stops every merge."""
     start = time.perf_counter()
-    config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
     choice = {"device": device, "threads": threads, "cluster": cluster, "memory_limit": memory_limit}
     if executor is not None and any(v is not None for v in choice.values()):
         raise DistSvcError(f"merge(): pass an `executor` or the options that build one "
                            f"({', '.join(k for k, v in choice.items() if v is not None)}), not both.")
-    _refuse_inside_inputs(config, out_dir)
-    own = FORMATS[config.output.format].pipeline
-    if own is not None:  # a format written by a pipeline of its own (peft: LoRA adapters in factored form)
-        module, function = own.split(":")
-        return getattr(importlib.import_module(module), function)(config, out_dir, log)
-    done = _already_complete(config, out_dir, start)
-    if done is not None:
-        return done
-    executor = executor or _executor(log=log, **choice)
-    plan = plan_merge(config)
-    log(f"plan: {plan.summary()}, K={config.k}, method {config.merge_method}, "
-        f"calibration {'on' if config.calibration.enabled else 'off'}")
-    layout = layout_for(config.output.format, out_dir, plan.entries(), config.output.options())
+    results: list = [None] * len(items)
+    runs = []
+    for i, (config, out_dir) in enumerate(items):
+        try:
+            config, out_dir = settle(config, out_dir, calibrate, output_format, shard_size)
+            _refuse_inside_inputs(config, out_dir)
+            own = FORMATS[config.output.format].pipeline
+            if own is not None:  # a format written by a pipeline of its own (peft: LoRA adapters in factored form)
+                module, function = own.split(":")
+                results[i] = getattr(importlib.import_module(module), function)(config, out_dir, log)
+                continue
+            results[i] = _already_complete(config, out_dir, start)
+        except DistSvcError as e:
+            results[i] = e
+        if results[i] is None:
+            runs.append((i, config, out_dir))
+    if runs:
+        executor = executor or _executor(log=log, **choice)
+        for (i, _, _), result in zip(runs, run_merges([(c, o) for _, c, o in runs], executor, progress, model_card,
+                                                      log, start)):
+            results[i] = result
+    return results
+
+
+def run_merges(outputs: Sequence[tuple[MergeConfig, Path | str]], executor: Executor, progress: str = "auto",
+               model_card: bool = True, log: Callable[[str], None] = lambda line: None,
+               start: float | None = None) -> list[MergeReport | DistSvcError]:
+    """Merges run together: those whose units read the same (the same inputs, slices and compute
+    dtype: the usual batch, dist_svc.batch) read each unit's inputs once for every output that
+    still needs it (`Unit.variants`); each output is written, recorded and finished as a merge of
+    its own. A merge is a run of one. One result per output: its report, or the error that
+    stopped it alone (its result not finite); whatever else fails stops the run and is raised."""
+    # The pipeline (and torch) is imported in `_run_group`, not with this module: `status` and
+    # `verify` need only the manifest and the output layout.
+
+    start = time.perf_counter() if start is None else start
+    runs = [_Run(config, out_dir, log) for config, out_dir in outputs]
+    groups: dict[tuple, list[_Run]] = {}
+    for run in runs:
+        groups.setdefault(run.reads(), []).append(run)
+    for group in groups.values():
+        _run_group(group, executor, progress, model_card, log, start)
+    return [run.result for run in runs]
+
+
+def _run_group(runs: list[_Run], executor: Executor, progress: str, model_card: bool, log: Callable[[str], None],
+               start: float) -> None:
+    """`run_merges` of outputs whose units read the same: each run's `result` is set."""
+    from dist_svc.progress import Progress
+    from dist_svc.worker import Job, Target
+
     try:
-        # 1. Open the output, or refuse it, before anything is written.
-        existing = Manifest.check(out_dir, plan, log)
-        if existing is not None and _finished(existing, layout):
-            return _report(existing, layout, 0, True, start)
+        # 1. Open each output, or refuse it, before anything is written.
+        for run in runs:
+            run.check(start)
+        if all(run.result is not None for run in runs):
+            return
         executor.connect()
-        executor.check(config, plan.units)
+        pending = [run for run in runs if run.result is None]
+        executor.check(pending[0].config, _batched(pending, runs), [run.config for run in runs])
         log(executor.describe())
-        out = output_dir(out_dir)
-        out.mkdir()
-        with out.exclusive(LOCK_NAME, log) as held, \
-                _writing(Manifest.check(out, plan, log) or Manifest.create(out, plan)) as manifest:
-            if _finished(manifest, layout):  # finished by a run that held the lock meanwhile
-                return _report(manifest, layout, 0, True, start)
-            # Files of a finished merge that changed since: their tensors are checked again.
-            changed = _changed(manifest, layout) if manifest.complete else []
-            manifest.set_complete(False)  # something of it is missing: repaired below
-            manifest.set_failed(None)  # an earlier run's error is history once this one runs
+        with ExitStack() as stack:
+            for run in pending:
+                stack.enter_context(run.opened(start))
+            live = [run for run in pending if run.result is None]
             try:
                 # 2. Prepare: what writers need exists, and what an earlier run left matches the manifest.
-                manifest.reset(layout.damaged(manifest.recorded, changed))
-                manifest.reset(layout.prepare(manifest.recorded))
+                for run in live:
+                    run.prepare()
                 # 3. Run the pending units.
-                p = manifest.progress()
-                bar = Progress(p["bytes_total"], p["units_total"], p["bytes_done"], p["units_done"], mode=progress)
-                recorder = _Recorder(manifest, layout, executor, bar, held)
+                totals = [run.manifest.progress() for run in live]
+                bar = Progress(sum(p["bytes_total"] for p in totals), sum(p["units_total"] for p in totals),
+                               sum(p["bytes_done"] for p in totals), sum(p["units_done"] for p in totals),
+                               mode=progress)
+                for run in live:
+                    run.recorder = _Recorder(run.manifest, run.layout, executor, bar, run.held)
+                first = runs[0]
+                job = Job(first.config, first.layout, first.plan.pins(),
+                          tuple(Target(run.config, run.layout) for run in runs[1:]))
                 try:
-                    _run_pending(plan, Job(config, layout, plan.pins()), executor, recorder)
+                    _run_pending(runs, job, executor, _Dispatch(runs, bar))
                 finally:
                     bar.close()
                 # 4. Finish: index and side files (and the model card), then the manifest says so.
-                layout.finish(manifest.recorded, plan.side_files)
-                report = _report(manifest, layout, recorder.count, False, start, recorder.stages,
-                                 executor.describe())
-                if model_card:
-                    _write_model_card(out, config, plan, report)
-                manifest.set_complete(True, layout.stamps(manifest.side_files))
-                return report
-            except Exception as e:  # not an interruption (Ctrl-C, SIGTERM): the merge failed, `status` says so
-                with suppress(Exception):  # the storage that failed may refuse this too
-                    manifest.set_failed(_failure(e, out_dir))
+                for run in live:
+                    if run.result is None:
+                        run.finish(model_card, executor, start)
+            except Exception as e:  # not an interruption (Ctrl-C, SIGTERM): the run failed, `status` says so
+                for run in live:
+                    if run.result is None:
+                        run.failed(e)
                 raise
     except OSError as e:
-        raise DistSvcError(_storage_problem(e, out_dir)) from None
+        raise DistSvcError(_storage_problem(e, next((run.out_dir for run in runs if run.result is None),
+                                                    runs[0].out_dir))) from None
+
+
+class _Run:
+    """One output of `run_merges`: its plan, layout, manifest and lock, and its result."""
+
+    def __init__(self, config: MergeConfig, out_dir: Path | str, log: Callable[[str], None]):
+        self.config, self.out_dir, self.log = config, out_dir, log
+        self.plan = plan_merge(config)
+        log(f"plan: {self.plan.summary()}, K={config.k}, method {config.merge_method}, "
+            f"calibration {'on' if config.calibration.enabled else 'off'}")
+        self.layout = layout_for(config.output.format, out_dir, self.plan.entries(), config.output.options())
+        self.units = {u.name: u for u in self.plan.units}
+        self.result: MergeReport | DistSvcError | None = None
+        self.manifest: Manifest | None = None
+        self.recorder: _Recorder | None = None
+        self.held: Callable[[], None] = lambda: None
+
+    def reads(self) -> tuple:
+        """What the workers read for this output: outputs that read alike run as one batch."""
+        config = self.config
+        return (tuple(map(str, config.checkpoints)), config.dtype, repr(config.tokenizer), repr(self.plan.pins()),
+                tuple((u.name, u.shape, u.inputs, u.base, u.vocabulary, u.chunks, u.copied) for u in self.plan.units))
+
+    def check(self, start: float) -> None:
+        existing = Manifest.check(self.out_dir, self.plan, self.log)
+        if existing is not None and _finished(existing, self.layout):
+            self.result = _report(existing, self.layout, 0, True, start)
+
+    @contextmanager
+    def opened(self, start: float) -> Iterator[None]:
+        """The output locked, its manifest open for this run."""
+        out = output_dir(self.out_dir)
+        out.mkdir()
+        with out.exclusive(LOCK_NAME, self.log) as held, \
+                _writing(Manifest.check(out, self.plan, self.log) or Manifest.create(out, self.plan)) as manifest:
+            self.manifest, self.held = manifest, held
+            if _finished(manifest, self.layout):  # finished by a run that held the lock meanwhile
+                self.result = _report(manifest, self.layout, 0, True, start)
+            yield
+
+    def prepare(self) -> None:
+        manifest, layout = self.manifest, self.layout
+        # Files of a finished merge that changed since: their tensors are checked again.
+        changed = _changed(manifest, layout) if manifest.complete else []
+        manifest.set_complete(False)  # something of it is missing: repaired below
+        manifest.set_failed(None)  # an earlier run's error is history once this one runs
+        manifest.reset(layout.damaged(manifest.recorded, changed))
+        manifest.reset(layout.prepare(manifest.recorded))
+
+    def pending(self) -> list:
+        """The units this run still has to merge (before its manifest is open: all of them)."""
+        if self.result is not None:
+            return []
+        if self.manifest is None:
+            return list(self.plan.units)
+        return [u for u in self.plan.units if u.name not in self.manifest.recorded]
+
+    def finish(self, model_card: bool, executor: Executor, start: float) -> None:
+        manifest, layout, recorder = self.manifest, self.layout, self.recorder
+        layout.finish(manifest.recorded, self.plan.side_files)
+        report = _report(manifest, layout, recorder.count, False, start, recorder.stages, executor.describe())
+        if model_card:
+            _write_model_card(output_dir(self.out_dir), self.config, self.plan, report)
+        manifest.set_complete(True, layout.stamps(manifest.side_files))
+        self.result = report
+
+    def failed(self, e: Exception) -> None:
+        """This output's run stopped with `e`: recorded for `status`."""
+        if not isinstance(self.result, DistSvcError):
+            self.result = e if isinstance(e, DistSvcError) else DistSvcError(_failure(e, self.out_dir))
+        with suppress(Exception):  # the storage that failed may refuse this too
+            self.manifest.flush()
+            self.manifest.set_failed(_failure(e, self.out_dir))
+
+
+class _Dispatch:
+    """Each result to its output's recorder; the progress of units that feed several outputs."""
+
+    def __init__(self, runs: list[_Run], bar: Progress):
+        self.runs, self.bar = runs, bar
+        self.partial: dict[str, int] = {}  # bytes of units in flight already shown
+
+    def progress(self, name: str, nbytes: int) -> None:
+        self.partial[name] = self.partial.get(name, 0) + nbytes
+        self.bar.add(nbytes)
+
+    def __call__(self, result: UnitResult) -> None:
+        run = self.runs[result.target]
+        if run.result is not None:  # failed earlier in this run: its later units are not recorded
+            return
+        nbytes = run.manifest.units[result.name]["nbytes"]
+        shown = min(self.partial.get(result.name, 0), nbytes)
+        if shown:
+            self.partial[result.name] -= shown
+        if result.error is not None:
+            run.failed(DistSvcError(result.error))
+            self.bar.advance(0)
+            if all(r.result is not None or r.manifest is None for r in self.runs):
+                raise DistSvcError(result.error)  # nothing left to run for
+            return
+        run.recorder(result, nbytes - shown)
+
+
+def _batched(runs: Sequence[_Run], everyone: Sequence[_Run]) -> list:
+    """The units still to run, each with the outputs it feeds (`Unit.variants`: each output's own
+    unit of that name), largest first (the long units start early, the short ones fill in at
+    the end)."""
+    from dataclasses import replace
+
+    index = {id(run): i for i, run in enumerate(everyone)}
+    names: dict[str, list] = {}
+    for run in runs:
+        for unit in run.pending():
+            names.setdefault(unit.name, []).append((index[id(run)], unit))
+    units = [replace(members[0][1], variants=tuple(members)) for members in names.values()]
+    return sorted(units, key=lambda u: -u.nbytes)
 
 
 def _failure(e: Exception, out_dir: Path) -> str:
@@ -243,14 +408,9 @@ class _Recorder:
             manifest.before_save = self._make_durable
         self.count = 0
         self.stages: dict[str, float] = {}
-        self.partial: dict[str, int] = {}  # bytes of units in flight already shown
 
-    def progress(self, name: str, nbytes: int) -> None:
-        """Part of a unit is done (its share of the unit's bytes)."""
-        self.partial[name] = self.partial.get(name, 0) + nbytes
-        self.bar.add(nbytes)
-
-    def __call__(self, result: UnitResult) -> None:
+    def __call__(self, result: UnitResult, advance: int) -> None:
+        """A finished unit: recorded; `advance`: its bytes the progress bar has not shown yet."""
         self.held()
         name = result.name
         if self.trusted:
@@ -262,7 +422,7 @@ class _Recorder:
         self.count += 1
         for stage, seconds in result.stages.items():
             self.stages[stage] = self.stages.get(stage, 0.0) + seconds
-        self.bar.advance(self.manifest.units[name]["nbytes"] - self.partial.pop(name, 0))
+        self.bar.advance(advance)
         if self.layout.on_recorded(name):
             self.seal()
 
@@ -294,23 +454,24 @@ class _Recorder:
         self.unsynced.clear()
 
 
-def _run_pending(plan: Plan, job: Job, executor: Executor, recorder: _Recorder) -> None:
-    """Run every unit not recorded as done, largest first (the long units start early, the
-    short ones fill in at the end); units whose bytes fail verification run again, up to
-    MAX_ATTEMPTS passes."""
-    manifest = recorder.manifest
+def _run_pending(runs: list[_Run], job: Job, executor: Executor, dispatch: _Dispatch) -> None:
+    """Run every unit not recorded as done by the outputs still running, each once for all of
+    them; units whose bytes fail verification run again, up to MAX_ATTEMPTS passes."""
     for attempt in range(MAX_ATTEMPTS + 1):
-        recorder.seal()
-        pending = sorted((u for u in plan.units if u.name not in manifest.recorded), key=lambda u: -u.nbytes)
+        live = [run for run in runs if run.result is None and run.recorder is not None]
+        for run in live:
+            run.recorder.seal()
+        pending = _batched(live, runs)
         if not pending:
             return
         if attempt == MAX_ATTEMPTS:
-            raise DistSvcError(f"{job.layout.out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
+            raise DistSvcError(f"{live[0].layout.out_dir}: output bytes failed verification {MAX_ATTEMPTS} times; "
                                f"the disk may be failing. Check it, then rerun the same command.")
         try:
-            executor.run(job, pending, recorder, recorder.progress)
+            executor.run(job, pending, dispatch, dispatch.progress)
         finally:
-            manifest.flush()  # keep what finished, whatever stopped the run
+            for run in live:
+                run.manifest.flush()  # keep what finished, whatever stopped the run
 
 
 def _already_complete(config: MergeConfig, out_dir: Path, start: float) -> MergeReport | None:

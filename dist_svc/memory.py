@@ -15,9 +15,13 @@ n the smaller side of a calibrated matrix, c bytes per compute element (4, or 8 
 - calibrated, streamed: + `(F + 1) n^2 8` (the Grams: `G` and one `C_i` per fine-tune)
   + `F n^2 8` when the calibration keeps the task Grams (`T_i`: a wide matrix on its default
   side, while they take at most 2 GiB; beyond, one more pass over the inputs replaces them)
-  + `3 n^2 8` (eigh's eigenvectors and its workspace, then the projector in G's place)
-  + `3 min(n^2, 16M) 8` (the overlaps' temporaries, column chunks of V) + the pass-2 cache
-  `2 E c` when it fits `cache_bytes` (a wide matrix's output is written by columns, in place);
+  + `3 n^2 8` (eigh's eigenvectors and its workspace; V is kept for pass 2)
+  + `3 min(n^2, 16M) 8` (the overlaps' temporaries, column chunks of V) + `8 b` (pass 2's block
+  in the eigenbasis) + the pass-2 cache `2 E c` when it fits `cache_bytes` (a wide matrix's
+  output is written by columns, in place);
+- a unit read once for several outputs (a batch, `Unit.variants`): its largest member's
+  footprint, plus what each further method setting and each wide calibrated member adds
+  (`_batch_footprint`);
 - the full-SVD fallback of a calibrated matrix the Gram cannot resolve: `E (N c + (F + 4) 8)`,
   taken only when needed (the worker exchanges its streaming footprint for it, waiting until it
   fits: `MemoryBudget.exchange`);
@@ -90,9 +94,15 @@ def compute_bytes(config: "MergeConfig") -> int:
 
 
 def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
-                   block_elements: int = BLOCK_ELEMENTS, cache_bytes: int = CACHE_BYTES) -> Footprint:
+                   block_elements: int = BLOCK_ELEMENTS, cache_bytes: int = CACHE_BYTES,
+                   configs: Sequence["MergeConfig"] = ()) -> Footprint:
     """The most memory `Worker.run(unit)` holds at once on its streaming path (the module's
-    docstring has the formulas)."""
+    docstring has the formulas). `configs`: the job's targets' configs, for a unit that feeds
+    several (`Unit.variants`; `config` is the first's)."""
+    if len(unit.variants) > 1:
+        return _batch_footprint(unit, configs or [config], on_gpu, block_elements, cache_bytes)
+    if unit.variants:
+        unit = unit.variants[0][1]
     c, o, s = compute_bytes(config), ITEMSIZE[unit.out_dtype], READ_BYTES
     n_in, f = len(unit.inputs), len(unit.fine_tunes)
     elements = math.prod(unit.shape) if unit.shape else 1
@@ -121,6 +131,7 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     # inputs (pass 1 of the calibration consumes them as it fills the smaller pass-2 cache).
     kept = n_in * elements * c if passes and keeps_inputs(unit, config, cache_bytes) else 0
     if unit.calibrate:
+        compute += 8 * block  # pass 2: the block in the eigenbasis, beside its product
         grams = _grams(unit, config, f)
         if min(unit.shape) ** 2 * 8 < MMAP_THRESHOLD:
             compute, grams = compute + grams, 0
@@ -129,6 +140,59 @@ def unit_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False,
     compute += kept
 
     return _placed(compute, host_only, on_gpu, grams)
+
+
+def _batch_footprint(unit: "Unit", configs: Sequence["MergeConfig"], on_gpu: bool, block_elements: int,
+                     cache_bytes: int) -> Footprint:
+    """A unit read once for several targets: the largest member's own footprint (members are
+    handled one after another on each block, their products freed and their output blocks
+    queued for the one write thread, whose queue the footprint counts once), and
+    - for each further computation of the method (settings that differ beyond its scale): its
+      result block and its rotation `b (c + 8)`, its share of the pass-2 cache `E c` when the
+      unit keeps one, its Grams when calibrated;
+    - for each further member of a wide calibrated matrix, its output assembled by columns
+      `E o` (where the writer cannot write columns in place)."""
+    members = [(u, configs[i] if i < len(configs) else configs[0]) for i, u in unit.variants]
+    own = [unit_footprint(u, cfg, on_gpu, block_elements, cache_bytes) for u, cfg in members]
+    size = (lambda fp: fp.device) if on_gpu else (lambda fp: fp.host)
+    first = max(range(len(members)), key=lambda j: size(own[j]))
+    u, cfg = members[first]
+    if u.copied:
+        return own[first]
+    c, o = compute_bytes(cfg), ITEMSIZE[u.out_dtype]
+    elements = math.prod(u.shape) if u.shape else 1
+    whole = whole_tensor(u, cfg.method)
+    transposed = u.calibrate and oriented(u.shape, cfg.calibration.side)[0]
+    block = elements if whole else \
+        min(elements, block_length(u, transposed, block_elements) * (elements // _length(u, transposed)))
+    compute, grams = 0, 0
+    computes = {_compute_key(u, cfg)}
+    kept = u.calibrate and (1 + len({_compute_key(v, k) for v, k in members})) * elements * c <= cache_bytes
+    for j, (v, k) in enumerate(members):
+        if j == first:
+            continue
+        key = _compute_key(v, k)
+        if key not in computes:
+            computes.add(key)
+            compute += block * (c + 8) + (elements * c if kept else 0)
+            if v.calibrate:
+                grams += _grams(v, k, len(v.fine_tunes))
+        elif transposed and not whole:
+            compute += elements * o
+    extra = _placed(compute, 0, on_gpu, grams)
+    return Footprint(own[first].host + extra.host - UNIT_SLACK, own[first].device + extra.device)
+
+
+def _compute_key(unit: "Unit", config: "MergeConfig") -> tuple:
+    """What decides a member's computation of the method (the worker's `_computes`)."""
+    method = config.method
+    if unit.copied:
+        return ("copied",)
+    params = unit.call_params(method)
+    if method.scale in params:
+        params[method.scale] = 1.0
+    side = config.calibration.side if unit.calibrate else None
+    return method.name, repr(sorted(params.items())), unit.calibrate, side
 
 
 def fallback_footprint(unit: "Unit", config: "MergeConfig", on_gpu: bool = False) -> Footprint:

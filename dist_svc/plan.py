@@ -74,9 +74,15 @@ class Unit:
     vocabulary: bool = False  # axis 0 is the vocabulary, aligned token by token (dist_svc.vocab)
     chunks: tuple[int, int] = (1, 1)  # rows, columns per stored chunk of the inputs (zarr): blocks align to them
     copied: bool = False  # a non-float tensor: its only input's bytes, as stored (never merged or calibrated)
+    # A run of several merges of the same inputs (dist_svc.batch): (target, that merge's unit)
+    # for each target this unit feeds, read once for all; empty: the job's first target alone.
+    variants: tuple[tuple[int, "Unit"], ...] = ()
 
     @property
     def nbytes(self) -> int:
+        """The bytes the unit writes (for every target it feeds)."""
+        if self.variants:
+            return sum(u.nbytes for _, u in self.variants)
         return tensor_nbytes(self.out_dtype, self.shape)
 
     @property

@@ -552,3 +552,22 @@ def test_into_s3_the_driver_moves_under_5_percent_of_the_output_and_the_bytes_eq
     got = {name: fs.cat_file(f"{bucket}/out/{name}") for name in local}
     assert got == local
     assert moved + relay.bytes <= DRIVER_SHARE * _output_bytes(local), (moved, relay.bytes, _output_bytes(local))
+
+
+def test_a_sweep_on_the_cluster_into_s3_writes_what_the_local_sweep_writes(tmp_path, cluster, model, bucket,
+                                                                            s3_server):
+    """`dist-svc sweep --cluster` into s3://: each actor reads a unit once for every variant;
+    every variant's objects equal the local sweep's files byte for byte."""
+    import s3fs
+
+    cfg, _ = model
+    sets = ["--set", "parameters.lambda=0.5,1", "--set", "calibrate.alpha=0.3,1", "--shard-size", "1MB"]
+    run_cli("sweep", cfg, tmp_path / "local", *sets, "--progress", "off")
+    _idle()
+    proc = run_cli("sweep", cfg, f"{bucket}/sweep", *sets, "--progress", "off", "--cluster", cluster[0].address)
+    assert "4 variants" in proc.stdout
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for variant in (tmp_path / "local").iterdir():
+        if variant.is_dir():
+            local = file_bytes(variant)
+            assert {name: fs.cat_file(f"{bucket}/sweep/{variant.name}/{name}") for name in local} == local, variant.name

@@ -23,30 +23,42 @@ ARCH = TinyLlama(vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_
                  num_attention_heads=8, num_key_value_heads=2)
 
 _PEAK_OF_A_UNIT = """
-import json, re, sys
+import dataclasses, json, pathlib, re, sys
 from dist_svc.config import load_config
 from dist_svc.driver import plan_merge
 from dist_svc.memory import unit_footprint
 from dist_svc.storage.output import layout_for
-from dist_svc.worker import Job, Worker, setup_process
+from dist_svc.worker import Job, Target, Worker, setup_process
 
-config = load_config(sys.argv[1])
-plan = plan_merge(config)
-layout = layout_for("safetensors", __import__("pathlib").Path(sys.argv[2]), plan.entries(), config.output.options())
-layout.prepare({})
+# One config, or several (a batch, comma-separated: each its own output under OUT/N).
+configs = [load_config(path) for path in sys.argv[1].split(",")]
+plans = [plan_merge(config) for config in configs]
+layouts = []
+for n, (config, plan) in enumerate(zip(configs, plans)):
+    out = pathlib.Path(sys.argv[2]) / str(n)
+    out.mkdir()
+    layouts.append(layout_for("safetensors", out, plan.entries(), config.output.options()))
+    layouts[-1].prepare({})
 setup_process("cpu")
 options = json.loads(sys.argv[4])
-worker = Worker(Job(config, layout), "cpu", **options)
-unit = next(u for u in plan.units if u.name == sys.argv[3])
+others = tuple(Target(c, l) for c, l in zip(configs[1:], layouts[1:]))
+worker = Worker(Job(configs[0], layouts[0], others=others), "cpu", **options)
+
+def unit(name):
+    units = [next(u for u in plan.units if u.name == name) for plan in plans]
+    return units[0] if len(units) == 1 else dataclasses.replace(units[0], variants=tuple(enumerate(units)))
+
 status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 # Warm up on a small calibrated matrix: the process's one-time costs (libraries' lazy set-up)
 # are its baseline, not the unit's.
-worker.run(next(u for u in plan.units if u.name == "model.layers.1.self_attn.k_proj.weight"))
+worker.run(unit("model.layers.1.self_attn.k_proj.weight"))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status("VmRSS")
-worker.run(unit)
-print(json.dumps({"grew": status("VmHWM") - before, "footprint": unit_footprint(unit, config, **options).host}))
+measured = unit(sys.argv[3])
+worker.run(measured)
+print(json.dumps({"grew": status("VmHWM") - before,
+                  "footprint": unit_footprint(measured, configs[0], configs=configs, **options).host}))
 """
 
 
@@ -73,6 +85,22 @@ def test_a_units_footprint_bounds_the_memory_its_worker_really_holds(tmp_path, f
     cfg = write_config(tmp_path / "m.yaml", base, fts, merge_method=method, dtype="float32",
                        parameters={"density": 0.5} if method == "ties" else {})
     _check_footprint(cfg, tmp_path / "out", tensor, options)
+
+
+@pytest.mark.parametrize("tensor, sets", [
+    ("model.layers.0.mlp.up_proj.weight", [{"parameters": {"lambda": lam}, "calibrate": {"alpha": alpha}}
+                                           for lam in (0.5, 1, 1.5) for alpha in (0.3, 1)]),  # shared Grams
+    ("model.layers.0.mlp.down_proj.weight", [{"parameters": {"lambda": lam}} for lam in (0.5, 1, 1.5)]),  # wide
+    ("model.layers.0.mlp.up_proj.weight", [{"weights": [w, 1, 1]} for w in (0.5, 1)]
+     + [{"weights": [1, 1, 1], "parameters": {"lambda": 2}}]),  # two computations of the method, one scaled
+], ids=["lambda-alpha", "wide-lambda", "weights"])
+def test_a_batch_units_footprint_bounds_what_its_worker_holds_for_every_variant(tmp_path, family, tensor, sets):
+    """A unit read once for several merges (`Unit.variants`), against its footprint: every
+    variant's output blocks, and each computation of the method, counted."""
+    root, base, fts = family
+    configs = [write_config(tmp_path / f"m{n}.yaml", base, fts, top.pop("weights", None), dtype="float32", **top)
+               for n, top in enumerate(sets)]
+    _check_footprint(configs, tmp_path / "out", tensor, {})
 
 
 def test_more_units_run_at_once_when_memory_allows_and_the_bytes_do_not_change(tmp_path, family):
@@ -214,8 +242,9 @@ def test_a_two_worker_merge_of_wide_float32_matrices_holds_its_live_blocks_not_a
 
 def _check_footprint(cfg, out, tensor: str, options: dict) -> None:
     """One unit's peak resident growth in a worker process (_PEAK_OF_A_UNIT) is within its
-    footprint, and the footprint not loose beyond 3x."""
+    footprint, and the footprint not loose beyond 3x. `cfg`: a config, or several (a batch)."""
     out.mkdir()
+    cfg = ",".join(map(str, cfg)) if isinstance(cfg, (list, tuple)) else cfg
     measured = json.loads(subprocess.run([sys.executable, "-c", _PEAK_OF_A_UNIT, str(cfg), str(out), tensor,
                                           json.dumps(options)], capture_output=True, text=True, check=True).stdout)
     grew, footprint = measured["grew"], measured["footprint"]

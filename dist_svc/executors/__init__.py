@@ -95,16 +95,18 @@ class Executor(Protocol):
         """Where units will run and within how much memory (after `connect`): what a dry run
         estimates for."""
 
-    def check(self, config, units: Sequence["Unit"]) -> None:
+    def check(self, config, units: Sequence["Unit"], configs: Sequence = ()) -> None:
         """Refuse (DistSvcError) a merge with a unit that can never fit the memory a worker has,
-        before anything is written (after `connect`)."""
+        before anything is written (after `connect`). `configs`: the job's targets' configs,
+        where units feed several (`Unit.variants`)."""
 
     def describe(self) -> str:
         """One line: where units run, how many at once, within how much memory."""
 
     def run(self, job: "Job", units: Sequence["Unit"], on_result: Callable[["UnitResult"], None],
             on_progress: Callable[[str, int], None] | None = None) -> None:
-        """Run `units`; call `on_result` in the caller's thread once per finished unit (and, if
+        """Run `units`; call `on_result` in the caller's thread once per finished unit and target
+        it feeds (`Unit.variants`; and, if
         the executor can, `on_progress(name, nbytes)` as parts of a unit are done); return when
         all are done, or raise (DistSvcError for the user's mistakes)."""
 

@@ -75,14 +75,14 @@ class LocalExecutor:
     def capacity(self) -> Capacity:
         return Capacity(1, self.threads, self.budget(), self.device, here=True, pool="process")
 
-    def footprint(self, unit: Unit, config) -> Footprint:
-        return unit_footprint(unit, config, self.on_gpu, **self.worker_options)
+    def footprint(self, unit: Unit, config, configs=()) -> Footprint:
+        return unit_footprint(unit, config, self.on_gpu, configs=configs, **self.worker_options)
 
-    def check(self, config, units: Sequence[Unit]) -> None:
+    def check(self, config, units: Sequence[Unit], configs=()) -> None:
         """Every unit fits the budget on its own (checked before anything is written)."""
         limit = self.budget()
         for unit in units:
-            need = self.footprint(unit, config)
+            need = self.footprint(unit, config, configs)
             if not need.fits(limit):
                 raise DistSvcError(too_big(unit, need, limit))
 
@@ -126,7 +126,8 @@ class LocalExecutor:
         host = self.budget().host
         budget = MemoryBudget(host, [device_budget(d) for d in self.devices] if self.on_gpu else [])
         key = (lambda fp: fp.device) if self.on_gpu else (lambda fp: fp.host)
-        pending = Pending([(u, self.footprint(u, job.config)) for u in units], key)
+        configs = [t.config for t in job.targets]
+        pending = Pending([(u, self.footprint(u, job.config, configs)) for u in units], key)
         stop = threading.Event()
         results: queue.Queue = queue.Queue()
         first, rest = open_inputs(job.config, pins=job.pins)  # once, shared by every worker thread
@@ -143,7 +144,8 @@ class LocalExecutor:
                     if ticket is None:
                         break
                     try:
-                        results.put(worker.run(ticket.unit, ticket))
+                        for result in worker.run(ticket.unit, ticket):
+                            results.put(result)
                     finally:
                         ticket.release()
             except BaseException as e:  # handed to the driver's thread, raised there

@@ -99,6 +99,7 @@ class MergeActor:
         import torch
 
         self.job = job
+        self.targets = job.targets
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         setup_process(self.device)
         self.options = worker_options
@@ -108,16 +109,18 @@ class MergeActor:
         on_gpu = self.device == "cuda"
         self.budget = MemoryBudget(memory, [device_budget(self.device)] if on_gpu else [])
         self.device_index = 0 if on_gpu else None
-        self.footprint = lambda unit: unit_footprint(unit, job.config, on_gpu, **self.options)
+        configs = [t.config for t in job.targets]
+        self.footprint = lambda unit: unit_footprint(unit, job.config, on_gpu, configs=configs, **self.options)
         self.where = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 
     def ready(self) -> str:
         return self.where
 
-    def run(self, units: list[Unit]) -> list[UnitResult | None]:
-        """Merge `units` one after another. A unit's result is returned only once its bytes,
-        durable, read back where they were written to the checksum the worker computed as it
-        wrote them; None where they do not (the driver runs that unit again)."""
+    def run(self, units: list[Unit]) -> list[list[UnitResult] | None]:
+        """Merge `units` one after another. A unit's results (one per target it feeds) are
+        returned only once its bytes, durable, read back where they were written to the checksum
+        the worker computed as it wrote them; None where they do not (the driver runs that unit
+        again)."""
         worker = getattr(self.local, "worker", None)
         if worker is None:
             worker = self.local.worker = Worker(self.job, self.device, sync=True, checkpoints=self.checkpoints,
@@ -129,7 +132,9 @@ class MergeActor:
                 result = worker.run(unit, ticket)
             finally:
                 ticket.release()
-            results.append(result if self.job.layout.stored_checksum(unit.name) == result.checksum else None)
+            read_back = all(r.error is not None or self.targets[r.target].layout.stored_checksum(r.name) == r.checksum
+                            for r in result)
+            results.append(result if read_back else None)
         return results
 
 
@@ -219,12 +224,12 @@ class RayExecutor:
         return Capacity(count, IN_FLIGHT_PER_ACTOR, Footprint(memory, 0), "cuda" if "num_gpus" in resources else "cpu",
                         here=False, pool="actor")
 
-    def check(self, config, units: Sequence[Unit]) -> None:
+    def check(self, config, units: Sequence[Unit], configs=()) -> None:
         """Every unit fits one actor's memory (checked before anything is written)."""
         _, _, memory = self._layout()
         limit = Footprint(memory, 1 << 62)  # an actor's GPU memory is checked when it starts units
         for unit in units:
-            need = unit_footprint(unit, config, False, **self.worker_options)
+            need = unit_footprint(unit, config, False, configs=configs, **self.worker_options)
             if not need.fits(limit):
                 raise DistSvcError(too_big(unit, need, limit))
 
@@ -351,7 +356,8 @@ class RayExecutor:
                                                    f"Check it, then rerun the same command.")
                             queue.appendleft([unit])
                             continue
-                        on_result(result)
+                        for each in result:
+                            on_result(each)
                         done += 1
         finally:
             for actor in ready_actors + list(starting):

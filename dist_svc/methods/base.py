@@ -124,6 +124,10 @@ class Method:
     sample: Mapping[str, Any] = field(default_factory=dict, hash=False)
     # The streaming form of a method that needs whole tensors (`Passes`), set by `@streams`.
     passes: "Passes | None" = None
+    # A shared parameter that multiplies the result last, exactly (`result * value`): lambda,
+    # for every method declaring it. Merges that differ only in it compute the method once
+    # and scale, and share their calibration's Grams (the worker; dist_svc.batch).
+    scale: str | None = None
 
     def __post_init__(self):
         names = [p.name for p in self.params]
@@ -132,6 +136,7 @@ class Method:
         missing = [p.name for p in self.params if p.required and p.name not in self.sample]
         assert not missing, f"{self.name}: give the required {', '.join(missing)} in sample="
         assert self.operates_on in ("deltas", "weights") and self.base in ("required", "optional", "ignored")
+        assert self.scale is None or self.scale in names, f"{self.name}: scale= names an undeclared parameter"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -177,6 +182,8 @@ def register(name: str, *params: Param, **options) -> Callable:
     def wrap(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
+        if LAMBDA in params:
+            options.setdefault("scale", LAMBDA.name)
         METHODS[name] = Method(name, fn, tuple(params), **options)
         return fn
 
