@@ -489,5 +489,24 @@ def sce_passes(p, extent):
     return begin
 
 
+_VARIANCE_CHUNK = 1 << 15  # elements per step of the variance on a CPU: its float64 temporaries stay in cache
+
+
 def _variance(taus) -> torch.Tensor:
-    return torch.var(torch.stack(taus), dim=0, unbiased=False).abs()
+    """`torch.var(torch.stack(taus), dim=0, unbiased=False).abs()` (mergekit's SCE), bit for bit
+    as torch computes it on a CPU: Welford's update in float64, one task after the other, rounded
+    to the tasks' dtype once. torch's own kernel takes ~15x longer on a CPU (one element at a
+    time), and SCE computes the variance in each of its passes; on a GPU this is the CPU's value
+    (the same selection on every device), where torch.var would accumulate in float32."""
+    out = torch.empty(taus[0].shape, dtype=taus[0].dtype, device=taus[0].device)
+    flat, into = [t.reshape(-1) for t in taus], out.view(-1)
+    step = _VARIANCE_CHUNK if out.device.type == "cpu" else max(1, into.numel())
+    for start in range(0, into.numel(), step):
+        mean = m2 = 0.0
+        for n, tau in enumerate(flat, 1):
+            x = tau[start:start + step].to(torch.float64, copy=True)
+            delta = x - mean
+            mean = delta / n + mean  # mean + delta / n, in Welford's order of rounding
+            m2 = x.sub_(mean).mul_(delta).add_(m2)
+        into[start:start + step] = m2.div_(len(flat))
+    return out.abs_()
