@@ -186,10 +186,14 @@ class Keeper:
             return keep.logical_or_(at)
         if cut.last is not None:
             return keep.logical_or_(at.logical_and_(where.indices() <= cut.last))
-        rank = at.reshape(-1).cumsum(0).view(at.shape)
-        rank += self.seen[j]
-        self.seen[j] = int(rank.reshape(-1)[-1]) if rank.numel() else self.seen[j]
-        return keep.logical_or_(at.logical_and_(rank <= cut.need))
+        positions = at.reshape(-1).nonzero().squeeze(1)  # the block's ties, in flat order
+        take = min(max(cut.need - self.seen[j], 0), positions.numel())
+        self.seen[j] += positions.numel()
+        if take == positions.numel():
+            return keep.logical_or_(at)
+        first = torch.zeros(at.numel(), dtype=torch.bool, device=at.device)
+        first[positions[:take]] = True
+        return keep.logical_or_(first.view(at.shape))
 
 
 def pruning(windows: Sequence, rescale: bool, extent: Extent):
@@ -208,7 +212,7 @@ def pruning(windows: Sequence, rescale: bool, extent: Extent):
             selections += [(i, window[1])] + ([(i, window[0])] if window[0] > 0 else [])
 
     def keys_of(taus, where):
-        magnitudes = {i: _bits(taus[i].abs()) for i, _ in selections}
+        magnitudes = {i: _bits(taus[i].abs()) for i in {i for i, _ in selections}}  # one per task
         return [magnitudes[i] for i, _ in selections]
 
     cuts = yield from select(keys_of, [k for _, k in selections], extent)
