@@ -176,30 +176,6 @@ def test_a_float64_selection_takes_four_digit_passes_and_the_same_choice():
     assert passes == 5 and torch.equal(got, reference.ties_whole(tensors, p, None))
 
 
-@pytest.mark.parametrize("name, given", [
-    ("ties", {"weight": W, "density": D}),
-    ("breadcrumbs_ties", {"weight": W, "density": 0.6, "gamma": 0.1, "rescale": True}),
-])
-def test_a_selection_merged_in_cpu_pieces_keeps_the_same_ties_as_whole_blocks(name, given, monkeypatch):
-    """On a CPU the output pass merges each block in pieces of rows that stay in cache
-    (`sparse.by_rows`); bf16 magnitudes tie at the cuts, and the ties kept (lowest flat index
-    first: counted across the pieces of row blocks, by index in column blocks) are the same as
-    the whole blocks' and the whole tensor's."""
-    from dist_svc.methods import sparse
-
-    tensors = bf16_values(3, shape=(300, 257), seed=9, scale=0.01)
-    p = params(name, 3, **given)
-    want = whole(name, tensors, p)
-    for columns, step in ((False, 120), (True, 90)):
-        got, _ = streamed(name, tensors, p, step=step, columns=columns)
-        assert 257 * step > 2 * sparse._CHUNK_ELEMENTS  # several pieces per block
-        with monkeypatch.context() as m:
-            m.setattr(sparse, "_CHUNK_ELEMENTS", 1 << 40)
-            unsplit, _ = streamed(name, tensors, p, step=step, columns=columns)
-        assert torch.equal(got, unsplit), (columns, int((got != unsplit).sum()))
-        _agree(got, want, True if name == "ties" else 1e-6, f"{name} {'columns' if columns else 'rows'}")
-
-
 def test_sces_variance_is_torchs_bit_for_bit_on_every_block_layout():
     """SCE selects by mergekit's `torch.var(stack, dim=0, unbiased=False)`; dist-svc computes it
     faster (Welford in float64 over chunks of the block) and must keep every bit of it: a

@@ -22,7 +22,6 @@ equal magnitudes to the sort implementation (docs/methods.md); bf16 task vectors
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -370,11 +369,7 @@ def _pruned_combine(p, extent, windows, consensus: bool):
 
     def output():
         pruned = begin()
-
-        def merged(taus, where):
-            return combine(pruned(taus, where), p["weight"], p["lambda"], p["normalize"], consensus)
-
-        return lambda taus, where: by_rows(merged, taus, where)
+        return lambda taus, where: combine(pruned(taus, where), p["weight"], p["lambda"], p["normalize"], consensus)
 
     return output
 
@@ -382,25 +377,21 @@ def _pruned_combine(p, extent, windows, consensus: bool):
 _CHUNK_ELEMENTS = 1 << 13  # a CPU piece: its temporaries stay in cache, each op runs on one thread
 
 
-def by_rows(fn: Callable[[list, Where], torch.Tensor], deltas: list, where: Where) -> torch.Tensor:
-    """`fn(deltas, where)` on a CPU block, computed on pieces of whole rows of ~8K elements (along
-    axis 0, in order; a 1-D tensor is one row) and put together: the same values for a function
-    of each row alone, or of rows in order (a `Keeper` counts the ties before each piece).
-    DARE, DELLA and TIES's output make tens of elementwise passes per task (the counter-based
-    hash, the selection's masks, the sign election): over a block each goes to memory and
-    through torch's thread pool, whose barrier waits for every thread (on a loaded machine, for
-    a descheduled one); over a piece, below torch's parallel grain (32768 elements) even
-    stacked, they stay in cache on one thread (measured: DARE-TIES 2.4-3x, DELLA 1.3-1.6x
-    faster per block, 2 cores loaded)."""
+def by_rows(fn: Callable[[list, torch.Tensor], torch.Tensor], deltas: list, indices: torch.Tensor) -> torch.Tensor:
+    """`fn(deltas, indices)` on a CPU block, computed on pieces of whole rows of ~8K elements
+    (along axis 0; a 1-D tensor is one row) and put together: the same values for a function of
+    each row alone. DARE and DELLA make ~30 elementwise passes per task (the counter-based hash,
+    the drop, the sign election): over a block each goes to memory and through torch's thread
+    pool, whose barrier waits for every thread (on a loaded machine, for a descheduled one);
+    over a piece, below torch's parallel grain (32768 elements) even stacked, they stay in cache
+    on one thread (measured: DARE-TIES 2.4-3x, DELLA 1.3-1.6x faster per block, 2 cores loaded)."""
     first = deltas[0]
     rows = max(1, _CHUNK_ELEMENTS // max(1, first[0].numel())) if first.ndim > 1 else 0
     if first.device.type != "cpu" or rows == 0 or rows >= first.shape[0]:
-        return fn(deltas, where)
-    indices = functools.cache(where.indices)  # the block's, once, if a piece asks
+        return fn(deltas, indices)
     out = None
     for start in range(0, first.shape[0], rows):
-        piece = Where(where.name, lambda start=start: indices()[start:start + rows], where.base)
-        part = fn([t[start:start + rows] for t in deltas], piece)
+        part = fn([t[start:start + rows] for t in deltas], indices[start:start + rows])
         if out is None:
             out = torch.empty(first.shape, dtype=part.dtype)
         out[start:start + rows] = part
@@ -410,12 +401,11 @@ def by_rows(fn: Callable[[list, Where], torch.Tensor], deltas: list, where: Wher
 def _dare(deltas, p, where, consensus: bool):
     keys = [stream_key(p["seed"], where.name, i) for i in range(len(deltas))]
 
-    def merged(taus, where):
-        dropped = [random_drop(t, d, key, where.indices(), p["rescale"])
-                   for t, d, key in zip(taus, p["density"], keys)]
+    def merged(taus, indices):
+        dropped = [random_drop(t, d, key, indices, p["rescale"]) for t, d, key in zip(taus, p["density"], keys)]
         return combine(dropped, p["weight"], p["lambda"], p["normalize"], consensus)
 
-    return by_rows(merged, deltas, where)
+    return by_rows(merged, deltas, where.indices())
 
 
 @register("dare_linear", *_gta(False, True, SEED), random=True, sample={"weight": 1.0, "density": 0.5},
@@ -468,12 +458,12 @@ def _della_bounds(p) -> str | None:
 def _della(deltas, p, where, consensus: bool):
     keys = [stream_key(p["seed"], where.name, i) for i in range(len(deltas))]
 
-    def merged(taus, where):
-        pruned = [magprune(t, d, e, key, where.indices(), p["rescale"])
+    def merged(taus, indices):
+        pruned = [magprune(t, d, e, key, indices, p["rescale"])
                   for t, d, e, key in zip(taus, p["density"], p["epsilon"], keys)]
         return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus)
 
-    return by_rows(merged, deltas, where)
+    return by_rows(merged, deltas, where.indices())
 
 
 @register("della", *_gta(True, True, EPSILON, SEED), needs="row", random=True, check=_della_bounds,
