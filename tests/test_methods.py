@@ -339,6 +339,34 @@ def test_dare_is_its_drop_then_the_combination(name, consensus):
     assert _rel(got, gta_reference(dropped, weights, 1.0, True, consensus)) <= 1e-14
 
 
+@pytest.mark.parametrize("name, given", [
+    ("dare_ties", {"density": [0.5, 0.6, 0.7], "weight": [1.0, 0.5, 2.0], "normalize": True}),
+    ("dare_linear", {"density": 0.4}),
+    ("della", {"density": [0.5, 0.6, 0.4], "epsilon": 0.1, "weight": [1.0, 0.5, 2.0]}),
+    ("della_linear", {"density": 0.3, "epsilon": 0.2}),
+])
+def test_dare_and_della_on_a_block_larger_than_a_cpu_piece_are_the_unsplit_computation_bit_for_bit(
+        name, given, monkeypatch):
+    """On a CPU a block is merged in pieces of whole rows that stay in cache
+    (`sparse.by_rows`): the same bits as the block in one piece, in rows and in the oriented
+    columns of a calibrated wide matrix."""
+    from dist_svc.methods import sparse
+
+    rng = np.random.default_rng(4)
+    taus = [torch.from_numpy(rng.standard_normal((300, 257)).astype(np.float32)) for _ in range(3)]
+    shape = taus[0].shape
+    p = resolved(name, 3, None, {"seed": 5, **given})
+    blocks = [(taus, torch.arange(taus[0].numel()).view(shape)),
+              ([t[:, 60:200].T for t in taus], torch.arange(taus[0].numel()).view(shape)[:, 60:200].T)]
+    for tensors, idx in blocks:
+        assert tensors[0].numel() > sparse._CHUNK_ELEMENTS  # two pieces or more
+        got = METHODS[name].merge(tensors, p, Where("w", lambda: idx))
+        with monkeypatch.context() as m:
+            m.setattr(sparse, "_CHUNK_ELEMENTS", 1 << 40)
+            want = METHODS[name].merge(tensors, p, Where("w", lambda: idx))
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_della_keeps_larger_magnitudes_more_often_by_their_rank_in_the_row():
     """MAGPRUNE: rank r of n in a row is kept with probability density - eps + 2 eps r/(n-1);
     kept entries are divided by it, so each entry's expectation is itself."""

@@ -176,6 +176,26 @@ def test_a_float64_selection_takes_four_digit_passes_and_the_same_choice():
     assert passes == 5 and torch.equal(got, reference.ties_whole(tensors, p, None))
 
 
+def test_sces_variance_is_torchs_bit_for_bit_on_every_block_layout():
+    """SCE selects by mergekit's `torch.var(stack, dim=0, unbiased=False)`; dist-svc computes it
+    faster (Welford in float64 over chunks of the block) and must keep every bit of it: a
+    variance one ulp apart moves the selection's cut. float32 and float64, bf16 values (many
+    ties, exact zeros), task vectors close to each other, 1 to 5 tasks, blocks of columns."""
+    from dist_svc.methods.sparse import _variance
+
+    g = torch.Generator().manual_seed(5)
+    for count in (1, 2, 3, 5):
+        spread = [torch.randn(300, 257, generator=g) * 10.0 ** e for e in (-4, 0, 3, -9, 1)][:count]
+        near = [spread[0] + 1e-5 * t for t in spread]
+        bf16 = [t.bfloat16().float() for t in spread]
+        for taus in (spread, near, bf16, [t.double() for t in near], [t[:, 40:99].T for t in bf16]):
+            before = [t.clone() for t in taus]
+            want = torch.var(torch.stack(taus), dim=0, unbiased=False).abs()
+            got = _variance(taus)
+            assert got.dtype == want.dtype and torch.equal(got, want), (count, taus[0].dtype)
+            assert all(torch.equal(a, b) for a, b in zip(taus, before))  # inputs untouched
+
+
 # -- through the worker ---------------------------------------------------------------------------
 
 ARCH = TinyLlama(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -186,10 +186,14 @@ class Keeper:
             return keep.logical_or_(at)
         if cut.last is not None:
             return keep.logical_or_(at.logical_and_(where.indices() <= cut.last))
-        rank = at.reshape(-1).cumsum(0).view(at.shape)
-        rank += self.seen[j]
-        self.seen[j] = int(rank.reshape(-1)[-1]) if rank.numel() else self.seen[j]
-        return keep.logical_or_(at.logical_and_(rank <= cut.need))
+        positions = at.reshape(-1).nonzero().squeeze(1)  # the block's ties, in flat order
+        take = min(max(cut.need - self.seen[j], 0), positions.numel())
+        self.seen[j] += positions.numel()
+        if take == positions.numel():
+            return keep.logical_or_(at)
+        first = torch.zeros(at.numel(), dtype=torch.bool, device=at.device)
+        first[positions[:take]] = True
+        return keep.logical_or_(first.view(at.shape))
 
 
 def pruning(windows: Sequence, rescale: bool, extent: Extent):
@@ -208,7 +212,7 @@ def pruning(windows: Sequence, rescale: bool, extent: Extent):
             selections += [(i, window[1])] + ([(i, window[0])] if window[0] > 0 else [])
 
     def keys_of(taus, where):
-        magnitudes = {i: _bits(taus[i].abs()) for i, _ in selections}
+        magnitudes = {i: _bits(taus[i].abs()) for i in {i for i, _ in selections}}  # one per task
         return [magnitudes[i] for i, _ in selections]
 
     cuts = yield from select(keys_of, [k for _, k in selections], extent)
@@ -370,11 +374,38 @@ def _pruned_combine(p, extent, windows, consensus: bool):
     return output
 
 
+_CHUNK_ELEMENTS = 1 << 13  # a CPU piece: its temporaries stay in cache, each op runs on one thread
+
+
+def by_rows(fn: Callable[[list, torch.Tensor], torch.Tensor], deltas: list, indices: torch.Tensor) -> torch.Tensor:
+    """`fn(deltas, indices)` on a CPU block, computed on pieces of whole rows of ~8K elements
+    (along axis 0; a 1-D tensor is one row) and put together: the same values for a function of
+    each row alone. DARE and DELLA make ~30 elementwise passes per task (the counter-based hash,
+    the drop, the sign election): over a block each goes to memory and through torch's thread
+    pool, whose barrier waits for every thread (on a loaded machine, for a descheduled one);
+    over a piece, below torch's parallel grain (32768 elements) even stacked, they stay in cache
+    on one thread (measured: DARE-TIES 2.4-3x, DELLA 1.3-1.6x faster per block, 2 cores loaded)."""
+    first = deltas[0]
+    rows = max(1, _CHUNK_ELEMENTS // max(1, first[0].numel())) if first.ndim > 1 else 0
+    if first.device.type != "cpu" or rows == 0 or rows >= first.shape[0]:
+        return fn(deltas, indices)
+    out = None
+    for start in range(0, first.shape[0], rows):
+        part = fn([t[start:start + rows] for t in deltas], indices[start:start + rows])
+        if out is None:
+            out = torch.empty(first.shape, dtype=part.dtype)
+        out[start:start + rows] = part
+    return out
+
+
 def _dare(deltas, p, where, consensus: bool):
-    indices = where.indices()
-    dropped = [random_drop(t, d, stream_key(p["seed"], where.name, i), indices, p["rescale"])
-               for i, (t, d) in enumerate(zip(deltas, p["density"]))]
-    return combine(dropped, p["weight"], p["lambda"], p["normalize"], consensus)
+    keys = [stream_key(p["seed"], where.name, i) for i in range(len(deltas))]
+
+    def merged(taus, indices):
+        dropped = [random_drop(t, d, key, indices, p["rescale"]) for t, d, key in zip(taus, p["density"], keys)]
+        return combine(dropped, p["weight"], p["lambda"], p["normalize"], consensus)
+
+    return by_rows(merged, deltas, where.indices())
 
 
 @register("dare_linear", *_gta(False, True, SEED), random=True, sample={"weight": 1.0, "density": 0.5},
@@ -425,10 +456,14 @@ def _della_bounds(p) -> str | None:
 
 
 def _della(deltas, p, where, consensus: bool):
-    indices = where.indices()
-    pruned = [magprune(t, d, e, stream_key(p["seed"], where.name, i), indices, p["rescale"])
-              for i, (t, d, e) in enumerate(zip(deltas, p["density"], p["epsilon"]))]
-    return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus)
+    keys = [stream_key(p["seed"], where.name, i) for i in range(len(deltas))]
+
+    def merged(taus, indices):
+        pruned = [magprune(t, d, e, key, indices, p["rescale"])
+                  for t, d, e, key in zip(taus, p["density"], p["epsilon"], keys)]
+        return combine(pruned, p["weight"], p["lambda"], p["normalize"], consensus)
+
+    return by_rows(merged, deltas, where.indices())
 
 
 @register("della", *_gta(True, True, EPSILON, SEED), needs="row", random=True, check=_della_bounds,
@@ -489,5 +524,24 @@ def sce_passes(p, extent):
     return begin
 
 
+_VARIANCE_CHUNK = 1 << 15  # elements per step of the variance on a CPU: its float64 temporaries stay in cache
+
+
 def _variance(taus) -> torch.Tensor:
-    return torch.var(torch.stack(taus), dim=0, unbiased=False).abs()
+    """`torch.var(torch.stack(taus), dim=0, unbiased=False).abs()` (mergekit's SCE), bit for bit
+    as torch computes it on a CPU: Welford's update in float64, one task after the other, rounded
+    to the tasks' dtype once. torch's own kernel takes ~15x longer on a CPU (one element at a
+    time), and SCE computes the variance in each of its passes; on a GPU this is the CPU's value
+    (the same selection on every device), where torch.var would accumulate in float32."""
+    out = torch.empty(taus[0].shape, dtype=taus[0].dtype, device=taus[0].device)
+    flat, into = [t.reshape(-1) for t in taus], out.view(-1)
+    step = _VARIANCE_CHUNK if out.device.type == "cpu" else max(1, into.numel())
+    for start in range(0, into.numel(), step):
+        mean = m2 = 0.0
+        for n, tau in enumerate(flat, 1):
+            x = tau[start:start + step].to(torch.float64, copy=True)
+            delta = x - mean
+            mean = delta / n + mean  # mean + delta / n, in Welford's order of rounding
+            m2 = x.sub_(mean).mul_(delta).add_(m2)
+        into[start:start + step] = m2.div_(len(flat))
+    return out.abs_()
