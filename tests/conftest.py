@@ -17,14 +17,34 @@ TINY = TinyLlama(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden
                  num_attention_heads=4, num_key_value_heads=2)
 
 
+@pytest.fixture(scope="session")
+def _made_families(tmp_path_factory):
+    """made(**make_family's arguments) -> a directory holding that family, generated once per
+    session (make_family is deterministic for its arguments); never handed to a test itself."""
+    made: dict[str, Path] = {}
+
+    def made_once(**args) -> Path:
+        key = repr(sorted(args.items()))
+        if key not in made:
+            root = tmp_path_factory.mktemp("family")
+            make_family(root, **args)
+            made[key] = root
+        return made[key]
+
+    return made_once
+
+
 @pytest.fixture
-def family(tmp_path):
-    """make(k, dtype=..., ...) -> (base_dir, [ft_dirs]) of a tiny Llama-layout model family."""
+def family(tmp_path, _made_families):
+    """make(k, dtype=..., ...) -> (base_dir, [ft_dirs]) of a tiny Llama-layout model family: this
+    test's own copy (its files are the test's to change) of the family generated once per session."""
+    import shutil
 
     def make(k: int = 3, dtype=torch.float32, arch: TinyLlama = TINY, shards: int = 3, seed: int = 0, **kw):
         root = tmp_path / f"family-k{k}-{str(dtype).split('.')[-1]}-s{seed}"
         if not (root / "base").exists():
-            make_family(root, k=k, arch=arch, dtype=dtype, shards=shards, seed=seed, **kw)
+            shutil.copytree(_made_families(k=k, arch=arch, dtype=dtype, shards=shards, seed=seed, **kw), root,
+                            dirs_exist_ok=True)
         return root / "base", sorted(root.glob("ft-*"), key=lambda p: int(p.name[3:]))
 
     return make
