@@ -69,6 +69,25 @@ def run_cli(*args, check: bool = True, cwd=None, timeout: float = 600) -> subpro
     return proc
 
 
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """`dist-svc ARGS` through the same command group in this process (click's test runner), for
+    a refusal: what is checked is its exit status and its paragraph, not a fresh process (a
+    torch import less per call). An exception the command does not turn into its paragraph
+    propagates and fails the test, as its traceback would in run_cli's process."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from dist_svc.cli import main
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # the command installs its own; pytest's comes back
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["dist-svc", *map(str, args)], result.exit_code, result.stdout, result.stderr)
+
+
 def file_bytes(out_dir: Path) -> dict[str, bytes]:
     """Every file of a merged output, by name (the manifest and its previous copy aside: they
     record timings; and the model card, which names the inputs, where the merges compared read
