@@ -135,12 +135,29 @@ def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
     return result.stderr
 
 
+@pytest.fixture(scope="module")
+def _uninterrupted(tmp_path_factory):
+    """The inputs, config and uninterrupted merge behind `merged`, made once for this module:
+    no test changes these inputs (those that alter inputs make a family of their own)."""
+    from dist_svc.commands.demo import make_family
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("hostile-family")
+    base, fts = make_family(root, k=3, arch=TINY, dtype=torch.float32, shards=3, seed=0)
+    cfg = write_config(root / "m.yaml", base, fts)
+    run_cli("merge", cfg, root / "reference", "--shard-size", "40KB")
+    return cfg, root / "reference"
+
+
 @pytest.fixture
-def merged(tmp_path, family):
-    """A config and the bytes of its uninterrupted merge (4 shards of 40 KB)."""
-    base, fts = family(3)
-    cfg = write_config(tmp_path / "m.yaml", base, fts)
-    run_cli("merge", cfg, tmp_path / "reference", "--shard-size", "40KB")
+def merged(tmp_path, _uninterrupted):
+    """A config and the bytes of its uninterrupted merge (4 shards of 40 KB); that finished merge
+    is at tmp_path / "reference", this test's own copy (mtimes kept, as the manifest records
+    them: a finished merge, not a changed one)."""
+    import shutil
+
+    cfg, finished = _uninterrupted
+    shutil.copytree(finished, tmp_path / "reference")
     return cfg, file_bytes(tmp_path / "reference")
 
 
