@@ -17,14 +17,34 @@ TINY = TinyLlama(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden
                  num_attention_heads=4, num_key_value_heads=2)
 
 
+@pytest.fixture(scope="session")
+def _made_families(tmp_path_factory):
+    """made(**make_family's arguments) -> a directory holding that family, generated once per
+    session (make_family is deterministic for its arguments); never handed to a test itself."""
+    made: dict[str, Path] = {}
+
+    def made_once(**args) -> Path:
+        key = repr(sorted(args.items()))
+        if key not in made:
+            root = tmp_path_factory.mktemp("family")
+            make_family(root, **args)
+            made[key] = root
+        return made[key]
+
+    return made_once
+
+
 @pytest.fixture
-def family(tmp_path):
-    """make(k, dtype=..., ...) -> (base_dir, [ft_dirs]) of a tiny Llama-layout model family."""
+def family(tmp_path, _made_families):
+    """make(k, dtype=..., ...) -> (base_dir, [ft_dirs]) of a tiny Llama-layout model family: this
+    test's own copy (its files are the test's to change) of the family generated once per session."""
+    import shutil
 
     def make(k: int = 3, dtype=torch.float32, arch: TinyLlama = TINY, shards: int = 3, seed: int = 0, **kw):
         root = tmp_path / f"family-k{k}-{str(dtype).split('.')[-1]}-s{seed}"
         if not (root / "base").exists():
-            make_family(root, k=k, arch=arch, dtype=dtype, shards=shards, seed=seed, **kw)
+            shutil.copytree(_made_families(k=k, arch=arch, dtype=dtype, shards=shards, seed=seed, **kw), root,
+                            dirs_exist_ok=True)
         return root / "base", sorted(root.glob("ft-*"), key=lambda p: int(p.name[3:]))
 
     return make
@@ -47,6 +67,25 @@ def run_cli(*args, check: bool = True, cwd=None, timeout: float = 600) -> subpro
     if check and proc.returncode != 0:
         raise AssertionError(f"dist-svc {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """`dist-svc ARGS` through the same command group in this process (click's test runner), for
+    a refusal: what is checked is its exit status and its paragraph, not a fresh process (a
+    torch import less per call). An exception the command does not turn into its paragraph
+    propagates and fails the test, as its traceback would in run_cli's process."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from dist_svc.cli import main
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # the command installs its own; pytest's comes back
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["dist-svc", *map(str, args)], result.exit_code, result.stdout, result.stderr)
 
 
 def file_bytes(out_dir: Path) -> dict[str, bytes]:

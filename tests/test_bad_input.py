@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, run_cli_here, write_config
 
 
 def _digest(path) -> str:
@@ -17,7 +17,7 @@ def _digest(path) -> str:
 
 
 def _refused(tmp_path, cfg, *needles):
-    result = run_cli("merge", cfg, tmp_path / "out", check=False)
+    result = run_cli_here("merge", cfg, tmp_path / "out")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -26,7 +26,7 @@ from dist_svc import DistSvcError, merge
 from dist_svc.commands.convert import convert
 from dist_svc.commands.demo import write_hf_checkpoint
 from dist_svc.driver import verify
-from tests.conftest import file_bytes, run_cli, units_done, write_config
+from tests.conftest import file_bytes, run_cli, run_cli_here, units_done, write_config
 
 KILL_HOOK = '''
 import fnmatch, os, signal
@@ -135,12 +135,29 @@ def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
     return result.stderr
 
 
+@pytest.fixture(scope="module")
+def _uninterrupted(tmp_path_factory):
+    """The inputs, config and uninterrupted merge behind `merged`, made once for this module:
+    no test changes these inputs (those that alter inputs make a family of their own)."""
+    from dist_svc.commands.demo import make_family
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("hostile-family")
+    base, fts = make_family(root, k=3, arch=TINY, dtype=torch.float32, shards=3, seed=0)
+    cfg = write_config(root / "m.yaml", base, fts)
+    run_cli("merge", cfg, root / "reference", "--shard-size", "40KB")
+    return cfg, root / "reference"
+
+
 @pytest.fixture
-def merged(tmp_path, family):
-    """A config and the bytes of its uninterrupted merge (4 shards of 40 KB)."""
-    base, fts = family(3)
-    cfg = write_config(tmp_path / "m.yaml", base, fts)
-    run_cli("merge", cfg, tmp_path / "reference", "--shard-size", "40KB")
+def merged(tmp_path, _uninterrupted):
+    """A config and the bytes of its uninterrupted merge (4 shards of 40 KB); that finished merge
+    is at tmp_path / "reference", this test's own copy (mtimes kept, as the manifest records
+    them: a finished merge, not a changed one)."""
+    import shutil
+
+    cfg, finished = _uninterrupted
+    shutil.copytree(finished, tmp_path / "reference")
     return cfg, file_bytes(tmp_path / "reference")
 
 
@@ -477,9 +494,9 @@ def test_a_name_too_long_for_zarr_is_refused_before_anything_is_written(tmp_path
     write_hf_checkpoint(tmp_path / "src", {"x" * 300: torch.ones(2), "y": torch.ones(2)})
     write_hf_checkpoint(tmp_path / "ft", {"x" * 300: torch.ones(2) * 2, "y": torch.ones(2)})
     cfg = write_config(tmp_path / "m.yaml", tmp_path / "src", [tmp_path / "ft"])
-    refused(run_cli("merge", cfg, tmp_path / "out.zarr", check=False), "too long")
+    refused(run_cli_here("merge", cfg, tmp_path / "out.zarr"), "too long")
     assert not (tmp_path / "out.zarr").exists()
-    refused(run_cli("convert", tmp_path / "src", tmp_path / "c.zarr", check=False), "too long")
+    refused(run_cli_here("convert", tmp_path / "src", tmp_path / "c.zarr"), "too long")
 
 
 def test_a_zarr_store_whose_tensor_order_repeats_a_name_is_refused(tmp_path, family):
@@ -490,7 +507,7 @@ def test_a_zarr_store_whose_tensor_order_repeats_a_name_is_refused(tmp_path, fam
     order = group["attributes"]["dist_svc.tensor_order"]
     group["attributes"]["dist_svc.tensor_order"] = order + [order[0]]
     (store / "zarr.json").write_text(json.dumps(group))
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", store, fts), tmp_path / "out", check=False),
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", store, fts), tmp_path / "out"),
             "names", "twice")
     assert not (tmp_path / "out").exists()
 
@@ -534,7 +551,7 @@ def test_crafted_headers_are_refused_in_one_paragraph_before_anything_is_written
     base, fts = family(1)
     path = fts[0] / "model.safetensors"
     _rewrite_header(path, edit)
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", check=False),
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out"),
             str(path), needle)
     assert not (tmp_path / "out").exists()
 
@@ -543,7 +560,7 @@ def test_crafted_headers_are_refused_in_one_paragraph_before_anything_is_written
 def test_a_crafted_index_is_refused(tmp_path, family, weight_map):
     base, fts = family(1)
     (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", check=False),
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out"),
             "model.safetensors.index.json")
 
 
@@ -572,8 +589,8 @@ def test_a_zero_sized_tensor_with_an_absurd_extent_merges_at_once(tmp_path, fami
 @pytest.mark.parametrize("size", ["nan", "inf", "1e400", "-5GB", "0", "lots"])
 def test_a_shard_size_that_is_not_a_size_is_refused(tmp_path, family, size):
     base, fts = family(1)
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--shard-size", size,
-                    check=False), size)
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--shard-size", size),
+            size)
     assert not (tmp_path / "out").exists()
 
 
@@ -581,16 +598,16 @@ def test_paths_that_cannot_be_output_directories_are_refused_clearly(tmp_path, f
     base, fts = family(1)
     cfg = write_config(tmp_path / "m.yaml", base, fts)
     (tmp_path / "file").write_text("x")
-    refused(run_cli("merge", cfg, tmp_path / "file" / "out", check=False), "not a directory")
+    refused(run_cli_here("merge", cfg, tmp_path / "file" / "out"), "not a directory")
     os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
     os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
-    refused(run_cli("merge", cfg, tmp_path / "loop-a", check=False), "loop-a")
-    refused(run_cli("status", tmp_path / "loop-a", check=False), "loop-a")
-    refused(run_cli("verify", tmp_path / "loop-a", check=False), "loop-a")
+    refused(run_cli_here("merge", cfg, tmp_path / "loop-a"), "loop-a")
+    refused(run_cli_here("status", tmp_path / "loop-a"), "loop-a")
+    refused(run_cli_here("verify", tmp_path / "loop-a"), "loop-a")
     looped = write_config(tmp_path / "loop.yaml", base, [tmp_path / "loop-a"])
-    refused(run_cli("merge", looped, tmp_path / "out", check=False), "loop-a", "cannot be resolved")
-    refused(run_cli("merge", cfg, base / "merged", check=False), "inside the input")
-    refused(run_cli("convert", base, base / "copy.zarr", check=False), "inside")
+    refused(run_cli_here("merge", looped, tmp_path / "out"), "loop-a", "cannot be resolved")
+    refused(run_cli_here("merge", cfg, base / "merged"), "inside the input")
+    refused(run_cli_here("convert", base, base / "copy.zarr"), "inside")
     assert not (base / "merged").exists()
 
 
@@ -620,7 +637,7 @@ def test_a_full_disk_is_one_clear_error_and_the_rerun_after_freeing_space_resume
 def test_a_read_only_output_filesystem_is_one_clear_error(tmp_path, family, small_disk):
     base, fts = family(1)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), small_disk / "out", check=False),
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", base, fts), small_disk / "out"),
             "Read-only file system", "choose another output directory")
 
 
@@ -629,7 +646,7 @@ def test_a_thread_count_below_one_is_refused(tmp_path, family, flag):
     base, fts = family(1)
     cfg = write_config(tmp_path / "m.yaml", base, fts)
     for extra in ((), ("--dry-run",)):
-        refused(run_cli("merge", cfg, tmp_path / "out", *flag, *extra, check=False), f"--threads {flag[1]}",
+        refused(run_cli_here("merge", cfg, tmp_path / "out", *flag, *extra), f"--threads {flag[1]}",
                 "at least 1")
     assert not (tmp_path / "out").exists()
 
@@ -638,8 +655,8 @@ def test_the_device_is_checked_before_anything_is_written(tmp_path, family):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     base, fts = family(1)
-    refused(run_cli("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--device", "cuda",
-                    check=False), "device cuda (--device", "no CUDA device")
+    refused(run_cli_here("merge", write_config(tmp_path / "m.yaml", base, fts), tmp_path / "out", "--device", "cuda"),
+            "device cuda (--device", "no CUDA device")
     assert not (tmp_path / "out").exists()
 
 
@@ -683,6 +700,6 @@ def test_a_stage_name_that_is_not_a_file_name_is_refused_before_anything_is_writ
     cfg = tmp_path / "stages.yaml"
     cfg.write_text(yaml.safe_dump(stage) + "---\n" + yaml.safe_dump(final))
     before = sorted(p.name for p in tmp_path.iterdir())
-    refused(run_cli("merge", cfg, tmp_path / "work" / "out", check=False), str(cfg), "document 1", "field 'name'",
+    refused(run_cli_here("merge", cfg, tmp_path / "work" / "out"), str(cfg), "document 1", "field 'name'",
             needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # not even OUT_DIR's parent was made

@@ -344,15 +344,32 @@ def slow_family(tmp_path_factory):
     return base, fts
 
 
+@pytest.fixture(scope="module")
+def slow_local(tmp_path_factory, slow_family):
+    """local(fmt) -> the local executor's merge of `slow_family` into a local directory, with
+    output format `fmt`: what each merge of it to S3 must equal, merged once per format."""
+    merged = {}
+
+    def local(fmt: str) -> Path:
+        if fmt not in merged:
+            root = tmp_path_factory.mktemp(f"s3-family-local-{fmt}")
+            cfg = write_config(root / "m.yaml", *slow_family, output={"format": fmt})
+            run_cli("merge", cfg, root / "local", "--shard-size", "1MB")
+            merged[fmt] = root / "local"
+        return merged[fmt]
+
+    return local
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
-def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, bucket, slow_family, monkeypatch, fmt):
+def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, bucket, slow_family, slow_local,
+                                                                      monkeypatch, fmt):
     import signal
     import time
 
     monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "2")  # a killed run's lock is taken over after 2 s
     base, fts = slow_family
     cfg = write_config(tmp_path / "m.yaml", base, fts, output={"format": fmt})
-    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
     out = f"{bucket}/merged"
     for _ in range(2):  # each run killed once it has recorded more than the one before
         at_least = _recorded_on_s3(out) + 1
@@ -367,21 +384,19 @@ def test_a_merge_to_s3_killed_twice_then_rerun_gives_the_local_bytes(tmp_path, b
     done = _recorded_on_s3(out)
     result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
     assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
-    assert _objects(out) == _local_files(tmp_path / "local")
+    assert _objects(out) == _local_files(slow_local(fmt))
     assert 0 < done < 39 + 12 and "verified" in run_cli("verify", out).stdout
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
 def test_a_ray_merge_with_no_shared_filesystem_reads_and_writes_s3_only(tmp_path, bucket, ray_cluster, slow_family,
-                                                                          fmt):
+                                                                          slow_local, fmt):
     """Every input and the output are on S3: the actors (on two nodes) read their inputs by
     ranged requests and write their tensors to S3 themselves; no path is shared between nodes.
     The output equals the local executor's local merge byte for byte."""
     from tests.test_cluster import _idle
 
     base, fts = slow_family
-    cfg = write_config(tmp_path / "local.yaml", base, fts, output={"format": fmt})
-    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
     urls = [upload(d, f"{bucket}/in/{d.name}") for d in (base, *fts)]
     remote = write_config(tmp_path / "remote.yaml", urls[0], urls[1:], output={"format": fmt})
     _idle()
@@ -389,7 +404,7 @@ def test_a_ray_merge_with_no_shared_filesystem_reads_and_writes_s3_only(tmp_path
     result = run_cli("merge", remote, out, "--shard-size", "1MB", "--progress", "log", "--cluster",
                      ray_cluster[0].address)
     assert "2 actor(s) (1 GPU each)" in result.stderr
-    assert _objects(out) == _local_files(tmp_path / "local")
+    assert _objects(out) == _local_files(slow_local(fmt))
 
 
 def test_a_second_run_on_the_same_s3_output_is_refused_while_the_first_holds_its_lease(tmp_path, bucket, family,
@@ -495,7 +510,7 @@ def test_a_merge_to_s3_aborts_only_its_own_unfinished_uploads(tmp_path, bucket, 
 
 
 def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_rerun_resumes(tmp_path, bucket,
-                                                                                            slow_family):
+                                                                                            slow_family, slow_local):
     """A lock object left by a killed run is not a running merge: `status` says "running" while
     the run renews its lease, and "stopped" (with how long ago the lease was last renewed) once it
     has gone a lease without renewal. The lease period is the one the run declared in its lock
@@ -509,7 +524,6 @@ def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_
     lease = 6.0
     base, fts = slow_family
     cfg = write_config(tmp_path / "m.yaml", base, fts)
-    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "1MB")
     out = f"{bucket}/merged"
     proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), out, "--shard-size", "1MB",
                              "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -538,7 +552,7 @@ def test_status_of_a_killed_s3_merge_says_stopped_once_its_lease_lapses_and_the_
     assert status(out)["state"] == "stopped"  # and stays so
     result = run_cli("merge", cfg, out, "--shard-size", "1MB", "--progress", "off")
     assert "already done by an earlier run" in result.stdout and "took over the lock" in result.stderr
-    assert _objects(out) == file_bytes(tmp_path / "local")  # the model card aside: it names the inputs
+    assert _objects(out) == file_bytes(slow_local("safetensors"))  # the model card aside: it names the inputs
     assert status(out)["state"] == "complete"
 
 
@@ -656,14 +670,18 @@ if _spec:  # OPERATION:N:before|after -- the Nth S3 call of OPERATION (an s3fs c
 
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
-    """Tensors of 5 to 6 MiB (float32) beside small norms: a shard of them is assembled of
-    copied parts and of gathered ones."""
+    """(config, its local merge) of tensors of 5 to 6 MiB (float32) beside small norms: a shard of
+    them is assembled of copied parts and of gathered ones. Calibration off: the assembly of the
+    bytes is the point, not their arithmetic (half of each merge's time); merged locally once."""
     from dist_svc.commands.demo import TinyLlama, make_family
 
     root = tmp_path_factory.mktemp("s3-wide-family")
     arch = TinyLlama(vocab_size=1408, hidden_size=1024, intermediate_size=1376, num_hidden_layers=1,
                      num_attention_heads=8, num_key_value_heads=2)
-    return make_family(root, k=2, arch=arch, dtype=torch.float32, shards=1)
+    base, fts = make_family(root, k=2, arch=arch, dtype=torch.float32, shards=1)
+    cfg = write_config(root / "m.yaml", base, fts, calibrate=False)
+    run_cli("merge", cfg, root / "local", "--shard-size", "30MB")
+    return cfg, root / "local"
 
 
 @pytest.mark.parametrize("kill_at", [
@@ -672,15 +690,13 @@ def wide_family(tmp_path_factory):
     "complete_multipart_upload:1:before",  # every part there, the upload not completed
 ])
 def test_a_merge_to_s3_killed_at_each_step_of_a_shard_assembly_resumes_to_the_local_bytes(
-        tmp_path, tmp_path_factory, bucket, wide_family, kill_at, monkeypatch):
+        tmp_path_factory, bucket, wide_family, kill_at, monkeypatch):
     """A kill while a shard is assembled leaves no shard and an unfinished upload, which the
     rerun aborts and does again: the output is the local merge's, byte for byte, and verifies."""
     import fsspec
 
     monkeypatch.setenv("DIST_SVC_LOCK_LEASE", "1")
-    base, fts = wide_family
-    cfg = write_config(tmp_path / "m.yaml", base, fts)
-    run_cli("merge", cfg, tmp_path / "local", "--shard-size", "30MB")
+    cfg, local = wide_family
     hook = tmp_path_factory.mktemp("s3-kill-hook")
     (hook / "sitecustomize.py").write_text(S3_KILL_HOOK)
     out = f"{bucket}/merged"
@@ -692,5 +708,5 @@ def test_a_merge_to_s3_killed_at_each_step_of_a_shard_assembly_resumes_to_the_lo
     fs, root = fsspec.core.url_to_fs(out, skip_instance_cache=True)
     assert not fs.exists(f"{root}/model.safetensors.index.json")  # killed before it finished
     run_cli("merge", cfg, out, "--shard-size", "30MB")
-    assert _objects(out) == _local_files(tmp_path / "local")
+    assert _objects(out) == _local_files(local)
     assert "verified" in run_cli("verify", out).stdout

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from dist_svc import DistSvcError, merge
 from dist_svc.manifest import Manifest
@@ -43,16 +44,26 @@ def _start_and_kill(cfg, out_dir, at_least: int) -> None:
     assert 0 < done < total
 
 
-@pytest.fixture
-def slow_merge(tmp_path, family):
-    base, fts = family(3, arch=SLOW, shards=2)
-    return write_config(tmp_path / "m.yaml", base, fts)
+@pytest.fixture(scope="module")
+def slow_merge(tmp_path_factory):
+    """The config of a merge of a SLOW family, made once for this module (no test changes its inputs)."""
+    from dist_svc.commands.demo import make_family
+
+    root = tmp_path_factory.mktemp("slow-family")
+    base, fts = make_family(root, k=3, arch=SLOW, dtype=torch.float32, shards=2)
+    return write_config(root / "m.yaml", base, fts)
 
 
-def test_kill_9_mid_merge_then_rerun_is_byte_identical_and_redoes_only_unfinished_units(tmp_path, slow_merge):
-    reference = tmp_path / "uninterrupted"
+@pytest.fixture(scope="module")
+def uninterrupted(slow_merge):
+    """The bytes of `slow_merge` merged without interruption."""
+    reference = slow_merge.parent / "uninterrupted"
     run_cli("merge", slow_merge, reference, "--shard-size", "1MB")
+    return file_bytes(reference)
 
+
+def test_kill_9_mid_merge_then_rerun_is_byte_identical_and_redoes_only_unfinished_units(tmp_path, slow_merge,
+                                                                                       uninterrupted):
     out = tmp_path / "resumed"
     _start_and_kill(slow_merge, out, at_least=5)
     first_done, total = units_done(out)
@@ -68,7 +79,7 @@ def test_kill_9_mid_merge_then_rerun_is_byte_identical_and_redoes_only_unfinishe
     result = run_cli("merge", slow_merge, out, "--shard-size", "1MB", "--progress", "log")
     assert f"merged {total - second_done} tensors" in result.stdout
     assert f"{second_done} already done by an earlier run" in result.stdout
-    assert file_bytes(out) == file_bytes(reference)
+    assert file_bytes(out) == uninterrupted
     assert sealed_before <= {p.name for p in out.glob("model-*.safetensors")}
     assert "complete" in run_cli("status", out).stdout
 
@@ -144,9 +155,7 @@ def test_a_non_empty_directory_that_is_not_a_merge_is_refused(tmp_path, family):
     assert [p.name for p in out.iterdir()] == ["precious.bin"]
 
 
-def test_corrupted_bytes_of_a_finished_unit_are_found_and_recomputed_on_resume(tmp_path, slow_merge):
-    reference = tmp_path / "uninterrupted"
-    run_cli("merge", slow_merge, reference, "--shard-size", "1MB")
+def test_corrupted_bytes_of_a_finished_unit_are_found_and_recomputed_on_resume(tmp_path, slow_merge, uninterrupted):
     out = tmp_path / "resumed"
     _start_and_kill(slow_merge, out, at_least=3)
     # A recorded tensor in a shard not yet sealed (sealed shards: verify's test below).
@@ -161,7 +170,7 @@ def test_corrupted_bytes_of_a_finished_unit_are_found_and_recomputed_on_resume(t
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
     run_cli("merge", slow_merge, out, "--shard-size", "1MB")
-    assert file_bytes(out) == file_bytes(reference)
+    assert file_bytes(out) == uninterrupted
 
 
 def test_verify_finds_a_flipped_byte_and_a_deleted_shard_is_merged_again_alone(tmp_path, family):
