@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,24 @@ def units_done(out_dir: Path) -> tuple[int, int]:
     except DistSvcError:
         return 0, -1
     return len(manifest.recorded), len(manifest.units)
+
+
+def kill_mid_run(args, out_dir: Path, at_least: int) -> None:
+    """Start `dist-svc ARGS`, SIGKILL it once `at_least` more units are recorded in the merge
+    output `out_dir`, mid-run (it must not have finished)."""
+    before, _ = units_done(out_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and units_done(out_dir)[0] < before + at_least:
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run finished before it could be killed; make its model bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done, total = units_done(out_dir)
+    assert 0 < done < total
 
 
 def stored_at(out_dir: Path, name: str) -> tuple[Path, int, int, list[str]]:

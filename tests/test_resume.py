@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +11,7 @@ import torch
 from dist_svc import DistSvcError, merge
 from dist_svc.manifest import Manifest
 from dist_svc.commands.demo import TinyLlama
-from tests.conftest import file_bytes, run_cli, stored_at, units_done, write_config
+from tests.conftest import file_bytes, kill_mid_run, run_cli, stored_at, units_done, write_config
 
 # Big enough (~0.1 s of work per matrix) that a kill lands mid-merge, small enough for CI.
 SLOW = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
@@ -25,23 +21,7 @@ SLOW = TinyLlama(vocab_size=256, hidden_size=256, intermediate_size=688, num_hid
 
 def _start_and_kill(cfg, out_dir, at_least: int) -> None:
     """Start `dist-svc merge`, SIGKILL it once `at_least` more units are recorded, mid-merge."""
-    before, _ = units_done(out_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "merge", str(cfg), str(out_dir),
-                             "--shard-size", "1MB", "--progress", "off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            done, total = units_done(out_dir)
-            if done >= before + at_least:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, "the merge finished before it could be killed; make SLOW bigger"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    done, total = units_done(out_dir)
-    assert 0 < done < total
+    kill_mid_run(["merge", cfg, out_dir, "--shard-size", "1MB", "--progress", "off"], out_dir, at_least)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from dist_svc.batch import with_setting
-from tests.conftest import file_bytes, run_cli, units_done, write_config
+from tests.conftest import file_bytes, kill_mid_run, run_cli, write_config
 
 
 def _config(tmp_path, family, **top):
@@ -205,19 +201,7 @@ def test_kill_9_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path, fam
     sets = ["--set", "parameters.lambda=0.5,1", "--set", "calibrate.alpha=0.4,1", "--shard-size", "1MB"]
     run_cli("sweep", cfg, tmp_path / "reference", *sets)
     out = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_svc.cli", "sweep", str(cfg), str(out), *sets,
-                             "--progress", "off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "lambda=0.5,alpha=0.4"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and units_done(first)[0] < 8:
-            time.sleep(0.002)
-        assert proc.poll() is None, "the sweep finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    done, total = units_done(first)
-    assert 0 < done < total
+    kill_mid_run(["sweep", cfg, out, *sets, "--progress", "off"], out / "lambda=0.5,alpha=0.4", 8)
     run_cli("sweep", cfg, out, *sets)
     variants = json.loads((tmp_path / "reference" / "sweep.json").read_text())["variants"]
     assert len(variants) == 4
